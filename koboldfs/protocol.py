@@ -1,0 +1,404 @@
+"""
+The KoboldFS wire format: a sans-IO codec, shared by every side.
+
+A connection is a stream of frames.  Each frame is a 5-byte header (payload
+length as an unsigned 32-bit big-endian integer, then a one-byte opcode)
+followed by the payload.  DATA frames carry raw file bytes; every other
+frame carries a JSON object whose fields are checked against the opcode's
+schema when it is decoded.  Nothing here does I/O: L{FrameDecoder} turns
+bytes into frames and the C{encode_*} functions turn frames into bytes, so
+the server, the Twisted client and the blocking client share one codec.
+
+The full specification, with the request flows, is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Union
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from koboldfs.errors import ConnectionFailed, ErrorCode, ProtocolError
+
+#: The protocol version this code speaks.  HELLO lists the versions a client
+#: accepts; WELCOME names the one the server chose.
+VERSION = 1
+
+HEADER = struct.Struct(">IB")
+
+#: Default largest payload a peer accepts: room for 1 MiB DATA frames and
+#: for a LIST reply; a peer announces its own limit in HELLO/WELCOME.
+MAX_PAYLOAD = 4 * 1024 * 1024
+
+#: Size of the DATA frames that senders cut bodies into.
+CHUNK_SIZE = 1024 * 1024
+
+#: Largest integer field accepted (sizes, offsets): 2**63 - 1, no 4 GiB limit.
+MAX_INT = 2**63 - 1
+
+
+class Op(IntEnum):
+    """
+    Frame opcodes.  0x20-0x2F are kept for transactions, 0x30-0x3F for
+    server-to-server requests, 0x03 for authentication.
+    """
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    PING = 0x10
+    PUT = 0x11
+    GET = 0x12
+    GET_URL = 0x13
+    DELETE = 0x14
+    STAT = 0x15
+    LIST = 0x16
+    DATA = 0x40
+    END = 0x41
+    OK = 0x50
+    FILE = 0x51
+    ERROR = 0x5F
+
+
+#: Requests a client may send once the handshake is done.
+REQUESTS = frozenset(
+    {Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST}
+)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_INT
+
+
+def _is_sha256(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "bool": lambda v: isinstance(v, bool),
+    "sha256": _is_sha256,
+    "number": lambda v: type(v) in (int, float),
+    "list": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "int_list": lambda v: isinstance(v, list) and all(_is_int(i) for i in v),
+    "str_or_null": lambda v: v is None or isinstance(v, str),
+    "int_or_null": lambda v: v is None or _is_int(v),
+}
+
+_NAME = {"ns": ("str", True), "key": ("str", True)}
+
+#: For each JSON opcode, its fields: name -> (type, required).  Fields not
+#: named are ignored, so later versions may add optional ones.
+SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
+    Op.HELLO: {
+        "versions": ("int_list", True),
+        "agent": ("str", False),
+        "max_payload": ("int", False),
+    },
+    Op.WELCOME: {
+        "version": ("int", True),
+        "server": ("str", True),
+        "max_payload": ("int", True),
+        "nonce": ("str", False),
+    },
+    Op.PING: {},
+    Op.PUT: {**_NAME, "size": ("int_or_null", False)},
+    Op.GET: {**_NAME, "local": ("bool", False)},
+    Op.GET_URL: {**_NAME, "expires": ("int_or_null", False)},
+    Op.DELETE: _NAME,
+    Op.STAT: _NAME,
+    Op.LIST: {
+        "ns": ("str", True),
+        "prefix": ("str", False),
+        "after": ("str_or_null", False),
+        "limit": ("int", False),
+    },
+    Op.END: {"sha256": ("sha256", False), "abort": ("bool", False)},
+    Op.OK: {},
+    Op.FILE: {"size": ("int", True), "sha256": ("sha256", True)},
+    Op.ERROR: {"code": ("int", True), "message": ("str", True)},
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """
+    A frame whose payload is a JSON object.
+    """
+
+    op: Op
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+@dataclass(frozen=True)
+class Data:
+    """
+    A DATA frame: a slice of a file body.
+    """
+
+    payload: bytes
+    op = Op.DATA
+
+
+Frame = Union[Message, Data]
+
+
+def check_fields(op: Op, fields: object) -> dict[str, Any]:
+    """
+    Return C{fields} if they fit C{op}'s schema.
+
+    @raise ProtocolError: with L{ErrorCode.BAD_REQUEST}, naming the field.
+    """
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{op.name} payload is not a JSON object", ErrorCode.BAD_REQUEST)
+    for name, (kind, required) in SCHEMAS[op].items():
+        if name not in fields:
+            if required:
+                raise ProtocolError(
+                    f"{op.name} lacks field {name!r}", ErrorCode.BAD_REQUEST
+                )
+            continue
+        if not _CHECKS[kind](fields[name]):
+            raise ProtocolError(
+                f"{op.name} field {name!r} is not a valid {kind}",
+                ErrorCode.BAD_REQUEST,
+            )
+    return fields
+
+
+def encode_message(op: Op, fields: dict[str, Any] | None = None) -> bytes:
+    """
+    Encode a JSON frame.
+    """
+    payload = json.dumps(
+        fields or {}, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    return HEADER.pack(len(payload), op) + payload
+
+
+def encode_data_header(length: int) -> bytes:
+    """
+    The header of a DATA frame of C{length} bytes, so senders can write the
+    header and the chunk separately instead of copying the chunk.
+    """
+    return HEADER.pack(length, Op.DATA)
+
+
+def encode_data(payload: bytes) -> bytes:
+    return encode_data_header(len(payload)) + payload
+
+
+def encode_error(code: ErrorCode, message: str) -> bytes:
+    return encode_message(Op.ERROR, {"code": int(code), "message": message})
+
+
+def encode(frame: Frame) -> bytes:
+    """
+    Encode any frame; the inverse of L{FrameDecoder.feed}.
+    """
+    if isinstance(frame, Data):
+        return encode_data(frame.payload)
+    return encode_message(frame.op, frame.fields)
+
+
+class FrameDecoder:
+    """
+    Turns a byte stream into frames, holding at most one frame's bytes.
+
+    After it raises L{ProtocolError} the decoder is poisoned: the stream has
+    lost its framing and every later call raises the same error, so the
+    owner must send an ERROR frame and close the connection.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD):
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+        self._failure: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes held that do not yet make a whole frame.
+        """
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        Add received bytes; return the frames they complete, in order.
+        """
+        if self._failure is not None:
+            raise self._failure
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        start = 0
+        try:
+            while len(buf) - start >= HEADER.size:
+                length, opcode = HEADER.unpack_from(buf, start)
+                if length > self.max_payload:
+                    raise ProtocolError(
+                        f"frame of {length} bytes exceeds the limit of "
+                        f"{self.max_payload}"
+                    )
+                try:
+                    op = Op(opcode)
+                except ValueError:
+                    raise ProtocolError(
+                        f"unknown opcode 0x{opcode:02x}", ErrorCode.UNKNOWN_OPCODE
+                    ) from None
+                end = start + HEADER.size + length
+                if len(buf) < end:
+                    break
+                payload = bytes(buf[start + HEADER.size : end])
+                start = end
+                frames.append(self._frame(op, payload))
+        except ProtocolError as e:
+            self._failure = e
+            self._buffer = bytearray()
+            raise
+        del buf[:start]
+        return frames
+
+    @staticmethod
+    def _frame(op: Op, payload: bytes) -> Frame:
+        if op is Op.DATA:
+            return Data(payload)
+        try:
+            fields = json.loads(payload)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise ProtocolError(
+                f"{op.name} payload is not JSON", ErrorCode.BAD_REQUEST
+            ) from None
+        return Message(op, check_fields(op, fields))
+
+
+# -- Twisted adapters: thin pieces both ends of a connection share. --------
+
+
+@implementer(IPushProducer)
+class WriteFlow:
+    """
+    Tracks whether a transport wants more bytes.
+
+    Registered as the transport's streaming producer, it is paused when the
+    transport's send buffer is full; senders wait on L{wait} before writing
+    the next chunk, so a slow reader never makes us buffer a whole file.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiting: list[defer.Deferred[None]] = []
+        self._lost: Failure | None = None
+
+    def wait(self) -> defer.Deferred[None]:
+        """
+        Fire when writing may go on; fail if the connection is lost first.
+        """
+        if self._lost is not None:
+            return defer.fail(self._lost)
+        if not self.paused:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.lost(Failure(ConnectionFailed("connection closed while sending")))
+
+    def lost(self, reason: Failure) -> None:
+        """
+        The connection is gone: fail every waiter, now and later.
+        """
+        if self._lost is None:
+            self._lost = reason
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(reason)
+
+
+class FrameProtocol(Protocol):
+    """
+    A connection that exchanges frames: decodes what arrives, encodes what
+    leaves, and closes with an ERROR frame on any protocol violation.
+
+    Subclasses implement L{frameReceived}; raising L{ProtocolError} there
+    closes the connection the same way a malformed frame does.
+    """
+
+    max_payload = MAX_PAYLOAD
+    closing = False
+
+    def connectionMade(self) -> None:
+        self._decoder = FrameDecoder(self.max_payload)
+        self.flow = WriteFlow()
+        self.transport.registerProducer(self.flow, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            for frame in self._decoder.feed(data):
+                self.frameReceived(frame)
+                if self.closing:
+                    return
+        except ProtocolError as e:
+            self.protocolViolation(e)
+
+    def frameReceived(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def protocolViolation(self, error: ProtocolError) -> None:
+        """
+        Tell the peer what it did wrong, then drop it.
+        """
+        self.sendError(error.code, str(error))
+        self.close()
+
+    def close(self) -> None:
+        """
+        Close after what was written is sent, and stop reading meanwhile.
+        """
+        if not self.closing:
+            self.closing = True
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closing = True
+        self.flow.lost(Failure(ConnectionFailed("connection lost")))
+
+    def sendMessage(self, op: Op, fields: dict[str, Any] | None = None) -> None:
+        self.transport.write(encode_message(op, fields))
+
+    def sendError(self, code: ErrorCode, message: str) -> None:
+        self.transport.write(encode_error(code, message))
+
+    def sendData(self, chunk: bytes) -> None:
+        self.transport.writeSequence([encode_data_header(len(chunk)), chunk])
