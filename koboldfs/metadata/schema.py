@@ -1,0 +1,104 @@
+"""
+The metadata schema, defined once with SQLAlchemy Core for every database.
+
+Times are seconds since the epoch as floats (the reactor's clock), which
+every database stores alike.  Keys sort in code-point order: SQLite's
+default BINARY collation, and collation "C" on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+#: Bumped with every change to the tables below; the store upgrades older
+#: schemas at start.
+SCHEMA_VERSION = 1
+
+#: A 64-bit id that still autoincrements on SQLite (only INTEGER does there).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+KeyText = Text().with_variant(Text(collation="C"), "postgresql")
+
+metadata = MetaData()
+
+schema_version = Table(
+    "kobold_schema",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+# Servers starting at once on an empty database both insert the version:
+# the loser's integrity error makes its driver retry, and find the row.
+Index("kobold_schema_version", schema_version.c.version, unique=True)
+
+namespaces = Table(
+    "namespaces",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created", Float, nullable=False),
+    Column("replicas", Integer),
+    Column("min_copies", Integer),
+    Column("url_template", Text),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("fid", String(32), nullable=False, unique=True),
+    Column("namespace_id", Integer, ForeignKey("namespaces.id"), nullable=False),
+    Column("key", KeyText, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("path", Text, nullable=False),
+    # live | deleted
+    Column("state", String(16), nullable=False),
+    Column("deleted", Float),
+)
+
+# One live version per key; deleted versions wait for the replicator.
+Index(
+    "files_live_key",
+    files.c.namespace_id,
+    files.c.key,
+    unique=True,
+    sqlite_where=files.c.state == "live",
+    postgresql_where=files.c.state == "live",
+)
+Index("files_state_id", files.c.state, files.c.id)
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("file_id", BigId, ForeignKey("files.id"), primary_key=True),
+    Column("server", String(64), primary_key=True),
+    # ok | quarantined
+    Column("state", String(16), nullable=False),
+    Column("created", Float, nullable=False),
+)
+Index("replicas_server_file", replicas.c.server, replicas.c.file_id)
+
+servers = Table(
+    "servers",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("address", String(255), nullable=False),
+    Column("public_url", Text, nullable=False),
+    # alive | readonly | drain | dead
+    Column("state", String(16), nullable=False),
+    Column("heartbeat", Float, nullable=False),
+    Column("disk_free", BigInteger, nullable=False),
+    Column("disk_total", BigInteger, nullable=False),
+)

@@ -1,0 +1,326 @@
+"""
+The metadata store on any database SQLAlchemy reaches, SQLite above all,
+with blocking calls run in a thread pool.
+
+Every call into the database crosses one seam, L{SQLAlchemyStore._run}, and
+everything that runs in a pool thread is named C{_thd...}.
+
+SQLite is set up for several server processes sharing one file: WAL (readers
+never block the writer), a 30 s busy timeout, C{synchronous=FULL} (a file
+store must not lose an acknowledged upload to a power cut), and transactions
+begun by hand: C{BEGIN IMMEDIATE} for writers, so that no transaction ever
+has to upgrade a read lock, which SQLite refuses with SQLITE_BUSY whatever
+the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, create_engine, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.base import Executable
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from koboldfs.errors import ErrorCode, Unavailable
+from koboldfs.interfaces import (
+    FileInfo,
+    IMetadataStore,
+    Listener,
+    NamespaceInfo,
+    ServerInfo,
+)
+from koboldfs.metadata import (
+    FILE_ADDED,
+    FILE_DELETED,
+    SERVER_CHANGED,
+    Listeners,
+    queries,
+)
+from koboldfs.metadata.queries import Outcome, Work
+
+T = TypeVar("T")
+
+#: Errors after which the same transaction may succeed later: the database
+#: is locked, down, or unreachable.
+_TRANSIENT = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.DisconnectionError,
+    exc.TimeoutError,
+)
+
+# Execution option telling the "begin" listener how to begin on SQLite.
+_BEGIN = "koboldfs_begin"
+
+
+def _thdConnectSQLite(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """
+    Set up a new SQLite connection, and take transactions out of pysqlite's
+    hands (it would begin them lazily, as readers).
+    """
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # The timeout first: switching to WAL needs a lock.
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _thdBeginSQLite(connection: Connection) -> None:
+    """
+    Begin a transaction as the connection's execution options ask.
+    """
+    mode = connection.get_execution_options().get(_BEGIN, "DEFERRED")
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _thdExecute(connection: Connection, statement: Executable) -> Outcome:
+    result = connection.execute(statement)
+    rows = [tuple(row) for row in result] if result.returns_rows else []
+    return Outcome(rows=rows, rowcount=result.rowcount)
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """
+    The file of SQLite database C{url} (None for a C{file:} URI).
+
+    @raise ValueError: an in-memory SQLite database, which each pool thread
+        would get a different one of.
+    """
+    if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        raise ValueError(
+            f"{url.render_as_string()!r}: an in-memory SQLite database cannot be shared"
+        )
+    if url.query.get("uri"):
+        return None
+    return os.path.abspath(url.database)
+
+
+@implementer(IMetadataStore)
+class SQLAlchemyStore:
+    """
+    The metadata in a database reached through SQLAlchemy, from a thread
+    pool.  Listeners hear of this process's own changes only.
+
+    @ivar url: the database URL, with any password hidden.
+    """
+
+    def __init__(
+        self, url: str, reactor: Any, threadpool: ThreadPool | None = None
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTime} and C{IReactorFromThreads}.
+        @param threadpool: the threads to block in; by default, a pool of
+            this store's own, started and stopped with it.
+        @raise ValueError: C{url} names an in-memory SQLite database.
+        """
+        parsed = make_url(url)
+        self.url = parsed.render_as_string(hide_password=True)
+        self._sqliteFile: str | None = None
+        self._engine = create_engine(parsed)
+        if parsed.get_backend_name() == "sqlite":
+            self._sqliteFile = _sqlite_file(parsed)
+            event.listen(self._engine, "connect", _thdConnectSQLite)
+            event.listen(self._engine, "begin", _thdBeginSQLite)
+        self._reactor = reactor
+        self._ownPool = threadpool is None
+        self._pool = threadpool
+        self._running = False
+        self._listeners = Listeners()
+
+    def _run(self, txn: Callable[..., queries.Txn[T]], *args: Any) -> Deferred[T]:
+        """
+        Run transaction C{txn(*args)} in a pool thread: the one seam through
+        which every operation reaches the database.
+        """
+        if self._pool is None or not self._running:
+            return fail(
+                Unavailable(
+                    ErrorCode.UNAVAILABLE,
+                    "metadata database unavailable: the store is not started",
+                )
+            )
+        return deferToThreadPool(
+            self._reactor, self._pool, self._thdRun, Work(txn, args)
+        )
+
+    def _thdRun(self, work: Work[T]) -> T:
+        """
+        Run C{work} in one database transaction, again from the start when
+        it loses a race on a unique index.
+
+        @raise Unavailable: the database is locked, down or unreachable.
+        """
+        begin = "IMMEDIATE" if work.writes else "DEFERRED"
+        attempt = 1
+        while True:
+            try:
+                with self._engine.connect() as connection:
+                    connection = connection.execution_options(**{_BEGIN: begin})
+                    with connection.begin():
+                        return queries.drive(work(), partial(_thdExecute, connection))
+            except exc.IntegrityError:
+                if attempt == queries.ATTEMPTS:
+                    raise
+                attempt += 1
+            except _TRANSIENT as e:
+                raise Unavailable(
+                    ErrorCode.UNAVAILABLE,
+                    f"metadata database unavailable: {getattr(e, 'orig', None) or e}",
+                ) from e
+
+    def _thdStart(self) -> int:
+        if self._sqliteFile is not None:
+            try:
+                os.makedirs(os.path.dirname(self._sqliteFile), exist_ok=True)
+            except OSError as e:
+                raise Unavailable(
+                    ErrorCode.UNAVAILABLE, f"metadata database unavailable: {e}"
+                ) from e
+        return self._thdRun(Work(queries.create_schema))
+
+    def start(self) -> Deferred[int]:
+        """
+        Start the thread pool (if this store's own), connect, and create or
+        check the schema; fire with the schema version.  Starting a started
+        store only checks the schema again.
+        """
+        if self._pool is None:
+            # A stopped pool cannot start again: each start gets a new one.
+            self._pool = ThreadPool(minthreads=1, maxthreads=4, name="koboldfs-db")
+            self._pool.start()
+        self._running = True
+        return deferToThreadPool(self._reactor, self._pool, self._thdStart)
+
+    def _thdStop(self) -> None:
+        self._engine.dispose()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Close the connections, then stop the thread pool if this store's
+        own.  Stopping a stopped store does nothing.
+        """
+        if self._pool is None or not self._running:
+            return succeed(None)
+        self._running = False
+        pool = self._pool
+        d = deferToThreadPool(self._reactor, pool, self._thdStop)
+        if self._ownPool:
+            self._pool = None
+
+            def stopPool(result: T) -> T:
+                pool.stop()
+                return result
+
+            d.addBoth(stopPool)
+        return d
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._listeners.subscribe(listener)
+
+    def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
+        """
+        Fire with the server as stored (its state may be the stored one).
+        """
+        d = self._run(queries.register_server, server)
+
+        def registered(stored: ServerInfo) -> ServerInfo:
+            self._listeners.notify(SERVER_CHANGED, {"name": stored.name})
+            return stored
+
+        return d.addCallback(registered)
+
+    def heartbeat(
+        self, name: str, now: float, disk_free: int, disk_total: int
+    ) -> Deferred[bool]:
+        """
+        Fire with whether server C{name} is registered.
+        """
+        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
+
+    def set_server_state(self, name: str, state: str) -> Deferred[bool]:
+        d = self._run(queries.set_server_state, name, state)
+
+        def changed(found: bool) -> bool:
+            if found:
+                self._listeners.notify(SERVER_CHANGED, {"name": name})
+            return found
+
+        return d.addCallback(changed)
+
+    def servers(self) -> Deferred[list[ServerInfo]]:
+        return self._run(queries.list_servers)
+
+    def namespace(
+        self, name: str, create: bool = False
+    ) -> Deferred[NamespaceInfo | None]:
+        if create:
+            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
+        return self._run(queries.get_namespace, name)
+
+    def add_file(
+        self,
+        namespace: str,
+        key: str,
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        created: float,
+        server: str,
+    ) -> Deferred[FileInfo]:
+        d = self._run(
+            queries.add_file, namespace, key, fid, path, size, sha256, created, server
+        )
+
+        def added(info: FileInfo) -> FileInfo:
+            self._listeners.notify(
+                FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key}
+            )
+            return info
+
+        return d.addCallback(added)
+
+    def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
+        return self._run(queries.lookup, namespace, key)
+
+    def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
+        d = self._run(queries.delete, namespace, key, now)
+
+        def deleted(file_id: int | None) -> bool:
+            if file_id is None:
+                return False
+            self._listeners.notify(
+                FILE_DELETED, {"id": file_id, "namespace": namespace, "key": key}
+            )
+            return True
+
+        return d.addCallback(deleted)
+
+    def list_keys(
+        self, namespace: str, prefix: str, after: str | None, limit: int
+    ) -> Deferred[list[str]]:
+        return self._run(queries.list_keys, namespace, prefix, after, limit)
+
+    def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
+        """
+        Fire with False if there is no file C{file_id}.
+        """
+        return self._run(queries.add_replica, file_id, server, now)
+
+    def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
+        """
+        Fire with whether C{server} had a copy.
+        """
+        return self._run(queries.remove_replica, file_id, server)

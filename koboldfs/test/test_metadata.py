@@ -1,0 +1,651 @@
+"""
+Tests for the metadata stores: one suite, run against every database.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Generator
+
+from sqlalchemy import Engine, create_engine, update
+from sqlalchemy.engine import make_url
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from koboldfs.errors import ErrorCode, Unavailable
+from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
+from koboldfs.metadata import Listeners, store_from_url
+from koboldfs.metadata.queries import NewerSchema
+from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, schema_version
+from koboldfs.metadata.sqlstore import SQLAlchemyStore
+
+SHA = "ab" * 32
+T0 = 1_700_000_000.25
+
+InlineTest = Generator[Deferred[Any], Any, None]
+
+
+def adminEngine(url: str) -> Engine:
+    """
+    An engine of the test's own on a store's database.  PostgreSQL URLs get
+    psycopg2, the driver txpostgres brings (SQLAlchemy 2.1 would pick
+    psycopg 3).
+    """
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return create_engine(parsed)
+
+
+class MetadataStoreTestsMixin:
+    """
+    What every L{IMetadataStore} must do, whatever its database.  Each test
+    gets a fresh, empty database at C{self.url}, set by the subclass.
+    """
+
+    url: str
+    _fids = 0
+
+    def makeStore(self) -> IMetadataStore:
+        """
+        A new store, not started, on this test's database; stopped when the
+        test ends.  Two of them stand for two server processes.
+        """
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def startedStore(self) -> Generator[Deferred[Any], Any, IMetadataStore]:
+        store = self.makeStore()
+        yield store.start()
+        return store
+
+    def addFile(
+        self,
+        store: IMetadataStore,
+        key: str,
+        namespace: str = "ns",
+        created: float = T0,
+        server: str = "s1",
+    ) -> Deferred[FileInfo]:
+        """
+        Add a version of C{key} with a fid of its own.
+        """
+        self._fids += 1
+        fid = f"{self._fids:032x}"
+        return store.add_file(
+            namespace, key, fid, f"data/{fid}", 100 + self._fids, SHA, created, server
+        )
+
+    @inlineCallbacks
+    def test_interface(self) -> InlineTest:
+        """
+        The store provides everything the servers will call on it.
+        """
+        store = yield self.startedStore()
+        self.assertTrue(verifyObject(IMetadataStore, store))
+
+    @inlineCallbacks
+    def test_startTwice(self) -> InlineTest:
+        """
+        Starting again, or starting a second store on a database that has
+        the schema and data (a server restarting), keeps both: creating the
+        schema is idempotent.
+        """
+        store = yield self.startedStore()
+        version = yield store.start()
+        self.assertEqual(version, SCHEMA_VERSION)
+        yield self.addFile(store, "k")
+        other = yield self.startedStore()
+        found = yield other.lookup("ns", "k")
+        self.assertEqual(found.key, "k")
+
+    @inlineCallbacks
+    def test_startAtOnce(self) -> InlineTest:
+        """
+        Servers of a cluster starting together on an empty database all
+        start: they do not trip over each other creating the schema.
+        """
+        stores = [self.makeStore() for _ in range(3)]
+        versions = yield gatherResults([store.start() for store in stores])
+        self.assertEqual(versions, [SCHEMA_VERSION] * 3)
+
+    @inlineCallbacks
+    def test_newerSchemaRefused(self) -> InlineTest:
+        """
+        A database upgraded by a newer KoboldFS is refused at start, with a
+        message saying so, rather than used with tables this code does not
+        know.
+        """
+        store = yield self.startedStore()
+        yield store.stop()
+        engine = adminEngine(self.url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    update(schema_version).values(version=SCHEMA_VERSION + 1)
+                )
+        finally:
+            engine.dispose()
+        error = yield self.assertFailure(self.makeStore().start(), NewerSchema)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
+
+    @inlineCallbacks
+    def test_namespace(self) -> InlineTest:
+        """
+        The first file of a namespace creates it, dated like the file; a
+        namespace is only created on request, and then only once.
+        """
+        store = yield self.startedStore()
+        self.assertIsNone((yield store.namespace("ns")))
+        yield self.addFile(store, "k")
+        ns = yield store.namespace("ns")
+        self.assertEqual((ns.name, ns.created), ("ns", T0))
+        self.assertEqual((ns.replicas, ns.min_copies, ns.url_template), (None,) * 3)
+        self.assertIsNone((yield store.namespace("other", create=False)))
+        created = yield store.namespace("other", create=True)
+        again = yield store.namespace("other", create=True)
+        self.assertEqual(created, again)
+        self.assertNotEqual(created.id, ns.id)
+
+    @inlineCallbacks
+    def test_addFileLookup(self) -> InlineTest:
+        """
+        Every field of a file comes back from the database as stored,
+        float dates included, with the server holding it.
+        """
+        store = yield self.startedStore()
+        added = yield store.add_file(
+            "ns", "dir/k", "f" * 32, "aa/bb/fff", 2**40, SHA, T0, "s1"
+        )
+        self.assertEqual(
+            added,
+            FileInfo(
+                id=added.id,
+                fid="f" * 32,
+                namespace="ns",
+                key="dir/k",
+                size=2**40,
+                sha256=SHA,
+                created=T0,
+                path="aa/bb/fff",
+                replicas=("s1",),
+            ),
+        )
+        self.assertEqual((yield store.lookup("ns", "dir/k")), added)
+
+    @inlineCallbacks
+    def test_lookupMissing(self) -> InlineTest:
+        """
+        Neither an unknown key nor an unknown namespace is an error.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k")
+        self.assertIsNone((yield store.lookup("ns", "other")))
+        self.assertIsNone((yield store.lookup("nowhere", "k")))
+
+    @inlineCallbacks
+    def test_overwrite(self) -> InlineTest:
+        """
+        A new version of a key gets a new, greater id and replaces the old
+        one for readers; the old one is left for the replicator.
+        """
+        store = yield self.startedStore()
+        first = yield self.addFile(store, "k", server="s1")
+        second = yield self.addFile(store, "k", created=T0 + 1, server="s2")
+        self.assertGreater(second.id, first.id)
+        self.assertEqual((yield store.lookup("ns", "k")), second)
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_delete(self) -> InlineTest:
+        """
+        Deleting tells whether there was a live version, hides the key, and
+        leaves it free for a new version.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k")
+        self.assertTrue((yield store.delete("ns", "k", T0 + 1)))
+        self.assertFalse((yield store.delete("ns", "k", T0 + 2)))
+        self.assertFalse((yield store.delete("nowhere", "k", T0 + 2)))
+        self.assertIsNone((yield store.lookup("ns", "k")))
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), [])
+        again = yield self.addFile(store, "k")
+        self.assertEqual((yield store.lookup("ns", "k")), again)
+
+    @inlineCallbacks
+    def test_listKeysOrder(self) -> InlineTest:
+        """
+        Keys come in code-point order, which is UTF-8 byte order, whatever
+        the database's locale.
+        """
+        store = yield self.startedStore()
+        keys = ["\U0001f600", "日本", "é", "b", "a", "B", "a b", "ab"]
+        for key in keys:
+            yield self.addFile(store, key)
+        listed = yield store.list_keys("ns", "", None, 100)
+        self.assertEqual(listed, sorted(keys))
+        self.assertEqual(
+            listed, ["B", "a", "a b", "ab", "b", "é", "日本", "\U0001f600"]
+        )
+
+    @inlineCallbacks
+    def test_listKeysPrefix(self) -> InlineTest:
+        """
+        A prefix selects exactly the keys that start with it, non-ASCII and
+        highest code point prefixes included.
+        """
+        store = yield self.startedStore()
+        keys = ["a", "a/1", "a/2", "a0", "b/1", "日本/x", "日本語", "日", "\U0010ffffz"]
+        for key in keys:
+            yield self.addFile(store, key)
+        cases = {
+            "a/": ["a/1", "a/2"],
+            "a": ["a", "a/1", "a/2", "a0"],
+            "日本": ["日本/x", "日本語"],
+            "\U0010ffff": ["\U0010ffffz"],
+            "zzz": [],
+        }
+        for prefix, expected in cases.items():
+            listed = yield store.list_keys("ns", prefix, None, 100)
+            self.assertEqual(listed, expected, prefix)
+
+    @inlineCallbacks
+    def test_listKeysPaging(self) -> InlineTest:
+        """
+        Listing page by page, each page starting after the last key of the
+        one before, gives every key once.
+        """
+        store = yield self.startedStore()
+        keys = [f"p/{n:02d}" for n in range(25)]
+        for key in reversed(keys):
+            yield self.addFile(store, key)
+        yield self.addFile(store, "q")
+        pages = []
+        after = None
+        while True:
+            page = yield store.list_keys("ns", "p/", after, 10)
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1]
+        self.assertEqual([len(page) for page in pages], [10, 10, 5])
+        self.assertEqual(sum(pages, []), keys)
+        self.assertEqual((yield store.list_keys("ns", "p/", None, 0)), [])
+
+    @inlineCallbacks
+    def test_namespacesIsolated(self) -> InlineTest:
+        """
+        The same key in two namespaces is two files.
+        """
+        store = yield self.startedStore()
+        one = yield self.addFile(store, "k", namespace="one")
+        two = yield self.addFile(store, "k", namespace="two")
+        yield self.addFile(store, "only-two", namespace="two")
+        self.assertEqual((yield store.lookup("one", "k")), one)
+        self.assertEqual((yield store.lookup("two", "k")), two)
+        self.assertEqual((yield store.list_keys("one", "", None, 10)), ["k"])
+        self.assertTrue((yield store.delete("one", "k", T0)))
+        self.assertEqual((yield store.lookup("two", "k")), two)
+
+    @inlineCallbacks
+    def test_registerServer(self) -> InlineTest:
+        """
+        Registering inserts a server, then updates its address and disk; an
+        operator's readonly or drain survives the server's restart, but a
+        dead server that registers again is alive.
+        """
+        store = yield self.startedStore()
+        first = ServerInfo("s1", "h1", "h1:7500", "http://h1/", heartbeat=T0)
+        self.assertEqual((yield store.register_server(first)), first)
+        yield store.register_server(ServerInfo("s0", "h0", "h0:7500", "http://h0/"))
+        moved = ServerInfo(
+            "s1", "h2", "h2:7500", "http://h2/", heartbeat=T0 + 1, disk_free=5, disk_total=9
+        )
+        for state in ("readonly", "drain"):
+            yield store.set_server_state("s1", state)
+            stored = yield store.register_server(moved)
+            self.assertEqual(stored.state, state)
+        yield store.set_server_state("s1", "dead")
+        self.assertEqual((yield store.register_server(moved)).state, "alive")
+        listed = yield store.servers()
+        self.assertEqual([server.name for server in listed], ["s0", "s1"])
+        self.assertEqual(listed[1], moved)
+
+    @inlineCallbacks
+    def test_heartbeat(self) -> InlineTest:
+        """
+        A heartbeat records time and disk space, and says whether the
+        server is registered (so that an unknown one registers).
+        """
+        store = yield self.startedStore()
+        yield store.register_server(ServerInfo("s1", "h", "h:1", "http://h/"))
+        self.assertTrue((yield store.heartbeat("s1", T0, 10, 20)))
+        self.assertFalse((yield store.heartbeat("nobody", T0, 10, 20)))
+        (server,) = yield store.servers()
+        self.assertEqual((server.heartbeat, server.disk_free, server.disk_total), (T0, 10, 20))
+
+    @inlineCallbacks
+    def test_setServerState(self) -> InlineTest:
+        """
+        States are checked before anything is stored, and an unknown server
+        is reported rather than created.
+        """
+        store = yield self.startedStore()
+        yield store.register_server(ServerInfo("s1", "h", "h:1", "http://h/"))
+        self.assertFalse((yield store.set_server_state("nobody", "drain")))
+        yield self.assertFailure(store.set_server_state("s1", "down"), ValueError)
+        yield self.assertFailure(
+            store.register_server(ServerInfo("s2", "h", "h:1", "http://h/", state="x")),
+            ValueError,
+        )
+        self.assertTrue((yield store.set_server_state("s1", "readonly")))
+        self.assertEqual([s.state for s in (yield store.servers())], ["readonly"])
+
+    @inlineCallbacks
+    def test_addReplica(self) -> InlineTest:
+        """
+        Recording a copy twice is harmless (the replicator may verify a copy
+        again), and a file that is gone is reported, not an error.
+        """
+        store = yield self.startedStore()
+        info = yield self.addFile(store, "k", server="s2")
+        self.assertTrue((yield store.add_replica(info.id, "s1", T0)))
+        self.assertTrue((yield store.add_replica(info.id, "s1", T0 + 1)))
+        self.assertFalse((yield store.add_replica(info.id + 1000, "s1", T0)))
+        found = yield store.lookup("ns", "k")
+        self.assertEqual(found.replicas, ("s1", "s2"))
+
+    @inlineCallbacks
+    def test_removeReplica(self) -> InlineTest:
+        """
+        A removed copy is no longer offered to readers.
+        """
+        store = yield self.startedStore()
+        info = yield self.addFile(store, "k", server="s1")
+        yield store.add_replica(info.id, "s2", T0)
+        self.assertTrue((yield store.remove_replica(info.id, "s1")))
+        self.assertFalse((yield store.remove_replica(info.id, "s1")))
+        self.assertEqual((yield store.lookup("ns", "k")).replicas, ("s2",))
+
+    @inlineCallbacks
+    def test_subscribe(self) -> InlineTest:
+        """
+        Listeners hear of committed changes, not of changes that changed
+        nothing, and nothing once unsubscribed.
+        """
+        store = yield self.startedStore()
+        events: list[tuple[str, dict]] = []
+        unsubscribe = store.subscribe(lambda event, payload: events.append((event, payload)))
+        info = yield self.addFile(store, "k")
+        yield store.delete("ns", "k", T0)
+        yield store.delete("ns", "k", T0)
+        yield store.register_server(ServerInfo("s1", "h", "h:1", "http://h/"))
+        yield store.set_server_state("s1", "drain")
+        yield store.set_server_state("nobody", "drain")
+        file = {"id": info.id, "namespace": "ns", "key": "k"}
+        self.assertEqual(
+            events,
+            [
+                ("file_added", file),
+                ("file_deleted", file),
+                ("server_changed", {"name": "s1"}),
+                ("server_changed", {"name": "s1"}),
+            ],
+        )
+        unsubscribe()
+        unsubscribe()
+        yield self.addFile(store, "k2")
+        self.assertEqual(len(events), 4)
+
+    @inlineCallbacks
+    def test_raisingListener(self) -> InlineTest:
+        """
+        A listener that raises is logged, and neither fails the change nor
+        keeps later listeners from hearing of it.
+        """
+        store = yield self.startedStore()
+        heard: list[str] = []
+
+        def broken(event: str, payload: dict) -> None:
+            raise ZeroDivisionError("a listener's bug")
+
+        store.subscribe(broken)
+        store.subscribe(lambda event, payload: heard.append(payload["key"]))
+        yield self.addFile(store, "k")
+        self.assertEqual(heard, ["k"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    @inlineCallbacks
+    def test_concurrentOverwrite(self) -> InlineTest:
+        """
+        Servers storing the same key at once all succeed, and the last
+        writer wins: exactly one version stays live, the newest.
+        """
+        store = yield self.startedStore()
+        added = yield gatherResults(
+            [self.addFile(store, "k", server=f"s{n}") for n in range(10)]
+        )
+        self.assertEqual(len({info.id for info in added}), 10)
+        found = yield store.lookup("ns", "k")
+        self.assertEqual(found.id, max(info.id for info in added))
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_concurrentNamespaceCreation(self) -> InlineTest:
+        """
+        The first files of a namespace, stored at once, create it once.
+        """
+        store = yield self.startedStore()
+        yield gatherResults(
+            [self.addFile(store, f"k{n}", namespace="fresh") for n in range(10)]
+        )
+        self.assertEqual(len((yield store.list_keys("fresh", "", None, 100))), 10)
+
+    @inlineCallbacks
+    def test_twoStores(self) -> InlineTest:
+        """
+        Two stores on one database, as two server processes, write and read
+        at once without either failing (on SQLite: no SQLITE_BUSY).
+        """
+        one = yield self.startedStore()
+        two = yield self.startedStore()
+        adds = []
+        others = []
+        for n in range(20):
+            for store in (one, two):
+                adds.append(self.addFile(store, "shared"))
+                adds.append(self.addFile(store, f"k{n}", namespace=f"ns{n % 3}"))
+                others.append(store.lookup("ns", "shared"))
+                others.append(store.heartbeat("s1", T0 + n, n, 100))
+        added, _ = yield gatherResults([gatherResults(adds), gatherResults(others)])
+        self.assertEqual(len({info.id for info in added}), 80)
+        found = yield two.lookup("ns", "shared")
+        self.assertEqual(found, (yield one.lookup("ns", "shared")))
+
+
+class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
+    """
+    The metadata suite on SQLite, each test in a new file in a directory
+    that the store has to create.
+    """
+
+    def setUp(self) -> None:
+        self.path = os.path.join(os.path.abspath(self.mktemp()), "meta.sqlite")
+        self.url = f"sqlite:///{self.path}"
+
+    def makeStore(self) -> IMetadataStore:
+        store = store_from_url(self.url, reactor)
+        self.addCleanup(store.stop)
+        return store
+
+    @inlineCallbacks
+    def test_pragmas(self) -> InlineTest:
+        """
+        The file is in WAL mode and each connection waits for locks, syncs
+        fully (an acknowledged upload survives a power cut) and checks
+        foreign keys.
+        """
+        store = yield self.startedStore()
+        with store._engine.connect() as connection:
+            pragmas = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+            }
+        self.assertEqual(
+            pragmas,
+            {"journal_mode": "wal", "busy_timeout": 30000, "synchronous": 2, "foreign_keys": 1},
+        )
+
+    @inlineCallbacks
+    def test_unavailable(self) -> InlineTest:
+        """
+        A database that cannot be opened fails with the retryable
+        L{Unavailable}, naming the cause.
+        """
+        os.makedirs(self.path)
+        error = yield self.assertFailure(self.makeStore().start(), Unavailable)
+        self.assertEqual(error.code, ErrorCode.UNAVAILABLE)
+        self.assertTrue(error.retryable)
+        self.assertIn("unable to open database file", str(error))
+
+    @inlineCallbacks
+    def test_notStarted(self) -> InlineTest:
+        """
+        Calls on a store that is not (or no longer) started fail with
+        L{Unavailable} instead of waiting forever on a stopped pool.
+        """
+        store = self.makeStore()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+        yield store.start()
+        yield store.stop()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+
+    @inlineCallbacks
+    def test_restart(self) -> InlineTest:
+        """
+        A stopped store can be started again, its thread pool included.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k")
+        yield store.stop()
+        yield store.start()
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_sharedThreadPool(self) -> InlineTest:
+        """
+        A store given a thread pool uses it and leaves it running when it
+        stops, for its owner to stop.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        store = SQLAlchemyStore(self.url, reactor, threadpool=pool)
+        self.addCleanup(store.stop)
+        yield store.start()
+        yield self.addFile(store, "k")
+        yield store.stop()
+        self.assertTrue(pool.started)
+
+    def test_storeFromURL(self) -> None:
+        """
+        SQLite goes to the thread-pool store.
+        """
+        self.assertIsInstance(self.makeStore(), SQLAlchemyStore)
+
+    def test_urlHidesPassword(self) -> None:
+        """
+        The URL a store shows, in logs and status pages, has no password.
+        """
+        store = SQLAlchemyStore(
+            "postgresql+psycopg2://kobold:s3cret@db.example/meta", reactor
+        )
+        self.assertEqual(store.url, "postgresql+psycopg2://kobold:***@db.example/meta")
+
+    def test_inMemoryRefused(self) -> None:
+        """
+        An in-memory SQLite database would be a different one in each pool
+        thread, so it is refused at once.
+        """
+        for url in ("sqlite://", "sqlite:///:memory:"):
+            self.assertRaises(ValueError, SQLAlchemyStore, url, reactor)
+
+    @inlineCallbacks
+    def test_fileReadableBySQLite(self) -> InlineTest:
+        """
+        The file is plain SQLite, with the schema version recorded, for
+        operators' tools.
+        """
+        store = yield self.startedStore()
+        yield store.stop()
+        connection = sqlite3.connect(self.path)
+        try:
+            rows = connection.execute("SELECT version FROM kobold_schema").fetchall()
+        finally:
+            connection.close()
+        self.assertEqual(rows, [(SCHEMA_VERSION,)])
+
+
+class ListenersTests(unittest.TestCase):
+    """
+    Tests for L{Listeners}, which every store uses for its own changes.
+    """
+
+    def test_payloadCopied(self) -> None:
+        """
+        A listener that changes its payload does not change the next one's.
+        """
+        listeners = Listeners()
+        seen: list[dict] = []
+        listeners.subscribe(lambda event, payload: payload.clear())
+        listeners.subscribe(lambda event, payload: seen.append(payload))
+        listeners.notify("file_added", {"id": 1})
+        self.assertEqual(seen, [{"id": 1}])
+
+    def test_unsubscribeWhileNotifying(self) -> None:
+        """
+        A listener may unsubscribe itself when called, without making the
+        next one miss the event.
+        """
+        listeners = Listeners()
+        seen: list[str] = []
+
+        def once(event: str, payload: dict) -> None:
+            unsubscribe()
+
+        unsubscribe = listeners.subscribe(once)
+        listeners.subscribe(lambda event, payload: seen.append(event))
+        listeners.notify("a", {})
+        listeners.notify("b", {})
+        self.assertEqual(seen, ["a", "b"])
+
+
+_POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
+
+
+class PostgresMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
+    """
+    The metadata suite on PostgreSQL, in the database named by
+    C{KOBOLDFS_TEST_POSTGRES_URL}, which each test empties first.
+    """
+
+    if _POSTGRES_URL is None:
+        skip = "no PostgreSQL: set KOBOLDFS_TEST_POSTGRES_URL"
+
+    def setUp(self) -> None:
+        assert _POSTGRES_URL is not None
+        self.url = _POSTGRES_URL
+        engine = adminEngine(self.url)
+        try:
+            metadata.drop_all(engine)
+        finally:
+            engine.dispose()
+
+    def makeStore(self) -> IMetadataStore:
+        store = store_from_url(self.url, reactor)
+        self.addCleanup(store.stop)
+        return store
