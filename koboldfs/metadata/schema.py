@@ -65,6 +65,9 @@ files = Table(
     # live | deleted
     Column("state", String(16), nullable=False),
     Column("deleted", Float),
+    # Ids are never reused, even after the newest file is purged: the
+    # replicator's cursor walks them in order.
+    sqlite_autoincrement=True,
 )
 
 # One live version per key; deleted versions wait for the replicator.
