@@ -68,9 +68,7 @@ class Op(IntEnum):
 
 
 #: Requests a client may send once the handshake is done.
-REQUESTS = frozenset(
-    {Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST}
-)
+REQUESTS = frozenset({Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST})
 
 
 def _is_int(value: object) -> bool:
@@ -79,9 +77,7 @@ def _is_int(value: object) -> bool:
 
 def _is_sha256(value: object) -> bool:
     return (
-        isinstance(value, str)
-        and len(value) == 64
-        and all(c in "0123456789abcdef" for c in value)
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
     )
 
 
@@ -173,9 +169,7 @@ def check_fields(op: Op, fields: object) -> dict[str, Any]:
     for name, (kind, required) in SCHEMAS[op].items():
         if name not in fields:
             if required:
-                raise ProtocolError(
-                    f"{op.name} lacks field {name!r}", ErrorCode.BAD_REQUEST
-                )
+                raise ProtocolError(f"{op.name} lacks field {name!r}", ErrorCode.BAD_REQUEST)
             continue
         if not _CHECKS[kind](fields[name]):
             raise ProtocolError(
@@ -189,9 +183,7 @@ def encode_message(op: Op, fields: dict[str, Any] | None = None) -> bytes:
     """
     Encode a JSON frame.
     """
-    payload = json.dumps(
-        fields or {}, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    payload = json.dumps(fields or {}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return HEADER.pack(len(payload), op) + payload
 
 
@@ -256,8 +248,7 @@ class FrameDecoder:
                 length, opcode = HEADER.unpack_from(buf, start)
                 if length > self.max_payload:
                     raise ProtocolError(
-                        f"frame of {length} bytes exceeds the limit of "
-                        f"{self.max_payload}"
+                        f"frame of {length} bytes exceeds the limit of {self.max_payload}"
                     )
                 try:
                     op = Op(opcode)
@@ -285,9 +276,7 @@ class FrameDecoder:
         try:
             fields = json.loads(payload)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise ProtocolError(
-                f"{op.name} payload is not JSON", ErrorCode.BAD_REQUEST
-            ) from None
+            raise ProtocolError(f"{op.name} payload is not JSON", ErrorCode.BAD_REQUEST) from None
         return Message(op, check_fields(op, fields))
 
 

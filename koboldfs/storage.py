@@ -438,9 +438,7 @@ class Upload:
             d.callback(None)
 
     def _thdOpen(self) -> None:
-        self._fd = os.open(
-            self.tmppath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644
-        )
+        self._fd = os.open(self.tmppath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
 
     def _thdWriteAll(self, data: bytes) -> None:
         view = memoryview(data)

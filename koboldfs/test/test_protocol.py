@@ -190,7 +190,7 @@ class DecoderPropertyTests(SynchronousTestCase):
             for frame in frames:
                 self.assertIsInstance(frame, (Message, Data))
                 if isinstance(frame, Message):
-                    for name, (kind, required) in SCHEMAS[frame.op].items():
+                    for name, (_kind, required) in SCHEMAS[frame.op].items():
                         if required:
                             self.assertIn(name, frame.fields)
             self.assertLessEqual(decoder.buffered, self.MAX + HEADER.size)
@@ -223,12 +223,21 @@ class DecoderPropertyTests(SynchronousTestCase):
         self.check_stream([bytes(data[i : i + split]) for i in range(0, len(data), split)])
 
     @settings(max_examples=200, deadline=None)
-    @given(st.dictionaries(st.text(max_size=8), st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                     max_size=3),
-        max_leaves=8,
-    ), max_size=5), st.sampled_from([op for op in Op if op is not Op.DATA]))
+    @given(
+        st.dictionaries(
+            st.text(max_size=8),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                lambda inner: (
+                    st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+                ),
+                max_leaves=8,
+            ),
+            max_size=5,
+        ),
+        st.sampled_from([op for op in Op if op is not Op.DATA]),
+    )
     def test_random_fields(self, fields: dict, op: Op) -> None:
         """
         Any JSON object under any opcode decodes to a frame that fits the

@@ -239,7 +239,9 @@ class UploadTests(_StorageMixin, TestCase):
         self.assertEqual(upload.size, len(data))
         self.assertEqual(await upload.finish(sha(data), len(data)), (len(data), sha(data)))
         self.assertIs(upload.state, UploadState.DONE)
-        self.assertEqual(self.listing("files"), [os.path.join("files", fid[:2], fid[2:4], fid + ".txt")])
+        self.assertEqual(
+            self.listing("files"), [os.path.join("files", fid[:2], fid[2:4], fid + ".txt")]
+        )
         self.assertEqual(self.listing("tmp"), [])
         self.assertEqual(self.readback(path), data)
 
@@ -639,8 +641,14 @@ class ReaderTests(_StorageMixin, TestCase):
         """
         data = pattern(3 * MiB)
         path = await self.store(data)
-        for offset, length in [(5, 10), (MiB - 7, MiB + 100), (2 * MiB, None), (3 * MiB - 4, 99),
-                               (3 * MiB, None), (0, 0)]:
+        for offset, length in [
+            (5, 10),
+            (MiB - 7, MiB + 100),
+            (2 * MiB, None),
+            (3 * MiB - 4, 99),
+            (3 * MiB, None),
+            (0, 0),
+        ]:
             reader = self.storage.open_read(path, offset=offset, length=length)
             self.assertEqual(await reader.open(), len(data))
             got, _ = await self.read_all(reader, 256 * KiB)
