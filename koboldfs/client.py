@@ -1,0 +1,867 @@
+"""
+The Deferred-returning KoboldFS client, for Twisted applications.
+
+L{DeferredClient} holds all of the client logic (server choice, failover,
+retries, checksums); the blocking L{koboldfs.blocking.Client} drives it from
+a reactor thread rather than repeating it.  L{ClientProtocol} is the thin
+wire adapter: one request at a time per connection, connections reused
+through a L{ConnectionPool}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from functools import partial
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Awaitable, Callable, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from koboldfs import __version__
+from koboldfs.errors import (
+    ChecksumMismatch,
+    ConnectionFailed,
+    ErrorCode,
+    KoboldError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    Unavailable,
+    error_for_code,
+)
+from koboldfs.names import check_key, check_namespace
+from koboldfs.protocol import CHUNK_SIZE, VERSION, Data, Frame, FrameProtocol, Message, Op
+
+T = TypeVar("T")
+log = Logger()
+
+#: Chunks smaller than this are hashed on the calling thread: the hop to a
+#: worker thread would cost more than the hash.
+INLINE_HASH = 64 * 1024
+#: Bytes of a download waiting for the disk before reading pauses, and resumes.
+SINK_HIGH = 4 * CHUNK_SIZE
+SINK_LOW = CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class Stat:
+    """
+    What the cluster knows of a stored file.
+    """
+
+    key: str
+    size: int
+    sha256: str
+    created: float
+    servers: tuple[str, ...]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """
+    Split C{host:port} (C{[v6]:port} for IPv6) into its parts.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"server address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class _State(Enum):
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    REQUEST = "request"  # waiting for OK or ERROR
+    GET = "get"  # waiting for FILE, DATA, END or ERROR
+    CLOSED = "closed"
+
+
+class ClientProtocol(FrameProtocol, TimeoutMixin):
+    """
+    The client end of one connection: handshake, then one request at a time.
+
+    A request that sees no frame for C{timeout} seconds fails with
+    L{ConnectionFailed} and closes the connection, so a hung server (say,
+    stopped with SIGSTOP) costs a bounded wait, not a stuck client.
+    """
+
+    def __init__(self, clock: Any, timeout: float = 30.0, agent: str = "") -> None:
+        self.callLater = clock.callLater
+        self._timeout = timeout
+        self._agent = agent or f"koboldfs/{__version__}"
+        self._state = _State.CONNECTING
+        self._reply: defer.Deferred[Message] | None = None
+        self._sink: Callable[[bytes], defer.Deferred[None] | None] | None = None
+        self._file: Message | None = None
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.server = ""
+
+    # -- lifecycle
+
+    def handshake(self) -> defer.Deferred[Message]:
+        """
+        Send HELLO; fire with the server's WELCOME.
+        """
+        self.sendMessage(
+            Op.HELLO,
+            {"versions": [VERSION], "agent": self._agent, "max_payload": self.max_payload},
+        )
+        return self._expect(_State.REQUEST)
+
+    @property
+    def reusable(self) -> bool:
+        """
+        Whether this connection may take another request.
+        """
+        return self._state is _State.IDLE and not self.closing
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        self.setTimeout(None)
+        self._state = _State.CLOSED
+        self._fail(ConnectionFailed(f"connection to {self.server or 'server'} lost"))
+        self.lost.callback(None)
+
+    def timeoutConnection(self) -> None:
+        self._fail(ConnectionFailed(f"{self.server or 'server'} did not answer in time"))
+        self.transport.abortConnection()
+
+    # -- requests
+
+    def request(self, op: Op, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send a request that is answered by one OK frame; fire with it.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(op, fields)
+        return d
+
+    def get(
+        self, fields: dict[str, Any], sink: Callable[[bytes], defer.Deferred[None] | None]
+    ) -> defer.Deferred[Message]:
+        """
+        Send GET and hand each chunk of the body to C{sink}; fire with the
+        FILE frame when the END frame arrives.  While a Deferred returned by
+        C{sink} is pending, reading from the server pauses.
+        """
+        d = self._expect(_State.GET)
+        self._sink = sink
+        self._file = None
+        self.sendMessage(Op.GET, fields)
+        return d
+
+    def begin_put(self, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send PUT; the caller then sends DATA frames and L{end_put}.  The
+        returned Deferred fires with the server's reply, which may come
+        early (an error) while the body is still being sent.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(Op.PUT, fields)
+        return d
+
+    def send_chunk(self, chunk: bytes) -> None:
+        self.resetTimeout()
+        self.sendData(chunk)
+
+    def end_put(self, sha256: str | None, abort: bool = False) -> None:
+        fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
+        self.sendMessage(Op.END, fields)
+
+    # -- frames in
+
+    def frameReceived(self, frame: Frame) -> None:
+        self.resetTimeout()
+        state = self._state
+        if state is _State.GET:
+            self._getFrame(frame)
+        elif state is _State.REQUEST and isinstance(frame, Message):
+            if frame.op in (Op.OK, Op.WELCOME):
+                if frame.op is Op.WELCOME:
+                    self.server = frame["server"]
+                self._finish(frame)
+            elif frame.op is Op.ERROR:
+                self._finish(error_for_code(frame["code"], frame["message"]))
+            else:
+                raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+        elif isinstance(frame, Message) and frame.op is Op.ERROR:
+            # An error outside a request: the server is about to close.
+            self._fail(error_for_code(frame["code"], frame["message"]))
+        else:
+            raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+
+    def _getFrame(self, frame: Frame) -> None:
+        if isinstance(frame, Data):
+            if self._file is None:
+                raise ProtocolError("DATA before FILE", ErrorCode.BAD_REQUEST)
+            assert self._sink is not None
+            waiting = self._sink(frame.payload)
+            if waiting is not None:
+                self.transport.pauseProducing()
+                waiting.addCallbacks(self._sinkReady, self._sinkFailed)
+        elif frame.op is Op.FILE and self._file is None:
+            self._file = frame
+        elif frame.op is Op.END and self._file is not None:
+            self._finish(self._file)
+        elif frame.op is Op.ERROR:
+            self._finish(error_for_code(frame["code"], frame["message"]))
+        else:
+            raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+
+    def _sinkReady(self, _: object) -> None:
+        if not self.closing:
+            self.transport.resumeProducing()
+
+    def _sinkFailed(self, failure: Failure) -> None:
+        # The output could not take the bytes: this download is over, and
+        # the connection is mid-stream, so it cannot be reused.
+        self._fail(failure)
+        self.transport.abortConnection()
+
+    def protocolViolation(self, error: ProtocolError) -> None:
+        super().protocolViolation(error)
+        self._fail(error)
+
+    # -- request bookkeeping
+
+    def _expect(self, state: _State) -> defer.Deferred[Message]:
+        if self._state not in (_State.IDLE, _State.CONNECTING) or self.closing:
+            return defer.fail(ConnectionFailed("connection is not idle"))
+        self._state = state
+        self._reply = defer.Deferred()
+        self.setTimeout(self._timeout)
+        return self._reply
+
+    def _finish(self, result: Message | Exception) -> None:
+        reply, self._reply = self._reply, None
+        self._sink = None
+        self.setTimeout(None)
+        if self._state is not _State.CLOSED:
+            self._state = _State.IDLE
+        if reply is not None:
+            if isinstance(result, Exception):
+                reply.errback(Failure(result))
+            else:
+                reply.callback(result)
+
+    def _fail(self, error: Exception | Failure) -> None:
+        reply, self._reply = self._reply, None
+        self._sink = None
+        self._state = _State.CLOSED if self.closing else self._state
+        if reply is not None:
+            reply.errback(error if isinstance(error, Failure) else Failure(error))
+
+
+class ConnectionPool:
+    """
+    Open connections to servers, kept for reuse.
+
+    A connection goes back to the pool only when it finished its request
+    cleanly; anything else (an error mid-stream, a timeout) closes it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_idle: int = 8,
+        endpoint_factory: Callable[[str], Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoint = endpoint_factory or self._tcp
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle: dict[str, list[ClientProtocol]] = {}
+        self._all: set[ClientProtocol] = set()
+
+    async def acquire(self, address: str) -> ClientProtocol:
+        """
+        An idle connection to C{address}, or a new one after its handshake.
+
+        @raise ConnectionFailed: the server could not be reached.
+        """
+        idle = self._idle.get(address, [])
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+        proto = ClientProtocol(self._reactor, self._timeout)
+        try:
+            await connectProtocol(self._endpoint(address), proto)
+        except Exception as e:
+            raise ConnectionFailed(f"cannot connect to {address}: {e}") from None
+        self._all.add(proto)
+        proto.lost.addCallback(lambda _: self._all.discard(proto))
+        try:
+            await proto.handshake()
+        except ServerError as e:
+            proto.close()
+            raise ConnectionFailed(f"{address} refused the handshake: {e}") from None
+        return proto
+
+    def _tcp(self, address: str) -> HostnameEndpoint:
+        host, port = parse_address(address)
+        return HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+
+    def release(self, address: str, conn: ClientProtocol) -> None:
+        """
+        Give a connection back after a request.
+        """
+        idle = self._idle.setdefault(address, [])
+        if conn.reusable and len(idle) < self._max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> defer.Deferred[Any]:
+        """
+        Close every connection; fire when all are closed.
+        """
+        self._idle.clear()
+        lost = [conn.lost for conn in self._all]
+        for conn in list(self._all):
+            conn.close()
+        return defer.DeferredList(lost)
+
+
+# -- bodies in and out
+
+
+class _Source:
+    """
+    A put's body, read in chunks and hashed as it is read.
+
+    Reads of files happen in the thread pool, and the hash of each chunk is
+    computed in the same trip, so neither blocks the reactor.
+    """
+
+    size: int | None = None
+
+    def __init__(self, reactor: Any, threadpool: Any) -> None:
+        self._reactor = reactor
+        self._pool = threadpool
+        self.sha256 = hashlib.sha256()
+
+    def _inThread(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    async def read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def rewind(self) -> bool:
+        """
+        Start again from the beginning, for a retry; False if impossible.
+        """
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+class _BytesSource(_Source):
+    def __init__(self, reactor: Any, threadpool: Any, data: bytes) -> None:
+        super().__init__(reactor, threadpool)
+        self._data = memoryview(data).cast("B")
+        self.size = len(self._data)
+        self._offset = 0
+
+    async def read(self, n: int) -> bytes:
+        chunk = bytes(self._data[self._offset : self._offset + n])
+        self._offset += len(chunk)
+        if len(chunk) >= INLINE_HASH:
+            await self._inThread(self.sha256.update, chunk)
+        else:
+            self.sha256.update(chunk)
+        return chunk
+
+    def rewind(self) -> bool:
+        self._offset = 0
+        self.sha256 = hashlib.sha256()
+        return True
+
+
+def _thdReadHash(f: Any, hasher: Any, n: int) -> bytes:
+    chunk = f.read(n)
+    if not isinstance(chunk, bytes):
+        raise TypeError(f"source file returned {type(chunk).__name__}, not bytes")
+    hasher.update(chunk)
+    return chunk
+
+
+class _FileSource(_Source):
+    """
+    A binary file object.  Seekable ones can be re-sent on another server.
+    """
+
+    def __init__(self, reactor: Any, threadpool: Any, f: Any, own: bool = False) -> None:
+        super().__init__(reactor, threadpool)
+        self._file = f
+        self._own = own
+        try:
+            self._start: int | None = f.tell() if f.seekable() else None
+        except (AttributeError, OSError):
+            self._start = None
+        if self._start is not None:
+            try:
+                self.size = os.fstat(f.fileno()).st_size - self._start
+            except (AttributeError, OSError, io.UnsupportedOperation):
+                self.size = None
+
+    async def read(self, n: int) -> bytes:
+        return await self._inThread(_thdReadHash, self._file, self.sha256, n)
+
+    def rewind(self) -> bool:
+        if self._start is None:
+            return False
+        self._file.seek(self._start)
+        self.sha256 = hashlib.sha256()
+        return True
+
+    async def close(self) -> None:
+        if self._own:
+            await self._inThread(self._file.close)
+
+
+async def _open_source(reactor: Any, threadpool: Any, source: Any) -> _Source:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _BytesSource(reactor, threadpool, source)
+    if isinstance(source, (str, os.PathLike)):
+        f = await deferToThreadPool(reactor, threadpool, open, source, "rb")
+        return _FileSource(reactor, threadpool, f, own=True)
+    if hasattr(source, "read"):
+        return _FileSource(reactor, threadpool, source)
+    raise TypeError(f"cannot put {type(source).__name__}: give a path, bytes or a binary file")
+
+
+class _Sink:
+    """
+    Where a get's body goes: an output file object, written in the thread
+    pool (it may be a real file or a pipe), and hashed on the way.
+
+    Chunks are written strictly in order by one job at a time.  While more
+    than L{SINK_HIGH} bytes wait, L{write} returns a Deferred that fires
+    once the backlog is under L{SINK_LOW}, so the connection stops reading
+    from the server instead of buffering the file in memory.
+    """
+
+    def __init__(self, reactor: Any, threadpool: Any, output: Any) -> None:
+        self._reactor = reactor
+        self._pool = threadpool
+        self._output = output
+        self._inline = isinstance(output, io.BytesIO)
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._draining = False
+        self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self._error: Failure | None = None
+        self.sha256 = hashlib.sha256()
+        self.written = 0
+        try:
+            self._start: int | None = output.tell() if output.seekable() else None
+        except (AttributeError, OSError):
+            self._start = None
+
+    def write(self, chunk: bytes) -> defer.Deferred[None] | None:
+        if self._error is not None:
+            return defer.fail(self._error)
+        self.written += len(chunk)
+        if self._inline and not self._draining and len(chunk) < INLINE_HASH:
+            self._thdWrite(chunk)
+            return None
+        self._queue.append(chunk)
+        self._queued += len(chunk)
+        if not self._draining:
+            self._draining = True
+            defer.ensureDeferred(self._drain())
+        if self._queued > SINK_HIGH:
+            return self._below(SINK_LOW)
+        return None
+
+    def _below(self, level: int) -> defer.Deferred[None]:
+        """
+        A Deferred that fires once at most C{level} bytes wait, or fails
+        with the error that stopped the writes.
+        """
+        if self._error is not None:
+            return defer.fail(self._error)
+        if self._queued <= level and (level or not self._draining):
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((level, waiter))
+        return waiter
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                chunk = self._queue[0]
+                await deferToThreadPool(self._reactor, self._pool, self._thdWrite, chunk)
+                self._queue.popleft()
+                self._queued -= len(chunk)
+                self._wake()
+        except Exception:
+            self._error = Failure()
+            self._queue.clear()
+            self._queued = 0
+        self._draining = False
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiters = self._waiters, []
+        for level, waiter in waiting:
+            if self._error is not None:
+                waiter.errback(self._error)
+            elif self._queued <= level and (level or not self._draining):
+                waiter.callback(None)
+            else:
+                self._waiters.append((level, waiter))
+
+    def _thdWrite(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        self._output.write(chunk)
+
+    def flush(self) -> defer.Deferred[None]:
+        """
+        Wait until every chunk received is written and hashed.
+        """
+        return self._below(0)
+
+    async def rewind(self) -> bool:
+        """
+        Undo a failed download before trying another server.
+        """
+        try:
+            await self.flush()
+        except Exception:
+            return False
+        if self.written == 0:
+            return True
+        if self._start is None:
+            return False
+        self._output.seek(self._start)
+        self._output.truncate()
+        self.sha256 = hashlib.sha256()
+        self.written = 0
+        return True
+
+
+def _request(op: Op, fields: dict[str, Any], conn: ClientProtocol) -> defer.Deferred[Message]:
+    """
+    One request and its reply, as an attempt for L{DeferredClient._call}.
+    """
+    return conn.request(op, fields)
+
+
+class DeferredClient:
+    """
+    A client of one namespace of a KoboldFS cluster; every method returns
+    a Deferred.
+
+    Requests go to the listed servers in turn; a server that cannot be
+    reached, or answers with a retryable error, is skipped for the next.
+    When every server failed, the whole round is retried after a backoff
+    (C{retries} times) before the request fails with L{Unavailable}.
+
+    @param servers: C{host:port} addresses of any servers of the cluster.
+    @param reactor: the reactor; the global one when None.
+    @param threadpool: where file reads, writes and hashing run; the
+        reactor's own pool when None.
+    @param endpoint_factory: makes the client endpoint for an address;
+        TCP when None.  Tests connect in memory (L{koboldfs.testing}).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        servers: list[str] | tuple[str, ...],
+        reactor: Any = None,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        threadpool: Any = None,
+        endpoint_factory: Callable[[str], Any] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: F811 - the documented default
+        self.namespace = check_namespace(namespace)
+        if isinstance(servers, str) or not servers:
+            raise ValueError("servers is a non-empty list of 'host:port' strings")
+        for address in servers:
+            parse_address(address)
+        self.servers = list(servers)
+        self._reactor = reactor
+        self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
+        self._pool = ConnectionPool(
+            reactor, timeout, connect_timeout, endpoint_factory=endpoint_factory
+        )
+        self._retries = retries
+        self._backoff = backoff
+        self._next = random.randrange(len(self.servers))
+
+    # -- the public surface
+
+    def ping(self) -> defer.Deferred[bool]:
+        """
+        Fire with True when a server answers, False when none does.
+        """
+
+        async def ping() -> bool:
+            try:
+                await self._call("ping", partial(_request, Op.PING, {}), retries=0)
+            except KoboldError:
+                return False
+            return True
+
+        return defer.ensureDeferred(ping())
+
+    def put(self, key: str, source: Any) -> defer.Deferred[bool]:
+        """
+        Store C{source} (a path, bytes, or a binary file object) under
+        C{key}; fire with True once the cluster has it durably.
+        """
+        return defer.ensureDeferred(self._put(check_key(key), source))
+
+    def get(self, key: str, output: Any) -> defer.Deferred[bool]:
+        """
+        Write the file's bytes to C{output} (a binary file object); fire
+        with True, or False if there is no such key.
+
+        @raise ChecksumMismatch: the bytes received were not the file's.
+        """
+        return defer.ensureDeferred(self._get(check_key(key), output))
+
+    def get_url(self, key: str, expires: int | None = None) -> defer.Deferred[str | None]:
+        """
+        Fire with an HTTP URL of a live replica, or None if there is no
+        such key.
+        """
+        fields = {"ns": self.namespace, "key": check_key(key), "expires": expires}
+
+        async def get_url() -> str | None:
+            reply = await self._maybe("get_url", partial(_request, Op.GET_URL, fields))
+            return None if reply is None else reply["url"]
+
+        return defer.ensureDeferred(get_url())
+
+    def delete(self, key: str) -> defer.Deferred[bool]:
+        """
+        Delete C{key}; fire with True, or False if there was no such key.
+        """
+        fields = {"ns": self.namespace, "key": check_key(key)}
+
+        async def delete() -> bool:
+            reply = await self._maybe("delete", partial(_request, Op.DELETE, fields))
+            return reply is not None
+
+        return defer.ensureDeferred(delete())
+
+    def stat(self, key: str) -> defer.Deferred[Stat | None]:
+        """
+        Fire with the file's L{Stat}, or None if there is no such key.
+        """
+        fields = {"ns": self.namespace, "key": check_key(key)}
+
+        async def stat() -> Stat | None:
+            reply = await self._maybe("stat", partial(_request, Op.STAT, fields))
+            return None if reply is None else _stat(reply)
+
+        return defer.ensureDeferred(stat())
+
+    def list(
+        self, prefix: str = "", after: str | None = None, limit: int = 1000
+    ) -> defer.Deferred[list[str]]:
+        """
+        Fire with up to C{limit} keys starting with C{prefix}, in code-point
+        order, after C{after}; page by passing the last key as C{after}.
+        """
+        if not isinstance(prefix, str) or (after is not None and not isinstance(after, str)):
+            raise TypeError("prefix and after are str")
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError("limit is a non-negative int")
+        return defer.ensureDeferred(self._list(prefix, after, limit))
+
+    def close(self) -> defer.Deferred[Any]:
+        """
+        Close every connection; fire when they are closed.
+        """
+        return self._pool.close()
+
+    # -- the logic behind it
+
+    async def _put(self, key: str, source: Any) -> bool:
+        body = await _open_source(self._reactor, self._threadpool, source)
+        sent = False
+
+        async def attempt(conn: ClientProtocol) -> Message:
+            nonlocal sent
+            if sent and not body.rewind():
+                raise _Final(ConnectionFailed("upload failed and its source cannot be re-read"))
+            sent = True
+            return await self._send_body(conn, key, body)
+
+        try:
+            await self._call("put", attempt)
+        finally:
+            await body.close()
+        return True
+
+    async def _send_body(self, conn: ClientProtocol, key: str, body: _Source) -> Message:
+        reply = conn.begin_put({"ns": self.namespace, "key": key, "size": body.size})
+        early: list[Any] = []
+        reply.addBoth(lambda r: early.append(r) or r)
+        try:
+            while not early:
+                chunk = await body.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                conn.send_chunk(chunk)
+                await conn.flow.wait()
+        except ConnectionFailed:
+            pass  # the reply Deferred carries the reason
+        except BaseException:
+            if not conn.closing:
+                conn.end_put(None, abort=True)
+            reply.addErrback(lambda _: None)
+            raise
+        if not conn.closing:
+            if early:
+                conn.end_put(None, abort=True)
+            else:
+                conn.end_put(body.sha256.hexdigest())
+        return await reply
+
+    async def _get(self, key: str, output: Any) -> bool:
+        sink = _Sink(self._reactor, self._threadpool, output)
+        fields = {"ns": self.namespace, "key": key}
+
+        async def attempt(conn: ClientProtocol) -> Message:
+            if not await sink.rewind():
+                raise _Final(ConnectionFailed("download failed and the output cannot be rewound"))
+            meta = await conn.get(fields, sink.write)
+            await sink.flush()
+            digest = sink.sha256.hexdigest()
+            if sink.written != meta["size"] or digest != meta["sha256"]:
+                # A bad copy on that server: try another.
+                raise ServerError(
+                    ErrorCode.CORRUPT,
+                    f"{conn.server} sent {sink.written} bytes with SHA-256 {digest}, "
+                    f"expected {meta['size']} bytes with {meta['sha256']}",
+                )
+            return meta
+
+        try:
+            await self._call("get", attempt)
+        except NotFound:
+            return False
+        except Unavailable as e:
+            if e.code is ErrorCode.CORRUPT:
+                raise ChecksumMismatch(ErrorCode.CHECKSUM_MISMATCH, str(e)) from None
+            raise
+        return True
+
+    async def _list(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        keys: list[str] = []
+        while len(keys) < limit:
+            fields = {
+                "ns": self.namespace,
+                "prefix": prefix,
+                "after": after,
+                "limit": limit - len(keys),
+            }
+            reply = await self._call("list", partial(_request, Op.LIST, fields))
+            page = reply["keys"]
+            keys.extend(page)
+            if not reply.get("truncated") or not page:
+                break
+            after = page[-1]
+        return keys
+
+    async def _maybe(
+        self, what: str, attempt: Callable[[ClientProtocol], Awaitable[Message]]
+    ) -> Message | None:
+        try:
+            return await self._call(what, attempt)
+        except NotFound:
+            return None
+
+    def _order(self) -> list[str]:
+        """
+        The servers, starting from the next in turn, to spread the load.
+        """
+        n = len(self.servers)
+        start, self._next = self._next, (self._next + 1) % n
+        return [self.servers[(start + i) % n] for i in range(n)]
+
+    async def _call(
+        self,
+        what: str,
+        attempt: Callable[[ClientProtocol], Awaitable[T]],
+        retries: int | None = None,
+    ) -> T:
+        """
+        Run C{attempt} on a connection to each server in turn until one
+        succeeds, or fails with an error that another server would repeat.
+        """
+        errors: list[str] = []
+        rounds = (self._retries if retries is None else retries) + 1
+        last: KoboldError | None = None
+        for round_ in range(rounds):
+            if round_:
+                await deferLater(self._reactor, self._backoff * 2 ** (round_ - 1), lambda: None)
+            for address in self._order():
+                try:
+                    conn = await self._pool.acquire(address)
+                except ConnectionFailed as e:
+                    errors.append(str(e))
+                    last = e
+                    continue
+                try:
+                    result = await attempt(conn)
+                except _Final as e:
+                    self._pool.release(address, conn)
+                    raise e.error from None
+                except (ServerError, ConnectionFailed) as e:
+                    self._pool.release(address, conn)
+                    if not e.retryable:
+                        raise
+                    errors.append(f"{address}: {e}")
+                    last = e
+                    continue
+                except BaseException:
+                    conn.close()
+                    raise
+                self._pool.release(address, conn)
+                return result
+        code = last.code if last is not None else ErrorCode.UNAVAILABLE
+        raise Unavailable(code, f"{what} failed on every server: " + "; ".join(errors[-6:]))
+
+
+class _Final(Exception):
+    """
+    Wraps an error that ends a request at once, without trying elsewhere.
+    """
+
+    def __init__(self, error: KoboldError) -> None:
+        self.error = error
+
+
+def _stat(reply: Message) -> Stat:
+    return Stat(
+        key=reply["key"],
+        size=reply["size"],
+        sha256=reply["sha256"],
+        created=reply["created"],
+        servers=tuple(reply["servers"]),
+    )
