@@ -1,0 +1,176 @@
+"""
+Real KoboldFS servers for end-to-end tests: C{twistd koboldfs} processes
+on free loopback ports, each with its own data directory.
+
+Processes run this checkout's code (PYTHONPATH points at it, which also
+makes Twisted find the plugin in its twisted/plugins folder).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+
+import koboldfs
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(koboldfs.__file__)))
+
+#: Where a test finds PostgreSQL: set by .ci/run (see .ci/postgres.sh).
+POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
+
+
+def free_port() -> int:
+    """
+    A loopback port nobody listens on now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    """
+    Let the reactor run for a while: for polling real processes only.
+    """
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class ServerProcess:
+    """
+    One C{twistd -n koboldfs} process.
+
+    @ivar address: C{127.0.0.1:PORT} of its binary protocol.
+    @ivar http: base URL of its HTTP server.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        name: str,
+        db: str | None = None,
+        host: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.dir = os.path.join(base, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.data = os.path.join(self.dir, "data")
+        self.port = free_port()
+        self.http_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.db = db
+        self.host = host or name
+        self.extra = extra
+        self.log = os.path.join(self.dir, "twistd.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            "koboldfs",
+            f"--name={self.name}",
+            f"--host={self.host}",
+            f"--data={self.data}",
+            f"--listen=tcp:{self.port}:interface=127.0.0.1",
+            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
+            "--heartbeat=1",
+            "--down-after=5",
+            *self.extra,
+        ]
+        if self.db:
+            argv.append(f"--db={self.db}")
+        return argv
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """
+        Start the process and wait until it accepts connections.
+        """
+        env = {**os.environ, "PYTHONPATH": CHECKOUT}
+        self.process = subprocess.Popen(self.argv(), cwd=self.dir, env=env)
+        deadline = reactor.seconds() + timeout
+        while reactor.seconds() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited: see {self.log}\n{self.tail()}")
+            if self.listening():
+                return
+            await sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server {self.name} did not start in {timeout}s\n{self.tail()}")
+
+    def listening(self) -> bool:
+        """
+        Whether both ports accept connections.  The HTTP port opens after
+        the database is ready, so this means the server is serving.
+        """
+        try:
+            for port in (self.port, self.http_port):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """
+        SIGKILL: the crash no code can react to.
+        """
+        self.signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
+    async def stop(self, timeout: float = 15.0) -> int | None:
+        """
+        SIGTERM, and wait for a clean exit; SIGKILL if it hangs.
+        """
+        if self.process is None:
+            return None
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        deadline = reactor.seconds() + timeout
+        while self.process.poll() is None and reactor.seconds() < deadline:
+            await sleep(0.05)
+        if self.process.poll() is None:
+            self.kill()
+        return self.process.returncode
+
+
+class ClusterMixin:
+    """
+    For trial test cases: start servers that are stopped at cleanup.
+    """
+
+    def startServer(self, name: str, **kwargs: Any) -> defer.Deferred[ServerProcess]:
+        base = getattr(self, "_clusterBase", None)
+        if base is None:
+            base = self._clusterBase = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        server = ServerProcess(base, name, **kwargs)
+
+        async def start() -> ServerProcess:
+            self.addCleanup(lambda: defer.ensureDeferred(server.stop()))  # type: ignore[attr-defined]
+            await server.start()
+            return server
+
+        return defer.ensureDeferred(start())
