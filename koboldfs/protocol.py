@@ -346,6 +346,12 @@ class FrameProtocol(Protocol):
     closing = False
 
     def connectionMade(self) -> None:
+        # Requests and replies are small frames written one after another:
+        # with Nagle's algorithm, the last frame of an answer would wait
+        # for the peer's delayed ACK (40 ms on Linux).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._decoder = FrameDecoder(self.max_payload)
         self.flow = WriteFlow()
         self.transport.registerProducer(self.flow, True)
