@@ -140,7 +140,7 @@ def _record(cls: type[R], columns: Iterable[Column[Any]], row: tuple) -> R:
     """
     Build record C{cls} from a row of C{columns}, matched by name.
     """
-    return cls(**{column.key: value for column, value in zip(columns, row)})
+    return cls(**{column.key: value for column, value in zip(columns, row, strict=True)})
 
 
 # A literal, not a bound parameter: the partial index files_live_key serves
@@ -154,9 +154,7 @@ _SERVER_COLUMNS = tuple(servers.c[f.name] for f in fields(ServerInfo))
 
 def _check_state(state: str) -> None:
     if state not in SERVER_STATES:
-        raise ValueError(
-            f"invalid server state {state!r}: use one of {', '.join(SERVER_STATES)}"
-        )
+        raise ValueError(f"invalid server state {state!r}: use one of {', '.join(SERVER_STATES)}")
 
 
 def schema_ddl() -> list[ExecutableDDLElement]:
@@ -215,9 +213,12 @@ def _retire(namespace_id: int, key: str, now: float) -> Txn[int | None]:
     """
     live = (files.c.namespace_id == namespace_id, files.c.key == key, _LIVE)
     while True:
-        out = yield update(files).where(*live).values(
-            state="deleted", deleted=now
-        ).returning(files.c.id)
+        out = (
+            yield update(files)
+            .where(*live)
+            .values(state="deleted", deleted=now)
+            .returning(files.c.id)
+        )
         if out.rows:
             return out.rows[0][0]  # type: ignore[no-any-return]
         out = yield select(files.c.id).where(*live)
@@ -245,9 +246,7 @@ def ensure_namespace(name: str, now: float) -> Txn[NamespaceInfo]:
     found = yield from get_namespace(name)
     if found is not None:
         return found
-    out = yield insert(namespaces).values(name=name, created=now).returning(
-        *_NAMESPACE_COLUMNS
-    )
+    out = yield insert(namespaces).values(name=name, created=now).returning(*_NAMESPACE_COLUMNS)
     return _record(NamespaceInfo, _NAMESPACE_COLUMNS, out.rows[0])
 
 
@@ -271,20 +270,22 @@ def add_file(
     """
     ns = yield from ensure_namespace(namespace, created)
     yield from _retire(ns.id, key, created)
-    out = yield insert(files).values(
-        fid=fid,
-        namespace_id=ns.id,
-        key=key,
-        size=size,
-        sha256=sha256,
-        created=created,
-        path=path,
-        state="live",
-    ).returning(files.c.id)
-    file_id = out.rows[0][0]
-    yield insert(replicas).values(
-        file_id=file_id, server=server, state="ok", created=created
+    out = (
+        yield insert(files)
+        .values(
+            fid=fid,
+            namespace_id=ns.id,
+            key=key,
+            size=size,
+            sha256=sha256,
+            created=created,
+            path=path,
+            state="live",
+        )
+        .returning(files.c.id)
     )
+    file_id = out.rows[0][0]
+    yield insert(replicas).values(file_id=file_id, server=server, state="ok", created=created)
     return FileInfo(
         id=file_id,
         fid=fid,
@@ -316,12 +317,10 @@ def lookup(namespace: str, key: str) -> Txn[FileInfo | None]:
         files.c.created,
         files.c.path,
     )
-    out = yield select(*columns).where(
-        files.c.namespace_id == ns.id, files.c.key == key, _LIVE
-    )
+    out = yield select(*columns).where(files.c.namespace_id == ns.id, files.c.key == key, _LIVE)
     if not out.rows:
         return None
-    row = dict(zip((column.key for column in columns), out.rows[0]))
+    row = dict(zip((column.key for column in columns), out.rows[0], strict=True))
     held = yield select(replicas.c.server).where(
         replicas.c.file_id == row["id"], replicas.c.state == "ok"
     )
@@ -347,9 +346,7 @@ def delete(namespace: str, key: str, now: float) -> Txn[int | None]:
 
 
 @reader
-def list_keys(
-    namespace: str, prefix: str, after: str | None, limit: int
-) -> Txn[list[str]]:
+def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Txn[list[str]]:
     """
     Up to C{limit} live keys starting with C{prefix}, after C{after}, in
     code-point order: a range scan of files_live_key.
@@ -365,9 +362,7 @@ def list_keys(
             conditions.append(files.c.key < bound)
     if after is not None:
         conditions.append(files.c.key > after)
-    out = yield select(files.c.key).where(*conditions).order_by(files.c.key).limit(
-        limit
-    )
+    out = yield select(files.c.key).where(*conditions).order_by(files.c.key).limit(limit)
     return [key for (key,) in out.rows]
 
 
@@ -395,9 +390,7 @@ def register_server(server: ServerInfo) -> Txn[ServerInfo]:
     else:
         state = server.state
     if out.rows:
-        yield update(servers).where(servers.c.name == server.name).values(
-            state=state, **values
-        )
+        yield update(servers).where(servers.c.name == server.name).values(state=state, **values)
     else:
         yield insert(servers).values(name=server.name, state=state, **values)
     return replace(server, state=state)
@@ -408,8 +401,10 @@ def heartbeat(name: str, now: float, disk_free: int, disk_total: int) -> Txn[boo
     """
     Record server C{name}'s heartbeat; return whether it is registered.
     """
-    out = yield update(servers).where(servers.c.name == name).values(
-        heartbeat=now, disk_free=disk_free, disk_total=disk_total
+    out = (
+        yield update(servers)
+        .where(servers.c.name == name)
+        .values(heartbeat=now, disk_free=disk_free, disk_total=disk_total)
     )
     return out.rowcount > 0
 
@@ -446,13 +441,13 @@ def add_replica(file_id: int, server: str, now: float) -> Txn[bool]:
     out = yield select(files.c.id).where(files.c.id == file_id)
     if not out.rows:
         return False
-    out = yield update(replicas).where(
-        replicas.c.file_id == file_id, replicas.c.server == server
-    ).values(state="ok")
+    out = (
+        yield update(replicas)
+        .where(replicas.c.file_id == file_id, replicas.c.server == server)
+        .values(state="ok")
+    )
     if out.rowcount == 0:
-        yield insert(replicas).values(
-            file_id=file_id, server=server, state="ok", created=now
-        )
+        yield insert(replicas).values(file_id=file_id, server=server, state="ok", created=now)
     return True
 
 

@@ -16,6 +16,8 @@ the timeout.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from functools import partial
 from typing import Any, Callable, TypeVar
 
@@ -56,6 +58,9 @@ _TRANSIENT = (
     exc.TimeoutError,
 )
 
+#: Tries at switching a new SQLite file to WAL mode, 50 ms apart.
+_WAL_ATTEMPTS = 100
+
 # Execution option telling the "begin" listener how to begin on SQLite.
 _BEGIN = "koboldfs_begin"
 
@@ -70,11 +75,28 @@ def _thdConnectSQLite(dbapi_connection: Any, record: ConnectionPoolEntry) -> Non
     try:
         # The timeout first: switching to WAL needs a lock.
         cursor.execute("PRAGMA busy_timeout = 30000")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _thdSwitchToWAL(cursor)
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+def _thdSwitchToWAL(cursor: Any) -> None:
+    """
+    Put the database in WAL mode.  On a new file that other servers open at
+    the same moment, the switch can fail with "database is locked" at once,
+    without waiting for the busy timeout: try again for a while.
+    """
+    for _ in range(_WAL_ATTEMPTS - 1):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            time.sleep(0.05)
+    cursor.execute("PRAGMA journal_mode = WAL")
 
 
 def _thdBeginSQLite(connection: Connection) -> None:
@@ -116,9 +138,7 @@ class SQLAlchemyStore:
     @ivar url: the database URL, with any password hidden.
     """
 
-    def __init__(
-        self, url: str, reactor: Any, threadpool: ThreadPool | None = None
-    ) -> None:
+    def __init__(self, url: str, reactor: Any, threadpool: ThreadPool | None = None) -> None:
         """
         @param reactor: provides C{IReactorTime} and C{IReactorFromThreads}.
         @param threadpool: the threads to block in; by default, a pool of
@@ -151,9 +171,7 @@ class SQLAlchemyStore:
                     "metadata database unavailable: the store is not started",
                 )
             )
-        return deferToThreadPool(
-            self._reactor, self._pool, self._thdRun, Work(txn, args)
-        )
+        return deferToThreadPool(self._reactor, self._pool, self._thdRun, Work(txn, args))
 
     def _thdRun(self, work: Work[T]) -> T:
         """
@@ -241,9 +259,7 @@ class SQLAlchemyStore:
 
         return d.addCallback(registered)
 
-    def heartbeat(
-        self, name: str, now: float, disk_free: int, disk_total: int
-    ) -> Deferred[bool]:
+    def heartbeat(self, name: str, now: float, disk_free: int, disk_total: int) -> Deferred[bool]:
         """
         Fire with whether server C{name} is registered.
         """
@@ -262,9 +278,7 @@ class SQLAlchemyStore:
     def servers(self) -> Deferred[list[ServerInfo]]:
         return self._run(queries.list_servers)
 
-    def namespace(
-        self, name: str, create: bool = False
-    ) -> Deferred[NamespaceInfo | None]:
+    def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
         if create:
             return self._run(queries.ensure_namespace, name, self._reactor.seconds())
         return self._run(queries.get_namespace, name)
@@ -280,14 +294,10 @@ class SQLAlchemyStore:
         created: float,
         server: str,
     ) -> Deferred[FileInfo]:
-        d = self._run(
-            queries.add_file, namespace, key, fid, path, size, sha256, created, server
-        )
+        d = self._run(queries.add_file, namespace, key, fid, path, size, sha256, created, server)
 
         def added(info: FileInfo) -> FileInfo:
-            self._listeners.notify(
-                FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key}
-            )
+            self._listeners.notify(FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key})
             return info
 
         return d.addCallback(added)
