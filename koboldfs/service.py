@@ -175,7 +175,17 @@ class Node:
             return await self.store.add_file(
                 put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
             )
-        except BaseException:
+        except Exception as error:
+            # The commit may have happened with only its answer lost (the
+            # database went away): look before removing the bytes.  If even
+            # that fails, keep them: an orphan file costs disk space, a
+            # removed published one would be a lost file.
+            try:
+                published = await self.store.lookup(put.ns, put.key)
+            except Exception:
+                raise error from None
+            if published is not None and published.fid == put.fid:
+                return published
             await self.storage.remove(put.path)
             raise
 
@@ -600,6 +610,9 @@ class KoboldService(MultiService):
             free, total = await self.storage.disk_usage()
             await self.store.heartbeat(self.config.name, self.reactor.seconds(), free, total)
             await self.node.refresh_servers()
+        except KoboldError as e:
+            # The database is down: say so once a beat, without a traceback.
+            log.warn("heartbeat of {name} failed: {error}", name=self.config.name, error=e)
         except Exception:
             log.failure("heartbeat of {name} failed", name=self.config.name)
 
