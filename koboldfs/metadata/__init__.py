@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sqlalchemy.engine import make_url
 from twisted.logger import Logger
 
 from koboldfs.interfaces import IMetadataStore, Listener
@@ -75,7 +74,8 @@ def store_from_url(url: str, reactor: Any) -> IMetadataStore:
 
     @param reactor: provides C{IReactorTime} and C{IReactorFromThreads}.
     """
-    if make_url(url).get_backend_name() == "postgresql":
+    # The scheme, read by hand: make_url refuses libpq's multi-host URLs.
+    if url.partition(":")[0].partition("+")[0] in ("postgresql", "postgres"):
         # PostgreSQL: the txpostgres store, running the same queries.
         from koboldfs.metadata.pgstore import PostgresStore
 

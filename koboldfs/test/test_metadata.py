@@ -5,13 +5,17 @@ Tests for the metadata stores: one suite, run against every database.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
-from typing import Any, Generator
+from typing import Any, Callable, Generator, TypeVar
 
-from sqlalchemy import Engine, create_engine, update
+import psycopg2
+from psycopg2.extensions import parse_dsn
+from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.engine import make_url
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -19,13 +23,22 @@ from zope.interface.verify import verifyObject
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
 from koboldfs.metadata import Listeners, store_from_url
+from koboldfs.metadata.pgstore import (
+    DEAD_PEER_DEFAULTS,
+    SCHEMA_LOCK,
+    PostgresStore,
+    libpq_dsn,
+)
 from koboldfs.metadata.queries import NewerSchema
 from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, schema_version
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
+from koboldfs.test import pgcluster
+from koboldfs.test.pgcluster import PostgresCluster, PostgresMixin
 
 SHA = "ab" * 32
 T0 = 1_700_000_000.25
 
+T = TypeVar("T")
 InlineTest = Generator[Deferred[Any], Any, None]
 
 
@@ -125,9 +138,7 @@ class MetadataStoreTestsMixin:
         engine = adminEngine(self.url)
         try:
             with engine.begin() as connection:
-                connection.execute(
-                    update(schema_version).values(version=SCHEMA_VERSION + 1)
-                )
+                connection.execute(update(schema_version).values(version=SCHEMA_VERSION + 1))
         finally:
             engine.dispose()
         error = yield self.assertFailure(self.makeStore().start(), NewerSchema)
@@ -158,9 +169,7 @@ class MetadataStoreTestsMixin:
         float dates included, with the server holding it.
         """
         store = yield self.startedStore()
-        added = yield store.add_file(
-            "ns", "dir/k", "f" * 32, "aa/bb/fff", 2**40, SHA, T0, "s1"
-        )
+        added = yield store.add_file("ns", "dir/k", "f" * 32, "aa/bb/fff", 2**40, SHA, T0, "s1")
         self.assertEqual(
             added,
             FileInfo(
@@ -228,9 +237,7 @@ class MetadataStoreTestsMixin:
             yield self.addFile(store, key)
         listed = yield store.list_keys("ns", "", None, 100)
         self.assertEqual(listed, sorted(keys))
-        self.assertEqual(
-            listed, ["B", "a", "a b", "ab", "b", "é", "日本", "\U0001f600"]
-        )
+        self.assertEqual(listed, ["B", "a", "a b", "ab", "b", "é", "日本", "\U0001f600"])
 
     @inlineCallbacks
     def test_listKeysPrefix(self) -> InlineTest:
@@ -426,9 +433,7 @@ class MetadataStoreTestsMixin:
         writer wins: exactly one version stays live, the newest.
         """
         store = yield self.startedStore()
-        added = yield gatherResults(
-            [self.addFile(store, "k", server=f"s{n}") for n in range(10)]
-        )
+        added = yield gatherResults([self.addFile(store, "k", server=f"s{n}") for n in range(10)])
         self.assertEqual(len({info.id for info in added}), 10)
         found = yield store.lookup("ns", "k")
         self.assertEqual(found.id, max(info.id for info in added))
@@ -440,9 +445,7 @@ class MetadataStoreTestsMixin:
         The first files of a namespace, stored at once, create it once.
         """
         store = yield self.startedStore()
-        yield gatherResults(
-            [self.addFile(store, f"k{n}", namespace="fresh") for n in range(10)]
-        )
+        yield gatherResults([self.addFile(store, f"k{n}", namespace="fresh") for n in range(10)])
         self.assertEqual(len((yield store.list_keys("fresh", "", None, 100))), 10)
 
     @inlineCallbacks
@@ -561,9 +564,7 @@ class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
         """
         The URL a store shows, in logs and status pages, has no password.
         """
-        store = SQLAlchemyStore(
-            "postgresql+psycopg2://kobold:s3cret@db.example/meta", reactor
-        )
+        store = SQLAlchemyStore("postgresql+psycopg2://kobold:s3cret@db.example/meta", reactor)
         self.assertEqual(store.url, "postgresql+psycopg2://kobold:***@db.example/meta")
 
     def test_inMemoryRefused(self) -> None:
@@ -627,25 +628,403 @@ class ListenersTests(unittest.TestCase):
 _POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
 
 
-class PostgresMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def eventually(
+    call: Callable[[], Deferred[T]], timeout: float = 30.0
+) -> Generator[Deferred[Any], Any, T]:
     """
-    The metadata suite on PostgreSQL, in the database named by
-    C{KOBOLDFS_TEST_POSTGRES_URL}, which each test empties first.
+    Fire with C{call()}'s result, calling again while it fails with
+    L{Unavailable}: a store reconnects on its own schedule.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        try:
+            return (yield call())
+        except Unavailable:
+            if reactor.seconds() > deadline:
+                raise
+            yield sleep(0.1)
+
+
+@inlineCallbacks
+def waitFor(
+    condition: Callable[[], bool],
+    poke: Callable[[], Deferred[Any]] | None = None,
+    timeout: float = 30.0,
+) -> InlineTest:
+    """
+    Wait for C{condition()}, calling C{poke} again every second meanwhile.
+
+    @raise AssertionError: C{condition()} is still false after C{timeout}.
+    """
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        if poke is not None:
+            yield eventually(poke)
+        for _ in range(20):
+            if condition():
+                return
+            yield sleep(0.05)
+    raise AssertionError(f"still waiting after {timeout} s")
+
+
+def closedPort() -> int:
+    """
+    A loopback port that nothing listens on (for an instant at least).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # type: ignore[no-any-return]
+
+
+def blocked(connection: Any) -> int:
+    """
+    How many sessions wait for a lock, through psycopg2 C{connection}: a
+    store's call has reached the server and waits there.
+    """
+    cursor = connection.cursor()
+    cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+    return cursor.fetchone()[0]  # type: ignore[no-any-return]
+
+
+class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittest.TestCase):
+    """
+    The metadata suite on PostgreSQL, each test in a new database on the
+    cluster of C{KOBOLDFS_TEST_POSTGRES_URL} (so that trial's workers do
+    not meet); and what only PostgreSQL does: notifying other processes,
+    and riding out a restart of the server (on a cluster of the test's
+    own, since stopping the shared one would disturb the other worker).
     """
 
     if _POSTGRES_URL is None:
         skip = "no PostgreSQL: set KOBOLDFS_TEST_POSTGRES_URL"
 
-    def setUp(self) -> None:
+    @inlineCallbacks
+    def setUp(self) -> InlineTest:
         assert _POSTGRES_URL is not None
-        self.url = _POSTGRES_URL
+        self.url = yield self.freshDatabase(_POSTGRES_URL)
+
+    @inlineCallbacks
+    def ownCluster(self) -> Generator[Deferred[Any], Any, PostgresCluster]:
+        """
+        A throwaway cluster for a test that stops PostgreSQL; the test's
+        stores use a database on it from now on.
+        """
+        cluster = yield self.throwawayCluster()
+        # Not dropped at cleanup: the cluster may be down then, and goes.
+        self.url = yield ensureDeferred(pgcluster.create_database(cluster.url()))
+        return cluster
+
+    def dropAll(self) -> None:
+        """
+        Empty the database: drop every table of the schema.
+        """
         engine = adminEngine(self.url)
         try:
             metadata.drop_all(engine)
         finally:
             engine.dispose()
 
-    def makeStore(self) -> IMetadataStore:
-        store = store_from_url(self.url, reactor)
+    def makeStore(self, url: str | None = None) -> IMetadataStore:
+        store = store_from_url(url or self.url, reactor)
         self.addCleanup(store.stop)
         return store
+
+    def adminConnection(self, autocommit: bool = True) -> Any:
+        """
+        A blocking connection of the test's own, closed when it ends.
+        """
+        connection = psycopg2.connect(libpq_dsn(self.url))
+        connection.autocommit = autocommit
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_storeFromURL(self) -> None:
+        """
+        PostgreSQL goes to the txpostgres store.
+        """
+        self.assertIsInstance(self.makeStore(), PostgresStore)
+
+    @inlineCallbacks
+    def test_notStarted(self) -> InlineTest:
+        """
+        Calls on a store that is not (or no longer) started fail with
+        L{Unavailable}.
+        """
+        store = self.makeStore()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+        yield store.start()
+        yield store.stop()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+
+    @inlineCallbacks
+    def test_restartStore(self) -> InlineTest:
+        """
+        A stopped store can be started again, with new connections.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k")
+        yield store.stop()
+        yield store.start()
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_stopWaitsForCalls(self) -> InlineTest:
+        """
+        Stopping lets the calls in progress finish rather than failing them
+        by closing their connections.
+        """
+        store = yield self.startedStore()
+        added = self.addFile(store, "k")
+        yield store.stop()
+        self.assertEqual((yield added).key, "k")
+
+    @inlineCallbacks
+    def test_unreachable(self) -> InlineTest:
+        """
+        A database that cannot be reached fails start with the retryable
+        L{Unavailable}, naming the cause, and leaves nothing open.
+        """
+        url = f"postgresql://postgres@127.0.0.1:{closedPort()}/koboldfs_test"
+        store = self.makeStore(url)
+        error = yield self.assertFailure(store.start(), Unavailable)
+        self.assertTrue(error.retryable)
+        self.assertIn("Connection refused", str(error))
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+
+    @inlineCallbacks
+    def test_multiHost(self) -> InlineTest:
+        """
+        A multi-host URL reaches libpq whole: the first host is down, so the
+        store connects to the second, the one that takes writes.
+        """
+        params = parse_dsn(libpq_dsn(self.url))
+        url = (
+            f"postgresql://{params['user']}@127.0.0.1:{closedPort()},"
+            f"{params['host']}:{params['port']}/{params['dbname']}"
+            "?target_session_attrs=read-write"
+        )
+        store = self.makeStore(url)
+        yield store.start()
+        yield self.addFile(store, "k")
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_startAtOnceRepeatedly(self) -> InlineTest:
+        """
+        Two servers starting at once on an empty database both start, and
+        the schema is created once, however their statements interleave.
+        """
+        for _ in range(5):
+            self.dropAll()
+            one, two = self.makeStore(), self.makeStore()
+            versions = yield gatherResults([one.start(), two.start()])
+            self.assertEqual(versions, [SCHEMA_VERSION] * 2)
+            engine = adminEngine(self.url)
+            try:
+                with engine.connect() as connection:
+                    rows = connection.execute(select(schema_version.c.version)).all()
+            finally:
+                engine.dispose()
+            self.assertEqual(rows, [(SCHEMA_VERSION,)])
+            yield gatherResults([one.stop(), two.stop()])
+
+    @inlineCallbacks
+    def test_schemaLock(self) -> InlineTest:
+        """
+        The schema is created holding an advisory lock, so that a server
+        starting waits for another one creating or upgrading it.
+        """
+        admin = self.adminConnection()
+        admin.cursor().execute(f"SELECT pg_advisory_lock({SCHEMA_LOCK})")
+        started = self.makeStore().start()
+        while not blocked(admin):
+            yield sleep(0.01)
+        self.assertNoResult(started)
+        admin.cursor().execute(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})")
+        self.assertEqual((yield started), SCHEMA_VERSION)
+
+    @inlineCallbacks
+    def test_notifiedByOtherStore(self) -> InlineTest:
+        """
+        A store hears, through LISTEN, of the changes another store (another
+        server process) commits, each once; and each store hears of its own
+        changes once, not again when their notifications come back.
+        """
+        one = yield self.startedStore()
+        two = yield self.startedStore()
+        heardByOne: list[tuple[str, dict]] = []
+        heardByTwo: list[tuple[str, dict]] = []
+        one.subscribe(lambda event, payload: heardByOne.append((event, payload)))
+        two.subscribe(lambda event, payload: heardByTwo.append((event, payload)))
+        info = yield self.addFile(two, "k")
+        yield two.delete("ns", "k", T0)
+        yield two.delete("ns", "k", T0)
+        yield two.register_server(ServerInfo("s2", "h", "h:1", "http://h/"))
+        yield two.set_server_state("s2", "drain")
+        yield two.heartbeat("s2", T0, 1, 2)
+        file = {"id": info.id, "namespace": "ns", "key": "k"}
+        byTwo = [
+            ("file_added", file),
+            ("file_deleted", file),
+            ("server_changed", {"name": "s2"}),
+            ("server_changed", {"name": "s2"}),
+        ]
+        yield waitFor(lambda: len(heardByOne) == len(byTwo))
+        self.assertEqual(heardByOne, byTwo)
+        # Notifications arrive in commit order: once two hears of this one,
+        # it has had (and skipped) the echoes of all of its own.
+        yield one.register_server(ServerInfo("s1", "h", "h:1", "http://h/"))
+        byOne = ("server_changed", {"name": "s1"})
+        yield waitFor(lambda: byOne in heardByTwo)
+        self.assertEqual(heardByTwo, byTwo + [byOne])
+        self.assertEqual(heardByOne, byTwo + [byOne])
+
+    @inlineCallbacks
+    def test_postgresRestart(self) -> InlineTest:
+        """
+        When PostgreSQL restarts, a call in progress and calls made while it
+        is down fail with the retryable L{Unavailable}; once it is back, the
+        stores reconnect by themselves: calls succeed, and a store hears
+        again of another's changes (its LISTEN is issued again).
+        """
+        cluster = yield self.ownCluster()
+        one = yield self.startedStore()
+        two = yield self.startedStore()
+        heard: list[dict] = []
+        one.subscribe(lambda event, payload: heard.append(payload))
+        yield self.addFile(one, "before")
+
+        # A call in progress: waiting for a lock, when the server stops.
+        admin = self.adminConnection(autocommit=False)
+        admin.cursor().execute("LOCK TABLE servers")
+        inProgress = one.servers()
+        watcher = self.adminConnection()
+        while not blocked(watcher):
+            yield sleep(0.01)
+        yield ensureDeferred(cluster.stop("fast"))
+        error = yield self.assertFailure(inProgress, Unavailable)
+        self.assertTrue(error.retryable)
+        yield self.assertFailure(one.lookup("ns", "before"), Unavailable)
+        yield self.assertFailure(self.addFile(two, "down"), Unavailable)
+
+        yield ensureDeferred(cluster.start())
+        added = yield eventually(lambda: self.addFile(two, "after"))
+        self.assertEqual((yield eventually(lambda: one.lookup("ns", "after"))), added)
+        self.assertEqual(
+            (yield eventually(lambda: one.list_keys("ns", "", None, 10))),
+            ["after", "before"],
+        )
+        # Notifications sent before one's LISTEN is back are lost: keep
+        # changing until one hears of a change.
+        servers = iter(range(1000))
+        yield waitFor(
+            lambda: bool(heard) and "name" in heard[-1],
+            poke=lambda: two.register_server(
+                ServerInfo(f"s{next(servers)}", "h", "h:1", "http://h/")
+            ),
+        )
+        # txpostgres logs failing to roll back the call in progress.
+        self.flushLoggedErrors(psycopg2.InterfaceError)
+
+    @inlineCallbacks
+    def test_stopWhileDown(self) -> InlineTest:
+        """
+        A store stops cleanly while PostgreSQL is down and its connections
+        are trying to reconnect: nothing is left retrying.
+        """
+        cluster = yield self.ownCluster()
+        store = yield self.startedStore()
+        yield ensureDeferred(cluster.stop("immediate"))
+        yield self.assertFailure(store.servers(), Unavailable)
+        # Past the first attempts: the next one is waiting for its time.
+        yield sleep(1.0)
+        yield store.stop()
+        # txpostgres logs failing to roll back on a connection not yet
+        # known to be dead.
+        self.flushLoggedErrors(psycopg2.InterfaceError)
+
+    if pgcluster.SKIP is not None:
+        test_postgresRestart.skip = pgcluster.SKIP  # type: ignore[attr-defined]
+        test_stopWhileDown.skip = pgcluster.SKIP  # type: ignore[attr-defined]
+
+
+class PostgresURLTests(unittest.SynchronousTestCase):
+    """
+    Tests for how L{PostgresStore} reads its URL, which needs no server.
+    """
+
+    def test_multiHost(self) -> None:
+        """
+        libpq's multi-host URLs, which SQLAlchemy cannot parse, reach libpq
+        whole, query parameters included.
+        """
+        url = "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write"
+        self.assertEqual(
+            parse_dsn(libpq_dsn(url)),
+            {
+                "user": "u",
+                "host": "h1,h2",
+                "port": "5432,5433",
+                "dbname": "db",
+                "target_session_attrs": "read-write",
+                **DEAD_PEER_DEFAULTS,
+            },
+        )
+        self.assertIsInstance(store_from_url(url, reactor), PostgresStore)
+
+    def test_driverDropped(self) -> None:
+        """
+        A SQLAlchemy driver in the scheme is dropped, and escapes decoded.
+        """
+        dsn = libpq_dsn("postgresql+psycopg2://u:p%40ss%20word@[::1]:6543/my%20db")
+        self.assertEqual(
+            parse_dsn(dsn),
+            {
+                "user": "u",
+                "password": "p@ss word",
+                "host": "::1",
+                "port": "6543",
+                "dbname": "my db",
+                **DEAD_PEER_DEFAULTS,
+            },
+        )
+
+    def test_deadPeerDefaults(self) -> None:
+        """
+        Unless the URL sets them, libpq is told to give up on a host that
+        stopped answering within seconds; settings in the URL win.
+        """
+        params = parse_dsn(libpq_dsn("postgresql://h/db?tcp_user_timeout=2000"))
+        self.assertEqual(params["tcp_user_timeout"], "2000")
+        self.assertEqual(params["keepalives_idle"], DEAD_PEER_DEFAULTS["keepalives_idle"])
+
+    def test_refused(self) -> None:
+        """
+        A URL that is not PostgreSQL's, or that libpq refuses, is refused
+        when the store is made, not at its first connection.
+        """
+        for url in (
+            "sqlite:///meta.sqlite",
+            "postgresql://h/db?no_such_parameter=1",
+        ):
+            self.assertRaises(ValueError, PostgresStore, url, reactor)
+
+    def test_urlHidesPassword(self) -> None:
+        """
+        The URL a store shows, in logs and status pages, has no password,
+        wherever the password was.
+        """
+        cases = {
+            "postgresql+psycopg2://kobold:s3cret@db.example/meta": "postgresql+psycopg2://kobold:***@db.example/meta",
+            "postgresql://kobold:s3cret@h1:5432,h2:5433/meta?target_session_attrs=read-write": "postgresql://kobold:***@h1:5432,h2:5433/meta?target_session_attrs=read-write",
+            "postgresql://h/meta?user=kobold&password=s3cret": "postgresql://h/meta?user=kobold&password=***",
+            "postgresql://kobold@h/meta": "postgresql://kobold@h/meta",
+            "postgresql:///meta?host=/run/postgresql": "postgresql:///meta?host=/run/postgresql",
+        }
+        for url, shown in cases.items():
+            self.assertEqual(PostgresStore(url, reactor).url, shown)

@@ -1,0 +1,681 @@
+"""
+The metadata store on PostgreSQL, asynchronous through txpostgres: no
+threads, and changes made by other processes are heard with LISTEN/NOTIFY.
+
+It runs the generator transactions of L{koboldfs.metadata.queries}, each in
+one PostgreSQL transaction (one C{runInteraction}), compiling their
+SQLAlchemy Core statements for psycopg2 and handing back rows as
+L{SQLAlchemyStore<koboldfs.metadata.sqlstore.SQLAlchemyStore>} does: plain
+tuples of values converted by each column's type.
+
+A committed change is told to this process's listeners and, by a
+C{pg_notify} in the same transaction, to every store listening on the
+database.  Each connection reconnects on its own after PostgreSQL restarts
+or fails over (libpq multi-host URLs); calls made while it is down fail at
+once with the retryable L{Unavailable}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from itertools import zip_longest
+from typing import Any, Callable, Iterator, TypeVar
+
+import psycopg2
+import psycopg2.extras
+from psycopg2.extensions import Notify, make_dsn, parse_dsn
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    fail,
+    gatherResults,
+    succeed,
+)
+from twisted.internet.error import ConnectionClosed, ConnectionLost
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
+from txpostgres.retrying import RetryingCall, simpleBackoffIterator
+from txpostgres.txpostgres import Connection, ConnectionPool, Cursor, RollbackFailed
+from zope.interface import implementer
+
+from koboldfs.errors import ErrorCode, Unavailable
+from koboldfs.interfaces import (
+    FileInfo,
+    IMetadataStore,
+    Listener,
+    NamespaceInfo,
+    ServerInfo,
+)
+from koboldfs.metadata import (
+    FILE_ADDED,
+    FILE_DELETED,
+    SERVER_CHANGED,
+    Listeners,
+    queries,
+)
+from koboldfs.metadata.queries import Outcome, Txn, Work, writer
+
+T = TypeVar("T")
+
+#: An event for listeners, and the function that tells which one, if any,
+#: a transaction's result makes.
+Event = tuple[str, dict[str, Any]]
+Notice = Callable[[Any], "Event | None"]
+
+_log = Logger()
+
+_DIALECT = PGDialect_psycopg2()
+
+#: The NOTIFY channel every store of a database talks on.
+CHANNEL = "kobold"
+
+#: The advisory lock that servers starting at once take in turn to create
+#: or upgrade the schema ("KOBOLD" in ASCII).
+SCHEMA_LOCK = 0x4B4F424F4C44
+
+#: Connections in a store's pool, as the SQLite store's threads.
+POOL_SIZE = 4
+
+#: Errors after which the same transaction may succeed later: the database
+#: is down, restarting, unreachable, or the connection is reconnecting.
+_TRANSIENT = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    RollbackFailed,
+    ConnectionDead,
+    ConnectionClosed,
+)
+
+
+def _reconnectDelays() -> Iterator[float]:
+    """
+    At once, then backing off to every 10 s: a restart takes seconds.
+    """
+    return simpleBackoffIterator(  # type: ignore[no-any-return]
+        initialDelay=0.5, maxDelay=10.0, factor=1.7, maxRetries=0, now=True
+    )
+
+
+#: libpq settings a URL gets unless it sets them: a host that died without
+#: closing its connections (power cut, network partition) is given up
+#: within seconds, not the kernel's two minutes.  Asynchronous connections,
+#: which txpostgres makes, ignore connect_timeout; tcp_user_timeout does
+#: bound them.
+DEAD_PEER_DEFAULTS = {
+    "tcp_user_timeout": "10000",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
+
+def libpq_dsn(url: str) -> str:
+    """
+    The libpq connection string for database URL C{url}, parsed by libpq
+    itself so that everything it accepts works: several hosts
+    (C{postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write}),
+    which SQLAlchemy's C{make_url} refuses, and any query parameter.  A
+    SQLAlchemy driver suffix (C{postgresql+psycopg2://}) is dropped, and
+    the settings of L{DEAD_PEER_DEFAULTS} are added where missing.
+
+    @raise ValueError: not a PostgreSQL URL that libpq accepts.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.partition("+")[0] not in ("postgresql", "postgres"):
+        raise ValueError(f"{hide_password(url)!r} is not a PostgreSQL URL")
+    try:
+        params = parse_dsn(f"postgresql://{rest}")
+    except psycopg2.ProgrammingError as e:
+        raise ValueError(f"{hide_password(url)!r}: {str(e).strip()}") from None
+    for name, value in DEAD_PEER_DEFAULTS.items():
+        params.setdefault(name, value)
+    return make_dsn(**params)  # type: ignore[no-any-return]
+
+
+def hide_password(url: str) -> str:
+    """
+    C{url} with any password, in its user part or its query, shown as
+    C{***}, for logs and status pages.  Taken apart by hand: C{urlsplit}
+    and C{urlunsplit} would lose the C{//} of C{postgresql:///db?host=...}.
+    """
+    scheme, sep, rest = url.partition("://")
+    authority, query = re.fullmatch(r"([^/?]*)(.*)", rest, re.DOTALL).groups()  # type: ignore[union-attr]
+    userinfo, at, hosts = authority.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    path, mark, params = query.partition("?")
+    hidden = [
+        "password=***" if param.partition("=")[0] == "password" else param
+        for param in params.split("&")
+    ]
+    return f"{scheme}{sep}{userinfo}{at}{hosts}{path}{mark}{'&'.join(hidden)}"
+
+
+#: Compiled statements by SQLAlchemy cache key: compiling costs more than
+#: the round trip to PostgreSQL, and the queries are a few dozen shapes.
+_COMPILED: dict[Any, Any] = {}
+_COMPILED_MAX = 500
+
+
+def _compile(statement: Executable) -> tuple[str, dict[str, Any]]:
+    """
+    The SQL and parameters that psycopg2 runs C{statement} with, made as
+    SQLAlchemy's own execution makes them: compiled once per statement
+    shape (its cache key) with this statement's values extracted, C{IN}
+    lists expanded, values converted by their types' bind processors, odd
+    names escaped.
+    """
+    key = statement._generate_cache_key()
+    compiled = None if key is None else _COMPILED.get(key.key)
+    if compiled is None:
+        if key is None:
+            compiled = statement.compile(dialect=_DIALECT)
+        else:
+            compiled = statement.compile(dialect=_DIALECT, cache_key=key)
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.clear()
+            _COMPILED[key.key] = compiled
+    if not isinstance(compiled, SQLCompiler):
+        # DDL: no parameters, but psycopg2 still takes "%%" for "%".
+        return compiled.string, {}
+    # What construct_expanded_state() does, with the values of this
+    # statement rather than those of the one that was compiled.
+    parameters = compiled.construct_params(
+        extracted_parameters=None if key is None else key.bindparams,
+        escape_names=False,
+        _no_postcompile=True,
+    )
+    expanded = compiled._process_parameters_for_postcompile(parameters)
+    processors = {**compiled._bind_processors, **expanded.processors}
+    escaped = compiled.escaped_bind_names
+    params = {
+        escaped.get(name, name): processors[name](value) if name in processors else value
+        for name, value in expanded.parameters.items()
+    }
+    return expanded.statement, params
+
+
+def _rows(statement: Executable, cursor: Cursor) -> list[tuple]:
+    """
+    The rows C{cursor} fetched for C{statement} as tuples, each value
+    converted by its column type's result processor, as SQLAlchemy does
+    (psycopg2 gives most types as they are).
+    """
+    if cursor.description is None:
+        return []
+    rows = cursor.fetchall()
+    columns = getattr(statement, "exported_columns", ())
+    processors = [
+        column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, described.type_code)
+        for column, described in zip(columns, cursor.description, strict=False)
+    ]
+    if not any(processors):
+        return rows  # type: ignore[no-any-return]
+    return [
+        tuple(
+            value if process is None else process(value)
+            for process, value in zip_longest(processors, row)
+        )
+        for row in rows
+    ]
+
+
+async def _execute(cursor: Cursor, statement: Executable) -> Outcome:
+    sql, params = _compile(statement)
+    await cursor.execute(sql, params)
+    return Outcome(rows=_rows(statement, cursor), rowcount=cursor.rowcount)
+
+
+async def _drive(cursor: Cursor, txn: Txn[T]) -> T:
+    """
+    L{queries.drive}, asynchronously: run generator transaction C{txn} on
+    C{cursor}, closing the generator if a statement fails.
+    """
+    try:
+        statement = next(txn)
+        while True:
+            statement = txn.send(await _execute(cursor, statement))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        txn.close()
+
+
+@writer
+def _create_schema_locked() -> Txn[int]:
+    """
+    L{queries.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
+    starting at once on an empty database create the schema one after the
+    other instead of racing in PostgreSQL's catalogs.
+    """
+    yield select(func.pg_advisory_xact_lock(SCHEMA_LOCK))
+    return (yield from queries.create_schema())
+
+
+def _cause(error: BaseException) -> str:
+    """
+    What went wrong with the database, in a line for logs and errors.
+    """
+    if isinstance(error, RollbackFailed):
+        error = error.originalFailure.value
+    if isinstance(error, ConnectionDead):
+        return "the connection was lost; reconnecting"
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _unavailable(error: BaseException) -> Unavailable:
+    return Unavailable(ErrorCode.UNAVAILABLE, f"metadata database unavailable: {_cause(error)}")
+
+
+class _Detector(DeadConnectionDetector):  # type: ignore[misc]
+    """
+    Reconnects its connection after PostgreSQL restarts or fails over, until
+    stopped.  The stock detector cannot be stopped (a store that stops
+    would leave it retrying), and takes any C{OperationalError}, a deadlock
+    or a statement timeout included, for a dead connection: this one asks
+    libpq whether the connection is closed.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(
+            deathChecker=self._isDead,
+            reconnectionIterator=_reconnectDelays,
+            reactor=reactor,
+        )
+        self._stopped = False
+        self._reconnecting: Deferred[None] | None = None
+
+    def _isDead(self, reason: Failure) -> bool:
+        if self._stopped:
+            return False
+        if reason.check(RollbackFailed):
+            # A transaction may have been left open: start afresh.
+            return True
+        raw = self.reconnectable.pollable() if self.reconnectable is not None else None
+        return raw is None or bool(raw.closed)
+
+    def startReconnecting(self, reason: Failure) -> None:
+        _log.warn(
+            "metadata database connection lost ({cause}); reconnecting",
+            cause=_cause(reason.value),
+        )
+        attempts = RetryingCall(self.reconnect)
+        attempts.reactor = self.reactor
+        self._reconnecting = d = attempts.start(
+            self.reconnectionIterator(),
+            failureTester=lambda reason: reason if self._stopped else None,
+        )
+
+        def reconnected(_: object) -> Deferred[object]:
+            self._reconnecting = None
+            _log.info("metadata database connection back")
+            return self.connectionRecovered()  # type: ignore[no-any-return]
+
+        def abandoned(reason: Failure) -> None:
+            # Only stop() ends the attempts: they are retried forever.
+            self._reconnecting = None
+
+        d.addCallbacks(reconnected, abandoned)
+
+    def stop(self) -> None:
+        """
+        Close the connection for good, abandoning any reconnection.
+        """
+        self._stopped = True
+        connection = self.reconnectable
+        if connection is not None and connection.pollable() is not None:
+            # Also fails a reconnection attempt in progress, which ends them.
+            connection.close()
+        if self._reconnecting is not None:
+            # Waiting before the next attempt.
+            self._reconnecting.cancel()
+
+
+class _Connection(Connection):  # type: ignore[misc]
+    """
+    A txpostgres connection that, when PostgreSQL closes it while idle,
+    tells its detector quietly: txpostgres raises from C{doRead}, which the
+    reactor logs as an unhandled error.
+    """
+
+    @staticmethod
+    def connectionFactory(*args: Any, **kwargs: Any) -> Any:
+        """
+        Connect as SQLAlchemy's psycopg2 dialect does, so that values come
+        back as they would through it: C{uuid} columns as L{uuid.UUID}.
+        """
+        connection = psycopg2.connect(*args, **kwargs)
+        psycopg2.extras.register_uuid(None, connection)
+        return connection
+
+    def doRead(self) -> BaseException | None:
+        """
+        Read (results, notifications) as txpostgres does, but return what
+        ends the connection, for the reactor to call C{connectionLost} with:
+        the error libpq reports, or the loss of the socket that libpq has
+        already closed (once PostgreSQL's last words are read).
+        """
+        self.reactor.removeReader(self)
+        try:
+            self.continuePolling()
+        except psycopg2.Error as e:
+            return e
+        self.checkForNotifies()
+        if self.fileno() == -1:
+            return ConnectionLost("PostgreSQL closed the connection")
+        self.reactor.addReader(self)
+        return None
+
+
+def _connection(reactor: Any, cooperator: Cooperator) -> _Connection:
+    return _Connection(reactor, cooperator, detector=_Detector(reactor))
+
+
+class _Pool(ConnectionPool):  # type: ignore[misc]
+    """
+    A txpostgres pool, on the store's reactor, of connections that
+    reconnect by themselves.
+    """
+
+    def __init__(self, reactor: Any, cooperator: Cooperator, dsn: str, size: int) -> None:
+        self.reactor = reactor
+        self.cooperator = cooperator
+        self.min = size
+        super().__init__(None, dsn)
+
+    def connectionFactory(self, reactor: Any, cooperator: Cooperator) -> _Connection:
+        return _connection(reactor, cooperator)
+
+
+@implementer(IMetadataStore)
+class PostgresStore:
+    """
+    The metadata in PostgreSQL, through a txpostgres pool.  Listeners hear
+    of changes made by any store on the database, each change once.
+
+    @ivar url: the database URL, with any password hidden.
+    """
+
+    def __init__(self, url: str, reactor: Any, poolSize: int = POOL_SIZE) -> None:
+        """
+        @param url: a libpq URL, with or without a SQLAlchemy driver
+            (C{postgresql+psycopg2://}); several hosts are tried in turn.
+        @param reactor: provides C{IReactorTime} and C{IReactorFDSet}.
+        @raise ValueError: C{url} is not a PostgreSQL URL libpq accepts.
+        """
+        self.url = hide_password(url)
+        self._dsn = libpq_dsn(url)
+        self._reactor = reactor
+        self._poolSize = poolSize
+        self._listeners = Listeners()
+        # Tells this store's notifications from other stores' in LISTEN.
+        self._origin = uuid.uuid4().hex
+        self._running = False
+        self._pool: _Pool | None = None
+        self._connections: list[_Connection] = []
+        self._cooperator: Cooperator | None = None
+        self._inflight: set[Deferred[None]] = set()
+
+    def _run(
+        self, txn: Callable[..., Txn[T]], *args: Any, notice: Notice | None = None
+    ) -> Deferred[T]:
+        """
+        Run transaction C{txn(*args)} in one PostgreSQL transaction: the one
+        seam through which every operation reaches the database.
+
+        @param notice: the event, if any, that C{txn}'s result is to be
+            announced with: to other stores in the same transaction, then to
+            this store's listeners once committed.
+        """
+        if self._pool is None or not self._running:
+            return fail(
+                Unavailable(
+                    ErrorCode.UNAVAILABLE,
+                    "metadata database unavailable: the store is not started",
+                )
+            )
+        done: Deferred[None] = Deferred()
+        self._inflight.add(done)
+
+        def finished(result: T) -> T:
+            self._inflight.discard(done)
+            done.callback(None)
+            return result
+
+        d = ensureDeferred(self._transact(self._pool, Work(txn, args), notice))
+        return d.addBoth(finished)
+
+    async def _transact(self, pool: _Pool, work: Work[T], notice: Notice | None) -> T:
+        """
+        Run C{work} on C{pool}, again from the start when it loses a race.
+
+        @raise Unavailable: the database is down or unreachable.
+        """
+        attempt = 1
+        while True:
+            try:
+                result, event = await pool.runInteraction(self._interaction, work, notice)
+            except psycopg2.IntegrityError:
+                # A race lost on a unique index: see queries.
+                if attempt == queries.ATTEMPTS:
+                    raise
+                attempt += 1
+            except _TRANSIENT as e:
+                raise _unavailable(e) from e
+            else:
+                break
+        if event is not None:
+            self._listeners.notify(*event)
+        return result  # type: ignore[no-any-return]
+
+    def _interaction(
+        self, cursor: Cursor, work: Work[T], notice: Notice | None
+    ) -> Deferred[tuple[T, Event | None]]:
+        return ensureDeferred(self._interact(cursor, work, notice))
+
+    async def _interact(
+        self, cursor: Cursor, work: Work[T], notice: Notice | None
+    ) -> tuple[T, Event | None]:
+        result = await _drive(cursor, work())
+        event = notice(result) if notice is not None else None
+        if event is not None:
+            message = {"origin": self._origin, "event": event[0], "payload": event[1]}
+            await _execute(cursor, select(func.pg_notify(CHANNEL, json.dumps(message))))
+        return result, event
+
+    def _heard(self, notify: Notify) -> None:
+        """
+        Tell listeners of another store's change.  This store's own come
+        back too, and are skipped: listeners heard of them at commit.
+        """
+        try:
+            message = json.loads(notify.payload)
+            origin, event, payload = message["origin"], message["event"], message["payload"]
+            if not (isinstance(event, str) and isinstance(payload, dict)):
+                raise TypeError(event, payload)
+        except (ValueError, KeyError, TypeError):
+            _log.warn(
+                "ignoring a malformed notification on {channel}: {payload!r}",
+                channel=notify.channel,
+                payload=notify.payload,
+            )
+            return
+        if origin != self._origin:
+            self._listeners.notify(event, payload)
+
+    async def _connect(self) -> None:
+        """
+        Open the pool and the LISTEN connection, all or none.
+
+        @raise Unavailable: the database cannot be reached.
+        """
+        cooperator = Cooperator(scheduler=lambda work: self._reactor.callLater(0, work))
+        pool = _Pool(self._reactor, cooperator, self._dsn, self._poolSize)
+        listener = _connection(self._reactor, cooperator)
+        connections = [*pool.connections, listener]
+        results = await DeferredList(
+            [connection.connect(self._dsn) for connection in connections],
+            consumeErrors=True,
+        )
+        errors = [result for ok, result in results if not ok]
+        if not errors:
+            listener.addNotifyObserver(self._heard)
+
+            def listen() -> Deferred[None]:
+                return listener.runOperation(f"LISTEN {CHANNEL}")  # type: ignore[no-any-return]
+
+            # A reconnected connection has lost the old one's LISTEN.
+            listener.detector.addRecoveryHandler(listen)
+            try:
+                await listen()
+            except Exception:
+                errors.append(Failure())
+        if errors:
+            for connection in connections:
+                connection.detector.stop()
+            cooperator.stop()
+            if errors[0].check(*_TRANSIENT):
+                raise _unavailable(errors[0].value)
+            errors[0].raiseException()
+        self._pool, self._connections, self._cooperator = pool, connections, cooperator
+
+    async def _start(self) -> int:
+        if self._pool is None:
+            await self._connect()
+        self._running = True
+        return await self._run(_create_schema_locked)
+
+    def start(self) -> Deferred[int]:
+        """
+        Connect, and create or check the schema; fire with the schema
+        version.  Starting a started store only checks the schema again.
+        """
+        return ensureDeferred(self._start())
+
+    async def _close(self, connections: list[_Connection], cooperator: Cooperator | None) -> None:
+        # Closing a connection would fail its transaction in progress.
+        await gatherResults(list(self._inflight))
+        for connection in connections:
+            connection.detector.stop()
+        if cooperator is not None:
+            cooperator.stop()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Refuse new calls, let those in progress finish, then close every
+        connection.  Stopping a stopped store does nothing.
+        """
+        if self._pool is None:
+            return succeed(None)
+        self._running = False
+        self._pool = None
+        connections, self._connections = self._connections, []
+        cooperator, self._cooperator = self._cooperator, None
+        return ensureDeferred(self._close(connections, cooperator))
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._listeners.subscribe(listener)
+
+    def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
+        """
+        Fire with the server as stored (its state may be the stored one).
+        """
+        return self._run(
+            queries.register_server,
+            server,
+            notice=lambda stored: (SERVER_CHANGED, {"name": stored.name}),
+        )
+
+    def heartbeat(self, name: str, now: float, disk_free: int, disk_total: int) -> Deferred[bool]:
+        """
+        Fire with whether server C{name} is registered.
+        """
+        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
+
+    def set_server_state(self, name: str, state: str) -> Deferred[bool]:
+        return self._run(
+            queries.set_server_state,
+            name,
+            state,
+            notice=lambda found: (SERVER_CHANGED, {"name": name}) if found else None,
+        )
+
+    def servers(self) -> Deferred[list[ServerInfo]]:
+        return self._run(queries.list_servers)
+
+    def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
+        if create:
+            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
+        return self._run(queries.get_namespace, name)
+
+    def add_file(
+        self,
+        namespace: str,
+        key: str,
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        created: float,
+        server: str,
+    ) -> Deferred[FileInfo]:
+        return self._run(
+            queries.add_file,
+            namespace,
+            key,
+            fid,
+            path,
+            size,
+            sha256,
+            created,
+            server,
+            notice=lambda info: (
+                FILE_ADDED,
+                {"id": info.id, "namespace": namespace, "key": key},
+            ),
+        )
+
+    def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
+        return self._run(queries.lookup, namespace, key)
+
+    def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
+        d = self._run(
+            queries.delete,
+            namespace,
+            key,
+            now,
+            notice=lambda file_id: (
+                None
+                if file_id is None
+                else (FILE_DELETED, {"id": file_id, "namespace": namespace, "key": key})
+            ),
+        )
+        return d.addCallback(lambda file_id: file_id is not None)
+
+    def list_keys(
+        self, namespace: str, prefix: str, after: str | None, limit: int
+    ) -> Deferred[list[str]]:
+        return self._run(queries.list_keys, namespace, prefix, after, limit)
+
+    def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
+        """
+        Fire with False if there is no file C{file_id}.
+        """
+        return self._run(queries.add_replica, file_id, server, now)
+
+    def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
+        """
+        Fire with whether C{server} had a copy.
+        """
+        return self._run(queries.remove_replica, file_id, server)
