@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from functools import partial
 from typing import Any, BinaryIO, Callable
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for label, work, _amount, _unit in workloads:
                 # Alternate which goes first, so neither always gets a warm cache.
                 for name in ("wrapped", "plain") if _ % 2 == 0 else ("plain", "wrapped"):
-                    results.setdefault((label, name), []).append(timed(lambda: work(name)))
+                    results.setdefault((label, name), []).append(timed(partial(work, name)))
         wrapped.close()
         plain.close()
         peak = server.peak_rss_mib()
@@ -231,7 +232,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     figures = []
     for label, _work, amount, unit in workloads:
-        rates = {name: amount / statistics.median(results[label, name]) for name in ("wrapped", "plain")}
+        rates = {
+            name: amount / statistics.median(results[label, name]) for name in ("wrapped", "plain")
+        }
         figures.append(
             {
                 "figure": label,
