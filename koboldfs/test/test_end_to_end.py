@@ -20,6 +20,7 @@ from koboldfs import Client
 from koboldfs.client import DeferredClient
 from koboldfs.errors import ChecksumMismatch, InvalidKey, InvalidNamespace
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
+from koboldfs.test.pgcluster import create_database, drop_database
 from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess, free_port, sleep
 
 
@@ -109,7 +110,14 @@ class SampleTests(ClusterMixin, TestCase):
         """
         Two servers, one PostgreSQL database: the production setup.
         """
-        return defer.ensureDeferred(self._sample(POSTGRES_URL))
+
+        async def sample() -> None:
+            assert POSTGRES_URL is not None
+            url = await create_database(POSTGRES_URL)
+            self.addCleanup(lambda: defer.ensureDeferred(drop_database(url)))
+            await self._sample(url)
+
+        return defer.ensureDeferred(sample())
 
     if not POSTGRES_URL:
         test_sample_postgresql.skip = "no PostgreSQL: set KOBOLDFS_TEST_POSTGRES_URL"
