@@ -8,8 +8,9 @@ txpostgres loop doing the same SQL on the same server, in the same run.
 
 The bare loop sends hand-written SQL with the same statements and round
 trips through a txpostgres ConnectionPool of the same size; the store adds
-what it is for: SQLAlchemy compilation, result processing, retries, and a
-pg_notify per put so other servers hear of it.
+what it is for: SQLAlchemy statements and result processing, retries,
+reconnection, and a pg_notify per put (sent with its COMMIT) so other
+servers hear of it.
 
     bash .ci/postgres.sh .venv/bin/python benchmarks/metadata.py
     python benchmarks/metadata.py --url postgresql://user@host/db

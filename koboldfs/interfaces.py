@@ -7,7 +7,7 @@ metadata store, so callers on the reactor thread never touch a connection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from zope.interface import Attribute, Interface
@@ -50,6 +50,12 @@ class ServerInfo:
 class NamespaceInfo:
     """
     A namespace and its settings; None settings mean the cluster default.
+
+    @ivar url_template: how C{get_url} builds its files' URLs, or None for
+        the serving server's C{public_url} (L{koboldfs.urls}).
+    @ivar private: whether its files are served only by signed URLs.
+    @ivar secret: the key those URLs are signed with; kept out of reprs,
+        which end up in logs.
     """
 
     id: int
@@ -58,6 +64,8 @@ class NamespaceInfo:
     replicas: int | None = None
     min_copies: int | None = None
     url_template: str | None = None
+    private: bool = False
+    secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,17 @@ class IMetadataStore(Interface):
         C{create}; None if it does not exist and was not created.
         """
 
+    def set_namespace(name, **settings):
+        """
+        Change settings of namespace C{name}, creating it first if missing,
+        and fire with its L{NamespaceInfo}.  Settings are the fields of
+        L{NamespaceInfo} after C{created}; C{private=True} with no C{secret}
+        keeps the namespace's secret, or makes one.  Fails with
+        L{ValueError} for an unknown setting, a bad URL template, or a
+        change of C{private} once the namespace has files (their paths on
+        disk depend on it).
+        """
+
     def add_file(namespace, key, fid, path, size, sha256, created, server):
         """
         Publish a new version of C{key}, held by C{server}, creating the
@@ -144,6 +163,12 @@ class IMetadataStore(Interface):
     def lookup(namespace, key):
         """
         Fire with the live L{FileInfo} of C{key}, or None.
+        """
+
+    def lookup_fid(fid):
+        """
+        Fire with C{(file, namespace)}, the live L{FileInfo} stored as C{fid}
+        and its L{NamespaceInfo}, or None: how HTTP finds a file by its URL.
         """
 
     def delete(namespace, key, now):
@@ -175,6 +200,26 @@ class IMetadataStore(Interface):
         changes made by any process where the database can notify
         (PostgreSQL), otherwise for this process's own changes.  Return a
         no-argument callable that unsubscribes.
+        """
+
+    def missing_replicas(server, after, limit):
+        """
+        Fire with up to C{limit} live L{FileInfo}s with ids above C{after},
+        by id, of which C{server} holds no good copy; their C{replicas} are
+        the servers that do.  The replicator's cursor walks these.
+        """
+
+    def deleted_files(server, after, limit):
+        """
+        Fire with up to C{limit} deleted L{FileInfo}s with ids above
+        C{after}, by id, that C{server} holds a copy of or that no server
+        does; their C{replicas} are the servers holding one.
+        """
+
+    def purge_file(file_id):
+        """
+        Forget deleted file C{file_id} if no server holds a copy any more;
+        fire with whether it was forgotten.
         """
 
 

@@ -21,12 +21,12 @@ import json
 import re
 import uuid
 from itertools import zip_longest
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import psycopg2
 import psycopg2.extras
 from psycopg2.extensions import Notify, make_dsn, parse_dsn
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -62,7 +62,7 @@ from koboldfs.metadata import (
     Listeners,
     queries,
 )
-from koboldfs.metadata.queries import Outcome, Txn, Work, writer
+from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
 
 T = TypeVar("T")
 
@@ -70,6 +70,8 @@ T = TypeVar("T")
 #: a transaction's result makes.
 Event = tuple[str, dict[str, Any]]
 Notice = Callable[[Any], "Event | None"]
+#: The SQL and parameters of a statement to end a transaction with.
+Final = tuple[str, dict[str, Any]]
 
 _log = Logger()
 
@@ -161,94 +163,133 @@ def hide_password(url: str) -> str:
     return f"{scheme}{sep}{userinfo}{at}{hosts}{path}{mark}{'&'.join(hidden)}"
 
 
-#: Compiled statements by SQLAlchemy cache key: compiling costs more than
-#: the round trip to PostgreSQL, and the queries are a few dozen shapes.
-_COMPILED: dict[Any, Any] = {}
-_COMPILED_MAX = 500
-
-
-def _compile(statement: Executable) -> tuple[str, dict[str, Any]]:
+class _Shape:
     """
-    The SQL and parameters that psycopg2 runs C{statement} with, made as
-    SQLAlchemy's own execution makes them: compiled once per statement
-    shape (its cache key) with this statement's values extracted, C{IN}
-    lists expanded, values converted by their types' bind processors, odd
-    names escaped.
+    A statement compiled for psycopg2, with what running it again needs:
+    compiling costs more than the round trip to PostgreSQL, and queries are
+    built once (L{queries}), so each is compiled once.
     """
-    key = statement._generate_cache_key()
-    compiled = None if key is None else _COMPILED.get(key.key)
-    if compiled is None:
-        if key is None:
-            compiled = statement.compile(dialect=_DIALECT)
-        else:
-            compiled = statement.compile(dialect=_DIALECT, cache_key=key)
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.clear()
-            _COMPILED[key.key] = compiled
-    if not isinstance(compiled, SQLCompiler):
-        # DDL: no parameters, but psycopg2 still takes "%%" for "%".
-        return compiled.string, {}
-    # What construct_expanded_state() does, with the values of this
-    # statement rather than those of the one that was compiled.
-    parameters = compiled.construct_params(
-        extracted_parameters=None if key is None else key.bindparams,
-        escape_names=False,
-        _no_postcompile=True,
-    )
-    expanded = compiled._process_parameters_for_postcompile(parameters)
-    processors = {**compiled._bind_processors, **expanded.processors}
-    escaped = compiled.escaped_bind_names
-    params = {
-        escaped.get(name, name): processors[name](value) if name in processors else value
-        for name, value in expanded.parameters.items()
-    }
-    return expanded.statement, params
+
+    def __init__(self, statement: Executable) -> None:
+        compiled = statement.compile(dialect=_DIALECT)
+        self.sql: str = compiled.string
+        #: The values of parameters fixed in the statement.
+        self.constants: dict[str, Any] = {}
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        self.escaped: Mapping[str, str] = {}
+        # DDL has no parameters, but is run with a dict all the same: then
+        # psycopg2 takes the "%%" it compiles to for "%", as in the rest.
+        if isinstance(compiled, SQLCompiler):
+            if compiled.post_compile_params or compiled.literal_execute_params:
+                raise TypeError(f"expanding parameters are not supported: {self.sql}")
+            self.constants = {
+                name: bind.effective_value
+                for bind, name in compiled.bind_names.items()
+                if not bind.required
+            }
+            # Columns given no value take their Python-side default, which
+            # SQLAlchemy's execution would fill in at each run.
+            prefetch = [(column, column.default) for column in compiled.insert_prefetch]
+            prefetch += [(column, column.onupdate) for column in compiled.update_prefetch]
+            for column, default in prefetch:
+                if not (default is not None and default.is_scalar):
+                    raise TypeError(f"only constant Python-side defaults are supported: {column}")
+                self.constants[column.key] = default.arg
+            self.processors = dict(compiled._bind_processors)
+            self.escaped = compiled.escaped_bind_names
+        self._columns = getattr(statement, "exported_columns", ())
+        #: Each result column's processor, found at the first result.
+        self._results: list[Callable[[Any], Any] | None] | None = None
+
+    def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        The parameters psycopg2 runs this statement with, given C{values},
+        converted by their types' bind processors as SQLAlchemy would.
+        """
+        params = {**self.constants, **values}
+        for name, process in self.processors.items():
+            params[name] = process(params[name])
+        if self.escaped:
+            params = {self.escaped.get(name, name): value for name, value in params.items()}
+        return params
+
+    def rows(self, cursor: Cursor) -> list[tuple]:
+        """
+        The rows C{cursor} fetched for this statement as tuples, each value
+        converted by its column type's result processor, as SQLAlchemy does
+        (psycopg2 gives most types as they are).
+        """
+        if cursor.description is None:
+            return []
+        rows = cursor.fetchall()
+        if self._results is None:
+            processors = [
+                column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, described.type_code)
+                for column, described in zip(self._columns, cursor.description, strict=False)
+            ]
+            self._results = processors if any(processors) else []
+        if not self._results:
+            return rows  # type: ignore[no-any-return]
+        return [
+            tuple(
+                value if process is None else process(value)
+                for process, value in zip_longest(self._results, row)
+            )
+            for row in rows
+        ]
 
 
-def _rows(statement: Executable, cursor: Cursor) -> list[tuple]:
-    """
-    The rows C{cursor} fetched for C{statement} as tuples, each value
-    converted by its column type's result processor, as SQLAlchemy does
-    (psycopg2 gives most types as they are).
-    """
-    if cursor.description is None:
-        return []
-    rows = cursor.fetchall()
-    columns = getattr(statement, "exported_columns", ())
-    processors = [
-        column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, described.type_code)
-        for column, described in zip(columns, cursor.description, strict=False)
-    ]
-    if not any(processors):
-        return rows  # type: ignore[no-any-return]
-    return [
-        tuple(
-            value if process is None else process(value)
-            for process, value in zip_longest(processors, row)
-        )
-        for row in rows
-    ]
+#: Statements compiled, by identity.  Queries are built once, so this
+#: holds a few dozen; the bound only guards against one built per call.
+_SHAPES: dict[Executable, _Shape] = {}
+_SHAPES_MAX = 500
 
 
-async def _execute(cursor: Cursor, statement: Executable) -> Outcome:
-    sql, params = _compile(statement)
-    await cursor.execute(sql, params)
-    return Outcome(rows=_rows(statement, cursor), rowcount=cursor.rowcount)
+def _shape(statement: Executable) -> _Shape:
+    shape = _SHAPES.get(statement)
+    if shape is None:
+        shape = _Shape(statement)
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[statement] = shape
+    return shape
 
 
-async def _drive(cursor: Cursor, txn: Txn[T]) -> T:
+def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
     """
     L{queries.drive}, asynchronously: run generator transaction C{txn} on
-    C{cursor}, closing the generator if a statement fails.
+    C{cursor}, closing the generator if a statement fails.  Driven by plain
+    callbacks: a coroutine per statement costs more than its round trip.
     """
-    try:
-        statement = next(txn)
-        while True:
-            statement = txn.send(await _execute(cursor, statement))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    finally:
+    done: Deferred[T] = Deferred()
+
+    def step(_: object, shape: _Shape | None) -> None:
+        try:
+            if shape is None:
+                query = next(txn)
+            else:
+                query = txn.send(Outcome(shape.rows(cursor), cursor.rowcount))
+            shape = _shape(query.statement)
+            executed = cursor.execute(shape.sql, shape.params(query.params))
+        except StopIteration as stop:
+            done.callback(stop.value)
+        except BaseException:
+            txn.close()
+            done.errback()
+        else:
+            executed.addCallbacks(step, failed, callbackArgs=(shape,))
+
+    def failed(reason: Failure) -> None:
         txn.close()
+        done.errback(reason)
+
+    step(None, None)
+    return done
+
+
+#: Tells every store listening of a change, once committed.
+_NOTIFY = select(func.pg_notify(CHANNEL, bindparam("b_message")))
+_SCHEMA_LOCKED = Query(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
 
 
 @writer
@@ -258,7 +299,7 @@ def _create_schema_locked() -> Txn[int]:
     starting at once on an empty database create the schema one after the
     other instead of racing in PostgreSQL's catalogs.
     """
-    yield select(func.pg_advisory_xact_lock(SCHEMA_LOCK))
+    yield _SCHEMA_LOCKED
     return (yield from queries.create_schema())
 
 
@@ -346,7 +387,8 @@ class _Connection(Connection):  # type: ignore[misc]
     """
     A txpostgres connection that, when PostgreSQL closes it while idle,
     tells its detector quietly: txpostgres raises from C{doRead}, which the
-    reactor logs as an unhandled error.
+    reactor logs as an unhandled error.  Its transactions can end with a
+    statement sent with the COMMIT, saving a round trip.
     """
 
     @staticmethod
@@ -376,6 +418,34 @@ class _Connection(Connection):  # type: ignore[misc]
             return ConnectionLost("PostgreSQL closed the connection")
         self.reactor.addReader(self)
         return None
+
+    def _runInteraction(
+        self, interaction: Callable[..., Deferred[tuple[T, Final | None]]], *args: Any
+    ) -> Deferred[T]:
+        """
+        Run C{interaction(cursor, *args)} in a transaction as txpostgres
+        does (this is what its C{runInteraction} calls, under the
+        connection's lock and detector), except that C{interaction} fires
+        with its result and the L{Final} statement, if any, to send with
+        the COMMIT in one round trip.
+        """
+        cursor = self.cursor()
+
+        def commit(ended: tuple[T, Final | None]) -> Deferred[T]:
+            result, final = ended
+            sql, params = ("COMMIT", None) if final is None else (f"{final[0]}; COMMIT", final[1])
+            return cursor.execute(sql, params).addCallback(lambda _: result)
+
+        def rollback(reason: Failure) -> Deferred[Failure]:
+            def failed(error: Failure) -> Failure:
+                _log.failure("metadata database rollback failed", error)
+                return Failure(RollbackFailed(self, reason))
+
+            return cursor.execute("ROLLBACK").addCallbacks(lambda _: reason, failed)
+
+        d = cursor.execute("BEGIN")
+        d.addCallback(lambda _: interaction(cursor, *args))
+        return d.addCallback(commit).addErrback(rollback)
 
 
 def _connection(reactor: Any, cooperator: Cooperator) -> _Connection:
@@ -481,18 +551,21 @@ class PostgresStore:
 
     def _interaction(
         self, cursor: Cursor, work: Work[T], notice: Notice | None
-    ) -> Deferred[tuple[T, Event | None]]:
-        return ensureDeferred(self._interact(cursor, work, notice))
+    ) -> Deferred[tuple[tuple[T, Event | None], Final | None]]:
+        """
+        Run C{work} on C{cursor}; end with the C{pg_notify} of its event,
+        if any, sent with the COMMIT.
+        """
 
-    async def _interact(
-        self, cursor: Cursor, work: Work[T], notice: Notice | None
-    ) -> tuple[T, Event | None]:
-        result = await _drive(cursor, work())
-        event = notice(result) if notice is not None else None
-        if event is not None:
+        def ended(result: T) -> tuple[tuple[T, Event | None], Final | None]:
+            event = notice(result) if notice is not None else None
+            if event is None:
+                return (result, None), None
             message = {"origin": self._origin, "event": event[0], "payload": event[1]}
-            await _execute(cursor, select(func.pg_notify(CHANNEL, json.dumps(message))))
-        return result, event
+            shape = _shape(_NOTIFY)
+            return (result, event), (shape.sql, shape.params({"b_message": json.dumps(message)}))
+
+        return _drive(cursor, work()).addCallback(ended)
 
     def _heard(self, notify: Notify) -> None:
         """
@@ -679,3 +752,18 @@ class PostgresStore:
         Fire with whether C{server} had a copy.
         """
         return self._run(queries.remove_replica, file_id, server)
+
+    def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
+        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
+
+    def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
+        return self._run(queries.lookup_fid, fid)
+
+    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(queries.missing_replicas, server, after, limit)
+
+    def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(queries.deleted_files, server, after, limit)
+
+    def purge_file(self, file_id: int) -> Deferred[bool]:
+        return self._run(queries.purge_file, file_id)

@@ -1,10 +1,17 @@
 """
 Every metadata operation, written once as a generator transaction.
 
-A transaction is a generator that yields SQLAlchemy Core statements, is sent
-back an L{Outcome} for each, and returns its result (C{StopIteration.value}).
-It does no I/O and knows no engine or dialect, so the SQLite driver
+A transaction is a generator that yields L{Query}s, is sent back an
+L{Outcome} for each, and returns its result (C{StopIteration.value}).  It
+does no I/O and knows no engine or dialect, so the SQLite driver
 (L{koboldfs.metadata.sqlstore}) and the PostgreSQL one run the same code.
+
+Each query is a SQLAlchemy Core statement built once, at import, with
+C{bindparam()}s, and the values of this run: building and compiling a
+statement costs more than running it, so drivers may compile each once and
+keep it (the PostgreSQL one does, by identity).  Parameters are named
+C{b_...}, never after a column: SQLAlchemy would take a parameter named
+after a column for a value to set in an INSERT or UPDATE.
 
 The driver contract:
 
@@ -31,9 +38,11 @@ L{remove_replica}.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Generator, Generic, Iterable, TypeVar
+from functools import cache
+from types import MappingProxyType
+from typing import Any, Callable, Generator, Generic, Iterable, Mapping, NamedTuple, TypeVar
 
-from sqlalchemy import Column, insert, literal_column, select, update
+from sqlalchemy import Column, Select, bindparam, insert, literal_column, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
 from sqlalchemy.sql.base import Executable
@@ -49,6 +58,7 @@ from koboldfs.metadata.schema import (
     servers,
 )
 from koboldfs.names import key_upper_bound
+from koboldfs.urls import check_template, new_secret
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,6 +66,16 @@ R = TypeVar("R")
 #: Runs of a transaction that keeps losing races on a unique index before
 #: its integrity error is let through.
 ATTEMPTS = 5
+
+
+class Query(NamedTuple):
+    """
+    One statement to execute: a shape built once, and this run's values
+    for its parameters.
+    """
+
+    statement: Executable
+    params: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -70,7 +90,7 @@ class Outcome:
 
 
 #: A generator transaction returning a T.
-Txn = Generator[Executable, Outcome, T]
+Txn = Generator[Query, Outcome, T]
 
 
 class NewerSchema(RuntimeError):
@@ -119,17 +139,17 @@ class Work(Generic[T]):
         return self.txn(*self.args)
 
 
-def drive(txn: Txn[T], execute: Callable[[Executable], Outcome]) -> T:
+def drive(txn: Txn[T], execute: Callable[[Query], Outcome]) -> T:
     """
-    Run generator transaction C{txn} synchronously, executing each statement
-    it yields with C{execute}; return its result.  If C{execute} raises, the
+    Run generator transaction C{txn} synchronously, executing each query it
+    yields with C{execute}; return its result.  If C{execute} raises, the
     generator is closed and the error propagates, for the driver to roll
     back (and maybe retry).
     """
     try:
-        statement = next(txn)
+        query = next(txn)
         while True:
-            statement = txn.send(execute(statement))
+            query = txn.send(execute(query))
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
@@ -150,6 +170,110 @@ _LIVE = files.c.state == literal_column("'live'")
 
 _NAMESPACE_COLUMNS = tuple(namespaces.c[f.name] for f in fields(NamespaceInfo))
 _SERVER_COLUMNS = tuple(servers.c[f.name] for f in fields(ServerInfo))
+_LOOKUP_COLUMNS = (
+    files.c.id,
+    files.c.fid,
+    files.c.key,
+    files.c.size,
+    files.c.sha256,
+    files.c.created,
+    files.c.path,
+)
+# The server columns that a registration sets, from parameters b_<column>.
+_SERVER_VALUES = ("host", "address", "public_url", "heartbeat", "disk_free", "disk_total")
+
+# The statements, built once (see the module's docstring).
+_STORED_VERSION = select(schema_version.c.version)
+_INSERT_VERSION = insert(schema_version).values(version=SCHEMA_VERSION)
+_GET_NAMESPACE = select(*_NAMESPACE_COLUMNS).where(namespaces.c.name == bindparam("b_name"))
+_INSERT_NAMESPACE = (
+    insert(namespaces)
+    .values(name=bindparam("b_name"), created=bindparam("b_now"))
+    .returning(*_NAMESPACE_COLUMNS)
+)
+_LIVE_KEY = (
+    files.c.namespace_id == bindparam("b_namespace_id"),
+    files.c.key == bindparam("b_key"),
+    _LIVE,
+)
+_RETIRE = (
+    update(files)
+    .where(*_LIVE_KEY)
+    .values(state="deleted", deleted=bindparam("b_now"))
+    .returning(files.c.id)
+)
+_FIND_LIVE = select(files.c.id).where(*_LIVE_KEY)
+_INSERT_FILE = (
+    insert(files)
+    .values(
+        fid=bindparam("b_fid"),
+        namespace_id=bindparam("b_namespace_id"),
+        key=bindparam("b_key"),
+        size=bindparam("b_size"),
+        sha256=bindparam("b_sha256"),
+        created=bindparam("b_now"),
+        path=bindparam("b_path"),
+        state="live",
+    )
+    .returning(files.c.id)
+)
+_INSERT_REPLICA = insert(replicas).values(
+    file_id=bindparam("b_file_id"),
+    server=bindparam("b_server"),
+    state="ok",
+    created=bindparam("b_now"),
+)
+_LOOKUP_FILE = select(*_LOOKUP_COLUMNS).where(*_LIVE_KEY)
+_GOOD_REPLICAS = select(replicas.c.server).where(
+    replicas.c.file_id == bindparam("b_file_id"), replicas.c.state == "ok"
+)
+_SERVER_NAMED = servers.c.name == bindparam("b_name")
+_SERVER_STATE = select(servers.c.state).where(_SERVER_NAMED)
+_UPDATE_SERVER = (
+    update(servers)
+    .where(_SERVER_NAMED)
+    .values(state=bindparam("b_state"), **{c: bindparam(f"b_{c}") for c in _SERVER_VALUES})
+)
+_INSERT_SERVER = insert(servers).values(
+    name=bindparam("b_name"),
+    state=bindparam("b_state"),
+    **{c: bindparam(f"b_{c}") for c in _SERVER_VALUES},
+)
+_HEARTBEAT = (
+    update(servers)
+    .where(_SERVER_NAMED)
+    .values(
+        heartbeat=bindparam("b_now"),
+        disk_free=bindparam("b_disk_free"),
+        disk_total=bindparam("b_disk_total"),
+    )
+)
+_SET_SERVER_STATE = update(servers).where(_SERVER_NAMED).values(state=bindparam("b_state"))
+_LIST_SERVERS = select(*_SERVER_COLUMNS)
+_FILE_EXISTS = select(files.c.id).where(files.c.id == bindparam("b_file_id"))
+_REPLICA = (
+    replicas.c.file_id == bindparam("b_file_id"),
+    replicas.c.server == bindparam("b_server"),
+)
+_MARK_REPLICA_OK = update(replicas).where(*_REPLICA).values(state="ok")
+_DELETE_REPLICA = sql_delete(replicas).where(*_REPLICA)
+
+
+@cache
+def _list_keys_query(prefix: bool, bound: bool, after: bool) -> Select[str]:
+    """
+    The query listing live keys of namespace C{b_namespace_id}, up to
+    C{b_limit}, in order: from C{b_prefix} if C{prefix}, below C{b_bound}
+    if C{bound}, after C{b_after} if C{after}.  Eight shapes at most.
+    """
+    conditions = [files.c.namespace_id == bindparam("b_namespace_id"), _LIVE]
+    if prefix:
+        conditions.append(files.c.key >= bindparam("b_prefix"))
+    if bound:
+        conditions.append(files.c.key < bindparam("b_bound"))
+    if after:
+        conditions.append(files.c.key > bindparam("b_after"))
+    return select(files.c.key).where(*conditions).order_by(files.c.key).limit(bindparam("b_limit"))
 
 
 def _check_state(state: str) -> None:
@@ -170,6 +294,10 @@ def schema_ddl() -> list[ExecutableDDLElement]:
     return ddl
 
 
+_VERSION_TABLE = CreateTable(schema_version, if_not_exists=True)
+_SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
+
+
 @writer
 def create_schema() -> Txn[int]:
     """
@@ -182,8 +310,8 @@ def create_schema() -> Txn[int]:
     """
     # The version table first, so that a newer schema is refused before
     # this code creates anything in it.
-    yield CreateTable(schema_version, if_not_exists=True)
-    out = yield select(schema_version.c.version)
+    yield Query(_VERSION_TABLE)
+    out = yield Query(_STORED_VERSION)
     stored = max((row[0] for row in out.rows), default=None)
     if stored is not None and stored > SCHEMA_VERSION:
         raise NewerSchema(
@@ -191,10 +319,10 @@ def create_schema() -> Txn[int]:
             f"KoboldFS knows only up to {SCHEMA_VERSION}: upgrade KoboldFS"
         )
     # Upgrades from older versions go here when SCHEMA_VERSION is bumped.
-    for statement in schema_ddl():
-        yield statement
+    for query in _SCHEMA_DDL:
+        yield query
     if stored is None:
-        yield insert(schema_version).values(version=SCHEMA_VERSION)
+        yield Query(_INSERT_VERSION)
         stored = SCHEMA_VERSION
     return stored
 
@@ -211,17 +339,12 @@ def _retire(namespace_id: int, key: str, now: float) -> Txn[int | None]:
     lock instead of all but one failing on files_live_key.  SQLite runs
     writers one at a time, and never loops.
     """
-    live = (files.c.namespace_id == namespace_id, files.c.key == key, _LIVE)
+    live = {"b_namespace_id": namespace_id, "b_key": key}
     while True:
-        out = (
-            yield update(files)
-            .where(*live)
-            .values(state="deleted", deleted=now)
-            .returning(files.c.id)
-        )
+        out = yield Query(_RETIRE, {**live, "b_now": now})
         if out.rows:
             return out.rows[0][0]  # type: ignore[no-any-return]
-        out = yield select(files.c.id).where(*live)
+        out = yield Query(_FIND_LIVE, live)
         if not out.rows:
             return None
 
@@ -231,7 +354,7 @@ def get_namespace(name: str) -> Txn[NamespaceInfo | None]:
     """
     The namespace called C{name}, or None.
     """
-    out = yield select(*_NAMESPACE_COLUMNS).where(namespaces.c.name == name)
+    out = yield Query(_GET_NAMESPACE, {"b_name": name})
     if not out.rows:
         return None
     return _record(NamespaceInfo, _NAMESPACE_COLUMNS, out.rows[0])
@@ -246,7 +369,7 @@ def ensure_namespace(name: str, now: float) -> Txn[NamespaceInfo]:
     found = yield from get_namespace(name)
     if found is not None:
         return found
-    out = yield insert(namespaces).values(name=name, created=now).returning(*_NAMESPACE_COLUMNS)
+    out = yield Query(_INSERT_NAMESPACE, {"b_name": name, "b_now": now})
     return _record(NamespaceInfo, _NAMESPACE_COLUMNS, out.rows[0])
 
 
@@ -270,22 +393,20 @@ def add_file(
     """
     ns = yield from ensure_namespace(namespace, created)
     yield from _retire(ns.id, key, created)
-    out = (
-        yield insert(files)
-        .values(
-            fid=fid,
-            namespace_id=ns.id,
-            key=key,
-            size=size,
-            sha256=sha256,
-            created=created,
-            path=path,
-            state="live",
-        )
-        .returning(files.c.id)
+    out = yield Query(
+        _INSERT_FILE,
+        {
+            "b_fid": fid,
+            "b_namespace_id": ns.id,
+            "b_key": key,
+            "b_size": size,
+            "b_sha256": sha256,
+            "b_now": created,
+            "b_path": path,
+        },
     )
     file_id = out.rows[0][0]
-    yield insert(replicas).values(file_id=file_id, server=server, state="ok", created=created)
+    yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": created})
     return FileInfo(
         id=file_id,
         fid=fid,
@@ -308,22 +429,11 @@ def lookup(namespace: str, key: str) -> Txn[FileInfo | None]:
     ns = yield from get_namespace(namespace)
     if ns is None:
         return None
-    columns = (
-        files.c.id,
-        files.c.fid,
-        files.c.key,
-        files.c.size,
-        files.c.sha256,
-        files.c.created,
-        files.c.path,
-    )
-    out = yield select(*columns).where(files.c.namespace_id == ns.id, files.c.key == key, _LIVE)
+    out = yield Query(_LOOKUP_FILE, {"b_namespace_id": ns.id, "b_key": key})
     if not out.rows:
         return None
-    row = dict(zip((column.key for column in columns), out.rows[0], strict=True))
-    held = yield select(replicas.c.server).where(
-        replicas.c.file_id == row["id"], replicas.c.state == "ok"
-    )
+    row = dict(zip((column.key for column in _LOOKUP_COLUMNS), out.rows[0], strict=True))
+    held = yield Query(_GOOD_REPLICAS, {"b_file_id": row["id"]})
     # Sorted here, not by the database, whose collation of server names
     # may differ between backends.
     return FileInfo(
@@ -354,15 +464,16 @@ def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Txn
     ns = yield from get_namespace(namespace)
     if ns is None or limit <= 0:
         return []
-    conditions = [files.c.namespace_id == ns.id, _LIVE]
-    if prefix:
-        conditions.append(files.c.key >= prefix)
-        bound = key_upper_bound(prefix)
-        if bound is not None:
-            conditions.append(files.c.key < bound)
-    if after is not None:
-        conditions.append(files.c.key > after)
-    out = yield select(files.c.key).where(*conditions).order_by(files.c.key).limit(limit)
+    bound = key_upper_bound(prefix) if prefix else None
+    query = _list_keys_query(bool(prefix), bound is not None, after is not None)
+    params = {
+        "b_namespace_id": ns.id,
+        "b_prefix": prefix,
+        "b_bound": bound,
+        "b_after": after,
+        "b_limit": limit,
+    }
+    out = yield Query(query, params)
     return [key for (key,) in out.rows]
 
 
@@ -376,23 +487,17 @@ def register_server(server: ServerInfo) -> Txn[ServerInfo]:
     insert the same name collide on the key; the retry updates.
     """
     _check_state(server.state)
-    out = yield select(servers.c.state).where(servers.c.name == server.name)
-    values = {
-        "host": server.host,
-        "address": server.address,
-        "public_url": server.public_url,
-        "heartbeat": server.heartbeat,
-        "disk_free": server.disk_free,
-        "disk_total": server.disk_total,
-    }
+    out = yield Query(_SERVER_STATE, {"b_name": server.name})
     if out.rows and out.rows[0][0] != "dead":
         state = out.rows[0][0]
     else:
         state = server.state
-    if out.rows:
-        yield update(servers).where(servers.c.name == server.name).values(state=state, **values)
-    else:
-        yield insert(servers).values(name=server.name, state=state, **values)
+    params = {
+        "b_name": server.name,
+        "b_state": state,
+        **{f"b_{column}": getattr(server, column) for column in _SERVER_VALUES},
+    }
+    yield Query(_UPDATE_SERVER if out.rows else _INSERT_SERVER, params)
     return replace(server, state=state)
 
 
@@ -401,10 +506,9 @@ def heartbeat(name: str, now: float, disk_free: int, disk_total: int) -> Txn[boo
     """
     Record server C{name}'s heartbeat; return whether it is registered.
     """
-    out = (
-        yield update(servers)
-        .where(servers.c.name == name)
-        .values(heartbeat=now, disk_free=disk_free, disk_total=disk_total)
+    out = yield Query(
+        _HEARTBEAT,
+        {"b_name": name, "b_now": now, "b_disk_free": disk_free, "b_disk_total": disk_total},
     )
     return out.rowcount > 0
 
@@ -417,7 +521,7 @@ def set_server_state(name: str, state: str) -> Txn[bool]:
     @raise ValueError: C{state} is not one of L{SERVER_STATES}.
     """
     _check_state(state)
-    out = yield update(servers).where(servers.c.name == name).values(state=state)
+    out = yield Query(_SET_SERVER_STATE, {"b_name": name, "b_state": state})
     return out.rowcount > 0
 
 
@@ -426,7 +530,7 @@ def list_servers() -> Txn[list[ServerInfo]]:
     """
     Every registered server, by name.
     """
-    out = yield select(*_SERVER_COLUMNS)
+    out = yield Query(_LIST_SERVERS)
     found = [_record(ServerInfo, _SERVER_COLUMNS, row) for row in out.rows]
     return sorted(found, key=lambda server: server.name)
 
@@ -438,16 +542,13 @@ def add_replica(file_id: int, server: str, now: float) -> Txn[bool]:
     C{now}; recording it again marks it good.  Return False if there is no
     such file (the replicator may have reclaimed it meanwhile).
     """
-    out = yield select(files.c.id).where(files.c.id == file_id)
+    out = yield Query(_FILE_EXISTS, {"b_file_id": file_id})
     if not out.rows:
         return False
-    out = (
-        yield update(replicas)
-        .where(replicas.c.file_id == file_id, replicas.c.server == server)
-        .values(state="ok")
-    )
+    replica = {"b_file_id": file_id, "b_server": server}
+    out = yield Query(_MARK_REPLICA_OK, replica)
     if out.rowcount == 0:
-        yield insert(replicas).values(file_id=file_id, server=server, state="ok", created=now)
+        yield Query(_INSERT_REPLICA, {**replica, "b_now": now})
     return True
 
 
@@ -456,7 +557,208 @@ def remove_replica(file_id: int, server: str) -> Txn[bool]:
     """
     Forget C{server}'s copy of file C{file_id}; return whether it had one.
     """
-    out = yield sql_delete(replicas).where(
-        replicas.c.file_id == file_id, replicas.c.server == server
+    out = yield Query(_DELETE_REPLICA, {"b_file_id": file_id, "b_server": server})
+    return out.rowcount > 0
+
+
+# -- namespace settings, and files by id (HTTP)
+
+#: The settings L{set_namespace} changes: the columns after C{created}.
+_NAMESPACE_SETTINGS = ("replicas", "min_copies", "url_template", "private", "secret")
+_NAMESPACE_ID = bindparam("b_namespace_id")
+_UPDATE_NAMESPACE = (
+    update(namespaces)
+    .where(namespaces.c.id == _NAMESPACE_ID)
+    .values(**{c: bindparam(f"b_{c}") for c in _NAMESPACE_SETTINGS})
+)
+_HAS_FILES = select(files.c.id).where(files.c.namespace_id == _NAMESPACE_ID).limit(1)
+_FILE_BY_FID = (
+    select(*_LOOKUP_COLUMNS, *(c.label(f"ns_{c.key}") for c in _NAMESPACE_COLUMNS))
+    .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
+    .where(files.c.fid == bindparam("b_fid"), _LIVE)
+)
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """
+    @raise ValueError: a setting L{set_namespace} does not know, or a value
+        that is not of its kind.
+    """
+    unknown = set(settings) - set(_NAMESPACE_SETTINGS)
+    if unknown:
+        raise ValueError(
+            f"unknown namespace setting(s) {', '.join(sorted(unknown))}: "
+            f"use {', '.join(_NAMESPACE_SETTINGS)}"
+        )
+    for name in ("replicas", "min_copies"):
+        value = settings.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
+    if "private" in settings and not isinstance(settings["private"], bool):
+        raise ValueError(f"private must be True or False, not {settings['private']!r}")
+    secret = settings.get("secret")
+    if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
+        raise ValueError("a namespace secret is a string of at least 16 characters")
+    if settings.get("url_template") is not None:
+        check_template(settings["url_template"])
+
+
+@writer
+def set_namespace(name: str, now: float, settings: Mapping[str, Any]) -> Txn[NamespaceInfo]:
+    """
+    Change C{settings} of namespace C{name}, created at C{now} if missing;
+    return it as stored.  Making it private gives it a secret if it has
+    none.
+
+    @raise ValueError: a bad setting, or a change of C{private} once the
+        namespace has files: their paths on disk say whether they are
+        private (see L{koboldfs.storage.relpath_for}).
+    """
+    _check_settings(settings)
+    if settings.get("private") and name in (".", ".."):
+        raise ValueError(f"namespace {name!r} cannot be private: it names no directory")
+    current = yield from ensure_namespace(name, now)
+    new = replace(current, **settings)
+    if new.private and new.secret is None:
+        new = replace(new, secret=new_secret())
+    if new.private != current.private:
+        out = yield Query(_HAS_FILES, {"b_namespace_id": current.id})
+        if out.rows:
+            raise ValueError(
+                f"namespace {name!r} has files: it can no longer be made "
+                f"{'private' if new.private else 'public'}"
+            )
+    params = {f"b_{c}": getattr(new, c) for c in _NAMESPACE_SETTINGS}
+    yield Query(_UPDATE_NAMESPACE, {"b_namespace_id": current.id, **params})
+    return new
+
+
+@reader
+def lookup_fid(fid: str) -> Txn[tuple[FileInfo, NamespaceInfo] | None]:
+    """
+    The live file stored as C{fid}, with the servers holding a good copy,
+    and its namespace; None if there is no such live file.
+    """
+    out = yield Query(_FILE_BY_FID, {"b_fid": fid})
+    if not out.rows:
+        return None
+    row = out.rows[0]
+    ns = _record(NamespaceInfo, _NAMESPACE_COLUMNS, row[len(_LOOKUP_COLUMNS) :])
+    columns = (column.key for column in _LOOKUP_COLUMNS)
+    found = dict(zip(columns, row[: len(_LOOKUP_COLUMNS)], strict=True))
+    held = yield Query(_GOOD_REPLICAS, {"b_file_id": found["id"]})
+    info = FileInfo(
+        namespace=ns.name,
+        replicas=tuple(sorted(server for (server,) in held.rows)),
+        **found,
     )
+    return info, ns
+
+
+# -- the replicator's work lists (koboldfs.replicator)
+
+_DELETED = files.c.state == "deleted"
+_HELD_BY_SERVER = (
+    select(replicas.c.file_id)
+    .where(replicas.c.file_id == files.c.id, replicas.c.server == bindparam("b_server"))
+    .exists()
+)
+_GOOD_COPY_ON_SERVER = (
+    select(replicas.c.file_id)
+    .where(
+        replicas.c.file_id == files.c.id,
+        replicas.c.server == bindparam("b_server"),
+        replicas.c.state == "ok",
+    )
+    .exists()
+)
+_HELD_AT_ALL = select(replicas.c.file_id).where(replicas.c.file_id == files.c.id).exists()
+
+
+def _files_page(*conditions: Any, good_only: bool) -> Select[Any]:
+    """
+    The files after id C{b_after} that meet C{conditions}, up to C{b_limit}
+    of them by id, each joined with its replicas' servers (good copies only
+    if C{good_only}; a file with none has one row, with a NULL server).
+    The page is chosen first so that its limit counts files, not replicas.
+    """
+    page = (
+        select(files.c.id)
+        .where(files.c.id > bindparam("b_after"), *conditions)
+        .order_by(files.c.id)
+        .limit(bindparam("b_limit"))
+        .subquery("page")
+    )
+    held = replicas.c.file_id == files.c.id
+    if good_only:
+        held = held & (replicas.c.state == "ok")
+    return (
+        select(*_LOOKUP_COLUMNS, namespaces.c.name, replicas.c.server)
+        .select_from(
+            page.join(files, files.c.id == page.c.id)
+            .join(namespaces, namespaces.c.id == files.c.namespace_id)
+            .outerjoin(replicas, held)
+        )
+        .order_by(files.c.id)
+    )
+
+
+_MISSING_REPLICAS = _files_page(_LIVE, ~_GOOD_COPY_ON_SERVER, good_only=True)
+_DELETED_FILES = _files_page(_DELETED, _HELD_BY_SERVER | ~_HELD_AT_ALL, good_only=False)
+_PURGE_FILE = sql_delete(files).where(files.c.id == bindparam("b_file_id"), _DELETED, ~_HELD_AT_ALL)
+
+
+def _grouped(rows: list[tuple]) -> list[FileInfo]:
+    """
+    The files of L{_files_page}'s rows, each with its servers, sorted.
+    """
+    found: dict[int, tuple[tuple, list[str]]] = {}
+    width = len(_LOOKUP_COLUMNS)
+    for row in rows:
+        _, servers_of = found.setdefault(row[0], (row[: width + 1], []))
+        if row[width + 1] is not None:
+            servers_of.append(row[width + 1])
+    infos = []
+    keys = [column.key for column in _LOOKUP_COLUMNS]
+    for columns, servers_of in found.values():
+        values = dict(zip(keys, columns[:width], strict=True))
+        infos.append(
+            FileInfo(namespace=columns[width], replicas=tuple(sorted(servers_of)), **values)
+        )
+    return infos
+
+
+@reader
+def missing_replicas(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+    """
+    Up to C{limit} live files with ids above C{after} of which C{server}
+    holds no good copy, by id, each with the servers that do: what the
+    replicator of C{server} is to copy.  Ids are never reused, so a cursor
+    over them visits each file once.
+    """
+    out = yield Query(_MISSING_REPLICAS, {"b_server": server, "b_after": after, "b_limit": limit})
+    return _grouped(out.rows)
+
+
+@reader
+def deleted_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+    """
+    Up to C{limit} deleted files with ids above C{after}, by id, that
+    C{server} holds a copy of or that no server does, each with the servers
+    holding one: what the replicator of C{server} is to reclaim.
+    """
+    out = yield Query(_DELETED_FILES, {"b_server": server, "b_after": after, "b_limit": limit})
+    return _grouped(out.rows)
+
+
+@writer
+def purge_file(file_id: int) -> Txn[bool]:
+    """
+    Forget deleted file C{file_id} once no server holds a copy; return
+    whether it was forgotten.  A copy recorded meanwhile by a replicator
+    that had not heard of the delete keeps the row (the foreign key makes
+    a race fail, and the driver's retry sees the copy), for that server's
+    replicator to reclaim.
+    """
+    out = yield Query(_PURGE_FILE, {"b_file_id": file_id})
     return out.rowcount > 0

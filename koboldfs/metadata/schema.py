@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 #: Bumped with every change to the tables below; the store upgrades older
@@ -49,6 +51,10 @@ namespaces = Table(
     Column("replicas", Integer),
     Column("min_copies", Integer),
     Column("url_template", Text),
+    # A private namespace's files are served only by signed URLs, made with
+    # its secret (docs/http.md).
+    Column("private", Boolean, nullable=False, default=False, server_default=false()),
+    Column("secret", Text),
 )
 
 files = Table(

@@ -24,7 +24,6 @@ from typing import Any, Callable, TypeVar
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, create_engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql.base import Executable
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -45,7 +44,7 @@ from koboldfs.metadata import (
     Listeners,
     queries,
 )
-from koboldfs.metadata.queries import Outcome, Work
+from koboldfs.metadata.queries import Outcome, Query, Work
 
 T = TypeVar("T")
 
@@ -107,8 +106,8 @@ def _thdBeginSQLite(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _thdExecute(connection: Connection, statement: Executable) -> Outcome:
-    result = connection.execute(statement)
+def _thdExecute(connection: Connection, query: Query) -> Outcome:
+    result = connection.execute(query.statement, query.params)
     rows = [tuple(row) for row in result] if result.returns_rows else []
     return Outcome(rows=rows, rowcount=result.rowcount)
 
@@ -283,6 +282,9 @@ class SQLAlchemyStore:
             return self._run(queries.ensure_namespace, name, self._reactor.seconds())
         return self._run(queries.get_namespace, name)
 
+    def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
+        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
+
     def add_file(
         self,
         namespace: str,
@@ -304,6 +306,9 @@ class SQLAlchemyStore:
 
     def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
         return self._run(queries.lookup, namespace, key)
+
+    def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
+        return self._run(queries.lookup_fid, fid)
 
     def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
         d = self._run(queries.delete, namespace, key, now)
@@ -334,3 +339,12 @@ class SQLAlchemyStore:
         Fire with whether C{server} had a copy.
         """
         return self._run(queries.remove_replica, file_id, server)
+
+    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(queries.missing_replicas, server, after, limit)
+
+    def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(queries.deleted_files, server, after, limit)
+
+    def purge_file(self, file_id: int) -> Deferred[bool]:
+        return self._run(queries.purge_file, file_id)

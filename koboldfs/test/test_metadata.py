@@ -163,6 +163,68 @@ class MetadataStoreTestsMixin:
         self.assertNotEqual(created.id, ns.id)
 
     @inlineCallbacks
+    def test_setNamespace(self) -> InlineTest:
+        """
+        Settings are stored and read back, on an existing namespace or one
+        created for them; making a namespace private gives it a secret that
+        later changes keep; privacy is fixed once the namespace has files,
+        since their paths on disk depend on it; bad settings change nothing.
+        """
+        store = yield self.startedStore()
+        made = yield store.set_namespace("fresh", url_template="https://cdn/{namespace}/{path}")
+        self.assertEqual(made, (yield store.namespace("fresh")))
+        self.assertEqual((made.private, made.secret), (False, None))
+        private = yield store.set_namespace("fresh", private=True, replicas=3)
+        self.assertTrue(private.private)
+        self.assertGreaterEqual(len(private.secret), 32)
+        self.assertNotIn(private.secret, repr(private))
+        kept = yield store.set_namespace("fresh", min_copies=2)
+        self.assertEqual(kept, (yield store.namespace("fresh")))
+        self.assertEqual(
+            (kept.secret, kept.replicas, kept.min_copies, kept.url_template),
+            (private.secret, 3, 2, made.url_template),
+        )
+        rotated = yield store.set_namespace("fresh", secret="s" * 40)
+        self.assertEqual(rotated.secret, "s" * 40)
+        yield self.addFile(store, "k", namespace="fresh")
+        yield self.addFile(store, "k", namespace="public")
+        for name, settings in [
+            ("fresh", {"private": False}),
+            ("public", {"private": True}),
+            ("fresh", {"colour": "red"}),
+            ("fresh", {"url_template": "https://cdn/{nope}/{path}"}),
+            ("fresh", {"url_template": "https://cdn/same-for-all"}),
+            ("fresh", {"replicas": 0}),
+            ("fresh", {"private": "yes"}),
+            ("fresh", {"secret": "short"}),
+            ("..", {"private": True}),
+        ]:
+            with self.assertRaises(ValueError, msg=f"{name} {settings}"):
+                yield store.set_namespace(name, **settings)
+        self.assertEqual((yield store.namespace("fresh")), rotated)
+        self.assertFalse((yield store.namespace("public")).private)
+        self.assertIsNone((yield store.namespace("..")))
+
+    @inlineCallbacks
+    def test_lookupFid(self) -> InlineTest:
+        """
+        A live file is found by its fid, with its replicas and namespace;
+        a deleted or unknown one is not.
+        """
+        store = yield self.startedStore()
+        yield store.set_namespace("ns", private=True)
+        info = yield self.addFile(store, "k")
+        yield store.add_replica(info.id, "s2", T0)
+        found, ns = yield store.lookup_fid(info.fid)
+        self.assertEqual(found, (yield store.lookup("ns", "k")))
+        self.assertEqual(found.replicas, ("s1", "s2"))
+        self.assertEqual(ns, (yield store.namespace("ns")))
+        self.assertTrue(ns.private)
+        yield store.delete("ns", "k", T0 + 1)
+        self.assertIsNone((yield store.lookup_fid(info.fid)))
+        self.assertIsNone((yield store.lookup_fid("0" * 32)))
+
+    @inlineCallbacks
     def test_addFileLookup(self) -> InlineTest:
         """
         Every field of a file comes back from the database as stored,
@@ -468,6 +530,81 @@ class MetadataStoreTestsMixin:
         self.assertEqual(len({info.id for info in added}), 80)
         found = yield two.lookup("ns", "shared")
         self.assertEqual(found, (yield one.lookup("ns", "shared")))
+
+    @inlineCallbacks
+    def test_missingReplicas(self) -> InlineTest:
+        """
+        A server's replicator is given the live files it lacks a copy of, by
+        id from its cursor, each with the servers to copy it from; the limit
+        counts files, however many copies each has.
+        """
+        store = yield self.startedStore()
+        one = yield self.addFile(store, "one", server="s1")
+        yield self.addFile(store, "held", server="s2")
+        two = yield self.addFile(store, "two", server="s1")
+        yield store.add_replica(two.id, "s3", T0)
+        three = yield self.addFile(store, "three", server="s3")
+        gone = yield self.addFile(store, "gone", server="s1")
+        yield store.delete("ns", "gone", T0)
+        found = yield store.missing_replicas("s2", 0, 10)
+        self.assertEqual([info.id for info in found], [one.id, two.id, three.id])
+        self.assertEqual((found[1].path, found[1].sha256), (two.path, two.sha256))
+        page = yield store.missing_replicas("s2", 0, 2)
+        self.assertEqual(
+            [(i.key, i.replicas) for i in page], [("one", ("s1",)), ("two", ("s1", "s3"))]
+        )
+        rest = yield store.missing_replicas("s2", page[-1].id, 2)
+        self.assertEqual([info.key for info in rest], ["three"])
+        self.assertEqual((yield store.missing_replicas("s2", gone.id, 2)), [])
+
+    @inlineCallbacks
+    def test_deletedFiles(self) -> InlineTest:
+        """
+        A server's replicator is given the deleted files it still holds,
+        and those nobody holds (for any server to purge), not those only
+        other servers hold.
+        """
+        store = yield self.startedStore()
+        both = yield self.addFile(store, "both", server="s1")
+        yield store.add_replica(both.id, "s2", T0)
+        theirs = yield self.addFile(store, "theirs", server="s2")
+        yield self.addFile(store, "live", server="s1")
+        nobody = yield self.addFile(store, "nobody", server="s1")
+        yield store.remove_replica(nobody.id, "s1")
+        for key in ("both", "theirs", "nobody"):
+            yield store.delete("ns", key, T0)
+        mine = yield store.deleted_files("s1", 0, 10)
+        self.assertEqual(
+            [(i.id, i.replicas) for i in mine], [(both.id, ("s1", "s2")), (nobody.id, ())]
+        )
+        self.assertEqual(mine[0].path, both.path)
+        others = yield store.deleted_files("s2", 0, 10)
+        self.assertEqual([i.id for i in others], [both.id, theirs.id, nobody.id])
+        self.assertEqual([i.id for i in (yield store.deleted_files("s2", both.id, 1))], [theirs.id])
+
+    @inlineCallbacks
+    def test_purgeFile(self) -> InlineTest:
+        """
+        A deleted file's row goes once no copy is left, never before, and
+        never a live one's; its id is not given to a later file, so the
+        replicators' cursors never skip one.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "live")
+        old = yield self.addFile(store, "k", server="s1")
+        new = yield self.addFile(store, "k", server="s1")
+        self.assertFalse((yield store.purge_file(old.id)))
+        self.assertFalse((yield store.purge_file(new.id)))
+        yield store.delete("ns", "k", T0)
+        yield store.remove_replica(old.id, "s1")
+        yield store.remove_replica(new.id, "s1")
+        self.assertTrue((yield store.purge_file(old.id)))
+        self.assertTrue((yield store.purge_file(new.id)))
+        self.assertFalse((yield store.purge_file(new.id)))
+        self.assertEqual((yield store.deleted_files("s1", 0, 10)), [])
+        self.assertFalse((yield store.add_replica(new.id, "s2", T0)))
+        later = yield self.addFile(store, "k")
+        self.assertGreater(later.id, new.id)
 
 
 class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
