@@ -9,6 +9,10 @@ server serving C{files/} guesses the Content-Type.  Layout under the root::
     files/ab/cd/<fid><ext>   published files (ab = fid[0:2], cd = fid[2:4]):
                              65,536 leaf directories keep each one small
                              even with tens of millions of files
+    private/<ns>/ab/cd/<fid><ext>
+                             published files of private namespace <ns>,
+                             apart so that a web server serving the data
+                             directory can ask for a signature (docs/http.md)
     tmp/                     uploads in progress, outside the served tree;
                              emptied by L{Storage.start} (crash leftovers)
     quarantine/              replicas that failed their checksum
@@ -31,6 +35,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import uuid
 from enum import Enum
 from typing import Any, Callable
@@ -56,6 +61,7 @@ from koboldfs.errors import (
 from koboldfs.protocol import CHUNK_SIZE
 
 FILES = "files"
+PRIVATE = "private"
 TMP = "tmp"
 QUARANTINE = "quarantine"
 
@@ -73,9 +79,13 @@ _EXT = re.compile(r"\.[a-z0-9]{1,10}")
 _FID = re.compile(r"[0-9a-f]{32}")
 # The only relative paths L{Storage.abspath} accepts: exactly what
 # L{relpath_for} produces, with the directories matching the fid.
-_RELPATH = re.compile(r"files/([0-9a-f]{2})/([0-9a-f]{2})/\1\2[0-9a-f]{28}(?:\.[a-z0-9]{1,10})?")
+_RELPATH = re.compile(
+    r"(?:files|private/(?!\.\.?/)[A-Za-z0-9._-]{1,64})"
+    r"/([0-9a-f]{2})/([0-9a-f]{2})/\1\2[0-9a-f]{28}(?:\.[a-z0-9]{1,10})?"
+)
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def new_fid() -> str:
@@ -97,14 +107,20 @@ def extension_for(key: str) -> str:
     return ext if _EXT.fullmatch(ext) else ""
 
 
-def relpath_for(fid: str, key: str) -> str:
+def relpath_for(fid: str, key: str, private: str | None = None) -> str:
     """
     Where the file C{fid}, stored under C{key}, lives relative to the root
-    (posix separators): C{files/ab/cd/<fid><ext>}.
+    (posix separators): C{files/ab/cd/<fid><ext>}, or
+    C{private/<namespace>/ab/cd/<fid><ext>} for a file of C{private}
+    namespace.
     """
     if not isinstance(fid, str) or not _FID.fullmatch(fid):
         raise ValueError(f"not a file id: {fid!r}")
-    return f"{FILES}/{fid[0:2]}/{fid[2:4]}/{fid}{extension_for(key)}"
+    tree = FILES if private is None else f"{PRIVATE}/{private}"
+    relpath = f"{tree}/{fid[0:2]}/{fid[2:4]}/{fid}{extension_for(key)}"
+    if not _RELPATH.fullmatch(relpath):
+        raise ValueError(f"not a namespace that can be private: {private!r}")
+    return relpath
 
 
 def fsync_directory(path: str) -> None:
@@ -174,7 +190,7 @@ class Storage:
         return self._defer(self._thdStart)
 
     def _thdStart(self) -> None:
-        for name in (FILES, TMP, QUARANTINE):
+        for name in (FILES, PRIVATE, TMP, QUARANTINE):
             os.makedirs(os.path.join(self.root, name), exist_ok=True)
         with os.scandir(os.path.join(self.root, TMP)) as entries:
             for entry in entries:
@@ -199,7 +215,7 @@ class Storage:
         The absolute path of stored file C{relpath}.
 
         @raise ValueError: unless C{relpath} is exactly a path L{relpath_for}
-            makes, so nothing outside C{files/} can be named.
+            makes, so nothing outside the published trees can be named.
         """
         if not isinstance(relpath, str) or not _RELPATH.fullmatch(relpath):
             raise ValueError(f"not a stored file's path: {relpath!r}")
@@ -482,15 +498,23 @@ class Upload:
 
     # -- the end
 
-    def finish(self, sha256: str | None, size: int | None = None) -> Deferred[tuple[int, str]]:
+    def finish(
+        self, sha256: str | None, size: int | None = None, relpath: str | None = None
+    ) -> Deferred[tuple[int, str]]:
         """
         Check and publish the file: fires with (size, sha256 hex) once it is
         durable at its final path.  Fails with L{ChecksumMismatch},
         L{SizeMismatch}, L{NoSpace} or the underlying error, having deleted
         the temp file and published nothing.
+
+        @param relpath: publish there instead of at the path given at open:
+            what decides the path (the namespace's privacy) may be known
+            only once the bytes have arrived.
         """
         if self.state is not UploadState.OPEN:
             return defer.fail(RuntimeError(f"finish() on an upload that is {self.state.value}"))
+        if relpath is not None:
+            self.relpath, self.path = relpath, self._storage.abspath(relpath)
         self.state = UploadState.FINISHING
         d = self._whenIdle()
         d.addCallback(lambda _: self._startFinish(sha256, size))
@@ -638,11 +662,19 @@ class Reader:
         if self._fd is not None or self._closed:
             raise RuntimeError("Reader.open() called twice")
         try:
-            fd = os.open(self.path, os.O_RDONLY | _CLOEXEC)
-        except FileNotFoundError:
+            # Not through a symlink: only what was published here is read.
+            fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | _NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(ErrorCode.NOT_FOUND, f"{self.relpath} is not on disk") from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise CorruptReplica(ErrorCode.CORRUPT, f"{self.relpath} is a symlink") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptReplica(ErrorCode.CORRUPT, f"{self.relpath} is not a regular file")
+            size = st.st_size
             if self.expect_size is not None and size != self.expect_size:
                 raise CorruptReplica(
                     ErrorCode.CORRUPT, f"{self.relpath} has {size} bytes, not {self.expect_size}"

@@ -1,33 +1,356 @@
 """
 Read-only HTTP: the URLs that C{get_url} hands out.
 
-A server's published files live under C{<data>/files/}, and that tree alone
-is served, at C{/files/...}: temp uploads, quarantine and the embedded
-database are siblings of it, out of reach.  An external web server whose
-root is the data directory serves the very same URLs (docs/http.md).
+A URL names a stored file by its path under the data directory
+(C{/files/ab/cd/<fid><ext>}, or C{/private/<ns>/ab/cd/<fid><ext>}), which is
+also what an external web server whose root is the data directory serves
+(docs/http.md).  This server answers only for such paths, and only for a
+file the metadata has as live and as held here: nothing else under the
+data directory (temp uploads, quarantine, the embedded database, a deleted
+file's bytes) is ever read, and no request path becomes a file system path.
+
+Files are streamed from the thread pool with a push producer, so a slow
+client pauses the reads and no file is ever held whole in memory.  A full
+read is checked against the file's SHA-256 before its last chunk goes out:
+on a mismatch the connection is aborted (the client sees a short body, never
+a complete wrong one) and the copy is quarantined.
 """
 
 from __future__ import annotations
 
-import os
+import mimetypes
+import re
 from typing import Any
 
-from twisted.web.resource import ForbiddenResource, Resource
-from twisted.web.server import Site
-from twisted.web.static import File
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from koboldfs.errors import CorruptReplica, NotFound
+from koboldfs.interfaces import FileInfo, NamespaceInfo
+from koboldfs.protocol import CHUNK_SIZE
+from koboldfs.urls import check_signature
+
+log = Logger()
+
+#: Stored files never change: caches may keep them for a year unasked.
+PUBLIC_CACHE = b"public, max-age=31536000, immutable"
+
+# Exactly the paths storage.relpath_for makes; group 1 is that path, group
+# 2 the fid.  Raw request paths: a %-escape or a dot segment never matches.
+_PATH = re.compile(
+    rb"/((?:files|private/(?!\.\.?/)[A-Za-z0-9._-]{1,64})"
+    rb"/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{32})(?:\.[a-z0-9]{1,10})?)"
+)
+_RANGE = re.compile(rb"bytes=([0-9]*)-([0-9]*)")
 
 
-class PublishedFiles(File):
+class Unsatisfiable(Exception):
     """
-    The published tree, with directory listings refused: a listing would
-    reveal every stored file to anyone who asks.
+    A Range that selects no byte of the file: answered with 416.
     """
 
-    def directoryListing(self) -> Resource:
-        return ForbiddenResource("no listings")
+
+def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """
+    The single byte range C{(first, last)} (inclusive) that a Range header
+    asks of a C{size}-byte file, or None to send the whole file: no header,
+    one that is malformed, or several ranges (which a server may ignore).
+
+    @raise Unsatisfiable: the range starts past the end, or is empty.
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if first:
+        start = int(first)
+        end = int(last) if last else size - 1
+        if last and end < start:
+            return None
+        if start >= size:
+            raise Unsatisfiable()
+        return start, min(end, size - 1)
+    if not last:
+        return None
+    suffix = int(last)
+    if suffix == 0 or size == 0:
+        raise Unsatisfiable()
+    return max(0, size - suffix), size - 1
+
+
+def _etag_matches(header: bytes, etag: bytes) -> bool:
+    """
+    Whether an If-None-Match list names C{etag} (weak comparison).
+    """
+    tags = [tag.strip() for tag in header.split(b",")]
+    return b"*" in tags or any(tag.removeprefix(b"W/") == etag for tag in tags)
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """
+    Paces a response to the client: the connection pauses and resumes it,
+    and L{wait} fires when more may be written.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiting: defer.Deferred[None] | None = None
+
+    def wait(self) -> defer.Deferred[None]:
+        if not self.paused or self.stopped:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._wake()
+
+
+class FileResource(Resource):
+    """
+    Serves GET and HEAD of the files this server holds; everything else is
+    404 (other methods: 405, or 501 for those Twisted does not know).
+    """
+
+    isLeaf = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: Request) -> Any:
+        d = defer.ensureDeferred(self._serve(request))
+        d.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def _failed(self, failure: Any, request: Request) -> None:
+        log.failure(
+            "HTTP {method} {path} failed", failure, method=request.method, path=request.path
+        )
+        if request.startedWriting and not _gone(request):
+            request.transport.abortConnection()
+        else:
+            _end(request, http.INTERNAL_SERVER_ERROR)
+
+    async def _lookup(self, request: Request) -> tuple[FileInfo, NamespaceInfo] | None:
+        """
+        The live file that the request's path names exactly, and its
+        namespace; None for any other path.
+        """
+        match = _PATH.fullmatch(request.path)
+        if match is None:
+            return None
+        found = await self.node.store.lookup_fid(match.group(2).decode())
+        if found is None or found[0].path != match.group(1).decode():
+            return None
+        return found  # type: ignore[no-any-return]
+
+    async def _serve(self, request: Request) -> None:
+        found = await self._lookup(request)
+        if found is None:
+            _end(request, http.NOT_FOUND)
+            return
+        info, namespace = found
+        now = self.node.clock.seconds()
+        if namespace.private:
+            expires = _arg(request, b"e")
+            if namespace.secret is None or not check_signature(
+                namespace.secret, info.path, expires, _arg(request, b"s"), now
+            ):
+                _end(request, http.FORBIDDEN)
+                return
+            cache = b"private, max-age=%d" % (int(expires) - int(now))  # type: ignore[arg-type]
+        else:
+            cache = PUBLIC_CACHE
+        etag = f'"{info.sha256}"'.encode()
+        modified = http.datetimeToString(int(info.created))
+        request.setHeader(b"etag", etag)
+        request.setHeader(b"last-modified", modified)
+        request.setHeader(b"cache-control", cache)
+        if _not_modified(request, etag, int(info.created)):
+            _end(request, http.NOT_MODIFIED)
+            return
+        if self.node.name not in info.replicas:
+            self._elsewhere(request, info, namespace)
+            return
+        await self._send(request, info, namespace, etag, modified)
+
+    async def _send(
+        self,
+        request: Request,
+        info: FileInfo,
+        namespace: NamespaceInfo,
+        etag: bytes,
+        modified: bytes,
+    ) -> None:
+        size = info.size
+        try:
+            wanted = _wanted_range(request, size, etag, modified)
+        except Unsatisfiable:
+            request.setHeader(b"content-range", b"bytes */%d" % size)
+            _end(request, http.REQUESTED_RANGE_NOT_SATISFIABLE)
+            return
+        first, last = wanted or (0, size - 1)
+        length = last - first + 1
+        reader = self.node.storage.open_read(
+            info.path,
+            offset=first,
+            length=length,
+            # Only a full read can be checked against the file's checksum.
+            expect_sha256=None if wanted else info.sha256,
+            expect_size=size,
+        )
+        try:
+            try:
+                await reader.open()
+            except (NotFound, CorruptReplica) as e:
+                await self.node.replica_failed(info, str(e))
+                self._elsewhere(request, info, namespace)
+                return
+            if wanted:
+                request.setResponseCode(http.PARTIAL_CONTENT)
+                request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
+            request.setHeader(b"accept-ranges", b"bytes")
+            request.setHeader(b"content-type", _content_type(info.path))
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            request.setHeader(b"content-length", b"%d" % length)
+            if request.method == b"HEAD":
+                if not _gone(request):
+                    request.finish()
+                return
+            await self._stream(request, reader, info, length)
+        finally:
+            await reader.close()
+
+    async def _stream(self, request: Request, reader: Any, info: FileInfo, length: int) -> None:
+        if _gone(request):
+            return
+        pacer = _Pacer()
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: pacer.stopProducing())
+        request.registerProducer(pacer, True)
+        try:
+            sent = 0
+            while sent < length and not pacer.stopped:
+                try:
+                    chunk = await reader.read(min(CHUNK_SIZE, length - sent))
+                except CorruptReplica as e:
+                    # Better a cut connection than a complete wrong body.
+                    request.transport.abortConnection()
+                    await self.node.replica_failed(info, str(e))
+                    return
+                request.write(chunk)
+                sent += len(chunk)
+                await pacer.wait()
+        finally:
+            if not _gone(request):
+                request.unregisterProducer()
+        if not pacer.stopped:
+            request.finish()
+
+    def _elsewhere(self, request: Request, info: FileInfo, namespace: NamespaceInfo) -> None:
+        """
+        We hold no good copy: send the client to a live server that does,
+        with a URL as valid as the one it came with.
+        """
+        peers = self.node.peers_holding(info)
+        if not peers:
+            _end(request, http.SERVICE_UNAVAILABLE)
+            return
+        expires = _arg(request, b"e")
+        url = self.node.url_for(info, namespace, peers[0], int(expires) if expires else 0)
+        request.setHeader(b"location", url.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        _end(request, http.TEMPORARY_REDIRECT)
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    return values[0].decode("ascii", "replace") if values else None
+
+
+def _gone(request: Request) -> bool:
+    """
+    Whether the client has disconnected (Twisted then drops the channel).
+    """
+    return request.channel is None
+
+
+def _end(request: Request, code: int) -> None:
+    """
+    Answer with status C{code} and no body, unless the client is gone.
+    """
+    if _gone(request) or request.finished:
+        return
+    request.setResponseCode(code)
+    if code != http.NOT_MODIFIED:
+        # A 304's Content-Length would have to be the file's.
+        request.setHeader(b"content-length", b"0")
+    request.finish()
+
+
+def _not_modified(request: Request, etag: bytes, created: int) -> bool:
+    """
+    Whether the client's copy is current: If-None-Match, or failing that
+    If-Modified-Since.
+    """
+    tags = request.getHeader(b"if-none-match")
+    if tags is not None:
+        return _etag_matches(tags, etag)
+    since = request.getHeader(b"if-modified-since")
+    if since is None:
+        return False
+    try:
+        return http.stringToDatetime(since) >= created
+    except ValueError:
+        return False
+
+
+def _wanted_range(
+    request: Request, size: int, etag: bytes, modified: bytes
+) -> tuple[int, int] | None:
+    """
+    The range to send, or None for the whole file; an If-Range that does
+    not match this file's validators asks for the whole file.
+    """
+    condition = request.getHeader(b"if-range")
+    if condition is not None and condition.strip() not in (etag, modified):
+        return None
+    return parse_range(request.getHeader(b"range"), size)
+
+
+def _content_type(path: str) -> bytes:
+    guessed, _ = mimetypes.guess_type(path, strict=False)
+    return (guessed or "application/octet-stream").encode()
 
 
 def make_site(node: Any) -> Site:
-    root = Resource()
-    root.putChild(b"files", PublishedFiles(os.path.join(node.storage.root, "files")))
-    return Site(root)
+    """
+    The HTTP site of a server: its files, and nothing else.  No access log:
+    a per-request log line is issue 8's.
+    """
+    return Site(FileResource(node), reactor=node.clock)

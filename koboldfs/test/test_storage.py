@@ -179,6 +179,20 @@ class NamingTests(TestCase):
         for key, ext in cases.items():
             self.assertEqual(relpath_for(fid, key), base + ext, key)
 
+    def test_privateLayout(self) -> None:
+        """
+        A private namespace's files live apart, under private/<namespace>/,
+        so that a web server can ask for a signature there alone; a
+        namespace that names no directory of its own cannot be one.
+        """
+        fid = "0123456789abcdef0123456789abcdef"
+        self.assertEqual(
+            relpath_for(fid, "a.JPG", private="Photos_2.x"), f"private/Photos_2.x/01/23/{fid}.jpg"
+        )
+        self.assertEqual(relpath_for(fid, "a", private="..."), f"private/.../01/23/{fid}")
+        for name in (".", "..", "a/b", "", "x" * 65):
+            self.assertRaises(ValueError, relpath_for, fid, "a.jpg", private=name)
+
     def test_badFid(self) -> None:
         """
         Only real file ids make paths.
@@ -214,6 +228,10 @@ class NamingTests(TestCase):
             f"files/{fid[:2]}/{fid[2:4]}/{fid}/",
             f"files/{fid[:2]}/{fid[2:4]}/{fid}.JPG",
             f"files/00/00/ff{fid[2:]}",
+            f"private/../{fid[:2]}/{fid[2:4]}/{fid}",
+            f"private/./{fid[:2]}/{fid[2:4]}/{fid}",
+            f"private/{fid[:2]}/{fid[2:4]}/{fid}",
+            f"private/a/b/{fid[:2]}/{fid[2:4]}/{fid}",
             "files",
             "",
         ]
@@ -682,6 +700,22 @@ class ReaderTests(_StorageMixin, TestCase):
         self.assertEqual(caught.exception.code, ErrorCode.NOT_FOUND)
         await reader.close()
 
+    async def test_symlinkRefused(self) -> None:
+        """
+        A symlink where a stored file should be is not followed: whatever
+        it points at was not published here.
+        """
+        secret = os.path.join(self.root, "secret")
+        with open(secret, "wb") as f:
+            f.write(b"not a stored file")
+        path = relpath_for(new_fid(), "a.txt")
+        os.makedirs(os.path.dirname(self.storage.abspath(path)))
+        os.symlink(secret, self.storage.abspath(path))
+        reader = self.storage.open_read(path)
+        with self.assertRaises(CorruptReplica):
+            await reader.open()
+        await reader.close()
+
     async def test_readAfterClose(self) -> None:
         """
         A closed reader reads nothing more.
@@ -701,9 +735,9 @@ class StorageTests(_StorageMixin, TestCase):
 
     def test_layout(self) -> None:
         """
-        start() makes files/, tmp/ and quarantine/.
+        start() makes files/, private/, tmp/ and quarantine/.
         """
-        for name in ("files", "tmp", "quarantine"):
+        for name in ("files", "private", "tmp", "quarantine"):
             self.assertTrue(os.path.isdir(os.path.join(self.root, name)))
 
     async def test_diskUsage(self) -> None:
@@ -725,6 +759,20 @@ class StorageTests(_StorageMixin, TestCase):
         self.assertFalse(await self.storage.exists(path))
         self.assertFalse(await self.storage.remove(path))
         self.assertTrue(os.path.isdir(os.path.dirname(self.storage.abspath(path))))
+
+    async def test_finishElsewhere(self) -> None:
+        """
+        An upload can be published under another path than the one it was
+        opened with, decided once its bytes are in.
+        """
+        fid = new_fid()
+        upload = self.storage.open_upload(relpath_for(fid, "a.txt"))
+        upload.write(b"abc")
+        private = relpath_for(fid, "a.txt", private="ns")
+        await upload.finish(sha(b"abc"), 3, private)
+        self.assertEqual(self.listing("files"), [])
+        self.assertEqual(self.listing("private"), [private])
+        self.assertEqual(self.readback(private), b"abc")
 
     async def test_quarantine(self) -> None:
         """
