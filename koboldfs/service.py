@@ -9,6 +9,7 @@ listeners, the HTTP site and the heartbeat into the twistd service.
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from koboldfs.errors import (
     ProtocolError,
     ServerError,
 )
-from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
+from koboldfs.interfaces import FileInfo, IMetadataStore, NamespaceInfo, ServerInfo
 from koboldfs.metadata import store_from_url
 from koboldfs.names import check_key, check_namespace
 from koboldfs.protocol import (
@@ -47,7 +48,9 @@ from koboldfs.protocol import (
     Message,
     Op,
 )
+from koboldfs.replicator import Replicator
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for
+from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
 log = Logger()
 
@@ -72,6 +75,7 @@ class ServerConfig:
     down_after: float = 30.0
     idle_timeout: float = 300.0
     max_file_size: int | None = None
+    replicate_interval: float = 10.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -138,19 +142,57 @@ class Node:
         return info
 
     async def delete(self, ns: str, key: str) -> None:
-        if not await self.store.delete(check_namespace(ns), check_key(key), self.clock.seconds()):
+        """
+        Mark the file deleted, then remove our copy of its bytes at once, so
+        that a web server serving our data directory stops serving it too.
+        Other servers' copies wait for the replicator.
+        """
+        info = await self.lookup(ns, key)
+        if not await self.store.delete(info.namespace, info.key, self.clock.seconds()):
             raise NotFound(ErrorCode.NOT_FOUND, f"no key {key!r} in namespace {ns!r}")
+        if self.name in info.replicas:
+            await self.storage.remove(info.path)
 
     async def list_keys(self, ns: str, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.store.list_keys(check_namespace(ns), prefix, after, min(limit, MAX_LIST))
 
-    async def get_url(self, ns: str, key: str) -> str:
+    async def get_url(self, ns: str, key: str, expires: int | None = None) -> str:
+        """
+        The URL of a copy on a live server, picked at random to spread the
+        load.  A private namespace's URL is signed, valid for C{expires}
+        seconds (default L{DEFAULT_EXPIRES}); a public one's never expires.
+        """
+        if expires is not None and not 0 < expires <= MAX_EXPIRES:
+            raise ServerError(
+                ErrorCode.BAD_REQUEST, f"expires must be 1 to {MAX_EXPIRES} seconds, not {expires}"
+            )
         info = await self.lookup(ns, key)
         live = [s for s in map(self.up, info.replicas) if s is not None]
-        if not live:
+        namespace = await self.store.namespace(info.namespace)
+        if not live or namespace is None:
             raise ServerError(ErrorCode.UNAVAILABLE, f"no live server holds {key!r}")
-        server = random.choice(live)
-        return f"{server.public_url.rstrip('/')}/{info.path}"
+        expires_at = math.ceil(self.clock.seconds()) + (expires or DEFAULT_EXPIRES)
+        return self.url_for(info, namespace, random.choice(live), expires_at)
+
+    def url_for(
+        self, info: FileInfo, namespace: NamespaceInfo, server: ServerInfo, expires_at: int
+    ) -> str:
+        """
+        The URL of C{server}'s copy of a file; signed until C{expires_at}
+        if its namespace is private.
+        """
+        url = fill_template(
+            namespace.url_template,
+            public_url=server.public_url,
+            server=server.name,
+            namespace=info.namespace,
+            path=info.path,
+            key=info.key,
+            fid=info.fid,
+        )
+        if namespace.private and namespace.secret is not None:
+            url = signed_url(url, namespace.secret, info.path, expires_at)
+        return url
 
     def begin_upload(self, ns: str, key: str, size: int | None) -> PendingPut:
         check_namespace(ns)
@@ -169,8 +211,16 @@ class Node:
     async def finish_upload(self, put: PendingPut, sha256: str | None) -> FileInfo:
         """
         Make an upload durable, then publish it: only then is it visible.
+        A private namespace's files are published apart (docs/storage.md).
         """
-        size, digest = await put.upload.finish(sha256, put.size)
+        try:
+            namespace = await self.store.namespace(put.ns)
+            if namespace is not None and namespace.private:
+                put.path = relpath_for(put.fid, put.key, private=namespace.name)
+        except BaseException:
+            await put.upload.abort()
+            raise
+        size, digest = await put.upload.finish(sha256, put.size, put.path)
         try:
             return await self.store.add_file(
                 put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
@@ -338,7 +388,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._reply({})
 
     async def _get_url(self, msg: Message) -> None:
-        self._reply({"url": await self.node.get_url(msg["ns"], msg["key"])})
+        self._reply({"url": await self.node.get_url(msg["ns"], msg["key"], msg.get("expires"))})
 
     async def _list(self, msg: Message) -> None:
         keys = await self.node.list_keys(
@@ -550,6 +600,7 @@ class KoboldService(MultiService):
         self.store = store_from_url(db, reactor)
         self.peers = ConnectionPool(reactor)
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
+        self.replicator = Replicator(self.node, reactor, config.replicate_interval)
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -592,6 +643,7 @@ class KoboldService(MultiService):
         )
         await self.node.refresh_servers()
         self._beat.start(config.heartbeat, now=False)
+        self.replicator.start()
         log.info(
             "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
             name=config.name,
@@ -620,9 +672,12 @@ class KoboldService(MultiService):
     def stopService(self) -> Any:
         if self._beat.running:
             self._beat.stop()
+        replicating = self.replicator.stop()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
+        # Closing the peer connections ends the replicator's copies.
         yield self.peers.close()
+        yield replicating
         yield self.store.stop()
         yield super().stopService()

@@ -25,6 +25,7 @@ DEFAULTS = {
     "heartbeat": "5",
     "down_after": "30",
     "idle_timeout": "300",
+    "replicate_interval": "10",
 }
 
 
@@ -59,6 +60,13 @@ class Options(usage.Options):
             f"seconds an idle client connection is kept [default: {DEFAULTS['idle_timeout']}]",
         ],
         ["max-file-size", None, None, "largest file accepted, in bytes [default: no limit]"],
+        [
+            "replicate-interval",
+            None,
+            None,
+            "seconds between replication passes when no change wakes them"
+            f" [default: {DEFAULTS['replicate_interval']}]",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -114,6 +122,7 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         max_file_size=_number(values, "max_file_size", int)
         if values.get("max_file_size")
         else None,
+        replicate_interval=_number(values, "replicate_interval"),
     )
 
 

@@ -5,16 +5,21 @@ L{MemoryServer} is a real server (the real L{Node}, L{Storage} and
 metadata store) whose clients connect through memory rather than sockets,
 and whose "thread pool" runs work inline: a test drives a put or a get to
 completion with L{MemoryServer.flush}, with no threads, sockets or sleeps.
+L{MemoryServer.http} sends a request to its real HTTP site the same way.
+L{MemoryCluster} is several of them on one clock and one metadata file,
+reaching each other in memory.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Callable, Coroutine, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
@@ -24,6 +29,7 @@ from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.service import Node, ServerConfig, ServerProtocol
 from koboldfs.storage import Storage
+from koboldfs.web import make_site
 
 
 class InlineThreadPool:
@@ -62,6 +68,38 @@ class SyncReactor(MemoryReactorClock):
         return InlineThreadPool()
 
 
+@dataclass(frozen=True)
+class HTTPResponse:
+    """
+    What an HTTP client received.
+
+    @ivar headers: lower-cased names, each with its last value.
+    @ivar aborted: whether the server cut the connection instead of closing
+        it: C{body} may then be short of what the headers announced.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    aborted: bool = False
+
+
+def parse_response(data: bytes, aborted: bool = False) -> HTTPResponse:
+    """
+    Parse one HTTP/1.1 response that is not chunked, from its raw bytes;
+    status 0 when there are none (the connection closed first).
+    """
+    if not data:
+        return HTTPResponse(0, {}, b"", aborted)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HTTPResponse(int(status_line.split()[1]), headers, body, aborted)
+
+
 @implementer(IStreamClientEndpoint)
 class _MemoryEndpoint:
     def __init__(self, server: MemoryServer) -> None:
@@ -88,17 +126,30 @@ class MemoryServer:
 
     @ivar reactor: the L{SyncReactor} everything runs on; advance its clock
         to fire timeouts and retries.
+    @ivar address: what it registers as its protocol address.
     """
 
-    def __init__(self, root: str, name: str = "memory") -> None:
+    def __init__(
+        self,
+        root: str,
+        name: str = "memory",
+        reactor: SyncReactor | None = None,
+        db: str | None = None,
+    ) -> None:
+        """
+        @param reactor: one shared with other servers (L{MemoryCluster}).
+        @param db: a metadata database shared with other servers; by
+            default, a SQLite file of its own under C{root}.
+        """
         os.makedirs(root, exist_ok=True)
-        self.reactor = SyncReactor()
+        self.reactor = reactor or SyncReactor()
         self.pumps: list[iosim.IOPump] = []
+        self.address = f"{name}:0"
         pool = InlineThreadPool()
         self.config = ServerConfig(name=name, host=name, data=root)
         self.storage = Storage(root, self.reactor, pool)
         self.store = SQLAlchemyStore(
-            f"sqlite:///{os.path.join(root, 'metadata.sqlite')}", self.reactor, pool
+            db or f"sqlite:///{os.path.join(root, 'metadata.sqlite')}", self.reactor, pool
         )
         self.node = Node(
             self.config, self.storage, self.store, self.reactor, ConnectionPool(self.reactor)
@@ -117,7 +168,7 @@ class MemoryServer:
             ServerInfo(
                 self.config.name,
                 self.config.host,
-                "memory:0",
+                self.address,
                 "http://memory",
                 heartbeat=self.reactor.seconds(),
             )
@@ -133,12 +184,27 @@ class MemoryServer:
         """
         return DeferredClient(
             namespace,
-            ["memory:0"],
+            [self.address],
             self.reactor,
             endpoint_factory=lambda address: _MemoryEndpoint(self),
             threadpool=InlineThreadPool(),
             **options,
         )
+
+    def http(self, method: str, target: str, headers: dict[str, str] | None = None) -> HTTPResponse:
+        """
+        Send one request to this server's real HTTP site (a L{Site} over a
+        L{StringTransport}) and return the response it wrote.
+        """
+        channel = make_site(self.node).buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        lines = [f"{method} {target} HTTP/1.1", "Host: memory", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.pump()
+        channel.connectionLost(Failure(ConnectionDone()))
+        return parse_response(transport.value(), aborted=transport.disconnected)
 
     def pump(self) -> None:
         """
@@ -161,3 +227,69 @@ class MemoryServer:
         if hasattr(result, "raiseException"):
             result.raiseException()
         return result
+
+
+class MemoryCluster:
+    """
+    L{MemoryServer}s sharing one reactor and one SQLite metadata file, each
+    reaching the others through memory: a cluster for replication tests.
+
+    @ivar servers: the servers by name, started.
+    """
+
+    def __init__(self, root: str, names: Sequence[str]) -> None:
+        self.reactor = SyncReactor()
+        db = f"sqlite:///{os.path.join(root, 'metadata.sqlite')}"
+        self.servers = {
+            name: MemoryServer(os.path.join(root, name), name, self.reactor, db) for name in names
+        }
+        by_address = {server.address: server for server in self.servers.values()}
+        for server in self.servers.values():
+            server.node.peers = ConnectionPool(
+                self.reactor, endpoint_factory=lambda address: _MemoryEndpoint(by_address[address])
+            )
+            server.start()
+        self.beat()
+
+    def beat(self, *names: str) -> None:
+        """
+        Heartbeat the servers called C{names} (default: all) at the clock's
+        time, and let every server learn who is up: a server left out goes
+        down once the clock passes its C{down_after}.
+        """
+
+        async def beat() -> None:
+            for name in names or self.servers:
+                server = self.servers[name]
+                await server.store.heartbeat(name, self.reactor.seconds(), 0, 0)
+            for server in self.servers.values():
+                await server.node.refresh_servers()
+
+        self.flush(beat())
+
+    def pump(self) -> None:
+        """
+        Move bytes both ways on every connection until all are quiet.
+        """
+        moved = True
+        while moved:
+            moved = any([pump.flush() for s in self.servers.values() for pump in s.pumps])
+
+    def flush(self, d: defer.Deferred[Any] | Coroutine[Any, Any, Any]) -> Any:
+        """
+        Pump until C{d} fires; return its result or raise its failure.
+        """
+        results: list[Any] = []
+        defer.ensureDeferred(d).addBoth(results.append)
+        self.pump()
+        if not results:
+            raise AssertionError(f"{d!r} did not fire")
+        result = results[0]
+        if hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            self.flush(server.node.peers.close())
+            server.stop()
