@@ -135,6 +135,17 @@ class IMetadataStore(Interface):
         Fire with every registered server, a list of L{ServerInfo}.
         """
 
+    def files_held():
+        """
+        Fire with a dict: for each server holding good copies of live files,
+        how many.  A full count, for operators' listings.
+        """
+
+    def namespaces():
+        """
+        Fire with every namespace, a list of L{NamespaceInfo} by name.
+        """
+
     def namespace(name, create=False):
         """
         Fire with the L{NamespaceInfo} of C{name}, creating it first if
@@ -209,17 +220,26 @@ class IMetadataStore(Interface):
         the servers that do.  The replicator's cursor walks these.
         """
 
+    def held_files(server, after, limit):
+        """
+        Fire with up to C{limit} live L{FileInfo}s with ids above C{after},
+        by id, of which C{server} holds a good copy; their C{replicas} are
+        the servers that do.  The scrubber's cursor walks these.
+        """
+
     def deleted_files(server, after, limit):
         """
         Fire with up to C{limit} deleted L{FileInfo}s with ids above
         C{after}, by id, that C{server} holds a copy of or that no server
-        does; their C{replicas} are the servers holding one.
+        but ``dead`` ones does; their C{replicas} are the servers holding
+        one.
         """
 
     def purge_file(file_id):
         """
-        Forget deleted file C{file_id} if no server holds a copy any more;
-        fire with whether it was forgotten.
+        Forget deleted file C{file_id} if no server but ``dead`` ones holds
+        a copy any more (their replica rows are forgotten with it); fire
+        with whether it was forgotten.
         """
 
 

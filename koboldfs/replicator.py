@@ -25,10 +25,13 @@ See docs/replication.md.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredSemaphore,
     ensureDeferred,
@@ -39,9 +42,10 @@ from twisted.internet.defer import (
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from koboldfs.errors import KoboldError
+from koboldfs.errors import CorruptReplica, KoboldError, NotFound
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata import FILE_ADDED, SERVER_CHANGED
+from koboldfs.protocol import CHUNK_SIZE
 
 if TYPE_CHECKING:
     from koboldfs.service import Node
@@ -58,6 +62,89 @@ CONCURRENCY = 3
 MAX_BACKOFF = 3600.0
 #: Seconds between passes that walk every file id from the first.
 RESCAN = 3600.0
+#: Intervals a server not chosen for a copy waits before it looks again
+#: (and copies anyway if the chosen ones have not).
+DEFER_INTERVALS = 3
+#: States whose copies count towards a namespace's replica count: a
+#: draining server's copies are to be made elsewhere, a dead one's are
+#: forgotten.
+COUNTED_STATES = ("alive", "readonly")
+#: States that make the whole cluster look again from the first id: their
+#: servers' copies stopped counting.
+UNCOUNTED_STATES = ("drain", "dead")
+
+
+class Decision(Enum):
+    """
+    What a server does about a file it lacks.
+    """
+
+    COPY = "copy"
+    ENOUGH = "enough"  # the namespace's count is met: nothing to do
+    DEFER = "defer"  # other servers are to copy it first
+
+
+def counted_copies(info: FileInfo, servers: Mapping[str, ServerInfo]) -> list[str]:
+    """
+    The servers whose copies of C{info} count: those neither draining nor
+    dead (a server the metadata does not list yet counts).  A down server's
+    copy counts: it is expected back, and its absence alone makes no copy.
+    """
+    return [
+        name
+        for name in info.replicas
+        if name not in servers or servers[name].state in COUNTED_STATES
+    ]
+
+
+def choose(
+    info: FileInfo,
+    me: str,
+    servers: Mapping[str, ServerInfo],
+    wanted: int | None,
+    now: float,
+    down_after: float,
+) -> Decision:
+    """
+    Whether server C{me} copies C{info} now, given every server's state
+    and a namespace count of C{wanted} copies (None: every server).
+
+    While fewer than C{wanted} copies count, the servers that are to make
+    the rest are picked, without any coordination, in an order every
+    server computes alike: servers that are alive and up and lack a copy,
+    those on a C{--host} holding no copy yet (counting the ones already
+    picked) first, then by a hash of the file's and the server's names
+    (rendezvous hashing: spreads files evenly, and moves few when servers
+    come and go).  A server not among them defers.
+    """
+    if wanted is None:
+        return Decision.COPY
+    counted = counted_copies(info, servers)
+    need = wanted - len(counted)
+    if need <= 0:
+        return Decision.ENOUGH
+    hosts = {servers[name].host for name in counted if name in servers}
+    candidates = [
+        s
+        for s in servers.values()
+        if s.name not in info.replicas
+        and s.state == "alive"
+        and (s.name == me or s.is_up(now, down_after))
+    ]
+
+    def weight(server: ServerInfo) -> bytes:
+        return hashlib.sha256(f"{info.fid}/{server.name}".encode()).digest()
+
+    candidates.sort(key=weight)
+    for _ in range(need):
+        if not candidates:
+            break
+        best = min(candidates, key=lambda s: s.host in hosts)
+        if best.name == me:
+            return Decision.COPY
+        candidates.remove(best)
+        hosts.add(best.host)
+    return Decision.DEFER
 
 
 class CopyFailed(KoboldError):
@@ -75,6 +162,7 @@ class Retry:
 
     due: float
     failures: int
+    deferred: bool = False
 
 
 def _writer(upload: Upload) -> Callable[[bytes], Deferred[None] | None]:
@@ -132,6 +220,8 @@ class Replicator:
         self._waiters: list[Deferred[None]] = []
         self._stopping = False
         self._unsubscribe: Callable[[], None] | None = None
+        # Servers whose copies did not count at the last pass.
+        self._uncounted: set[str] = set()
 
     def start(self) -> None:
         """
@@ -140,7 +230,17 @@ class Replicator:
         """
         self._stopping = False
         self._unsubscribe = self._node.store.subscribe(self._heard)
+        self._node.on_replica_lost = self.repair
         self._loop.start(self._interval, now=True)
+
+    def repair(self, info: FileInfo) -> None:
+        """
+        Our copy of C{info} was found bad or missing and set aside: make it
+        again from a good one now, not at the next pass from the first id.
+        """
+        self.retries[info.id] = Retry(self._clock.seconds(), 0)
+        if self._loop.running:
+            self.sweep()
 
     def stop(self) -> Deferred[None]:
         """
@@ -148,6 +248,8 @@ class Replicator:
         the peer connections ends copies in progress sooner.
         """
         self._stopping = True
+        if self._node.on_replica_lost == self.repair:
+            self._node.on_replica_lost = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -268,20 +370,43 @@ class Replicator:
         how many copies succeeded.
         """
         node, me = self._node, self._node.name
+        await node.refresh_servers()
+        servers = node.servers
         now = self._clock.seconds()
-        if now >= self._rescanAt:
+        uncounted = {s.name for s in servers.values() if s.state in UNCOUNTED_STATES}
+        if now >= self._rescanAt or uncounted - self._uncounted:
+            # Time for the periodic look, or copies stopped counting (a
+            # server drains or died): their files may need copies here.
             self._cursor, self._rescanAt = 0, now + RESCAN
+        if uncounted - self._uncounted:
+            for retry in self.retries.values():
+                retry.due = min(retry.due, now)
+        self._uncounted = uncounted
+        wanted: dict[str, int | None] = {}
         work: list[FileInfo] = []
         due = sorted(i for i, retry in self.retries.items() if retry.due <= now)
         for file_id in due[: self._batch]:
             found = await node.store.missing_replicas(me, file_id - 1, 1)
             if found and found[0].id == file_id:
-                work.append(found[0])
+                # A second look: copy if still short, whoever was picked.
+                decision = await self._decide(found[0], wanted)
+                if decision is Decision.ENOUGH:
+                    del self.retries[file_id]
+                else:
+                    work.append(found[0])
             else:
                 # Copied, deleted or purged since.
                 del self.retries[file_id]
         page = await node.store.missing_replicas(me, self._cursor, self._batch)
-        work += [info for info in page if info.id not in self.retries]
+        for info in page:
+            if info.id in self.retries:
+                continue
+            decision = await self._decide(info, wanted)
+            if decision is Decision.COPY:
+                work.append(info)
+            elif decision is Decision.DEFER:
+                delay = self._interval * DEFER_INTERVALS
+                self.retries[info.id] = Retry(now + delay, 0, deferred=True)
         results = await gatherResults(
             [self._copies.run(lambda info=info: ensureDeferred(self._copy(info))) for info in work]
         )
@@ -290,6 +415,24 @@ class Replicator:
         if len(page) == self._batch or len(due) > self._batch:
             self._again = True
         return sum(results)
+
+    async def _decide(self, info: FileInfo, wanted: dict[str, int | None]) -> Decision:
+        """
+        L{choose} for C{info}, with its namespace's replica count looked up
+        once a pass (into C{wanted}).
+        """
+        node = self._node
+        if info.namespace not in wanted:
+            namespace = await node.store.namespace(info.namespace)
+            wanted[info.namespace] = None if namespace is None else namespace.replicas
+        return choose(
+            info,
+            node.name,
+            node.servers,
+            wanted[info.namespace],
+            self._clock.seconds(),
+            node.config.down_after,
+        )
 
     async def _copy(self, info: FileInfo) -> bool:
         """
@@ -366,3 +509,149 @@ class Replicator:
         except BaseException:
             await upload.abort()
             raise
+
+
+class Scrubber:
+    """
+    One server's background scrub: re-reads every copy it holds, by file
+    id, at most C{rate} bytes a second, verifying each against its size
+    and SHA-256; a bad or missing one is set aside (L{Node.replica_failed
+    <koboldfs.service.Node.replica_failed>}), which makes the replicator
+    copy it again from a good one.
+
+    Reads run in the thread pool (L{Reader <koboldfs.storage.Reader>});
+    the pace is kept by waiting on the clock after each chunk, so the
+    reactor is never blocked.  After the last file it rests C{rest}
+    seconds and starts again from the first.
+
+    Its progress, for a status page: C{cursor} (the last file id checked
+    this round), C{rounds} (complete rounds), C{files_checked} and
+    C{bytes_checked} (since start), C{bad} (copies set aside) and
+    C{last_bad} (the last one's reason).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        clock: Any,
+        rate: float,
+        rest: float,
+        batch: int = BATCH,
+    ) -> None:
+        """
+        @param clock: provides C{IReactorTime}.
+        @param rate: bytes a second; 0 disables the scrub.
+        """
+        self._node = node
+        self._clock = clock
+        self.rate = rate
+        self._rest = rest
+        self._batch = batch
+        self.cursor = 0
+        self.rounds = 0
+        self.files_checked = 0
+        self.bytes_checked = 0
+        self.bad = 0
+        self.last_bad: str | None = None
+        self._stopping = True
+        self._done: Deferred[None] = succeed(None)
+        self._wait: Deferred[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self._stopping
+
+    def start(self) -> None:
+        if self.rate <= 0 or not self._stopping:
+            return
+        self._stopping = False
+        self._done = ensureDeferred(self._run())
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop after the chunk being read; fire once stopped.
+        """
+        self._stopping = True
+        wait, self._wait = self._wait, None
+        if wait is not None:
+            wait.cancel()
+        return self._done
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        """
+        Wait C{seconds} on the clock; L{stop} cuts the wait short.
+        """
+        d: Deferred[None] = Deferred(lambda d: call.cancel())
+        call = self._clock.callLater(seconds, d.callback, None)
+        self._wait = d
+        return d
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    await self._page()
+                except CancelledError:
+                    break
+                except Exception as e:
+                    if isinstance(e, KoboldError):
+                        log.warn("scrub on {name} failed: {error}", name=self._node.name, error=e)
+                    else:
+                        log.failure("scrub on {name} failed", name=self._node.name)
+                    try:
+                        await self._sleep(self._rest)
+                    except CancelledError:
+                        break
+        finally:
+            self._wait = None
+
+    async def _page(self) -> None:
+        node = self._node
+        page = await node.store.held_files(node.name, self.cursor, self._batch)
+        if not page:
+            self.rounds += 1
+            self.cursor = 0
+            await self._sleep(self._rest)
+            return
+        for info in page:
+            if self._stopping:
+                return
+            await self._check(info)
+            self.cursor = info.id
+
+    async def _check(self, info: FileInfo) -> None:
+        """
+        Read our copy of C{info} through, at the rate; set it aside if it
+        is missing or bad and still ours and live.
+        """
+        node = self._node
+        reader = node.storage.open_read(info.path, expect_sha256=info.sha256, expect_size=info.size)
+        step = max(1, min(CHUNK_SIZE, int(self.rate)))
+        reason = None
+        try:
+            await reader.open()
+            while not self._stopping:
+                chunk = await reader.read(step)
+                if not chunk:
+                    break
+                self.bytes_checked += len(chunk)
+                await self._sleep(len(chunk) / self.rate)
+            else:
+                return
+        except NotFound:
+            reason = "missing from disk"
+        except CorruptReplica as e:
+            reason = str(e)
+        finally:
+            await reader.close()
+        self.files_checked += 1
+        if reason is None:
+            return
+        # Deleted, overwritten or set aside by a reader meanwhile: not a
+        # bad copy of a live file any more.
+        current = await node.store.lookup_fid(info.fid)
+        if current is None or node.name not in current[0].replicas:
+            return
+        self.bad += 1
+        self.last_bad = f"{info.fid} ({info.key!r}): {reason}"
+        await node.replica_failed(info, f"scrub: {reason}")

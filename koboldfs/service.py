@@ -14,7 +14,7 @@ import random
 import socket
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -48,7 +48,7 @@ from koboldfs.protocol import (
     Message,
     Op,
 )
-from koboldfs.replicator import Replicator
+from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
@@ -76,6 +76,7 @@ class ServerConfig:
     idle_timeout: float = 300.0
     max_file_size: int | None = None
     replicate_interval: float = 10.0
+    scrub_rate: float = 10 * 1024 * 1024
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -113,11 +114,21 @@ class Node:
         self.clock = clock
         self.peers = peers
         self._servers: dict[str, ServerInfo] = {}
+        #: Called with a file whose copy here was found bad or missing and
+        #: set aside, so that it is made again (the replicator sets it).
+        self.on_replica_lost: Callable[[FileInfo], None] | None = None
 
     # -- the cluster
 
     async def refresh_servers(self) -> None:
         self._servers = {s.name: s for s in await self.store.servers()}
+
+    @property
+    def servers(self) -> dict[str, ServerInfo]:
+        """
+        Every registered server by name, as last refreshed.
+        """
+        return self._servers
 
     def up(self, name: str) -> ServerInfo | None:
         """
@@ -256,6 +267,8 @@ class Node:
         )
         await self.storage.quarantine(info.path)
         await self.store.remove_replica(info.id, self.name)
+        if self.on_replica_lost is not None:
+            self.on_replica_lost(info)
 
 
 @dataclass
@@ -601,6 +614,9 @@ class KoboldService(MultiService):
         self.peers = ConnectionPool(reactor)
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
         self.replicator = Replicator(self.node, reactor, config.replicate_interval)
+        self.scrubber = Scrubber(
+            self.node, reactor, config.scrub_rate, rest=config.replicate_interval
+        )
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -644,6 +660,7 @@ class KoboldService(MultiService):
         await self.node.refresh_servers()
         self._beat.start(config.heartbeat, now=False)
         self.replicator.start()
+        self.scrubber.start()
         log.info(
             "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
             name=config.name,
@@ -673,11 +690,13 @@ class KoboldService(MultiService):
         if self._beat.running:
             self._beat.stop()
         replicating = self.replicator.stop()
+        scrubbing = self.scrubber.stop()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
         # Closing the peer connections ends the replicator's copies.
         yield self.peers.close()
         yield replicating
+        yield scrubbing
         yield self.store.stop()
         yield super().stopService()

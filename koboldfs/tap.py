@@ -26,6 +26,7 @@ DEFAULTS = {
     "down_after": "30",
     "idle_timeout": "300",
     "replicate_interval": "10",
+    "scrub_rate": str(10 * 1024 * 1024),
 }
 
 
@@ -66,6 +67,13 @@ class Options(usage.Options):
             None,
             "seconds between replication passes when no change wakes them"
             f" [default: {DEFAULTS['replicate_interval']}]",
+        ],
+        [
+            "scrub-rate",
+            None,
+            None,
+            "bytes per second the background scrub re-reads stored copies at; 0 disables it"
+            f" [default: {DEFAULTS['scrub_rate']}]",
         ],
     ]
 
@@ -123,7 +131,18 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         if values.get("max_file_size")
         else None,
         replicate_interval=_number(values, "replicate_interval"),
+        scrub_rate=_rate(values["scrub_rate"]),
     )
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise ValueError("--scrub-rate must be a number of bytes per second") from None
+    if not rate >= 0 or rate == float("inf"):
+        raise ValueError("--scrub-rate must be 0 (off) or a positive number of bytes per second")
+    return rate
 
 
 def makeService(options: Options) -> KoboldService:

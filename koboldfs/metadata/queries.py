@@ -31,8 +31,9 @@ Drivers are given a L{Work}: a zero-argument factory of fresh generators
 that also tells whether the transaction writes.  The transactions are
 L{create_schema}; L{get_namespace} and L{ensure_namespace}; L{add_file},
 L{lookup}, L{delete} and L{list_keys}; L{register_server}, L{heartbeat},
-L{set_server_state} and L{list_servers}; L{add_replica} and
-L{remove_replica}.
+L{set_server_state}, L{list_servers} and L{files_held}; L{list_namespaces};
+L{add_replica} and L{remove_replica}; and the replicator's L{missing_replicas},
+L{held_files}, L{deleted_files} and L{purge_file}.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any, Callable, Generator, Generic, Iterable, Mapping, NamedTuple, TypeVar
 
-from sqlalchemy import Column, Select, bindparam, insert, literal_column, select, update
+from sqlalchemy import Column, Select, bindparam, func, insert, literal_column, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
 from sqlalchemy.sql.base import Executable
@@ -250,6 +251,13 @@ _HEARTBEAT = (
 )
 _SET_SERVER_STATE = update(servers).where(_SERVER_NAMED).values(state=bindparam("b_state"))
 _LIST_SERVERS = select(*_SERVER_COLUMNS)
+_LIST_NAMESPACES = select(*_NAMESPACE_COLUMNS)
+_FILES_HELD = (
+    select(replicas.c.server, func.count())
+    .select_from(replicas.join(files, files.c.id == replicas.c.file_id))
+    .where(replicas.c.state == "ok", _LIVE)
+    .group_by(replicas.c.server)
+)
 _FILE_EXISTS = select(files.c.id).where(files.c.id == bindparam("b_file_id"))
 _REPLICA = (
     replicas.c.file_id == bindparam("b_file_id"),
@@ -535,6 +543,28 @@ def list_servers() -> Txn[list[ServerInfo]]:
     return sorted(found, key=lambda server: server.name)
 
 
+@reader
+def files_held() -> Txn[dict[str, int]]:
+    """
+    How many live files each server holds a good copy of, by server name;
+    servers holding none are left out.  One pass over the replicas: for an
+    operator's listing, not for a hot path.
+    """
+    out = yield Query(_FILES_HELD)
+    return {server: count for server, count in out.rows}
+
+
+@reader
+def list_namespaces() -> Txn[list[NamespaceInfo]]:
+    """
+    Every namespace with its settings, by name (sorted here: the database's
+    collation may not be code-point order).
+    """
+    out = yield Query(_LIST_NAMESPACES)
+    found = [_record(NamespaceInfo, _NAMESPACE_COLUMNS, row) for row in out.rows]
+    return sorted(found, key=lambda namespace: namespace.name)
+
+
 @writer
 def add_replica(file_id: int, server: str, now: float) -> Txn[bool]:
     """
@@ -673,6 +703,14 @@ _GOOD_COPY_ON_SERVER = (
     .exists()
 )
 _HELD_AT_ALL = select(replicas.c.file_id).where(replicas.c.file_id == files.c.id).exists()
+# A dead server is forgotten: its copies do not count, and its replica rows
+# of deleted files do not keep them from being purged.
+_DEAD_SERVERS = select(servers.c.name).where(servers.c.state == literal_column("'dead'"))
+_HELD_BY_COUNTED = (
+    select(replicas.c.file_id)
+    .where(replicas.c.file_id == files.c.id, replicas.c.server.not_in(_DEAD_SERVERS))
+    .exists()
+)
 
 
 def _files_page(*conditions: Any, good_only: bool) -> Select[Any]:
@@ -704,7 +742,15 @@ def _files_page(*conditions: Any, good_only: bool) -> Select[Any]:
 
 
 _MISSING_REPLICAS = _files_page(_LIVE, ~_GOOD_COPY_ON_SERVER, good_only=True)
-_DELETED_FILES = _files_page(_DELETED, _HELD_BY_SERVER | ~_HELD_AT_ALL, good_only=False)
+_HELD_FILES = _files_page(_LIVE, _GOOD_COPY_ON_SERVER, good_only=True)
+_DELETED_FILES = _files_page(_DELETED, _HELD_BY_SERVER | ~_HELD_BY_COUNTED, good_only=False)
+_FORGET_DEAD_COPIES = sql_delete(replicas).where(
+    replicas.c.file_id == bindparam("b_file_id"),
+    replicas.c.server.in_(_DEAD_SERVERS),
+    replicas.c.file_id.in_(
+        select(files.c.id).where(files.c.id == bindparam("b_file_id"), _DELETED)
+    ),
+)
 _PURGE_FILE = sql_delete(files).where(files.c.id == bindparam("b_file_id"), _DELETED, ~_HELD_AT_ALL)
 
 
@@ -741,11 +787,23 @@ def missing_replicas(server: str, after: int, limit: int) -> Txn[list[FileInfo]]
 
 
 @reader
+def held_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+    """
+    Up to C{limit} live files with ids above C{after} of which C{server}
+    holds a good copy, by id, each with the servers that do: what the
+    scrubber of C{server} re-reads.
+    """
+    out = yield Query(_HELD_FILES, {"b_server": server, "b_after": after, "b_limit": limit})
+    return _grouped(out.rows)
+
+
+@reader
 def deleted_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
     """
     Up to C{limit} deleted files with ids above C{after}, by id, that
-    C{server} holds a copy of or that no server does, each with the servers
-    holding one: what the replicator of C{server} is to reclaim.
+    C{server} holds a copy of or that no server but dead ones does, each
+    with the servers holding one: what the replicator of C{server} is to
+    reclaim.
     """
     out = yield Query(_DELETED_FILES, {"b_server": server, "b_after": after, "b_limit": limit})
     return _grouped(out.rows)
@@ -758,7 +816,9 @@ def purge_file(file_id: int) -> Txn[bool]:
     whether it was forgotten.  A copy recorded meanwhile by a replicator
     that had not heard of the delete keeps the row (the foreign key makes
     a race fail, and the driver's retry sees the copy), for that server's
-    replicator to reclaim.
+    replicator to reclaim.  Copies on dead servers are forgotten first:
+    nobody will reclaim them.
     """
+    yield Query(_FORGET_DEAD_COPIES, {"b_file_id": file_id})
     out = yield Query(_PURGE_FILE, {"b_file_id": file_id})
     return out.rowcount > 0

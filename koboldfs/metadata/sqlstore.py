@@ -277,6 +277,12 @@ class SQLAlchemyStore:
     def servers(self) -> Deferred[list[ServerInfo]]:
         return self._run(queries.list_servers)
 
+    def files_held(self) -> Deferred[dict[str, int]]:
+        return self._run(queries.files_held)
+
+    def namespaces(self) -> Deferred[list[NamespaceInfo]]:
+        return self._run(queries.list_namespaces)
+
     def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
         if create:
             return self._run(queries.ensure_namespace, name, self._reactor.seconds())
@@ -342,6 +348,9 @@ class SQLAlchemyStore:
 
     def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(queries.missing_replicas, server, after, limit)
+
+    def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(queries.held_files, server, after, limit)
 
     def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(queries.deleted_files, server, after, limit)

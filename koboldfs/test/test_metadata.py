@@ -30,7 +30,7 @@ from koboldfs.metadata.pgstore import (
     libpq_dsn,
 )
 from koboldfs.metadata.queries import NewerSchema
-from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, schema_version
+from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, replicas, schema_version
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.test import pgcluster
 from koboldfs.test.pgcluster import PostgresCluster, PostgresMixin
@@ -415,6 +415,52 @@ class MetadataStoreTestsMixin:
         self.assertEqual([s.state for s in (yield store.servers())], ["readonly"])
 
     @inlineCallbacks
+    def test_namespaces(self) -> InlineTest:
+        """
+        Every namespace is listed with its settings, in code-point order
+        whatever the database's collation ("B" before "a"), including one
+        created empty.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.namespaces()), [])
+        yield self.addFile(store, "k", namespace="a")
+        yield store.namespace("B", create=True)
+        yield store.set_namespace("_x", replicas=2, url_template="https://cdn/{path}")
+        listed = yield store.namespaces()
+        self.assertEqual([ns.name for ns in listed], ["B", "_x", "a"])
+        self.assertEqual(listed[1], (yield store.namespace("_x")))
+        self.assertEqual((listed[1].replicas, listed[1].url_template), (2, "https://cdn/{path}"))
+
+    @inlineCallbacks
+    def test_filesHeld(self) -> InlineTest:
+        """
+        Each server's count of live files it holds a good copy of: deleted
+        versions and quarantined copies do not count, and a server holding
+        nothing is not listed.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.files_held()), {})
+        one = yield self.addFile(store, "one", server="s1")
+        yield store.add_replica(one.id, "s2", T0)
+        yield self.addFile(store, "two", namespace="other", server="s1")
+        yield self.addFile(store, "gone", server="s3")
+        yield store.delete("ns", "gone", T0)
+        yield self.addFile(store, "new", server="s2")
+        yield self.addFile(store, "new", server="s1")
+        self.assertEqual((yield store.files_held()), {"s1": 3, "s2": 1})
+        engine = adminEngine(self.url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    update(replicas)
+                    .where(replicas.c.file_id == one.id, replicas.c.server == "s2")
+                    .values(state="quarantined")
+                )
+        finally:
+            engine.dispose()
+        self.assertEqual((yield store.files_held()), {"s1": 3})
+
+    @inlineCallbacks
     def test_addReplica(self) -> InlineTest:
         """
         Recording a copy twice is harmless (the replicator may verify a copy
@@ -581,6 +627,66 @@ class MetadataStoreTestsMixin:
         others = yield store.deleted_files("s2", 0, 10)
         self.assertEqual([i.id for i in others], [both.id, theirs.id, nobody.id])
         self.assertEqual([i.id for i in (yield store.deleted_files("s2", both.id, 1))], [theirs.id])
+
+    @inlineCallbacks
+    def test_heldFiles(self) -> InlineTest:
+        """
+        A server's scrubber is given the live files it holds a good copy
+        of, by id from its cursor, and not deleted ones.
+        """
+        store = yield self.startedStore()
+        one = yield self.addFile(store, "one", server="s1")
+        yield self.addFile(store, "theirs", server="s2")
+        two = yield self.addFile(store, "two", server="s2")
+        yield store.add_replica(two.id, "s1", T0)
+        yield self.addFile(store, "gone", server="s1")
+        yield store.delete("ns", "gone", T0)
+        found = yield store.held_files("s1", 0, 10)
+        self.assertEqual(
+            [(i.id, i.replicas) for i in found], [(one.id, ("s1",)), (two.id, ("s1", "s2"))]
+        )
+        self.assertEqual(found[1].sha256, two.sha256)
+        self.assertEqual([i.id for i in (yield store.held_files("s1", one.id, 10))], [two.id])
+        self.assertEqual([i.id for i in (yield store.held_files("s1", 0, 1))], [one.id])
+
+    @inlineCallbacks
+    def test_deadServersForgotten(self) -> InlineTest:
+        """
+        A deleted file whose only copy is on a dead server is anybody's to
+        purge, and its dead replica row goes with it; a live file's rows on
+        a dead server stay (it may come back), and a server that is only
+        down or draining still keeps its deleted copies' rows waiting.
+        """
+        store = yield self.startedStore()
+        for name in ("s1", "s2", "s3"):
+            yield store.register_server(ServerInfo(name, "h", f"{name}:1", "http://h/"))
+        yield store.set_server_state("s2", "dead")
+        yield store.set_server_state("s3", "drain")
+        dead = yield self.addFile(store, "dead", server="s2")
+        draining = yield self.addFile(store, "draining", server="s3")
+        live = yield self.addFile(store, "live", server="s2")
+        for key in ("dead", "draining"):
+            yield store.delete("ns", key, T0)
+        self.assertEqual([i.id for i in (yield store.deleted_files("s1", 0, 10))], [dead.id])
+        self.assertFalse((yield store.purge_file(draining.id)))
+        self.assertTrue((yield store.purge_file(dead.id)))
+        self.assertEqual([i.id for i in (yield store.deleted_files("s3", 0, 10))], [draining.id])
+        self.assertEqual((yield store.lookup("ns", "live")).replicas, ("s2",))
+        self.assertEqual([i.id for i in (yield store.missing_replicas("s1", 0, 10))], [live.id])
+
+    @inlineCallbacks
+    def test_namespaceReplicas(self) -> InlineTest:
+        """
+        A namespace's replica count is stored, read back, and cleared to
+        None (every server) again; nonsense is refused.
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k", namespace="two")
+        self.assertEqual((yield store.set_namespace("two", replicas=2)).replicas, 2)
+        self.assertEqual((yield store.namespace("two")).replicas, 2)
+        self.assertIsNone((yield store.set_namespace("two", replicas=None)).replicas)
+        self.assertIsNone((yield store.namespace("two")).replicas)
+        yield self.assertFailure(store.set_namespace("two", replicas=0), ValueError)
 
     @inlineCallbacks
     def test_purgeFile(self) -> InlineTest:

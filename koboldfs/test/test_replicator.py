@@ -9,11 +9,22 @@ import hashlib
 import os
 import sqlite3
 
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.interfaces import FileInfo
+from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.protocol import CHUNK_SIZE
-from koboldfs.replicator import RESCAN, Replicator
+from koboldfs.replicator import (
+    DEFER_INTERVALS,
+    RESCAN,
+    Decision,
+    Replicator,
+    Scrubber,
+    choose,
+    counted_copies,
+)
+from koboldfs.service import ServerConfig
+from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster
 
 #: Seconds between passes in these tests.
@@ -221,17 +232,33 @@ class ReplicatorTests(SynchronousTestCase):
         self.assertEqual(hashlib.sha256(self.on_disk("b", info)).hexdigest(), info.sha256)
         self.assertIn("b", self.lookup("k").replicas)
 
+    def test_repairAtOnce(self) -> None:
+        """
+        A copy of ours found bad (by a read or the scrub) is made again from
+        a good one at once, not at the hourly pass from the first id.
+        """
+        info = self.put("k", b"again")
+        self.replicator("b")
+        node = self.cluster.servers["b"].node
+        self.cluster.flush(node.replica_failed(self.lookup("k"), "a test"))
+        self.assertEqual(self.on_disk("b", info), b"again")
+        self.assertEqual(self.lookup("k").replicas, ("a", "b"))
+        quarantined = os.listdir(os.path.join(self.root, "b", "quarantine"))
+        self.assertEqual(quarantined, [os.path.basename(info.path)])
+
     def test_rescan(self) -> None:
         """
-        A copy lost behind the cursor (quarantined, say) is made again by
-        the periodic pass from the first id, not by every pass.
+        A copy lost behind the cursor with nobody told (its row removed
+        by hand, say) is made again by the periodic pass from the first id,
+        not by every pass.
         """
         for server in self.cluster.servers.values():
             server.config.down_after = 2 * RESCAN
         info = self.put("k", b"again")
         self.replicator("b")
-        node = self.cluster.servers["b"].node
-        self.cluster.flush(node.replica_failed(self.lookup("k"), "a test"))
+        server = self.cluster.servers["b"]
+        self.cluster.flush(server.storage.remove(info.path))
+        self.cluster.flush(server.store.remove_replica(info.id, "b"))
         self.advance(INTERVAL)
         self.assertIsNone(self.on_disk("b", info))
         # In two steps, so that connections the peer closed as idle are
@@ -267,3 +294,331 @@ class ReplicatorTests(SynchronousTestCase):
         self.cluster.flush(server.store.start())
         self.advance(INTERVAL)
         self.assertEqual(self.on_disk("b", info), b"x")
+
+    # -- server states and replica counts
+
+    def set_state(self, name: str, state: str) -> None:
+        store = self.cluster.servers[name].store
+        self.assertTrue(self.cluster.flush(store.set_server_state(name, state)))
+        self.cluster.beat()
+
+    def set_host(self, name: str, host: str) -> None:
+        server = self.cluster.servers[name]
+        server.config.host = host
+        info = ServerInfo(name, host, server.address, "http://memory")
+        self.cluster.flush(server.store.register_server(info))
+        self.cluster.beat()
+
+    def set_replicas(self, count: int | None) -> None:
+        store = self.cluster.servers["a"].store
+        self.cluster.flush(store.set_namespace("test", replicas=count))
+
+    def test_drainIsSourceNotTarget(self) -> None:
+        """
+        A draining server's files are copied from it to the others, it
+        takes none of theirs, and it keeps its own copies meanwhile.
+        """
+        mine = self.put("mine", b"on a")
+        theirs = self.put("theirs", b"on b", on="b")
+        self.set_state("a", "drain")
+        self.replicator("a")
+        self.replicator("b")
+        self.replicator("c")
+        self.assertEqual(self.on_disk("b", mine), b"on a")
+        self.assertEqual(self.on_disk("c", mine), b"on a")
+        self.assertIsNone(self.on_disk("a", theirs))
+        self.assertEqual(self.on_disk("a", mine), b"on a")
+        self.assertEqual(self.lookup("mine").replicas, ("a", "b", "c"))
+
+    def test_drainWithReplicaCount(self) -> None:
+        """
+        With a replica count, a draining server's copy does not count: its
+        file is copied until that many copies are on other servers.
+        """
+        self.set_replicas(1)
+        info = self.put("k", b"moving")
+        self.replicator("b")
+        self.replicator("c")
+        self.assertEqual(self.lookup("k").replicas, ("a",))
+        self.set_state("a", "drain")
+        self.advance(INTERVAL)
+        self.assertEqual(len(self.lookup("k").replicas), 2)
+        self.assertEqual(self.on_disk("a", info), b"moving")
+        self.advance(DEFER_INTERVALS * INTERVAL)
+        self.advance(INTERVAL)
+        self.assertEqual(len(self.lookup("k").replicas), 2)
+
+    def test_deadForgotten(self) -> None:
+        """
+        A dead server's copies do not count: they are made again elsewhere,
+        readers are never sent to it, and a deleted file it alone holds is
+        purged.
+        """
+        self.set_replicas(2)
+        kept = self.put("kept", b"twice")
+        self.replicator("b")
+        self.replicator("c")
+        holders = self.lookup("kept").replicas
+        self.assertEqual(len(holders), 2)
+        [other] = set(holders) - {"a"}
+        [spare] = {"b", "c"} - {other}
+        doomed = self.put("doomed", b"x", on=other)
+        self.set_state(other, "dead")
+        self.advance(INTERVAL)
+        self.assertEqual(self.on_disk(spare, kept), b"twice")
+        sources = self.cluster.servers["a"].node.peers_holding(self.lookup("kept"))
+        self.assertEqual(sorted(s.name for s in sources), [spare])
+        # Only the dead server held it: nobody can copy it from there.
+        self.assertIsNone(self.on_disk(spare, doomed))
+        client = self.cluster.servers["a"].client()
+        self.assertTrue(self.cluster.flush(client.delete("doomed")))
+        self.cluster.flush(client.close())
+        self.advance(INTERVAL)
+        self.assertEqual(self.file_rows(), 1)
+
+    def test_replicaCount(self) -> None:
+        """
+        With a count of 2, of the two servers lacking a new file exactly
+        one copies it; the other, if it was not the one picked, looks again
+        later, finds enough copies, and forgets it.
+        """
+        self.set_replicas(2)
+        b, c = self.replicator("b"), self.replicator("c")
+        info = self.put("k", b"two copies")
+        self.advance(INTERVAL)
+        self.assertEqual(len(self.lookup("k").replicas), 2)
+        self.advance(DEFER_INTERVALS * INTERVAL)
+        self.assertEqual((b.retries, c.retries), ({}, {}))
+        self.assertEqual(len(self.lookup("k").replicas), 2)
+        self.assertEqual([self.on_disk(n, info) is None for n in ("b", "c")].count(True), 1)
+
+    def test_distinctHosts(self) -> None:
+        """
+        Copies go to another host first: with A and B on one host, C takes
+        the second copy of A's files, every time; B takes one only if C
+        cannot.
+        """
+        self.set_host("a", "h1")
+        self.set_host("b", "h1")
+        self.set_replicas(2)
+        infos = [self.put(f"k{n}", b"spread") for n in range(5)]
+        self.replicator("b")
+        self.replicator("c")
+        self.assertEqual([self.lookup(i.key).replicas for i in infos], [("a", "c")] * 5)
+        self.assertEqual([self.on_disk("b", i) for i in infos], [None] * 5)
+
+    def test_distinctHostDown(self) -> None:
+        """
+        When the other host's server is down, one on the same host takes
+        the copy after all: two copies on one host beat one.
+        """
+        self.set_host("a", "h1")
+        self.set_host("b", "h1")
+        self.set_replicas(2)
+        info = self.put("k", b"somewhere")
+        self.advance(self.cluster.servers["b"].config.down_after + 1)
+        self.cluster.beat("a", "b")
+        self.replicator("b")
+        self.assertEqual(self.on_disk("b", info), b"somewhere")
+
+
+class ChooseTests(SynchronousTestCase):
+    """
+    Who copies a file, computed alike by every server from the metadata.
+    """
+
+    def servers(self, *specs: tuple[str, str, str]) -> dict[str, ServerInfo]:
+        return {
+            name: ServerInfo(name, host, f"{name}:1", "http://x/", state=state, heartbeat=100.0)
+            for name, host, state in specs
+        }
+
+    def info(self, *replicas: str, fid: str = "f" * 32) -> FileInfo:
+        return FileInfo(1, fid, "ns", "k", 1, "0" * 64, 0.0, "files/x", replicas)
+
+    def test_everyServer(self) -> None:
+        """
+        With no count, every server copies every file it lacks.
+        """
+        servers = self.servers(("a", "h", "alive"), ("b", "h", "alive"))
+        self.assertIs(choose(self.info("a"), "b", servers, None, 100.0, 5.0), Decision.COPY)
+
+    def test_exactlyNeeded(self) -> None:
+        """
+        Of the servers lacking a copy, exactly as many as are missing pick
+        themselves, for any file.
+        """
+        servers = self.servers(*((n, n, "alive") for n in "abcde"))
+        for n in range(20):
+            info = self.info("a", fid=f"{n:032x}")
+            chosen = [
+                name
+                for name in "bcde"
+                if choose(info, name, servers, 3, 100.0, 5.0) is Decision.COPY
+            ]
+            self.assertEqual(len(chosen), 2)
+
+    def test_uncountedStates(self) -> None:
+        """
+        Draining and dead servers' copies do not count, readonly ones do;
+        nor do they, or down servers, get picked.
+        """
+        servers = self.servers(
+            ("a", "ha", "drain"), ("b", "hb", "dead"), ("c", "hc", "readonly"), ("d", "hd", "alive")
+        )
+        info = self.info("a", "b", "c")
+        self.assertIs(choose(info, "d", servers, 2, 100.0, 5.0), Decision.COPY)
+        self.assertIs(choose(info, "d", servers, 1, 100.0, 5.0), Decision.ENOUGH)
+        self.assertEqual(counted_copies(info, servers), ["c"])
+        servers["e"] = ServerInfo("e", "he", "e:1", "http://x/", heartbeat=0.0)
+        self.assertIs(choose(info, "d", servers, 2, 100.0, 5.0), Decision.COPY)
+
+
+class ScrubberTests(SynchronousTestCase):
+    """
+    The background scrub, paced on a L{task.Clock}-like reactor: it reads
+    at the rate it is given, and sets aside bad and missing copies, which
+    the replicator then makes again.
+    """
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        self.cluster = MemoryCluster(self.root, ["a", "b"])
+        self.addCleanup(self.cluster.stop)
+
+    def put(self, key: str, body: bytes) -> FileInfo:
+        server = self.cluster.servers["a"]
+        client = server.client()
+        self.assertTrue(self.cluster.flush(client.put(key, body)))
+        self.cluster.flush(client.close())
+        return self.cluster.flush(server.store.lookup("test", key))
+
+    def scrubber(self, name: str, rate: float) -> Scrubber:
+        scrubber = Scrubber(self.cluster.servers[name].node, self.cluster.reactor, rate, INTERVAL)
+        scrubber.start()
+        self.addCleanup(lambda: self.cluster.flush(scrubber.stop()))
+        self.cluster.pump()
+        return scrubber
+
+    def replicate(self, name: str) -> Replicator:
+        replicator = Replicator(self.cluster.servers[name].node, self.cluster.reactor, INTERVAL)
+        replicator.start()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        self.cluster.pump()
+        return replicator
+
+    def path(self, name: str, info: FileInfo) -> str:
+        return os.path.join(self.root, name, *info.path.split("/"))
+
+    def test_pace(self) -> None:
+        """
+        At one chunk a second, a file of three chunks and a byte takes four
+        seconds; the round then ends and the next starts after a rest.
+        """
+        self.put("k", os.urandom(3 * CHUNK_SIZE + 1))
+        scrubber = self.scrubber("a", CHUNK_SIZE)
+        self.assertEqual(scrubber.bytes_checked, CHUNK_SIZE)
+        for chunks in (2, 3):
+            self.cluster.reactor.advance(1)
+            self.assertEqual(scrubber.bytes_checked, chunks * CHUNK_SIZE)
+        self.assertEqual(scrubber.files_checked, 0)
+        self.cluster.reactor.advance(1)
+        self.assertEqual(scrubber.bytes_checked, 3 * CHUNK_SIZE + 1)
+        self.cluster.reactor.advance(1)
+        self.assertEqual((scrubber.files_checked, scrubber.rounds, scrubber.bad), (1, 1, 0))
+        self.cluster.reactor.advance(INTERVAL)
+        self.assertEqual(scrubber.bytes_checked, 4 * CHUNK_SIZE + 1)
+
+    def test_smallRate(self) -> None:
+        """
+        A rate below a chunk reads in pieces of that size, one a second.
+        """
+        self.put("k", b"x" * 100)
+        scrubber = self.scrubber("a", 30)
+        self.assertEqual(scrubber.bytes_checked, 30)
+        self.cluster.reactor.advance(1)
+        self.assertEqual(scrubber.bytes_checked, 60)
+
+    def test_disabled(self) -> None:
+        """
+        A rate of 0 turns the scrub off.
+        """
+        self.put("k", b"x")
+        scrubber = self.scrubber("a", 0)
+        self.assertFalse(scrubber.running)
+        self.assertEqual(scrubber.bytes_checked, 0)
+
+    def test_stopWhileWaiting(self) -> None:
+        """
+        Stopping cuts the wait between chunks short; nothing is left on
+        the clock.
+        """
+        self.put("k", os.urandom(2 * CHUNK_SIZE))
+        scrubber = self.scrubber("a", CHUNK_SIZE)
+        self.cluster.flush(scrubber.stop())
+        self.assertFalse(scrubber.running)
+        self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
+
+    def test_badCopyRepaired(self) -> None:
+        """
+        A copy whose bytes were flipped is set aside by the scrub and made
+        again from a good copy at once.
+        """
+        info = self.put("k", b"precious bytes")
+        self.replicate("b")
+        with open(self.path("b", info), "r+b") as f:
+            f.write(b"P")
+        scrubber = self.scrubber("b", CHUNK_SIZE)
+        self.assertEqual(scrubber.bad, 1)
+        self.assertIn("sha256", scrubber.last_bad)
+        with open(self.path("b", info), "rb") as f:
+            self.assertEqual(f.read(), b"precious bytes")
+        self.assertEqual(
+            os.listdir(os.path.join(self.root, "b", "quarantine")), [os.path.basename(info.path)]
+        )
+        found = self.cluster.flush(self.cluster.servers["a"].store.lookup("test", "k"))
+        self.assertEqual(found.replicas, ("a", "b"))
+
+    def test_missingCopyRepaired(self) -> None:
+        """
+        A copy gone from disk is treated the same: forgotten, then made
+        again.
+        """
+        info = self.put("k", b"precious bytes")
+        self.replicate("b")
+        os.unlink(self.path("b", info))
+        scrubber = self.scrubber("b", CHUNK_SIZE)
+        self.assertEqual((scrubber.bad, scrubber.last_bad.endswith("missing from disk")), (1, True))
+        with open(self.path("b", info), "rb") as f:
+            self.assertEqual(f.read(), b"precious bytes")
+
+    def test_deletedMeanwhile(self) -> None:
+        """
+        A file whose bytes went because it was deleted is not a bad copy.
+        """
+        info = self.put("k", b"going")
+        server = self.cluster.servers["a"]
+        page = self.cluster.flush(server.store.held_files("a", 0, 10))
+        self.cluster.flush(server.node.delete("test", "k"))
+        scrubber = Scrubber(server.node, self.cluster.reactor, CHUNK_SIZE, INTERVAL)
+        self.cluster.flush(scrubber._check(page[0]))
+        self.assertEqual((scrubber.bad, scrubber.files_checked), (0, 1))
+        self.assertFalse(os.path.exists(self.path("a", info)))
+
+
+class ScrubRateOptionTests(SynchronousTestCase):
+    """
+    C{--scrub-rate}: bytes a second, 0 to turn the scrub off.
+    """
+
+    def config(self, *argv: str) -> ServerConfig:
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), *argv])
+        return options.server_config
+
+    def test_rate(self) -> None:
+        self.assertEqual(self.config().scrub_rate, 10 * 1024 * 1024)
+        self.assertEqual(self.config("--scrub-rate", "0").scrub_rate, 0)
+        self.assertEqual(self.config("--scrub-rate", "1000").scrub_rate, 1000)
+        for bad in ("-1", "fast", "nan"):
+            self.assertRaises(UsageError, self.config, "--scrub-rate", bad)
