@@ -169,6 +169,15 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         self.sendMessage(Op.PUT, fields)
         return d
 
+    def begin_replica_put(self, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send REPLICA_PUT (server to server: koboldfs.durability); then as
+        L{begin_put}.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(Op.REPLICA_PUT, fields)
+        return d
+
     def send_chunk(self, chunk: bytes) -> None:
         self.resetTimeout()
         self.sendData(chunk)

@@ -163,12 +163,19 @@ class IMetadataStore(Interface):
         disk depend on it).
         """
 
-    def add_file(namespace, key, fid, path, size, sha256, created, server):
+    def add_file(namespace, key, fid, path, size, sha256, created, server, also=()):
         """
-        Publish a new version of C{key}, held by C{server}, creating the
-        namespace on first use.  The previous version, if any, is marked
+        Publish a new version of C{key}, held by C{server} and by the
+        servers named in C{also} (copies made durable while it was put),
+        creating the namespace on first use.  The previous version, if any, is marked
         deleted in the same transaction, for the replicator to reclaim.
         Fire with the new L{FileInfo}.
+        """
+
+    def known_fids(fids):
+        """
+        Fire with the set of those of C{fids} that a file row (live or
+        deleted) names: the others are bytes no metadata knows.
         """
 
     def lookup(namespace, key):

@@ -60,6 +60,9 @@ class Op(IntEnum):
     DELETE = 0x14
     STAT = 0x15
     LIST = 0x16
+    #: Server to server: a copy of a put's body, streamed while the put
+    #: arrives, for write durability (koboldfs.durability).
+    REPLICA_PUT = 0x30
     DATA = 0x40
     END = 0x41
     OK = 0x50
@@ -68,7 +71,9 @@ class Op(IntEnum):
 
 
 #: Requests a client may send once the handshake is done.
-REQUESTS = frozenset({Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST})
+REQUESTS = frozenset(
+    {Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST, Op.REPLICA_PUT}
+)
 
 
 def _is_int(value: object) -> bool:
@@ -122,6 +127,7 @@ SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
         "after": ("str_or_null", False),
         "limit": ("int", False),
     },
+    Op.REPLICA_PUT: {"fid": ("str", True), "path": ("str", True), "size": ("int_or_null", False)},
     Op.END: {"sha256": ("sha256", False), "abort": ("bool", False)},
     Op.OK: {},
     Op.FILE: {"size": ("int", True), "sha256": ("sha256", True)},

@@ -97,6 +97,14 @@ def counted_copies(info: FileInfo, servers: Mapping[str, ServerInfo]) -> list[st
     ]
 
 
+def placement_weight(fid: str, server: str) -> bytes:
+    """
+    Where C{server} ranks for a copy of file C{fid}, lowest first:
+    rendezvous hashing, which every server computes alike.
+    """
+    return hashlib.sha256(f"{fid}/{server}".encode()).digest()
+
+
 def choose(
     info: FileInfo,
     me: str,
@@ -132,10 +140,7 @@ def choose(
         and (s.name == me or s.is_up(now, down_after))
     ]
 
-    def weight(server: ServerInfo) -> bytes:
-        return hashlib.sha256(f"{info.fid}/{server.name}".encode()).digest()
-
-    candidates.sort(key=weight)
+    candidates.sort(key=lambda s: placement_weight(info.fid, s.name))
     for _ in range(need):
         if not candidates:
             break

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
+from koboldfs import durability
 from koboldfs.client import ConnectionPool
 from koboldfs.errors import (
     ConnectionFailed,
@@ -48,8 +49,9 @@ from koboldfs.protocol import (
     Message,
     Op,
 )
+from koboldfs.orphans import OrphanSweeper
 from koboldfs.replicator import Replicator, Scrubber
-from koboldfs.storage import Storage, Upload, new_fid, relpath_for
+from koboldfs.storage import Storage, Upload, new_fid, relpath_for, relpath_names
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
 log = Logger()
@@ -226,6 +228,8 @@ class Node:
         """
         try:
             namespace = await self.store.namespace(put.ns)
+            if put.forward is None:
+                durability.check_alone(namespace, put.ns)
             if namespace is not None and namespace.private:
                 put.path = relpath_for(put.fid, put.key, private=namespace.name)
         except BaseException:
@@ -249,6 +253,24 @@ class Node:
                 return published
             await self.storage.remove(put.path)
             raise
+
+    def begin_replica(self, fid: str, path: str, size: int | None) -> PendingPut:
+        """
+        A peer's REPLICA_PUT (koboldfs.durability): the bytes of a put
+        another server is taking, written at the path it gave; recorded by
+        that server, not here.
+        """
+        if self.readonly:
+            raise ServerError(ErrorCode.READONLY, f"server {self.name} takes no new files")
+        if relpath_names(path) != fid:
+            raise ServerError(ErrorCode.BAD_REQUEST, f"{path!r} is not a stored path of {fid!r}")
+        limit = self.config.max_file_size
+        if limit is not None and size is not None and size > limit:
+            raise ServerError(
+                ErrorCode.TOO_LARGE, f"{size} bytes is over this server's limit of {limit}"
+            )
+        upload = self.storage.open_upload(path, limit)
+        return PendingPut("", "", fid, path, size, upload, replica=True)
 
     def peers_holding(self, info: FileInfo) -> list[ServerInfo]:
         """
@@ -279,6 +301,10 @@ class PendingPut:
     path: str
     size: int | None
     upload: Upload
+    #: Its copies on the way to peers, if the cluster has several hosts.
+    forward: durability.Forward | None = None
+    #: A peer's copy (REPLICA_PUT): stored, not recorded.
+    replica: bool = False
 
 
 class _State(Enum):
@@ -357,7 +383,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- requests
 
     def _request(self, msg: Message) -> None:
-        if msg.op is Op.PUT:
+        if msg.op is Op.PUT or msg.op is Op.REPLICA_PUT:
             self._begin_put(msg)
             return
         self._state = _State.BUSY
@@ -498,13 +524,35 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     def _begin_put(self, msg: Message) -> None:
         try:
-            put = self.node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
+            if msg.op is Op.REPLICA_PUT:
+                put = self.node.begin_replica(msg["fid"], msg["path"], msg.get("size"))
+            else:
+                put = self.node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
         except KoboldError as e:
             self._refuse_put(e)
             return
-        put.upload.registerProducer(self.transport, True)
         self._put = put
         self._state = _State.RECEIVING
+        if not put.replica and durability.several_hosts(self.node):
+            self._forward_put(put)
+        else:
+            put.upload.registerProducer(self.transport, True)
+
+    def _forward_put(self, put: PendingPut) -> None:
+        """
+        Stream this put's body to peers as it arrives too (write
+        durability); the client is paused while the disk or a peer lags.
+        """
+        gate = durability.Gate(self.transport)
+        put.upload.registerProducer(gate.side("disk"), True)
+
+        def failed(error: KoboldError) -> None:
+            if self._put is put and self._state is _State.RECEIVING:
+                self._abort_put()
+                self._refuse_put(error)
+
+        put.forward = durability.Forward(self.node, put, gate, failed)
+        put.forward.start()
 
     def _bodyFrame(self, frame: Frame) -> None:
         put = self._put
@@ -515,6 +563,9 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             except KoboldError as e:
                 self._abort_put()
                 self._refuse_put(e)
+                return
+            if put.forward is not None:
+                put.forward.write(frame.payload)
         elif frame.op is Op.END:
             if frame.get("abort"):
                 self._abort_put()
@@ -532,12 +583,18 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _finish_put(self, put: PendingPut, sha256: str) -> None:
         try:
-            info = await self.node.finish_upload(put, sha256)
+            if put.replica:
+                size, digest = await put.upload.finish(sha256, put.size)
+                fields = {"size": size, "sha256": digest}
+            elif put.forward is not None:
+                fields = stat_fields(await put.forward.finish(sha256))
+            else:
+                fields = stat_fields(await self.node.finish_upload(put, sha256))
         finally:
             put.upload.unregisterProducer()
             if not self.closing:
                 self.transport.resumeProducing()
-        self._reply(stat_fields(info))
+        self._reply(fields)
 
     def _refuse_put(self, error: KoboldError) -> None:
         """
@@ -550,6 +607,8 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     def _abort_put(self) -> None:
         put, self._put = self._put, None
         if put is not None and self._state is _State.RECEIVING:
+            if put.forward is not None:
+                put.forward.abort()
             put.upload.unregisterProducer()
             put.upload.abort()
             if not self.closing:
@@ -617,6 +676,7 @@ class KoboldService(MultiService):
         self.scrubber = Scrubber(
             self.node, reactor, config.scrub_rate, rest=config.replicate_interval
         )
+        self.orphans = OrphanSweeper(self.node, reactor)
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -661,6 +721,7 @@ class KoboldService(MultiService):
         self._beat.start(config.heartbeat, now=False)
         self.replicator.start()
         self.scrubber.start()
+        self.orphans.start()
         log.info(
             "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
             name=config.name,
@@ -691,6 +752,7 @@ class KoboldService(MultiService):
             self._beat.stop()
         replicating = self.replicator.stop()
         scrubbing = self.scrubber.stop()
+        sweeping = self.orphans.stop()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
@@ -698,5 +760,6 @@ class KoboldService(MultiService):
         yield self.peers.close()
         yield replicating
         yield scrubbing
+        yield sweeping
         yield self.store.stop()
         yield super().stopService()

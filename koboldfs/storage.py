@@ -123,6 +123,16 @@ def relpath_for(fid: str, key: str, private: str | None = None) -> str:
     return relpath
 
 
+def relpath_names(relpath: object) -> str | None:
+    """
+    The fid that C{relpath} stores, if it is a stored file's path exactly
+    as L{relpath_for} makes them; else None.
+    """
+    if not isinstance(relpath, str) or not _RELPATH.fullmatch(relpath):
+        return None
+    return posixpath.basename(relpath)[:32]
+
+
 def fsync_directory(path: str) -> None:
     """
     Make the entries of directory C{path} durable (after a rename or mkdir
@@ -176,6 +186,9 @@ class Storage:
         self.threadpool = threadpool
         self._write: Callable[[int, Any], int] = os.write
         self._rename: Callable[[str, str], None] = os.rename
+        #: The temp files of uploads not settled yet, which the orphan
+        #: sweep must leave alone however old they are.
+        self.open_uploads: set[str] = set()
 
     def _defer(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
@@ -278,6 +291,106 @@ class Storage:
             return
         fsync_directory(os.path.dirname(path))
 
+    # -- the orphan sweep (koboldfs.orphans)
+
+    def remove_stale_tmp(self, before: float) -> Deferred[int]:
+        """
+        Delete what C{tmp/} holds that was last modified before C{before}
+        (seconds since the epoch) and is not an upload in progress here:
+        leftovers of uploads that crashed.  Fires with how many went.
+        """
+        return self._defer(self._thdRemoveStaleTmp, before, frozenset(self.open_uploads))
+
+    def _thdRemoveStaleTmp(self, before: float, busy: frozenset[str]) -> int:
+        removed = 0
+        with os.scandir(os.path.join(self.root, TMP)) as entries:
+            for entry in entries:
+                if entry.path in busy:
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime >= before:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
+
+    def buckets(self) -> Deferred[list[str]]:
+        """
+        The directories stored files are spread over, relative to the root
+        (C{files/ab}, C{private/<ns>/ab}): units of work small enough to
+        list at once.
+        """
+        return self._defer(self._thdBuckets)
+
+    def _thdBuckets(self) -> list[str]:
+        trees = [FILES]
+        with os.scandir(os.path.join(self.root, PRIVATE)) as entries:
+            trees += sorted(
+                f"{PRIVATE}/{e.name}" for e in entries if e.is_dir(follow_symlinks=False)
+            )
+        buckets = []
+        for tree in trees:
+            with os.scandir(os.path.join(self.root, *tree.split("/"))) as entries:
+                buckets += sorted(
+                    f"{tree}/{e.name}"
+                    for e in entries
+                    if re.fullmatch(r"[0-9a-f]{2}", e.name) and e.is_dir(follow_symlinks=False)
+                )
+        return buckets
+
+    def old_files(self, bucket: str, before: float) -> Deferred[list[str]]:
+        """
+        The stored files under C{bucket} (from L{buckets}) last modified
+        before C{before}, as relative paths.  Names that are not a stored
+        file's are not ours to judge, and are left out.
+        """
+        return self._defer(self._thdOldFiles, bucket, before)
+
+    def _thdOldFiles(self, bucket: str, before: float) -> list[str]:
+        found = []
+        try:
+            subdirs = os.scandir(os.path.join(self.root, *bucket.split("/")))
+        except FileNotFoundError:
+            return found
+        with subdirs:
+            for sub in subdirs:
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(sub.path) as entries:
+                    for entry in entries:
+                        relpath = f"{bucket}/{sub.name}/{entry.name}"
+                        if relpath_names(relpath) is None:
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if stat.S_ISREG(st.st_mode) and st.st_mtime < before:
+                            found.append(relpath)
+        return sorted(found)
+
+    def remove_if_older(self, relpath: str, before: float) -> Deferred[bool]:
+        """
+        Delete the stored file C{relpath} if it is still last modified
+        before C{before}; a copy written since is not the one judged.
+        """
+        return self._defer(self._thdRemoveIfOlder, self.abspath(relpath), before)
+
+    @staticmethod
+    def _thdRemoveIfOlder(path: str, before: float) -> bool:
+        try:
+            if os.lstat(path).st_mtime >= before:
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
 
 class UploadState(Enum):
     """
@@ -310,6 +423,7 @@ class Upload:
         self.path = storage.abspath(relpath)
         self.max_size = max_size
         self.tmppath = os.path.join(storage.root, TMP, uuid.uuid4().hex + ".part")
+        storage.open_uploads.add(self.tmppath)
         self.state = UploadState.OPEN
         self.size = 0
         self._buffer: list[bytes] = []
@@ -603,6 +717,7 @@ class Upload:
 
     def _settle(self) -> None:
         self._settled = True
+        self._storage.open_uploads.discard(self.tmppath)
         self._buffer = []
         self._buffered = 0
         self._resume(force=True)

@@ -21,7 +21,7 @@ import json
 import re
 import uuid
 from itertools import zip_longest
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import psycopg2
 import psycopg2.extras
@@ -708,6 +708,7 @@ class PostgresStore:
         sha256: str,
         created: float,
         server: str,
+        also: tuple[str, ...] = (),
     ) -> Deferred[FileInfo]:
         return self._run(
             queries.add_file,
@@ -719,11 +720,15 @@ class PostgresStore:
             sha256,
             created,
             server,
+            tuple(also),
             notice=lambda info: (
                 FILE_ADDED,
                 {"id": info.id, "namespace": namespace, "key": key},
             ),
         )
+
+    def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
+        return self._run(queries.known_fids, tuple(fids))
 
     def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
         return self._run(queries.lookup, namespace, key)

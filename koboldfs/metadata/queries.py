@@ -30,7 +30,7 @@ The driver contract:
 Drivers are given a L{Work}: a zero-argument factory of fresh generators
 that also tells whether the transaction writes.  The transactions are
 L{create_schema}; L{get_namespace} and L{ensure_namespace}; L{add_file},
-L{lookup}, L{delete} and L{list_keys}; L{register_server}, L{heartbeat},
+L{known_fids}, L{lookup}, L{delete} and L{list_keys}; L{register_server}, L{heartbeat},
 L{set_server_state}, L{list_servers} and L{files_held}; L{list_namespaces};
 L{add_replica} and L{remove_replica}; and the replicator's L{missing_replicas},
 L{held_files}, L{deleted_files} and L{purge_file}.
@@ -391,10 +391,12 @@ def add_file(
     sha256: str,
     created: float,
     server: str,
+    also: tuple[str, ...] = (),
 ) -> Txn[FileInfo]:
     """
-    Publish a new live version of C{key} held by C{server}, retiring the
-    previous one.  Concurrent writers of one key queue on the live version's
+    Publish a new live version of C{key} held by C{server}, and by the
+    servers C{also} (copies made while it was put: koboldfs.durability),
+    retiring the previous one.  Concurrent writers of one key queue on the live version's
     row lock (see L{_retire}); the rare two that still collide on
     files_live_key are retried by the driver, so the last writer wins and
     all succeed.
@@ -414,7 +416,9 @@ def add_file(
         },
     )
     file_id = out.rows[0][0]
-    yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": created})
+    holders = (server, *(name for name in dict.fromkeys(also) if name != server))
+    for name in holders:
+        yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": name, "b_now": created})
     return FileInfo(
         id=file_id,
         fid=fid,
@@ -424,8 +428,27 @@ def add_file(
         sha256=sha256,
         created=created,
         path=path,
-        replicas=(server,),
+        replicas=tuple(sorted(holders)),
     )
+
+
+_FID_KNOWN = select(files.c.id).where(files.c.fid == bindparam("b_fid"))
+
+
+@reader
+def known_fids(fids: tuple[str, ...]) -> Txn[set[str]]:
+    """
+    Those of C{fids} that a file row names, in any state: what is left is
+    bytes no metadata knows (the orphan sweep, koboldfs.orphans).  One
+    query each, on the unique index: expanding parameters are not
+    compiled once.
+    """
+    known = set()
+    for fid in fids:
+        out = yield Query(_FID_KNOWN, {"b_fid": fid})
+        if out.rows:
+            known.add(fid)
+    return known
 
 
 @reader

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, create_engine, make_url
@@ -301,14 +301,20 @@ class SQLAlchemyStore:
         sha256: str,
         created: float,
         server: str,
+        also: tuple[str, ...] = (),
     ) -> Deferred[FileInfo]:
-        d = self._run(queries.add_file, namespace, key, fid, path, size, sha256, created, server)
+        d = self._run(
+            queries.add_file, namespace, key, fid, path, size, sha256, created, server, also
+        )
 
         def added(info: FileInfo) -> FileInfo:
             self._listeners.notify(FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key})
             return info
 
         return d.addCallback(added)
+
+    def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
+        return self._run(queries.known_fids, tuple(fids))
 
     def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
         return self._run(queries.lookup, namespace, key)

@@ -37,6 +37,7 @@ EXAMPLES = [
     Message(Op.DELETE, {"ns": "demo", "key": "k"}),
     Message(Op.STAT, {"ns": "demo", "key": "k"}),
     Message(Op.LIST, {"ns": "demo", "prefix": "a", "after": None, "limit": 10}),
+    Message(Op.REPLICA_PUT, {"fid": "ab" * 16, "path": "files/ab/ab/" + "ab" * 16, "size": 3}),
     Data(b""),
     Data(bytes(range(256)) * 10),
     Message(Op.END, {"sha256": SHA}),

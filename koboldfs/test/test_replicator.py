@@ -42,6 +42,10 @@ class ReplicatorTests(SynchronousTestCase):
         self.cluster = MemoryCluster(self.root, ["a", "b", "c"])
         self.addCleanup(self.cluster.stop)
         self.replicators: dict[str, Replicator] = {}
+        # A put lands on one server, for the replicators to copy: these
+        # tests are about them, not about write durability.
+        store = self.cluster.servers["a"].store
+        self.cluster.flush(store.set_namespace("test", min_copies=1))
 
     def replicator(self, name: str, **options: int) -> Replicator:
         """
@@ -485,6 +489,9 @@ class ScrubberTests(SynchronousTestCase):
         self.root = os.path.abspath(self.mktemp())
         self.cluster = MemoryCluster(self.root, ["a", "b"])
         self.addCleanup(self.cluster.stop)
+        # One copy at the put: the replicator makes the others.
+        store = self.cluster.servers["a"].store
+        self.cluster.flush(store.set_namespace("test", min_copies=1))
 
     def put(self, key: str, body: bytes) -> FileInfo:
         server = self.cluster.servers["a"]

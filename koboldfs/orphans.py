@@ -1,0 +1,160 @@
+"""
+The orphan sweep: removes bytes that no metadata knows.
+
+Two kinds are left behind by crashes and failures:
+
+  - a stored file (C{files/...}, C{private/...}) that no file row names:
+    the server crashed between renaming it into place and committing its
+    row, or it is a peer's copy of a put that was never committed
+    (L{koboldfs.durability}), or the row was purged while a copy was made;
+  - a file in C{tmp/} that no upload of this process has open: an upload
+    whose clean-up never ran.
+
+A L{OrphanSweeper} looks at start and then every C{interval} seconds, and
+only at files last modified more than C{grace} seconds ago: a put renames
+its file moments before it commits it, so a file that old is not one
+whose put is still in progress; an upload still open is skipped however
+old.  A file whose row exists (live or deleted) is never touched here: a
+deleted one is the replicator's to reclaim.  The metadata is asked a page
+of fids at a time, so a sweep costs one indexed lookup per stored file;
+that is why it runs rarely.
+
+See docs/replication.md ("Orphans").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from koboldfs.errors import KoboldError
+from koboldfs.storage import relpath_names
+
+if TYPE_CHECKING:
+    from koboldfs.service import Node
+
+log = Logger()
+
+#: Seconds between sweeps after the first, at start.
+INTERVAL = 6 * 3600.0
+#: Files modified less than this many seconds ago are never orphans.
+GRACE = 3600.0
+#: Fids asked of the metadata at once.
+BATCH = 100
+
+
+class OrphanSweeper:
+    """
+    One server's orphan sweep; see the module's docstring.
+
+    @ivar removed: files removed since start, for a status page.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        clock: Any,
+        interval: float = INTERVAL,
+        grace: float = GRACE,
+        batch: int = BATCH,
+    ) -> None:
+        """
+        @param clock: provides C{IReactorTime}; its C{seconds()} must be
+            wall-clock time, since it is compared with files' mtimes.
+        """
+        self._node = node
+        self._clock = clock
+        self._grace = grace
+        self._batch = batch
+        self._interval = interval
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = clock
+        self._running: Deferred[int] | None = None
+        self._stopping = False
+        self.removed = 0
+
+    def start(self) -> None:
+        self._stopping = False
+        self._loop.start(self._interval, now=True)
+
+    def stop(self) -> Deferred[Any]:
+        """
+        Start no more sweeps; fire once the one under way stops.
+        """
+        self._stopping = True
+        if self._loop.running:
+            self._loop.stop()
+        running = self._running
+        return succeed(None) if running is None else _chained(running)
+
+    def sweep(self) -> Deferred[int]:
+        """
+        Sweep now (or join the sweep under way); fire with how many files
+        it removed.  Never fails: errors are logged, and the next sweep
+        tries again.
+        """
+        if self._running is None:
+            d = ensureDeferred(self._guarded())
+            if not d.called:
+                self._running = d
+
+                def done(result: int) -> int:
+                    self._running = None
+                    return result
+
+                d.addBoth(done)
+            return d
+        return _chained(self._running)
+
+    async def _guarded(self) -> int:
+        try:
+            return await self._sweep()
+        except KoboldError as e:
+            log.warn("orphan sweep on {name} failed: {error}", name=self._node.name, error=e)
+        except Exception:
+            log.failure("orphan sweep on {name} failed", name=self._node.name)
+        return 0
+
+    async def _sweep(self) -> int:
+        node = self._node
+        storage = node.storage
+        before = self._clock.seconds() - self._grace
+        removed = await storage.remove_stale_tmp(before)
+        for bucket in await storage.buckets():
+            if self._stopping:
+                break
+            paths = await storage.old_files(bucket, before)
+            for start in range(0, len(paths), self._batch):
+                if self._stopping:
+                    break
+                page = [(relpath_names(p), p) for p in paths[start : start + self._batch]]
+                known = await node.store.known_fids([fid for fid, _ in page])
+                for fid, path in page:
+                    if fid in known:
+                        continue
+                    if await storage.remove_if_older(path, before):
+                        log.info(
+                            "{name} removed orphan {path}: no file row names it",
+                            name=node.name,
+                            path=path,
+                        )
+                        removed += 1
+        self.removed += removed
+        return removed
+
+
+def _chained(d: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred with C{d}'s result, leaving C{d}'s own chain alone.
+    """
+    out: Deferred[Any] = Deferred()
+
+    def passOn(result: Any) -> Any:
+        out.callback(result)
+        return result
+
+    d.addBoth(passOn)
+    return out

@@ -1,0 +1,491 @@
+"""
+Tests of write durability (L{koboldfs.durability}): the rules, with plain
+records, and puts forwarded between the servers of a L{MemoryCluster}
+(real storage, metadata and protocol, connected in memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sqlite3
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from koboldfs.durability import (
+    Gate,
+    forward_targets,
+    live_hosts,
+    required_copies,
+)
+from koboldfs.errors import ChecksumMismatch, ErrorCode, ServerError, Unavailable
+from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, encode_message
+from koboldfs.replicator import Decision, choose
+from koboldfs.service import ServerProtocol
+from koboldfs.storage import relpath_for
+from koboldfs.testing import MemoryCluster
+
+NOW = 1000.0
+DOWN_AFTER = 30.0
+
+
+def server(name: str, host: str, state: str = "alive", heartbeat: float = NOW) -> ServerInfo:
+    return ServerInfo(name, host, f"{name}:1", "http://x", state=state, heartbeat=heartbeat)
+
+
+def namespace(min_copies: int | None) -> NamespaceInfo:
+    return NamespaceInfo(1, "ns", 0.0, min_copies=min_copies)
+
+
+class RuleTests(SynchronousTestCase):
+    """
+    How many copies a put waits for, and where they go.
+    """
+
+    def test_default(self) -> None:
+        """
+        Two copies while two hosts or more are alive, one on a single host;
+        a namespace's setting wins, even over what is possible (the put
+        then fails, see below).
+        """
+        self.assertEqual(required_copies(None, 1), 1)
+        self.assertEqual(required_copies(None, 2), 2)
+        self.assertEqual(required_copies(None, 5), 2)
+        self.assertEqual(required_copies(namespace(None), 3), 2)
+        self.assertEqual(required_copies(namespace(1), 3), 1)
+        self.assertEqual(required_copies(namespace(3), 2), 3)
+
+    def test_live_hosts(self) -> None:
+        """
+        Hosts count once, only with a server alive and up; ours counts
+        whatever the metadata says of it.
+        """
+        servers = {
+            s.name: s
+            for s in [
+                server("a", "h1"),
+                server("a2", "h1"),
+                server("b", "h2"),
+                server("c", "h3", state="readonly"),
+                server("d", "h4", state="drain"),
+                server("e", "h5", heartbeat=NOW - DOWN_AFTER - 1),
+                server("f", "h6", state="dead"),
+            ]
+        }
+        self.assertEqual(live_hosts(servers, "a", "h1", NOW, DOWN_AFTER), {"h1", "h2"})
+        self.assertEqual(live_hosts({}, "a", "h1", NOW, DOWN_AFTER), {"h1"})
+
+    def test_targets(self) -> None:
+        """
+        Peers on our host, not alive, or down are never targets; the
+        others come in the order the replica placement picks them: the
+        first is the server L{choose} picks for the second copy.
+        """
+        servers = {
+            s.name: s
+            for s in [
+                server("a", "h1"),
+                server("a2", "h1"),
+                server("c", "h3", state="readonly"),
+                server("e", "h5", heartbeat=NOW - DOWN_AFTER - 1),
+                *(server(f"p{i}", f"host{i}") for i in range(8)),
+            ]
+        }
+        for n in range(20):
+            fid = hashlib.md5(str(n).encode()).hexdigest()
+            targets = forward_targets(fid, "a", "h1", servers, NOW, DOWN_AFTER)
+            self.assertEqual({t.name for t in targets}, {f"p{i}" for i in range(8)})
+            info = FileInfo(1, fid, "ns", "k", 1, "0" * 64, 0.0, "p", replicas=("a",))
+            first = targets[0]
+            self.assertIs(choose(info, first.name, servers, 2, NOW, DOWN_AFTER), Decision.COPY, fid)
+            for other in targets[1:]:
+                self.assertIs(choose(info, other.name, servers, 2, NOW, DOWN_AFTER), Decision.DEFER)
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class GateTests(SynchronousTestCase):
+    """
+    The client's connection is paused while any consumer lags, and
+    resumed once none does.
+    """
+
+    def test_slowest_wins(self) -> None:
+        producer = FakeProducer()
+        gate = Gate(producer)
+        disk, peer = gate.side("disk"), gate.side("peer")
+        disk.pauseProducing()
+        peer.pauseProducing()
+        disk.pauseProducing()
+        self.assertEqual(producer.calls, ["pause"])
+        disk.resumeProducing()
+        self.assertEqual(producer.calls, ["pause"])
+        self.assertTrue(gate.paused)
+        peer.resumeProducing()
+        self.assertEqual(producer.calls, ["pause", "resume"])
+        peer.resumeProducing()
+        self.assertEqual(producer.calls, ["pause", "resume"])
+
+    def test_closed(self) -> None:
+        """
+        Once its put is over, a gate no longer touches the connection: a
+        late resume must not release the next put's pause.
+        """
+        producer = FakeProducer()
+        gate = Gate(producer)
+        gate.pause("peer")
+        gate.close()
+        gate.resume("peer")
+        gate.pause("disk")
+        self.assertEqual(producer.calls, ["pause"])
+
+
+class _ClusterMixin:
+    """
+    A L{MemoryCluster} of servers called C{names}, each on a host of its
+    own, and helpers.
+    """
+
+    names: list[str]
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        self.cluster = MemoryCluster(self.root, self.names)
+        self.addCleanup(self.cluster.stop)
+
+    def put(self, key: str, body: bytes, on: str = "a") -> bool:
+        client = self.cluster.servers[on].client(retries=0)
+        try:
+            return self.cluster.flush(client.put(key, body))
+        finally:
+            self.cluster.flush(client.close())
+
+    def lookup(self, key: str) -> FileInfo | None:
+        return self.cluster.flush(self.cluster.servers["a"].store.lookup("test", key))
+
+    def set_namespace(self, **settings: object) -> None:
+        store = self.cluster.servers["a"].store
+        self.cluster.flush(store.set_namespace("test", **settings))
+
+    def on_disk(self, name: str, tree: str = "files") -> dict[str, bytes]:
+        found = {}
+        for directory, _, files in os.walk(os.path.join(self.root, name, tree)):
+            for f in files:
+                with open(os.path.join(directory, f), "rb") as fh:
+                    found[f] = fh.read()
+        return found
+
+    def rows(self, table: str) -> int:
+        with sqlite3.connect(os.path.join(self.root, "metadata.sqlite")) as db:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def assertNothingKept(self) -> None:
+        """
+        No row, and no bytes on any disk: every failure these tests make
+        happens before a peer's rename, so not even an orphan is left.
+        """
+        self.assertEqual(self.rows("files"), 0)
+        self.assertEqual(self.rows("replicas"), 0)
+        for name in self.cluster.servers:
+            self.assertEqual(self.on_disk(name), {}, name)
+            self.assertEqual(self.on_disk(name, "tmp"), {}, name)
+
+
+class ForwardTests(_ClusterMixin, SynchronousTestCase):
+    """
+    Puts to a server of a cluster of two servers on distinct hosts.
+    """
+
+    names = ["a", "b"]
+
+    def test_second_host_at_once(self) -> None:
+        """
+        When the put returns, the file is durable on B too, byte for byte
+        at the same path, and both copies are recorded, in one commit: no
+        replicator runs here.
+        """
+        body = os.urandom(3 * CHUNK_SIZE + 11)
+        self.assertTrue(self.put("big.bin", body))
+        info = self.lookup("big.bin")
+        self.assertEqual(info.replicas, ("a", "b"))
+        self.assertEqual(self.on_disk("a"), {os.path.basename(info.path): body})
+        self.assertEqual(self.on_disk("b"), {os.path.basename(info.path): body})
+        self.assertEqual(self.on_disk("b", "tmp"), {})
+
+    def test_small(self) -> None:
+        """
+        A body that arrives with its END before the peer is connected
+        waits for it.
+        """
+        self.assertTrue(self.put("s.txt", b"tiny"))
+        self.assertEqual(self.lookup("s.txt").replicas, ("a", "b"))
+        self.assertEqual(list(self.on_disk("b").values()), [b"tiny"])
+
+    def test_private(self) -> None:
+        """
+        A private namespace's file goes to the same private path on both.
+        """
+        self.set_namespace(private=True)
+        self.assertTrue(self.put("p.txt", b"secret"))
+        info = self.lookup("p.txt")
+        self.assertTrue(info.path.startswith("private/test/"))
+        self.assertEqual(list(self.on_disk("b", "private").values()), [b"secret"])
+
+    def test_namespace_one_copy(self) -> None:
+        """
+        A namespace asking for one copy is not forwarded.
+        """
+        self.set_namespace(min_copies=1)
+        self.assertTrue(self.put("k", b"once"))
+        self.assertEqual(self.lookup("k").replicas, ("a",))
+        self.assertEqual(self.on_disk("b"), {})
+
+    def test_more_than_hosts(self) -> None:
+        """
+        A namespace asking for more copies than there are live hosts fails
+        the put at once with an error saying so; nothing is kept.
+        """
+        self.set_namespace(min_copies=3)
+        with self.assertRaises(Unavailable) as caught:
+            self.put("k", os.urandom(2 * CHUNK_SIZE))
+        self.assertIn("needs copies on 3 distinct hosts", str(caught.exception))
+        self.assertIn("only 2 hosts are alive", str(caught.exception))
+        self.assertNothingKept()
+
+    def test_peer_down(self) -> None:
+        """
+        With B silent for longer than down_after, A is alone: by default a
+        put keeps one copy; a namespace that requires two fails it.
+        """
+        self.cluster.beat()
+        self.cluster.reactor.advance(60)
+        self.cluster.beat("a")
+        self.assertTrue(self.put("one", b"alone"))
+        self.assertEqual(self.lookup("one").replicas, ("a",))
+        self.assertEqual(self.on_disk("b"), {})
+        self.set_namespace(min_copies=2)
+        with self.assertRaises(Unavailable) as caught:
+            self.put("two", b"needs two")
+        self.assertIn("only 1 host is alive", str(caught.exception))
+        self.assertIsNone(self.lookup("two"))
+        self.assertEqual(self.on_disk("a", "tmp"), {})
+
+    def test_peer_unreachable(self) -> None:
+        """
+        A peer listed as up that cannot be reached fails the put, with
+        its reason, and nothing is kept.
+        """
+        peers = self.cluster.servers["a"].node.peers
+
+        def unreachable(address: str) -> object:
+            raise ConnectionRefusedError("refused")
+
+        peers._endpoint = unreachable
+        with self.assertRaises(Unavailable) as caught:
+            self.put("k", b"x" * 100)
+        self.assertIn("only 1 could be reached", str(caught.exception))
+        self.assertNothingKept()
+
+    def test_peer_disk_full(self) -> None:
+        """
+        A peer whose disk fills mid-stream fails the put (retryable), and
+        neither server keeps anything.
+        """
+
+        def full(fd: int, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.cluster.servers["b"].storage._write = full
+        with self.assertRaises(Unavailable) as caught:
+            self.put("k", os.urandom(3 * CHUNK_SIZE))
+        self.assertIn("the copy on b", str(caught.exception))
+        self.assertIn("NO_SPACE", str(caught.exception))
+        self.assertNothingKept()
+
+    def test_bad_checksum(self) -> None:
+        """
+        A client whose bytes do not match its checksum gets the checksum
+        error, not a durability one; no copy is published.
+        """
+        client = self.cluster.servers["a"].client(retries=0)
+        self.addCleanup(lambda: self.cluster.flush(client.close()))
+        proto = self.cluster.flush(client._pool.acquire("a:0"))
+        reply = proto.begin_put({"ns": "test", "key": "k", "size": 3})
+        proto.send_chunk(b"abc")
+        proto.end_put("00" * 32)
+        with self.assertRaises(ChecksumMismatch):
+            self.cluster.flush(reply)
+        self.cluster.pump()
+        self.assertNothingKept()
+
+    def test_commit_fails(self) -> None:
+        """
+        If the commit fails, A removes its copy and the put fails; B's
+        durable copy has no row: an orphan for the sweep (test_orphans).
+        """
+        store = self.cluster.servers["a"].store
+
+        def broken(*args: object, **kwargs: object) -> object:
+            from twisted.internet.defer import fail
+
+            return fail(Unavailable(ErrorCode.UNAVAILABLE, "database gone"))
+
+        store.add_file = broken
+        with self.assertRaises(Unavailable):
+            self.put("k", b"orphaned")
+        self.assertEqual(self.rows("files"), 0)
+        self.assertEqual(self.on_disk("a"), {})
+        self.assertEqual(list(self.on_disk("b").values()), [b"orphaned"])
+
+
+class ThreeHostTests(_ClusterMixin, SynchronousTestCase):
+    """
+    Puts to a server of a cluster of three servers on distinct hosts.
+    """
+
+    names = ["a", "b", "c"]
+
+    def test_second_host_at_once(self) -> None:
+        """
+        Two copies by default: A's and one on the peer the placement picks.
+        """
+        self.assertTrue(self.put("k", b"twice"))
+        info = self.lookup("k")
+        servers = self.cluster.servers["a"].node.servers
+        targets = forward_targets(info.fid, "a", "a", servers, self.cluster.reactor.seconds(), 30)
+        self.assertEqual(info.replicas, tuple(sorted(("a", targets[0].name))))
+
+    def test_three(self) -> None:
+        self.set_namespace(min_copies=3)
+        self.assertTrue(self.put("k", b"thrice"))
+        self.assertEqual(self.lookup("k").replicas, ("a", "b", "c"))
+        for name in "abc":
+            self.assertEqual(list(self.on_disk(name).values()), [b"thrice"])
+
+    def test_more_than_hosts(self) -> None:
+        self.set_namespace(min_copies=4)
+        with self.assertRaises(Unavailable) as caught:
+            self.put("k", b"x")
+        self.assertIn("only 3 hosts are alive", str(caught.exception))
+        self.assertNothingKept()
+
+    def test_peer_unreachable(self) -> None:
+        """
+        With a third host, a peer that cannot be reached is replaced.
+        """
+        peers = self.cluster.servers["a"].node.peers
+        connect = peers._endpoint
+        refused = []
+
+        def some_unreachable(address: str) -> object:
+            if not refused:
+                refused.append(address)
+                raise ConnectionRefusedError("refused")
+            return connect(address)
+
+        peers._endpoint = some_unreachable
+        self.assertTrue(self.put("k", b"x" * 100))
+        info = self.lookup("k")
+        self.assertEqual(len(info.replicas), 2)
+        self.assertNotIn(refused[0].partition(":")[0], info.replicas)
+
+
+class ReplicaPutTests(SynchronousTestCase):
+    """
+    The peer's side of REPLICA_PUT, fed frames by hand: the path must be
+    a stored file's path for the fid, and nothing is recorded.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = MemoryCluster(os.path.abspath(self.mktemp()), ["b"])
+        self.addCleanup(self.cluster.stop)
+        self.server = self.cluster.servers["b"]
+
+    def request(self, fields: dict, body: bytes = b"", sha256: str | None = None) -> list:
+        proto = ServerProtocol(self.server.node)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        decoder = FrameDecoder()
+        proto.dataReceived(encode_message(Op.HELLO, {"versions": [1]}))
+        proto.dataReceived(encode_message(Op.REPLICA_PUT, fields))
+        if body:
+            from koboldfs.protocol import encode_data
+
+            proto.dataReceived(encode_data(body))
+        digest = sha256 or hashlib.sha256(body).hexdigest()
+        proto.dataReceived(encode_message(Op.END, {"sha256": digest}))
+        self.cluster.pump()
+        return decoder.feed(transport.value())[1:]
+
+    def test_stored_not_recorded(self) -> None:
+        fid = "ab" * 16
+        path = relpath_for(fid, "k.txt")
+        [reply] = self.request({"fid": fid, "path": path, "size": 5}, b"hello")
+        self.assertEqual(
+            reply, Message(Op.OK, {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()})
+        )
+        with open(os.path.join(self.server.storage.root, *path.split("/")), "rb") as f:
+            self.assertEqual(f.read(), b"hello")
+        self.assertIsNone(self.cluster.flush(self.server.store.lookup_fid(fid)))
+
+    def test_bad_paths(self) -> None:
+        """
+        A path that is not the fid's stored path is refused before any
+        byte is written.
+        """
+        fid = "ab" * 16
+        for path in [
+            "../etc/passwd",
+            "tmp/" + fid,
+            relpath_for("cd" * 16, "k"),
+            "files/ab/ab/" + fid + "/x",
+        ]:
+            [error] = self.request({"fid": fid, "path": path, "size": 1}, b"x")
+            self.assertEqual(error.op, Op.ERROR, path)
+            self.assertEqual(error["code"], ErrorCode.BAD_REQUEST, path)
+        self.assertEqual(os.listdir(os.path.join(self.server.storage.root, "files")), [])
+
+    def test_checksum(self) -> None:
+        fid = "ab" * 16
+        path = relpath_for(fid, "k")
+        [error] = self.request({"fid": fid, "path": path, "size": 1}, b"x", sha256="00" * 32)
+        self.assertEqual(error["code"], ErrorCode.CHECKSUM_MISMATCH)
+        self.assertEqual(os.listdir(os.path.join(self.server.storage.root, "files")), [])
+        self.assertEqual(os.listdir(os.path.join(self.server.storage.root, "tmp")), [])
+
+
+class AloneTests(SynchronousTestCase):
+    """
+    A single server takes puts without forwarding, unless the namespace
+    asks for more than one copy.
+    """
+
+    def test_alone(self) -> None:
+        cluster = MemoryCluster(os.path.abspath(self.mktemp()), ["a"])
+        self.addCleanup(cluster.stop)
+        server = cluster.servers["a"]
+        client = server.client(retries=0)
+        self.addCleanup(lambda: cluster.flush(client.close()))
+        self.assertTrue(cluster.flush(client.put("k", b"one")))
+        cluster.flush(server.store.set_namespace("test", min_copies=2))
+        with self.assertRaises(ServerError) as caught:
+            cluster.flush(client.put("k2", b"two"))
+        self.assertEqual(caught.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIn("only 1 host is alive", str(caught.exception))
+        self.assertIsNone(cluster.flush(server.store.lookup("test", "k2")))
+        self.assertEqual(os.listdir(os.path.join(server.storage.root, "tmp")), [])
