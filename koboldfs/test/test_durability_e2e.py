@@ -1,0 +1,183 @@
+"""
+End-to-end tests of write durability: real C{twistd koboldfs} servers on
+distinct C{--host}s sharing one metadata database (SQLite, and PostgreSQL
+when the environment gives one).  Replication passes are made so rare
+that a copy on the second host when a put returns can only come from the
+put itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from koboldfs.client import DeferredClient
+from koboldfs.errors import Unavailable
+from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess
+from koboldfs.test.pgcluster import PostgresMixin, query
+from koboldfs.test.test_end_to_end import eventually, files_on_disk
+
+#: No replication pass during a test: only the put can make a copy.
+SLOW = ("--replicate-interval=300",)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class _DurabilityTests(ClusterMixin):
+    """
+    The tests, for a metadata database given by L{database}.
+    """
+
+    timeout = 120
+
+    async def database(self) -> str:
+        raise NotImplementedError
+
+    async def sql(self, db: str, statement: str) -> list[tuple[Any, ...]]:
+        if db.startswith("sqlite:///"):
+            with sqlite3.connect(db[len("sqlite:///") :]) as conn:
+                return conn.execute(statement).fetchall()
+        return await query(db, statement)
+
+    async def replicas(self, db: str) -> list[tuple[str, str]]:
+        """
+        Every (key, server) replica row, in order.
+        """
+        return sorted(
+            await self.sql(
+                db,
+                "SELECT files.key, replicas.server FROM replicas "
+                "JOIN files ON files.id = replicas.file_id",
+            )
+        )
+
+    def client(self, *servers: ServerProcess, **options: Any) -> DeferredClient:
+        client = DeferredClient("demo", [s.address for s in servers], reactor, **options)
+        self.addCleanup(client.close)
+        return client
+
+    async def pair(self) -> tuple[str, ServerProcess, ServerProcess]:
+        """
+        B, then A, each on a host of its own: A knows B from its start.
+        """
+        db = await self.database()
+        b = await self.startServer("b", db=db, host="host-b", extra=SLOW)
+        a = await self.startServer("a", db=db, host="host-a", extra=SLOW)
+        return db, a, b
+
+    def test_second_host_before_ack(self) -> defer.Deferred[None]:
+        """
+        When a put to A returns, B holds the bytes on its disk, verified,
+        and both replica rows are committed.
+        """
+
+        async def run() -> None:
+            db, a, b = await self.pair()
+            client = self.client(a)
+            body = os.urandom(5 * 1024 * 1024 + 3)
+            self.assertTrue(await client.put("big.bin", body))
+            self.assertEqual(await self.replicas(db), [("big.bin", "a"), ("big.bin", "b")])
+            [copy] = files_on_disk(b)
+            self.assertEqual(read(copy), body)
+            [original] = files_on_disk(a)
+            self.assertEqual(os.path.relpath(copy, b.data), os.path.relpath(original, a.data))
+            self.assertEqual(files_on_disk(b, "tmp"), [])
+            stat = await client.stat("big.bin")
+            self.assertEqual(stat.servers, ("a", "b"))
+
+        return defer.ensureDeferred(run())
+
+    def test_peer_killed(self) -> defer.Deferred[None]:
+        """
+        With B killed and the namespace requiring two copies, a put to A
+        fails with an error that says why, and leaves nothing: no row, no
+        bytes, no temp file.  Without the requirement, once A sees B down,
+        a put keeps one copy.
+        """
+
+        async def run() -> None:
+            db, a, b = await self.pair()
+            client = self.client(a, retries=0)
+            self.assertTrue(await client.put("first", b"on both"))
+            await self.sql(db, "UPDATE namespaces SET min_copies = 2 WHERE name = 'demo'")
+            b.kill()
+            with self.assertRaises(Unavailable) as caught:
+                await client.put("second", os.urandom(3 * 1024 * 1024))
+            message = str(caught.exception)
+            self.assertIn("needs copies on 2 distinct hosts", message)
+            self.assertIn("cannot connect", message)
+            self.assertEqual(await self.replicas(db), [("first", "a"), ("first", "b")])
+            self.assertEqual(len(files_on_disk(a)), 1)
+            self.assertEqual(files_on_disk(a, "tmp"), [])
+
+            # Once A takes B for down (--down-after=5), it says so at once.
+            async def alone() -> bool:
+                try:
+                    await client.put("third", b"x")
+                except Unavailable as e:
+                    return "only 1 host is alive" in str(e)
+                raise AssertionError("a put needing two hosts succeeded on one")
+
+            await eventually(alone, timeout=30, what="A to take B for down")
+            await self.sql(db, "UPDATE namespaces SET min_copies = NULL WHERE name = 'demo'")
+            self.assertTrue(await client.put("fourth", b"alone"))
+            self.assertEqual(
+                await self.replicas(db), [("first", "a"), ("first", "b"), ("fourth", "a")]
+            )
+
+        return defer.ensureDeferred(run())
+
+    def test_peer_stopped(self) -> defer.Deferred[None]:
+        """
+        With B hung (SIGSTOP) and taken for down, a put needing two copies
+        fails at once, saying so, and keeps nothing.
+        """
+
+        async def run() -> None:
+            db, a, b = await self.pair()
+            client = self.client(a, retries=0)
+            self.assertTrue(await client.put("first", b"on both"))
+            await self.sql(db, "UPDATE namespaces SET min_copies = 2 WHERE name = 'demo'")
+            b.signal(signal.SIGSTOP)
+            self.addCleanup(b.signal, signal.SIGCONT)
+
+            # Until then, A would wait for B's answer for its peer timeout.
+            async def silent() -> bool:
+                [(beat,)] = await self.sql(db, "SELECT heartbeat FROM servers WHERE name = 'b'")
+                # --down-after=5, and A refreshes what it knows every second.
+                return time.time() - beat > 5 + 2
+
+            await eventually(silent, timeout=30, what="B silent for longer than --down-after")
+            with self.assertRaises(Unavailable) as caught:
+                await client.put("second", os.urandom(3 * 1024 * 1024))
+            self.assertIn("only 1 host is alive", str(caught.exception))
+            self.assertEqual(await self.replicas(db), [("first", "a"), ("first", "b")])
+            self.assertEqual(len(files_on_disk(a)), 1)
+            self.assertEqual(files_on_disk(a, "tmp"), [])
+
+        return defer.ensureDeferred(run())
+
+
+class SQLiteDurabilityTests(_DurabilityTests, TestCase):
+    async def database(self) -> str:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        return f"sqlite:///{base}/shared.sqlite"
+
+
+class PostgresDurabilityTests(_DurabilityTests, PostgresMixin, TestCase):
+    if POSTGRES_URL is None:
+        skip = "no PostgreSQL: set KOBOLDFS_TEST_POSTGRES_URL"
+
+    async def database(self) -> str:
+        assert POSTGRES_URL is not None
+        return await self.freshDatabase(POSTGRES_URL)
