@@ -11,20 +11,23 @@ import hashlib
 import os
 import sqlite3
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.durability import (
+    Forward,
     Gate,
     forward_targets,
     live_hosts,
     required_copies,
 )
-from koboldfs.errors import ChecksumMismatch, ErrorCode, ServerError, Unavailable
+from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
-from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, encode_message
+from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
 from koboldfs.replicator import Decision, choose
-from koboldfs.service import ServerProtocol
+from koboldfs.service import PendingPut, ServerConfig, ServerProtocol
 from koboldfs.storage import relpath_for
 from koboldfs.testing import MemoryCluster
 
@@ -489,3 +492,146 @@ class AloneTests(SynchronousTestCase):
         self.assertIn("only 1 host is alive", str(caught.exception))
         self.assertIsNone(cluster.flush(server.store.lookup("test", "k2")))
         self.assertEqual(os.listdir(os.path.join(server.storage.root, "tmp")), [])
+
+
+class FakeConn:
+    """
+    The client end of a connection to a peer, as L{Forward} uses it.
+    """
+
+    def __init__(self) -> None:
+        self.flow = WriteFlow()
+        self.sent: list[bytes] = []
+        self.header: dict | None = None
+        self.reply: Deferred[Message] = Deferred()
+        self.ended: str | None = None
+        self.closed = False
+
+    def begin_replica_put(self, fields: dict) -> Deferred[Message]:
+        self.header = fields
+        return self.reply
+
+    def send_chunk(self, chunk: bytes) -> None:
+        self.sent.append(chunk)
+
+    def end_put(self, sha256: str) -> None:
+        self.ended = sha256
+
+    def close(self) -> None:
+        self.closed = True
+        if not self.reply.called:
+            self.reply.errback(ConnectionFailed("closed"))
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.connecting: dict[str, Deferred[FakeConn]] = {}
+        self.released: list[FakeConn] = []
+
+    def acquire(self, address: str) -> Deferred[FakeConn]:
+        d: Deferred[FakeConn] = Deferred()
+        self.connecting[address] = d
+        return d
+
+    def release(self, address: str, conn: FakeConn) -> None:
+        self.released.append(conn)
+
+
+class FakeStore:
+    def namespace(self, name: str) -> Deferred[NamespaceInfo | None]:
+        return succeed(None)
+
+
+class FakeNode:
+    def __init__(self) -> None:
+        self.name = "a"
+        self.config = ServerConfig(name="a", host="h1", data="unused")
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.store = FakeStore()
+        self.peers = FakePool()
+        self.servers = {"a": server("a", "h1"), "b": server("b", "h2")}
+
+
+class ForwardFlowTests(SynchronousTestCase):
+    """
+    L{Forward}'s flow control, with a fake peer connection whose send
+    buffer the test fills and drains: the client is read only while the
+    peer keeps up, and no chunk is lost or reordered meanwhile.
+    """
+
+    def setUp(self) -> None:
+        self.node = FakeNode()
+        self.client = FakeProducer()
+        self.gate = Gate(self.client)
+        self.failures: list[Exception] = []
+        put = PendingPut("test", "k.txt", "ab" * 16, relpath_for("ab" * 16, "k.txt"), 10, None)
+        self.forward = Forward(self.node, put, self.gate, self.failures.append)
+
+    def connect(self) -> FakeConn:
+        self.forward.start()
+        self.assertEqual(self.client.calls, ["pause"])
+        conn = FakeConn()
+        self.node.peers.connecting["b:1"].callback(conn)
+        return conn
+
+    def test_setup(self) -> None:
+        """
+        The client is paused while the peer is connected; what arrived
+        meanwhile is sent on first, in order, then the client resumes.
+        """
+        self.forward.start()
+        self.assertEqual(self.client.calls, ["pause"])
+        self.forward.write(b"one")
+        self.forward.write(b"two")
+        conn = FakeConn()
+        self.node.peers.connecting["b:1"].callback(conn)
+        self.assertEqual(conn.header["fid"], "ab" * 16)
+        self.assertEqual(conn.sent, [b"one", b"two"])
+        self.assertEqual(self.client.calls, ["pause", "resume"])
+        self.forward.write(b"three")
+        self.assertEqual(conn.sent, [b"one", b"two", b"three"])
+        self.assertEqual(self.forward.peers, ["b"])
+
+    def test_peer_lags(self) -> None:
+        """
+        When the peer's send buffer fills, the client is paused until it
+        drains, even if the disk has caught up meanwhile.
+        """
+        conn = self.connect()
+        disk = self.gate.side("disk")
+        disk.pauseProducing()
+        conn.flow.pauseProducing()
+        self.forward.write(b"chunk")
+        self.assertEqual(self.client.calls, ["pause", "resume", "pause"])
+        disk.resumeProducing()
+        self.assertEqual(self.client.calls, ["pause", "resume", "pause"])
+        conn.flow.resumeProducing()
+        self.assertEqual(self.client.calls, ["pause", "resume", "pause", "resume"])
+
+    def test_peer_fails(self) -> None:
+        """
+        A peer that answers before the end (an error) fails the put at
+        once, with a retryable error naming it; its connection is closed.
+        """
+        conn = self.connect()
+        conn.reply.errback(ServerError(ErrorCode.NO_SPACE, "disk full"))
+        [error] = self.failures
+        self.assertIsInstance(error, Unavailable)
+        self.assertTrue(error.retryable)
+        self.assertIn("the copy on b (h2) failed", str(error))
+        self.assertTrue(conn.closed)
+        self.forward.write(b"more")
+        self.assertEqual(conn.sent, [])
+
+    def test_aborted_while_connecting(self) -> None:
+        """
+        A put given up while its peer connects sends the peer nothing.
+        """
+        self.forward.start()
+        self.forward.abort()
+        conn = FakeConn()
+        self.node.peers.connecting["b:1"].callback(conn)
+        self.assertIsNone(conn.header)
+        self.assertEqual(self.node.peers.released, [conn])
+        self.assertEqual(self.failures, [])
