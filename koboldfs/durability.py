@@ -124,8 +124,11 @@ def several_hosts(node: Node) -> bool:
     """
     Whether a put to C{node} may have to be forwarded: more than one host
     is alive.  With one, puts run exactly as they would without this
-    module.
+    module.  Until the server has learnt who is registered (it has just
+    started), it cannot tell: the forward looks.
     """
+    if node.name not in node.servers:
+        return True
     hosts = live_hosts(
         node.servers, node.name, node.config.host, node.clock.seconds(), node.config.down_after
     )
@@ -260,6 +263,8 @@ class Forward:
     async def _setup(self) -> None:
         node, put = self._node, self._put
         try:
+            if node.name not in node.servers:
+                await node.refresh_servers()
             namespace = await node.store.namespace(put.ns)
             now = node.clock.seconds()
             my_host = node.config.host

@@ -230,6 +230,15 @@ class ForwardTests(_ClusterMixin, SynchronousTestCase):
         self.assertEqual(self.on_disk("b"), {os.path.basename(info.path): body})
         self.assertEqual(self.on_disk("b", "tmp"), {})
 
+    def test_just_started(self) -> None:
+        """
+        A server that has not learnt who is registered yet (it has just
+        started) looks before deciding: it does not take the put alone.
+        """
+        self.cluster.servers["a"].node._servers = {}
+        self.assertTrue(self.put("k", b"early"))
+        self.assertEqual(self.lookup("k").replicas, ("a", "b"))
+
     def test_small(self) -> None:
         """
         A body that arrives with its END before the peer is connected
