@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from koboldfs.client import DeferredClient
 from koboldfs.errors import Unavailable
-from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess
+from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess, sleep
 from koboldfs.test.pgcluster import PostgresMixin, query
 from koboldfs.test.test_end_to_end import eventually, files_on_disk
 
@@ -186,7 +186,52 @@ class _DurabilityTests(ClusterMixin):
         return defer.ensureDeferred(run())
 
 
+def peak_rss(server: ServerProcess) -> int:
+    """
+    The most memory the server's process has held, in bytes (VmHWM).
+    """
+    assert server.process is not None
+    with open(f"/proc/{server.process.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
 class SQLiteDurabilityTests(_DurabilityTests, TestCase):
+    def test_peer_stalls(self) -> defer.Deferred[None]:
+        """
+        While B is stopped mid-put, A stops reading from the client rather
+        than holding what B cannot take: A's memory grows by a small part
+        of the file at most.  The put completes once B resumes.
+        """
+
+        async def run() -> None:
+            db, a, b = await self.pair()
+            size = 128 * 1024 * 1024
+            source = os.path.abspath(self.mktemp())
+            with open(source, "wb") as f:
+                for _ in range(size // (1024 * 1024)):
+                    f.write(os.urandom(1024 * 1024))
+            before = peak_rss(a)
+            client = self.client(a, retries=0)
+            put = client.put("big.bin", source)
+
+            def receiving() -> bool:
+                return sum(map(os.path.getsize, files_on_disk(b, "tmp"))) >= 8 * 1024 * 1024
+
+            await eventually(receiving, what="B receiving the copy")
+            b.signal(signal.SIGSTOP)
+            try:
+                await sleep(3)
+            finally:
+                b.signal(signal.SIGCONT)
+            self.assertTrue(await put)
+            self.assertEqual(await self.replicas(db), [("big.bin", "a"), ("big.bin", "b")])
+            self.assertLess(peak_rss(a) - before, 48 * 1024 * 1024)
+
+        return defer.ensureDeferred(run())
+
     async def database(self) -> str:
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
