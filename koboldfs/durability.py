@@ -47,6 +47,10 @@ log = Logger()
 #: Copies a put waits for while two or more hosts are alive, unless its
 #: namespace sets C{min_copies}.
 DEFAULT_MIN_COPIES = 2
+#: Seconds a peer has to accept a forwarded put (connect and handshake)
+#: before the next is tried: a hung peer must not hold every put for its
+#: connection's whole timeout until it is taken for down.
+SETUP_TIMEOUT = 10.0
 
 
 def live_hosts(
@@ -284,10 +288,14 @@ class Forward:
                     break
                 if server.host in used:
                     continue
+                connecting = defer.ensureDeferred(node.peers.acquire(server.address))
                 try:
-                    conn = await node.peers.acquire(server.address)
+                    conn = await connecting.addTimeout(SETUP_TIMEOUT, node.clock)
                 except ConnectionFailed as e:
                     errors.append(f"{server.name}: {e}")
+                    continue
+                except defer.TimeoutError:
+                    errors.append(f"{server.name}: no answer in {SETUP_TIMEOUT:g}s")
                     continue
                 if self._done:
                     node.peers.release(server.address, conn)

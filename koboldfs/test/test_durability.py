@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.durability import (
+    SETUP_TIMEOUT,
     Forward,
     Gate,
     forward_targets,
@@ -632,6 +633,17 @@ class ForwardFlowTests(SynchronousTestCase):
         self.assertTrue(conn.closed)
         self.forward.write(b"more")
         self.assertEqual(conn.sent, [])
+
+    def test_peer_hangs(self) -> None:
+        """
+        A peer that does not answer its connection in time is given up,
+        and with no other host the put fails, saying why.
+        """
+        self.forward.start()
+        self.node.clock.advance(SETUP_TIMEOUT)
+        [error] = self.failures
+        self.assertIsInstance(error, Unavailable)
+        self.assertIn("b: no answer in 10s", str(error))
 
     def test_aborted_while_connecting(self) -> None:
         """
