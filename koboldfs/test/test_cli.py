@@ -1,0 +1,326 @@
+"""
+The C{koboldfs} command end to end, against real C{twistd koboldfs}
+servers: as a subprocess (C{python -m koboldfs.cli}) where pipes and exit
+statuses are the point, and in-process (L{koboldfs.cli.main} in a thread,
+with its standard streams replaced) for the rest, which is faster.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+import struct
+import subprocess
+import sys
+import termios
+import urllib.request
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from koboldfs import cli
+from koboldfs.client import DeferredClient
+from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess, free_port
+
+
+@dataclass
+class Result:
+    code: int
+    out: bytes
+    err: str
+
+
+def run_process(argv: list[str], stdin: bytes = b"", env: dict[str, str] | None = None) -> Result:
+    """
+    Run C{koboldfs ARGV} as its own process, as a user's shell would.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "koboldfs.cli", *argv],
+        input=stdin,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": CHECKOUT, **(env or {})},
+        timeout=120,
+    )
+    return Result(done.returncode, done.stdout, done.stderr.decode(errors="replace"))
+
+
+def source_of(server: ServerProcess, body: bytes) -> str:
+    path = os.path.join(server.dir, "body")
+    with open(path, "wb") as f:
+        f.write(body)
+    return path
+
+
+def with_terminal(argv: list[str]) -> str:
+    """
+    Run C{koboldfs ARGV} with a pseudo-terminal as its stderr; return what
+    it wrote there.
+    """
+    import pty
+
+    master, slave = pty.openpty()
+    # 24 rows of 80 columns: a new pty has none, and a bar no width.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "koboldfs.cli", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env={**os.environ, "PYTHONPATH": CHECKOUT},
+        )
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(120) == 0, seen
+        return seen.decode(errors="replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+class _Stream(io.TextIOWrapper):
+    """
+    A text stream over bytes, as sys.stdout is: with a C{buffer}, and not
+    a terminal.
+    """
+
+    def __init__(self, data: bytes = b"") -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8", write_through=True)
+
+    def bytes(self) -> bytes:
+        self.flush()
+        return self.buffer.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
+class CLITestsMixin(ClusterMixin):
+    timeout = 180
+
+    def cli(self, *argv: str, stdin: bytes = b"") -> defer.Deferred[Result]:
+        """
+        C{main(argv)} in a thread (the blocking client must not run in the
+        reactor's), with its own stdin, stdout and stderr.
+        """
+        out, err, inp = _Stream(), _Stream(), _Stream(stdin)
+        self.patch(sys, "stdout", out)  # type: ignore[attr-defined]
+        self.patch(sys, "stderr", err)  # type: ignore[attr-defined]
+        self.patch(sys, "stdin", inp)  # type: ignore[attr-defined]
+        d = deferToThread(cli.main, list(argv))
+        return d.addCallback(lambda code: Result(code, out.bytes(), err.bytes().decode()))
+
+    async def cluster(self, n: int = 1) -> list[ServerProcess]:
+        base = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(base)
+        db = f"sqlite:///{base}/shared.sqlite"
+        self.db = db
+        return [await self.startServer(name, db=db) for name in "abc"[:n]]
+
+
+class FileCommandTests(CLITestsMixin, TestCase):
+    """
+    put, get, cat, rm, ls, stat, url and ping on a real server.
+    """
+
+    async def test_streaming(self) -> None:
+        """
+        Bytes piped into C{put -} come back whole from C{get KEY -} and
+        C{cat}, in separate processes, across several 1 MiB chunks; C{get}
+        to a file writes it; the servers can be given by environment.
+        """
+        (a,) = await self.cluster()
+        body = os.urandom(3 * 1024 * 1024 + 17)
+        env = {"KOBOLDFS_SERVERS": a.address, "KOBOLDFS_NAMESPACE": "pipes"}
+        put = await deferToThread(run_process, ["put", "big.bin", "-"], body, env)
+        self.assertEqual((put.code, put.out), (0, b""), put.err)
+        got = await deferToThread(run_process, ["get", "big.bin", "-"], b"", env)
+        self.assertEqual(got.code, 0, got.err)
+        self.assertEqual(hashlib.sha256(got.out).hexdigest(), hashlib.sha256(body).hexdigest())
+        cat = await deferToThread(run_process, ["cat", "big.bin"], b"", env)
+        self.assertEqual(cat.code, 0, cat.err)
+        self.assertEqual(len(cat.out), len(body))
+        self.assertEqual(cat.out, body)
+        # In the default namespace it is not there.
+        missing = await deferToThread(
+            run_process, ["-s", a.address, "cat", "big.bin"], b"", {"KOBOLDFS_NAMESPACE": ""}
+        )
+        self.assertEqual(missing.code, cli.EXIT_NOT_FOUND)
+        self.assertIn("no key 'big.bin' in namespace 'default'", missing.err)
+        # To a file, and into a directory under the key's last part.
+        target = os.path.abspath(self.mktemp())
+        os.makedirs(target)
+        r = await self.cli("-s", a.address, "-n", "pipes", "get", "big.bin", target)
+        self.assertEqual(r.code, 0, r.err)
+        with open(os.path.join(target, "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), body)
+        # No partial file is left behind.
+        self.assertEqual(os.listdir(target), ["big.bin"])
+        # A progress bar when stderr is a terminal, none when it is a pipe
+        # (above: nothing but the error was written to stderr).
+        self.assertEqual(put.err, "")
+        bar = await deferToThread(
+            with_terminal, ["-s", a.address, "-n", "pipes", "put", "tty.bin", source_of(a, body)]
+        )
+        self.assertIn("100%", bar)
+
+    async def test_exit_statuses(self) -> None:
+        """
+        0 on success, 1 for a missing key, 2 for a usage error, 3 when no
+        server answers; each failure says on stderr what to do.
+        """
+        (a,) = await self.cluster()
+        source = os.path.join(a.dir, "hello.txt")
+        with open(source, "wb") as f:
+            f.write(b"hello\n")
+        ok = await deferToThread(run_process, ["-s", a.address, "put", "hello.txt", source])
+        self.assertEqual(ok.code, cli.EXIT_OK, ok.err)
+        # Usage: no command, an unknown option, a bad key, a missing file.
+        none = await deferToThread(run_process, [])
+        self.assertEqual(none.code, cli.EXIT_USAGE)
+        self.assertIn("usage: koboldfs", none.err)
+        bad = await deferToThread(run_process, ["get", "--frobnicate", "k"])
+        self.assertEqual(bad.code, cli.EXIT_USAGE)
+        self.assertIn("unrecognized arguments", bad.err)
+        r = await self.cli("-s", a.address, "stat", "")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        r = await self.cli("-s", a.address, "put", "k", os.path.join(a.dir, "nonesuch"))
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        self.assertIn("cannot read", r.err)
+        r = await self.cli("-s", "not an address", "ping")
+        self.assertEqual(r.code, cli.EXIT_USAGE, r.err)
+        # Not found.
+        for argv in (["stat", "nope"], ["url", "nope"], ["get", "nope", "-"], ["rm", "nope"]):
+            r = await self.cli("-s", a.address, *argv)
+            self.assertEqual(r.code, cli.EXIT_NOT_FOUND, (argv, r.err))
+            self.assertIn("no key 'nope'", r.err)
+            self.assertEqual(r.out, b"")
+        # Unreachable: a port nobody listens on.
+        nobody = f"127.0.0.1:{free_port()}"
+        gone = await deferToThread(run_process, ["-s", nobody, "cat", "hello.txt"])
+        self.assertEqual(gone.code, cli.EXIT_UNAVAILABLE)
+        self.assertIn(f"no server answered at {nobody}", gone.err)
+        self.assertIn("KOBOLDFS_SERVERS", gone.err)
+        r = await self.cli("-s", nobody, "ping")
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE)
+        # A refused request (here: an upload to a read-only server) is 3 too.
+        state = await deferToThread(
+            run_process, ["admin", "--db", self.db, "server", "set-state", "a", "readonly"]
+        )
+        self.assertEqual(state.code, 0, state.err)
+        await self.eventuallyRefused(a, source)
+
+    async def eventuallyRefused(self, a: ServerProcess, source: str) -> None:
+        # The server learns its state at its next heartbeat (1 s here).
+        from koboldfs.test.test_end_to_end import eventually
+
+        async def refused() -> bool:
+            r = await self.cli("-s", a.address, "put", "other", source)
+            if r.code == cli.EXIT_OK:
+                return False
+            self.assertEqual(r.code, cli.EXIT_UNAVAILABLE, r.err)
+            self.assertIn("takes no new files", r.err)
+            return True
+
+        await eventually(refused, what="the server to refuse uploads")
+
+    async def test_ls(self) -> None:
+        """
+        C{ls} lists every key with the prefix, in order, over more pages
+        than one; C{ls -l} adds size, copies, date and SHA-256.
+        """
+        a, b = await self.cluster(2)
+        client = DeferredClient("lots", [a.address])
+        self.addCleanup(client.close)
+        keys = [f"dir/{i:03d}" for i in range(25)] + ["other"]
+        await defer.gatherResults([client.put(k, k.encode()) for k in keys])
+        r = await self.cli("-s", f"{a.address},{b.address}", "-n", "lots", "ls", "dir/")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertEqual(r.out.decode().splitlines(), keys[:-1])
+        # Pages of 10: three requests and a fourth, empty one.
+        r = await self.cli("-n", "lots", "-s", a.address, "ls", "--page-size", "10")
+        self.assertEqual(r.out.decode().splitlines(), keys)
+        r = await self.cli("-n", "lots", "-s", a.address, "ls", "--page-size", "0")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        r = await self.cli("-n", "lots", "-s", a.address, "ls", "-l", "--page-size", "7", "dir/00")
+        self.assertEqual(r.code, 0, r.err)
+        lines = r.out.decode().splitlines()
+        self.assertEqual(len(lines), 10)
+        size, copies, created, sha256, key = lines[3].split()
+        self.assertEqual(key, "dir/003")
+        self.assertEqual(int(size), len(b"dir/003"))
+        self.assertIn(int(copies), (1, 2))
+        self.assertRegex(created, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(sha256, hashlib.sha256(b"dir/003").hexdigest())
+        r = await self.cli("-n", "empty", "-s", a.address, "ls")
+        self.assertEqual((r.code, r.out), (0, b""))
+
+    async def test_ls_over_a_server_page(self) -> None:
+        """
+        More keys than a server returns in one LIST reply (1,000): C{ls}
+        still lists them all.
+        """
+        (a,) = await self.cluster()
+        client = DeferredClient("many", [a.address])
+        self.addCleanup(client.close)
+        keys = [f"{i:04d}" for i in range(cli.PAGE + 1)]
+        sem = defer.DeferredSemaphore(16)
+        await defer.gatherResults([sem.run(client.put, k, b"") for k in keys])
+        r = await self.cli("-n", "many", "-s", a.address, "ls", "--page-size", "5000")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertEqual(r.out.decode().splitlines(), keys)
+
+    async def test_stat_url_rm_ping(self) -> None:
+        """
+        C{stat} shows what the cluster knows of a key, C{url} a URL that
+        serves it, C{rm} deletes keys, C{ping} asks each server.
+        """
+        a, b = await self.cluster(2)
+        servers = f"{a.address},{b.address}"
+        r = await self.cli("-s", servers, "put", "motd", "-", stdin=b"Welcome.\n")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.cli("-s", servers, "stat", "motd")
+        self.assertEqual(r.code, 0, r.err)
+        fields = dict(line.split(":", 1) for line in r.out.decode().splitlines())
+        self.assertEqual(fields["key"].strip(), "motd")
+        self.assertEqual(fields["namespace"].strip(), "default")
+        self.assertEqual(fields["size"].strip(), "9")
+        self.assertEqual(fields["sha256"].strip(), hashlib.sha256(b"Welcome.\n").hexdigest())
+        r = await self.cli("-s", servers, "url", "motd")
+        self.assertEqual(r.code, 0, r.err)
+        url = r.out.decode().strip()
+        self.assertTrue(url.startswith(("http://127.0.0.1:")), url)
+        body = await deferToThread(lambda: urllib.request.urlopen(url, timeout=30).read())
+        self.assertEqual(body, b"Welcome.\n")
+        r = await self.cli("-s", servers, "url", "motd", "--expires", "0")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        # ping: each server; one down still answers 0 while another does.
+        r = await self.cli("-s", servers, "ping")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertIn(f"{a.address}: answered in", r.out.decode())
+        self.assertIn(f"{b.address}: answered in", r.out.decode())
+        await b.stop()
+        r = await self.cli("-s", servers, "ping")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertIn(f"{b.address}: no answer", r.out.decode())
+        # rm: several keys; a missing one is 1, unless -f.
+        await self.cli("-s", a.address, "put", "two", "-", stdin=b"2")
+        r = await self.cli("-s", a.address, "rm", "motd", "two", "three")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        self.assertIn("'three'", r.err)
+        self.assertNotIn("'two'", r.err)
+        r = await self.cli("-s", a.address, "rm", "-f", "motd", "three")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.cli("-s", a.address, "ls")
+        self.assertEqual((r.code, r.out), (0, b""))
