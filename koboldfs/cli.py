@@ -17,12 +17,14 @@ and what to do about it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 from koboldfs import __version__
@@ -50,6 +52,12 @@ DEFAULT_DOWN_AFTER = 30.0
 PAGE = 1000
 #: STAT requests in flight at once for C{ls -l}.
 STAT_CONCURRENCY = 8
+#: Copies C{admin fsck} verifies at once, and files it reads per query.
+FSCK_CONCURRENCY = 4
+FSCK_PAGE = 500
+
+#: Server states whose copies count towards a namespace's replica count.
+_COUNTED = ("alive", "readonly")
 
 SERVERS_HINT = "is `twistd koboldfs` running there? set --servers or KOBOLDFS_SERVERS"
 DB_HINT = "set --db or KOBOLDFS_DB to the servers' --db"
@@ -223,6 +231,12 @@ def make_parser() -> argparse.ArgumentParser:
             "--replicas", metavar="N", type=int, help="copies to keep of each file [default: all]"
         )
         p.add_argument(
+            "--min-copies",
+            metavar="N",
+            type=int,
+            help="copies a put must have made before it is acknowledged [default 1]",
+        )
+        p.add_argument(
             "--all-servers",
             dest="replicas",
             action="store_const",
@@ -251,13 +265,41 @@ def make_parser() -> argparse.ArgumentParser:
             const="",
             help="back to the servers' --public-url",
         )
-    p = admin_command(sub, "status", "cluster health; exits 1 when a server is down", admin_status)
+    p = admin_command(
+        sub,
+        "status",
+        "cluster health; exits 1 when degraded (a server down, files short of copies, "
+        "copies quarantined)",
+        admin_status,
+    )
     p.add_argument(
         "--down-after",
         metavar="S",
         type=float,
         default=DEFAULT_DOWN_AFTER,
         help=f"as for `admin servers` [default {DEFAULT_DOWN_AFTER:g}]",
+    )
+    p = admin_command(
+        sub,
+        "fsck",
+        "verify every copy of every live file (its server re-reads it against its size "
+        "and SHA-256); bad copies are set aside and made again; exits 1 on problems",
+        admin_fsck,
+    )
+    p.add_argument("--namespace", "-n", metavar="NS", help="check this namespace only")
+    p.add_argument(
+        "--down-after",
+        metavar="S",
+        type=float,
+        default=DEFAULT_DOWN_AFTER,
+        help=f"as for `admin servers` [default {DEFAULT_DOWN_AFTER:g}]",
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=FSCK_CONCURRENCY,
+        help=f"copies checked at once [default {FSCK_CONCURRENCY}]",
     )
     return parser
 
@@ -684,20 +726,39 @@ def _run_admin(args: argparse.Namespace) -> int:
     status: list[int] = []
 
     async def run(reactor: Any) -> None:
-        try:
-            status.append(await _with_store(reactor, args))
-        except CommandError as e:
-            _say(e.message)
-            status.append(e.code)
-        except BaseException as e:  # reported here: react would only log it
-            _say(f"{type(e).__name__}: {e}")
-            status.append(EXIT_UNAVAILABLE)
+        status.append(await _admin(reactor, args))
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
     except SystemExit:
         pass
     return status[0] if status else EXIT_UNAVAILABLE
+
+
+async def admin(reactor: Any, argv: Sequence[str]) -> int:
+    """
+    Run C{koboldfs admin ARGV...} on a running C{reactor} (a Twisted
+    application's, or a test's); return its exit status.
+    """
+    parser = make_parser()
+    try:
+        args = parser.parse_args(["admin", *argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if getattr(args, "admin_func", None) is None:
+        return int(args.func(args))
+    return await _admin(reactor, args)
+
+
+async def _admin(reactor: Any, args: argparse.Namespace) -> int:
+    try:
+        return await _with_store(reactor, args)
+    except CommandError as e:
+        _say(e.message)
+        return e.code
+    except Exception as e:  # reported here: react would only log it
+        _say(f"{type(e).__name__}: {e}")
+        return EXIT_UNAVAILABLE
 
 
 async def _with_store(reactor: Any, args: argparse.Namespace) -> int:
@@ -826,6 +887,7 @@ async def admin_namespaces(store: Any, args: argparse.Namespace, reactor: Any) -
         (
             ns.name,
             "all" if ns.replicas is None else str(ns.replicas),
+            str(ns.min_copies or 1),
             "private" if ns.private else "public",
             _utc(ns.created),
             ns.url_template or "-",
@@ -835,7 +897,7 @@ async def admin_namespaces(store: Any, args: argparse.Namespace, reactor: Any) -
     if not rows:
         _say("no namespace yet: the first put to one creates it")
         return EXIT_OK
-    print(_table(("NAME", "REPLICAS", "ACCESS", "CREATED", "URL TEMPLATE"), rows))
+    print(_table(("NAME", "REPLICAS", "MIN", "ACCESS", "CREATED", "URL TEMPLATE"), rows))
     return EXIT_OK
 
 
@@ -847,6 +909,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.replicas < 1:
             raise CommandError("--replicas is a number of copies, 1 or more", EXIT_USAGE)
         settings["replicas"] = args.replicas
+    if args.min_copies is not None:
+        if args.min_copies < 1:
+            raise CommandError("--min-copies is a number of copies, 1 or more", EXIT_USAGE)
+        settings["min_copies"] = args.min_copies
     if args.private is not None:
         settings["private"] = args.private
     if args.url_template is not None:
@@ -857,7 +923,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _show_namespace(ns: Any) -> None:
     replicas = "all servers" if ns.replicas is None else str(ns.replicas)
     print(
-        f"{ns.name}: replicas {replicas}, {'private' if ns.private else 'public'}, "
+        f"{ns.name}: replicas {replicas}, min copies {ns.min_copies or 1}, "
+        f"{'private' if ns.private else 'public'}, "
         f"url template {ns.url_template or '(the servers --public-url)'}"
     )
 
@@ -882,7 +949,8 @@ async def admin_namespace_set(store: Any, args: argparse.Namespace, reactor: Any
     settings = _settings(args)
     if not settings:
         raise CommandError(
-            "nothing to change: give --replicas, --private/--public or --url-template",
+            "nothing to change: give --replicas, --min-copies, --private/--public "
+            "or --url-template",
             EXIT_USAGE,
         )
     if await store.namespace(name) is None:
@@ -903,10 +971,12 @@ def _admin_namespace(name: str) -> str:
 
 async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     """
-    The cluster's health, as far as it is known yet: exit 1 when a server
-    is down or none is registered.  (Replication figures come later.)
+    The cluster's health as the metadata tells it: exit 1 (degraded) when a
+    server is down or none is registered, files are short of their copies,
+    or copies are quarantined; they are what a monitor should page on.
     """
     servers = [s for s in await store.servers() if s.state != "dead"]
+    health = await store.health()
     now = reactor.seconds()
     down = [s for s in servers if _down(s, now, args.down_after)]
     by_state: dict[str, int] = {}
@@ -915,12 +985,156 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
     print(f"servers: {len(servers)}" + (f" ({states})" if states else ""))
     for s in down:
-        print(f"DOWN: {s.name} ({s.address}): last heartbeat {_age(now - s.heartbeat)}")
+        print(f"  DOWN: {s.name} ({s.address}): last heartbeat {_age(now - s.heartbeat)}")
+    print(f"files: {health.files} ({_bytes(health.bytes)})")
+    print(
+        f"under-replicated: {health.under_replicated} files, "
+        f"{health.missing_copies} copies to make"
+        + (f"; {health.lost} files with no good copy" if health.lost else "")
+    )
+    print(f"quarantined copies: {health.quarantined}")
+    print(f"deleted files to reclaim: {health.deleted}")
+    problems = []
     if not servers:
-        print(f"DEGRADED: no server has registered in {store.url}")
-        return EXIT_NOT_FOUND
+        problems.append(f"no server has registered in {store.url}")
     if down:
-        print(f"DEGRADED: {len(down)} of {len(servers)} servers down")
+        problems.append(f"{len(down)} of {len(servers)} servers down")
+    if health.lost:
+        problems.append(f"{health.lost} files have no good copy")
+    if health.under_replicated:
+        problems.append(f"{health.under_replicated} files short of their copies")
+    if health.quarantined:
+        problems.append(f"{health.quarantined} copies quarantined")
+    if problems:
+        print("DEGRADED: " + "; ".join(problems))
+        return EXIT_NOT_FOUND
+    print("OK")
+    return EXIT_OK
+
+
+async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    """
+    Ask each server holding a copy of each live file for it (a GET of its
+    own copy only): the server re-reads it against the file's size and
+    SHA-256 as it sends it, and one found missing or bad is set aside and
+    made again from a good copy by that server's replicator, at once.  The
+    bytes are checked here too.  Files short of their copies are listed:
+    the replicators make those.
+    """
+    from twisted.internet import defer
+
+    from koboldfs.client import ConnectionPool
+    from koboldfs.errors import ErrorCode, NotFound
+
+    namespace = None if args.namespace is None else _admin_namespace(args.namespace)
+    if args.concurrency < 1:
+        raise CommandError("--concurrency is 1 or more", EXIT_USAGE)
+    servers = {s.name: s for s in await store.servers()}
+    namespaces = {ns.name: ns for ns in await store.namespaces()}
+    if namespace is not None and namespace not in namespaces:
+        raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
+    now = reactor.seconds()
+    alive = sum(1 for s in servers.values() if s.state == "alive")
+    pool = ConnectionPool(reactor, 60.0, 5.0)
+    limit = defer.DeferredSemaphore(args.concurrency)
+    problems: list[str] = []
+    counts = dict.fromkeys(("files", "copies", "good", "bad", "unchecked", "short", "gone"), 0)
+
+    def problem(text: str) -> None:
+        problems.append(text)
+        print(f"PROBLEM: {text}", flush=True)
+
+    async def check(info: Any, name: str) -> None:
+        server = servers.get(name)
+        where = f"{info.namespace}/{info.key} (file {info.id}, fid {info.fid}) on {name}"
+        if server is None or server.state == "dead" or _down(server, now, args.down_after):
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked, the server is down")
+            return
+        hasher, size = hashlib.sha256(), 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal size
+            hasher.update(chunk)
+            size += len(chunk)
+
+        try:
+            conn = await pool.acquire(server.address)
+        except KoboldError as e:
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked, cannot connect: {e}")
+            return
+        error: KoboldError | None = None
+        try:
+            await conn.get({"ns": info.namespace, "key": info.key, "local": True}, sink)
+        except KoboldError as e:
+            error = e
+        finally:
+            pool.release(server.address, conn)
+        bad = error is None and (size != info.size or hasher.hexdigest() != info.sha256)
+        if (error is not None or bad) and not await still_live(info):
+            counts["gone"] += 1  # deleted or overwritten meanwhile
+            return
+        if isinstance(error, NotFound) or getattr(error, "code", None) is ErrorCode.CORRUPT:
+            # The server has set its copy aside already, and makes it again.
+            counts["bad"] += 1
+            problem(f"{where}: bad copy ({error}); set aside, to be copied again")
+        elif error is not None:
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked: {error}")
+        elif bad:
+            counts["bad"] += 1
+            problem(
+                f"{where}: sent {size} bytes with SHA-256 {hasher.hexdigest()}, not the "
+                "file's; marked quarantined, to be copied again"
+            )
+            await store.quarantine_replica(info.id, name)
+        else:
+            counts["good"] += 1
+
+    async def still_live(info: Any) -> bool:
+        found = await store.lookup_fid(info.fid)
+        return found is not None
+
+    try:
+        after = 0
+        while True:
+            page = await store.live_files(namespace, after, FSCK_PAGE)
+            if not page:
+                break
+            checks = []
+            for info in page:
+                counts["files"] += 1
+                ns = namespaces.get(info.namespace)
+                wanted = ns.replicas if ns is not None and ns.replicas is not None else alive
+                counted = [
+                    n for n in info.replicas if n in servers and servers[n].state in _COUNTED
+                ]
+                if not info.replicas:
+                    problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
+                elif len(counted) < wanted:
+                    counts["short"] += 1
+                    problem(
+                        f"{info.namespace}/{info.key} (file {info.id}): {len(counted)} of "
+                        f"{wanted} copies ({', '.join(info.replicas)}); the replicators make "
+                        "the rest"
+                    )
+                for name in info.replicas:
+                    counts["copies"] += 1
+                    run = partial(check, info, name)
+                    checks.append(limit.run(lambda run=run: defer.ensureDeferred(run())))
+            await defer.gatherResults(checks, consumeErrors=True)
+            after = page[-1].id
+    finally:
+        await pool.close()
+    print(
+        f"{counts['files']} files, {counts['copies']} copies: {counts['good']} good, "
+        f"{counts['bad']} bad, {counts['unchecked']} not checked, "
+        f"{counts['gone']} deleted meanwhile; "
+        f"{counts['short']} files short of copies"
+    )
+    if problems:
+        print(f"DEGRADED: {len(problems)} problems")
         return EXIT_NOT_FOUND
     print("OK")
     return EXIT_OK

@@ -266,7 +266,7 @@ class Node:
             "replica {fid} of {key!r} is bad: {reason}", fid=info.fid, key=info.key, reason=reason
         )
         await self.storage.quarantine(info.path)
-        await self.store.remove_replica(info.id, self.name)
+        await self.store.quarantine_replica(info.id, self.name)
         if self.on_replica_lost is not None:
             self.on_replica_lost(info)
 

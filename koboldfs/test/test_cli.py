@@ -18,13 +18,14 @@ import termios
 import urllib.request
 from dataclasses import dataclass
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from koboldfs import cli
 from koboldfs.client import DeferredClient
 from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess, free_port
+from koboldfs.test.test_end_to_end import eventually
 
 
 @dataclass
@@ -121,12 +122,12 @@ class CLITestsMixin(ClusterMixin):
         d = deferToThread(cli.main, list(argv))
         return d.addCallback(lambda code: Result(code, out.bytes(), err.bytes().decode()))
 
-    async def cluster(self, n: int = 1) -> list[ServerProcess]:
+    async def cluster(self, n: int = 1, extra: tuple[str, ...] = ()) -> list[ServerProcess]:
         base = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
         os.makedirs(base)
         db = f"sqlite:///{base}/shared.sqlite"
         self.db = db
-        return [await self.startServer(name, db=db) for name in "abc"[:n]]
+        return [await self.startServer(name, db=db, extra=extra) for name in "abc"[:n]]
 
 
 class FileCommandTests(CLITestsMixin, TestCase):
@@ -223,8 +224,6 @@ class FileCommandTests(CLITestsMixin, TestCase):
 
     async def eventuallyRefused(self, a: ServerProcess, source: str) -> None:
         # The server learns its state at its next heartbeat (1 s here).
-        from koboldfs.test.test_end_to_end import eventually
-
         async def refused() -> bool:
             r = await self.cli("-s", a.address, "put", "other", source)
             if r.code == cli.EXIT_OK:
@@ -324,3 +323,172 @@ class FileCommandTests(CLITestsMixin, TestCase):
         self.assertEqual(r.code, 0, r.err)
         r = await self.cli("-s", a.address, "ls")
         self.assertEqual((r.code, r.out), (0, b""))
+
+
+class AdminTests(CLITestsMixin, TestCase):
+    """
+    C{koboldfs admin}, on the metadata database of real servers.
+    """
+
+    async def admin(self, *argv: str) -> Result:
+        """
+        C{koboldfs admin ARGV} in-process, on the test's reactor.
+        """
+        out, err = _Stream(), _Stream()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = await cli.admin(reactor, list(argv))
+        return Result(code, out.bytes(), err.bytes().decode())
+
+    async def healthy(self, db: str) -> bool:
+        r = await self.admin("--db", db, "status", "--down-after", "3")
+        self.assertIn(r.code, (0, 1), r.err)
+        return r.code == 0
+
+    async def test_status(self) -> None:
+        """
+        C{admin status} exits 1 while a server is down and files are short
+        of their copies, and 0 once it is back and has caught up.
+        """
+        a, b = await self.cluster(2)
+        await eventually(lambda: self.healthy(self.db), what="a healthy cluster")
+        r = await self.admin("--db", self.db, "status")
+        self.assertIn("servers: 2 (2 alive)", r.out.decode())
+        self.assertTrue(r.out.decode().endswith("OK\n"), r.out)
+        await b.stop()
+        client = DeferredClient("default", [a.address])
+        self.addCleanup(client.close)
+        await client.put("while-b-was-down", b"x" * 10)
+
+        async def degraded() -> bool:
+            r = await self.admin("--db", self.db, "status", "--down-after", "3")
+            return r.code == cli.EXIT_NOT_FOUND and b"DOWN: b" in r.out
+
+        await eventually(degraded, what="b reported down")
+        r = await self.admin("--db", self.db, "status", "--down-after", "3")
+        out = r.out.decode()
+        self.assertIn("under-replicated: 1 files, 1 copies to make", out)
+        self.assertIn("DEGRADED: 1 of 2 servers down; 1 files short of their copies", out)
+        # Through the command, as a monitor runs it: exit status 1.
+        process = await deferToThread(
+            run_process, ["admin", "status", "--down-after", "3"], b"", {"KOBOLDFS_DB": self.db}
+        )
+        self.assertEqual(process.code, cli.EXIT_NOT_FOUND, process.err)
+        await b.start()
+        await eventually(lambda: self.healthy(self.db), what="b back and caught up")
+
+    async def test_servers_and_namespaces(self) -> None:
+        """
+        The servers with their state, heartbeat and disk; their states
+        changed; namespaces listed, created and changed.
+        """
+        a, b = await self.cluster(2)
+        db = self.db
+        r = await self.admin("--db", db, "servers")
+        self.assertEqual(r.code, 0, r.err)
+        lines = r.out.decode().splitlines()
+        self.assertEqual(lines[0].split()[:4], ["NAME", "HOST", "ADDRESS", "STATE"])
+        self.assertEqual(
+            [line.split()[:4] for line in lines[1:]],
+            [["a", "a", a.address, "alive"], ["b", "b", b.address, "alive"]],
+        )
+        r = await self.admin("--db", db, "server", "set-state", "b", "drain")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.admin("--db", db, "servers")
+        self.assertEqual(r.out.decode().splitlines()[2].split()[3], "drain")
+        r = await self.admin("--db", db, "server", "set-state", "nonesuch", "dead")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        self.assertIn("no server named 'nonesuch'", r.err)
+        r = await self.admin("--db", db, "server", "set-state", "b", "sleeping")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        # Namespaces.
+        r = await self.admin(
+            "--db",
+            db,
+            "namespace",
+            "create",
+            "photos",
+            "--replicas",
+            "2",
+            "--min-copies",
+            "2",
+            "--private",
+            "--url-template",
+            "https://cdn.example/{path}",
+        )
+        self.assertEqual(r.code, 0, r.err)
+        self.assertIn("photos: replicas 2, min copies 2, private", r.out.decode())
+        r = await self.admin("--db", db, "namespace", "create", "photos")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        r = await self.admin("--db", db, "namespace", "set", "photos", "--replicas", "3")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.admin("--db", db, "namespace", "set", "photos")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        r = await self.admin("--db", db, "namespace", "set", "nonesuch", "--replicas", "1")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        r = await self.admin("--db", db, "namespace", "set", "photos", "--url-template", "{nope}")
+        self.assertEqual(r.code, cli.EXIT_USAGE, r.err)
+        r = await self.admin("--db", db, "namespaces")
+        rows = [line.split() for line in r.out.decode().splitlines()]
+        self.assertEqual(rows[0][:4], ["NAME", "REPLICAS", "MIN", "ACCESS"])
+        self.assertEqual(rows[1][:4], ["photos", "3", "2", "private"])
+        self.assertEqual(rows[1][-1], "https://cdn.example/{path}")
+        # The database named by the environment.
+        self.patch(os, "environ", {**os.environ, "KOBOLDFS_DB": db})
+        r = await self.admin("namespaces")
+        self.assertEqual(r.code, 0, r.err)
+        # No such database.
+        r = await self.admin("--db", f"sqlite:///{a.dir}/nonesuch.sqlite", "servers")
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE)
+        self.assertIn("KOBOLDFS_DB", r.err)
+        r = await self.admin()
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+
+    async def test_fsck(self) -> None:
+        """
+        C{admin fsck} finds a missing copy and a corrupt one, lists them,
+        and has them made again: the next fsck finds none.
+        """
+        a, b = await self.cluster(2, extra=("--scrub-rate=0",))
+        client = DeferredClient("default", [a.address])
+        self.addCleanup(client.close)
+        bodies = {f"k{i}": os.urandom(1000 + i) for i in range(3)}
+        for key, body in bodies.items():
+            await client.put(key, body)
+        await client.put("other", b"in another namespace")
+        await eventually(lambda: self.healthy(self.db), what="every file on both servers")
+        r = await self.admin("--db", self.db, "fsck")
+        self.assertEqual(r.code, 0, (r.out, r.err))
+        self.assertIn("4 files, 8 copies: 8 good, 0 bad", r.out.decode())
+        on_a, on_b = stored(a), stored(b)
+        os.unlink(on_a[bodies["k0"]])
+        with open(on_b[bodies["k1"]], "r+b") as f:
+            f.write(b"\0" * 10)
+        r = await self.admin("--db", self.db, "fsck")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND, r.out)
+        out = r.out.decode()
+        self.assertIn("4 files, 8 copies: 6 good, 2 bad", out)
+        self.assertIn("PROBLEM: default/k0 (file 1", out)
+        self.assertIn("on a: bad copy", out)
+        self.assertIn("PROBLEM: default/k1 (file 2", out)
+        self.assertIn("on b: bad copy", out)
+        await eventually(lambda: self.healthy(self.db), what="the copies made again")
+        r = await self.admin("--db", self.db, "fsck", "--namespace", "default")
+        self.assertEqual(r.code, 0, r.out)
+        self.assertEqual(open(on_a[bodies["k0"]], "rb").read(), bodies["k0"])
+        self.assertEqual(open(on_b[bodies["k1"]], "rb").read(), bodies["k1"])
+        r = await self.admin("--db", self.db, "fsck", "--namespace", "nonesuch")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+
+
+def stored(server: ServerProcess) -> dict[bytes, str]:
+    """
+    The paths of a server's stored files, by their contents.
+    """
+    found = {}
+    for dirpath, _, names in os.walk(os.path.join(server.data, "files")):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                found[f.read()] = path
+    return found

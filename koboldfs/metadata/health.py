@@ -1,0 +1,152 @@
+"""
+The cluster's health as the metadata sees it, for operators: C{koboldfs
+admin status} and C{fsck}, and the servers' status pages.  Written as
+generator transactions like L{koboldfs.metadata.queries}, and run by every
+store's driver the same way.
+
+These count over every live file: for an operator's look (or a status page
+that caches them), never for a request's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import and_, bindparam, case, func, literal_column, or_, select, update
+
+from koboldfs.interfaces import FileInfo
+from koboldfs.metadata.queries import (
+    _LIVE,
+    Query,
+    Txn,
+    _files_page,
+    _grouped,
+    reader,
+    writer,
+)
+from koboldfs.metadata.schema import files, namespaces, replicas, servers
+
+#: Server states whose copies count towards a namespace's replica count
+#: (as L{koboldfs.replicator.COUNTED_STATES}).
+_COUNTED = ("alive", "readonly")
+
+
+@dataclass(frozen=True)
+class Health:
+    """
+    Counts over the whole metadata.
+
+    @ivar files: live files; C{bytes} their total size.
+    @ivar under_replicated: live files with fewer good copies on counted
+        servers (alive or readonly) than their namespace wants (all alive
+        servers when it sets no count); C{missing_copies} the copies they
+        lack in all; C{lost} those with no good copy anywhere.
+    @ivar deleted: deleted files whose copies are still to be reclaimed.
+    @ivar quarantined: copies found bad or missing and set aside, not yet
+        made again.
+    """
+
+    files: int = 0
+    bytes: int = 0
+    under_replicated: int = 0
+    missing_copies: int = 0
+    lost: int = 0
+    deleted: int = 0
+    quarantined: int = 0
+
+
+_GOOD = (
+    select(func.count())
+    .select_from(replicas.join(servers, servers.c.name == replicas.c.server))
+    .where(
+        replicas.c.file_id == files.c.id,
+        replicas.c.state == literal_column("'ok'"),
+        # Literals: the PostgreSQL driver takes no expanding IN parameter.
+        or_(*(servers.c.state == literal_column(f"'{state}'") for state in _COUNTED)),
+    )
+    .scalar_subquery()
+)
+_ANY_GOOD = (
+    select(func.count())
+    .select_from(replicas)
+    .where(replicas.c.file_id == files.c.id, replicas.c.state == literal_column("'ok'"))
+    .scalar_subquery()
+)
+_WANTED = func.coalesce(namespaces.c.replicas, bindparam("b_alive"))
+_SHORT = _GOOD < _WANTED
+_ALIVE_SERVERS = select(func.count()).select_from(servers).where(servers.c.state == "alive")
+_LIVE_TOTALS = (
+    select(
+        func.count(),
+        func.coalesce(func.sum(files.c.size), 0),
+        func.coalesce(func.sum(case((_SHORT, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((_SHORT, _WANTED - _GOOD), else_=0)), 0),
+        func.coalesce(func.sum(case((_ANY_GOOD == 0, 1), else_=0)), 0),
+    )
+    .select_from(files.join(namespaces, namespaces.c.id == files.c.namespace_id))
+    .where(_LIVE)
+)
+_DELETED_COUNT = (
+    select(func.count()).select_from(files).where(files.c.state == literal_column("'deleted'"))
+)
+_QUARANTINED_COUNT = (
+    select(func.count())
+    .select_from(replicas)
+    .where(replicas.c.state == literal_column("'quarantined'"))
+)
+_NAMESPACE_IS = files.c.namespace_id == (
+    select(namespaces.c.id).where(namespaces.c.name == bindparam("b_namespace")).scalar_subquery()
+)
+_LIVE_FILES = _files_page(_LIVE, good_only=True)
+_LIVE_FILES_IN = _files_page(_LIVE, _NAMESPACE_IS, good_only=True)
+_QUARANTINE = (
+    update(replicas)
+    .where(
+        and_(
+            replicas.c.file_id == bindparam("b_file_id"),
+            replicas.c.server == bindparam("b_server"),
+        )
+    )
+    .values(state="quarantined")
+)
+
+
+@reader
+def health() -> Txn[Health]:
+    """
+    The counts of L{Health}, in one transaction.
+    """
+    out = yield Query(_ALIVE_SERVERS)
+    alive = out.rows[0][0]
+    out = yield Query(_LIVE_TOTALS, {"b_alive": alive})
+    count, size, short, missing, lost = (int(v or 0) for v in out.rows[0])
+    out = yield Query(_DELETED_COUNT)
+    deleted = out.rows[0][0]
+    out = yield Query(_QUARANTINED_COUNT)
+    return Health(count, size, short, missing, lost, deleted, out.rows[0][0])
+
+
+@reader
+def live_files(namespace: str | None, after: int, limit: int) -> Txn[list[FileInfo]]:
+    """
+    Up to C{limit} live files with ids above C{after} (of C{namespace}
+    only, unless None), by id, each with the servers holding a good copy:
+    what C{fsck} walks.
+    """
+    params = {"b_after": after, "b_limit": limit}
+    if namespace is None:
+        out = yield Query(_LIVE_FILES, params)
+    else:
+        out = yield Query(_LIVE_FILES_IN, {**params, "b_namespace": namespace})
+    return _grouped(out.rows)
+
+
+@writer
+def quarantine_replica(file_id: int, server: str) -> Txn[bool]:
+    """
+    Mark C{server}'s copy of file C{file_id} bad: it is no longer served
+    nor counted, and its server's replicator makes it again (which marks
+    it good).  Return whether there was such a copy.
+    """
+    out = yield Query(_QUARANTINE, {"b_file_id": file_id, "b_server": server})
+    return out.rowcount > 0
