@@ -40,7 +40,9 @@ class Health:
     @ivar under_replicated: live files with fewer good copies on counted
         servers (alive or readonly) than their namespace wants (all alive
         servers when it sets no count); C{missing_copies} the copies they
-        lack in all; C{lost} those with no good copy anywhere.
+        lack in all; C{lost} those with no good copy anywhere;
+        C{oldest_short} when the oldest short one was created (None if
+        none is): how far replication lags.
     @ivar deleted: deleted files whose copies are still to be reclaimed.
     @ivar quarantined: copies found bad or missing and set aside, not yet
         made again.
@@ -53,6 +55,7 @@ class Health:
     lost: int = 0
     deleted: int = 0
     quarantined: int = 0
+    oldest_short: float | None = None
 
 
 _GOOD = (
@@ -82,6 +85,7 @@ _LIVE_TOTALS = (
         func.coalesce(func.sum(case((_SHORT, 1), else_=0)), 0),
         func.coalesce(func.sum(case((_SHORT, _WANTED - _GOOD), else_=0)), 0),
         func.coalesce(func.sum(case((_ANY_GOOD == 0, 1), else_=0)), 0),
+        func.min(case((_SHORT, files.c.created), else_=None)),
     )
     .select_from(files.join(namespaces, namespaces.c.id == files.c.namespace_id))
     .where(_LIVE)
@@ -119,11 +123,14 @@ def health() -> Txn[Health]:
     out = yield Query(_ALIVE_SERVERS)
     alive = out.rows[0][0]
     out = yield Query(_LIVE_TOTALS, {"b_alive": alive})
-    count, size, short, missing, lost = (int(v or 0) for v in out.rows[0])
+    *counts, oldest = out.rows[0]
+    count, size, short, missing, lost = (int(v or 0) for v in counts)
     out = yield Query(_DELETED_COUNT)
     deleted = out.rows[0][0]
     out = yield Query(_QUARANTINED_COUNT)
-    return Health(count, size, short, missing, lost, deleted, out.rows[0][0])
+    quarantined = out.rows[0][0]
+    oldest = None if oldest is None else float(oldest)
+    return Health(count, size, short, missing, lost, deleted, quarantined, oldest)
 
 
 @reader

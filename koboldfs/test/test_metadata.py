@@ -739,6 +739,7 @@ class MetadataStoreTestsMixin:
         self.assertEqual(health.bytes, sum(f.size for f in (full, drained, enough)) + 100 + 2)
         self.assertEqual((health.under_replicated, health.missing_copies), (2, 3))
         self.assertEqual((health.lost, health.deleted, health.quarantined), (0, 1, 0))
+        self.assertEqual(health.oldest_short, T0)
         # A quarantined copy is neither served nor counted, until made again.
         self.assertTrue((yield store.quarantine_replica(full.id, "s1")))
         self.assertFalse((yield store.quarantine_replica(full.id, "s3")))
