@@ -214,6 +214,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("state", metavar="STATE", choices=("alive", "readonly", "drain", "dead"))
+    p = admin_command(
+        server,
+        "forget-copies",
+        "after a server's disk was lost or replaced: mark every copy it held bad, so that "
+        "it copies them all again when it starts (run it while the server is stopped)",
+        admin_forget_copies,
+    )
+    p.add_argument("name", metavar="NAME")
     admin_command(sub, "namespaces", "the namespaces and their settings", admin_namespaces)
     p = sub.add_parser(
         "namespace",
@@ -879,6 +887,16 @@ async def admin_set_state(store: Any, args: argparse.Namespace, reactor: Any) ->
             f"no server named {args.name!r}: see `koboldfs admin servers`", EXIT_NOT_FOUND
         )
     print(f"{args.name}: {args.state}")
+    return EXIT_OK
+
+
+async def admin_forget_copies(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if args.name not in {s.name for s in await store.servers()}:
+        raise CommandError(
+            f"no server named {args.name!r}: see `koboldfs admin servers`", EXIT_NOT_FOUND
+        )
+    n = await store.quarantine_server(args.name)
+    print(f"{args.name}: {n} copies marked quarantined; it copies them again once started")
     return EXIT_OK
 
 

@@ -262,5 +262,11 @@ class IMetadataStore(Interface):
         (L{add_replica} marks it good).  Fire with whether there was one.
         """
 
+    def quarantine_server(server):
+        """
+        Mark every good copy on C{server} bad (its disk was replaced): its
+        replicator makes them all again.  Fire with how many there were.
+        """
+
 
 Listener = Callable[[str, dict], None]

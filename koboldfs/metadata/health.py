@@ -113,6 +113,11 @@ _QUARANTINE = (
     )
     .values(state="quarantined")
 )
+_QUARANTINE_SERVER = (
+    update(replicas)
+    .where(replicas.c.server == bindparam("b_server"), replicas.c.state == literal_column("'ok'"))
+    .values(state="quarantined")
+)
 
 
 @reader
@@ -157,3 +162,13 @@ def quarantine_replica(file_id: int, server: str) -> Txn[bool]:
     """
     out = yield Query(_QUARANTINE, {"b_file_id": file_id, "b_server": server})
     return out.rowcount > 0
+
+
+@writer
+def quarantine_server(server: str) -> Txn[int]:
+    """
+    Mark every good copy on C{server} bad, as after its disk was lost:
+    its replicator makes them all again.  Return how many there were.
+    """
+    out = yield Query(_QUARANTINE_SERVER, {"b_server": server})
+    return out.rowcount

@@ -796,3 +796,6 @@ class PostgresStore:
             server,
             notice=lambda done: (FILE_ADDED, {"id": file_id}) if done else None,
         )
+
+    def quarantine_server(self, server: str) -> Deferred[int]:
+        return self._run(health.quarantine_server, server)

@@ -368,3 +368,6 @@ class SQLAlchemyStore:
 
     def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
         return self._run(health.quarantine_replica, file_id, server)
+
+    def quarantine_server(self, server: str) -> Deferred[int]:
+        return self._run(health.quarantine_server, server)

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -478,6 +479,32 @@ class AdminTests(CLITestsMixin, TestCase):
         self.assertEqual(open(on_a[bodies["k0"]], "rb").read(), bodies["k0"])
         self.assertEqual(open(on_b[bodies["k1"]], "rb").read(), bodies["k1"])
         r = await self.admin("--db", self.db, "fsck", "--namespace", "nonesuch")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+
+    async def test_replaced_disk(self) -> None:
+        """
+        A server back on an empty disk, after C{server forget-copies},
+        copies back every file it held.
+        """
+        a, b = await self.cluster(2, extra=("--scrub-rate=0",))
+        client = DeferredClient("default", [a.address])
+        self.addCleanup(client.close)
+        bodies = [os.urandom(2000 + i) for i in range(3)]
+        for i, body in enumerate(bodies):
+            await client.put(f"k{i}", body)
+        await eventually(lambda: self.healthy(self.db), what="every file on both servers")
+        await b.stop()
+        shutil.rmtree(b.data)
+        r = await self.admin("--db", self.db, "server", "forget-copies", "b")
+        self.assertEqual(r.code, 0, r.err)
+        self.assertIn("b: 3 copies marked quarantined", r.out.decode())
+        r = await self.admin("--db", self.db, "status")
+        self.assertIn("quarantined copies: 3", r.out.decode())
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        await b.start()
+        await eventually(lambda: self.healthy(self.db), what="b's copies made again")
+        self.assertEqual(sorted(stored(b)), sorted(bodies))
+        r = await self.admin("--db", self.db, "server", "forget-copies", "nonesuch")
         self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
 
 

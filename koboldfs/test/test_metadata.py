@@ -753,6 +753,11 @@ class MetadataStoreTestsMixin:
         self.assertEqual((yield store.lookup("ns", "full")).replicas, ("s1", "s2"))
         self.assertEqual((yield store.health()).quarantined, 1)
         self.assertEqual(gone.key, "gone")
+        # A server whose disk was replaced: every copy it held is bad.
+        self.assertEqual((yield store.quarantine_server("s2")), 1)
+        self.assertEqual((yield store.quarantine_server("s2")), 0)
+        self.assertEqual((yield store.lookup("ns", "full")).replicas, ("s1",))
+        self.assertEqual((yield store.health()).quarantined, 2)
 
     @inlineCallbacks
     def test_liveFiles(self) -> InlineTest:
