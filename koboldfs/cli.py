@@ -287,6 +287,11 @@ def make_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DOWN_AFTER,
         help=f"as for `admin servers` [default {DEFAULT_DOWN_AFTER:g}]",
     )
+    p.add_argument(
+        "--db-only",
+        action="store_true",
+        help="do not ask the servers' status pages for their scrub and retry figures",
+    )
     p = admin_command(
         sub,
         "fsck",
@@ -1012,6 +1017,15 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     )
     print(f"quarantined copies: {health.quarantined}")
     print(f"deleted files to reclaim: {health.deleted}")
+    if not args.db_only:
+        from twisted.internet import defer
+
+        up = [s for s in servers if not _down(s, now, args.down_after)]
+        pages = await defer.gatherResults(
+            [defer.ensureDeferred(_status_page(reactor, s)) for s in up]
+        )
+        for s, page in zip(up, pages, strict=True):
+            print(f"  {s.name}: {page}")
     problems = []
     if not servers:
         problems.append(f"no server has registered in {store.url}")
@@ -1028,6 +1042,46 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
         return EXIT_NOT_FOUND
     print("OK")
     return EXIT_OK
+
+
+async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
+    """
+    A server's own figures from its status page (C{/status.json} under its
+    public URL), in a line: its scrub's progress and its copies waiting
+    for a retry.  Never fails: a server whose public URL is another web
+    server (nginx, a CDN) has no status page there.
+    """
+    import json
+
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+    url = server.public_url.rstrip("/") + "/status.json"
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
+    try:
+        d = agent.request(b"GET", url.encode())
+        d.addTimeout(timeout, reactor)
+        response = await d
+        d = readBody(response)
+        d.addTimeout(timeout, reactor)
+        body = await d
+        if response.code != 200:
+            return f"no status page at {url} (HTTP {response.code})"
+        page = json.loads(body)
+        scrub, retries = page["scrub"], page["replication"]["retries"]
+    except Exception as e:
+        return f"no status page at {url} ({type(e).__name__}: {e})"
+    finally:
+        await pool.closeCachedConnections()
+    if scrub["running"]:
+        state = (
+            f"scrub: {scrub['rounds']} rounds done, at file {scrub['cursor']}, "
+            f"{scrub['files_checked']} copies ({_bytes(scrub['bytes_checked'])}) checked, "
+            f"{scrub['bad']} bad"
+        )
+    else:
+        state = "scrub: off"
+    return f"{state}; {retries} copies to retry"
 
 
 async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:

@@ -80,7 +80,7 @@ class Metrics:
         )
         self.connections = Gauge(
             "koboldfs_open_connections",
-            "Client connections open now, by protocol",
+            "Client connections open now, by protocol (binary, http)",
             ["protocol"],
             registry=r,
         )

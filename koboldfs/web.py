@@ -393,6 +393,20 @@ class _Site(Site):
         super().__init__(resource, reactor=reactor)
         self.metrics = metrics
 
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if self.metrics is not None and channel is not None:
+            gauge = self.metrics.connections.labels("http")
+            gauge.inc()
+            lost = channel.connectionLost
+
+            def connectionLost(reason: Any) -> None:
+                gauge.dec()
+                lost(reason)
+
+            channel.connectionLost = connectionLost
+        return channel
+
     def getResourceFor(self, request: Request) -> Any:
         request.koboldfs_started = self.reactor.seconds()  # type: ignore[attr-defined]
         return super().getResourceFor(request)

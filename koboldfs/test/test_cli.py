@@ -355,6 +355,11 @@ class AdminTests(CLITestsMixin, TestCase):
         await eventually(lambda: self.healthy(self.db), what="a healthy cluster")
         r = await self.admin("--db", self.db, "status")
         self.assertIn("servers: 2 (2 alive)", r.out.decode())
+        # Each server's own figures, from its status page.
+        self.assertRegex(
+            r.out.decode(), r"\n  a: scrub: \d+ rounds done, .* 0 bad; 0 copies to retry\n"
+        )
+        self.assertIn("\n  b: scrub: ", r.out.decode())
         self.assertTrue(r.out.decode().endswith("OK\n"), r.out)
         await b.stop()
         client = DeferredClient("default", [a.address])
