@@ -1053,7 +1053,25 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
     """
     import json
 
-    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from twisted.internet import defer
+    from twisted.internet.protocol import Protocol
+    from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+
+    class Body(Protocol):
+        def __init__(self, done: defer.Deferred[bytes]) -> None:
+            self.done, self.chunks, self.size = done, [], 0
+
+        def dataReceived(self, data: bytes) -> None:
+            self.size += len(data)
+            if self.size > 1 << 20:  # not our status page
+                self.transport.stopProducing()
+            self.chunks.append(data)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if reason.check(ResponseDone):
+                self.done.callback(b"".join(self.chunks))
+            else:
+                self.done.errback(reason)
 
     url = server.public_url.rstrip("/") + "/status.json"
     pool = HTTPConnectionPool(reactor, persistent=False)
@@ -1062,7 +1080,8 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
         d = agent.request(b"GET", url.encode())
         d.addTimeout(timeout, reactor)
         response = await d
-        d = readBody(response)
+        d = defer.Deferred()
+        response.deliverBody(Body(d))
         d.addTimeout(timeout, reactor)
         body = await d
         if response.code != 200:

@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from koboldfs import __version__
@@ -32,8 +31,11 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: Seconds between polls of the cluster-wide counts.
+#: Seconds between polls of the cluster-wide counts, at least.
 POLL = 10.0
+#: Polls wait at least this many times as long as the last one took, so
+#: that a large database spends at most 1/SPACING of its time on them.
+SPACING = 20
 #: Seconds the status page waits before it reloads itself.
 REFRESH = 10
 
@@ -58,16 +60,36 @@ class Status:
         self.health: Health | None = None
         self.held: dict[str, int] = {}
         self.polled: float | None = None
-        self._loop = LoopingCall(lambda: defer.ensureDeferred(self.poll()))
-        self._loop.clock = clock
         self._interval = interval
+        self._call: Any = None
+        self._running = False
 
     def start(self) -> None:
-        self._loop.start(self._interval, now=True)
+        """
+        Poll now, then again after each poll ends: every L{POLL} seconds,
+        or L{SPACING} times as long as a poll took if that is longer.
+        """
+        self._running = True
+        self._schedule(0)
 
     def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        self._running = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self, delay: float) -> None:
+        if self._running:
+            self._call = self.clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        started = self.clock.seconds()
+
+        def again(_: object) -> None:
+            took = self.clock.seconds() - started
+            self._schedule(max(self._interval, SPACING * took))
+
+        defer.ensureDeferred(self.poll()).addBoth(again)
 
     async def poll(self) -> None:
         """

@@ -75,20 +75,34 @@ _ANY_GOOD = (
     .where(replicas.c.file_id == files.c.id, replicas.c.state == literal_column("'ok'"))
     .scalar_subquery()
 )
-_WANTED = func.coalesce(namespaces.c.replicas, bindparam("b_alive"))
-_SHORT = _GOOD < _WANTED
-_ALIVE_SERVERS = select(func.count()).select_from(servers).where(servers.c.state == "alive")
-_LIVE_TOTALS = (
+# Each live file's wanted and good copies, computed once per file; the
+# totals are taken over this (a correlated subquery named three times in
+# the aggregate would run three times per file).
+_PER_FILE = (
     select(
-        func.count(),
-        func.coalesce(func.sum(files.c.size), 0),
-        func.coalesce(func.sum(case((_SHORT, 1), else_=0)), 0),
-        func.coalesce(func.sum(case((_SHORT, _WANTED - _GOOD), else_=0)), 0),
-        func.coalesce(func.sum(case((_ANY_GOOD == 0, 1), else_=0)), 0),
-        func.min(case((_SHORT, files.c.created), else_=None)),
+        files.c.size.label("size"),
+        files.c.created.label("created"),
+        func.coalesce(namespaces.c.replicas, bindparam("b_alive")).label("wanted"),
+        _GOOD.label("good"),
+        _ANY_GOOD.label("any_good"),
     )
     .select_from(files.join(namespaces, namespaces.c.id == files.c.namespace_id))
     .where(_LIVE)
+    # Keeps SQLite from flattening the subquery back into the aggregate
+    # (it renders as LIMIT -1 OFFSET 0 there; an optimisation fence on
+    # PostgreSQL too).
+    .offset(0)
+    .subquery("per_file")
+)
+_SHORT = _PER_FILE.c.good < _PER_FILE.c.wanted
+_ALIVE_SERVERS = select(func.count()).select_from(servers).where(servers.c.state == "alive")
+_LIVE_TOTALS = select(
+    func.count(),
+    func.coalesce(func.sum(_PER_FILE.c.size), 0),
+    func.coalesce(func.sum(case((_SHORT, 1), else_=0)), 0),
+    func.coalesce(func.sum(case((_SHORT, _PER_FILE.c.wanted - _PER_FILE.c.good), else_=0)), 0),
+    func.coalesce(func.sum(case((_PER_FILE.c.any_good == 0, 1), else_=0)), 0),
+    func.min(case((_SHORT, _PER_FILE.c.created), else_=None)),
 )
 _DELETED_COUNT = (
     select(func.count()).select_from(files).where(files.c.state == literal_column("'deleted'"))

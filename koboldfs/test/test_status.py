@@ -13,15 +13,20 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import eventsFromJSONLogFile
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from koboldfs.client import DeferredClient
+from koboldfs.errors import ErrorCode, Unavailable
+from koboldfs.metadata.health import Health
 from koboldfs.metrics import Metrics
+from koboldfs.status import POLL, SPACING, Status
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.test_end_to_end import eventually
 
@@ -315,3 +320,73 @@ class RequestLogTests(ClusterMixin, TestCase):
         )
         self.assertGreaterEqual(put["duration"], 0)
         self.assertEqual((stat["operation"], stat["result"]), ("stat", "not_found"))
+
+
+class _Store:
+    """
+    The two store calls a status poll makes, answered when the test says.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[Any]] = []
+
+    def health(self) -> defer.Deferred[Health]:
+        d: defer.Deferred[Health] = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+    def files_held(self) -> defer.Deferred[dict[str, int]]:
+        return defer.succeed({"me": 3})
+
+
+class StatusPollTests(SynchronousTestCase):
+    """
+    The cluster-wide counts are polled in the background, spaced so that
+    a slow database is not kept busy by status pages.
+    """
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.store = _Store()
+        node = SimpleNamespace(
+            name="me", store=self.store, servers={}, config=SimpleNamespace(down_after=30)
+        )
+        self.status = Status(node, None, None, self.clock)  # type: ignore[arg-type]
+
+    def test_spacing(self) -> None:
+        """
+        A poll starts at once; the next one POLL seconds after it ended,
+        or SPACING times its length if longer; none after stop.
+        """
+        self.status.start()
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 1)
+        self.clock.advance(2)  # a slow database: 2 s
+        self.store.calls[0].callback(Health(files=7))
+        self.assertEqual(self.status.snapshot()["cluster"]["files"], 7)
+        self.assertEqual(self.status.held, {"me": 3})
+        self.clock.advance(SPACING * 2 - 1)
+        self.assertEqual(len(self.store.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.store.calls), 2)
+        self.store.calls[1].callback(Health(files=8))  # fast: POLL apart
+        self.clock.advance(POLL)
+        self.assertEqual(len(self.store.calls), 3)
+        self.status.stop()
+        self.store.calls[2].callback(Health())
+        self.clock.advance(POLL * 10)
+        self.assertEqual(len(self.store.calls), 3)
+
+    def test_failure(self) -> None:
+        """
+        A poll that fails keeps the last counts, and polling goes on.
+        """
+        self.status.start()
+        self.clock.advance(0)
+        self.store.calls[0].callback(Health(files=7))
+        self.clock.advance(POLL)
+        self.store.calls[1].errback(Unavailable(ErrorCode.UNAVAILABLE, "database down"))
+        self.assertEqual(self.status.snapshot()["cluster"]["files"], 7)
+        self.clock.advance(POLL)
+        self.assertEqual(len(self.store.calls), 3)
+        self.status.stop()
