@@ -305,6 +305,17 @@ class FileCommandTests(CLITestsMixin, TestCase):
         self.assertEqual(body, b"Welcome.\n")
         r = await self.cli("-s", servers, "url", "motd", "--expires", "0")
         self.assertEqual(r.code, cli.EXIT_USAGE)
+        # rm: several keys; a missing one is 1, unless -f.
+        r = await self.cli("-s", a.address, "put", "two", "-", stdin=b"2")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.cli("-s", a.address, "rm", "motd", "two", "three")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+        self.assertIn("'three'", r.err)
+        self.assertNotIn("'two'", r.err)
+        r = await self.cli("-s", a.address, "rm", "-f", "motd", "three")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.cli("-s", a.address, "ls")
+        self.assertEqual((r.code, r.out), (0, b""))
         # ping: each server; one down still answers 0 while another does.
         r = await self.cli("-s", servers, "ping")
         self.assertEqual(r.code, 0, r.err)
@@ -314,16 +325,6 @@ class FileCommandTests(CLITestsMixin, TestCase):
         r = await self.cli("-s", servers, "ping")
         self.assertEqual(r.code, 0, r.err)
         self.assertIn(f"{b.address}: no answer", r.out.decode())
-        # rm: several keys; a missing one is 1, unless -f.
-        await self.cli("-s", a.address, "put", "two", "-", stdin=b"2")
-        r = await self.cli("-s", a.address, "rm", "motd", "two", "three")
-        self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
-        self.assertIn("'three'", r.err)
-        self.assertNotIn("'two'", r.err)
-        r = await self.cli("-s", a.address, "rm", "-f", "motd", "three")
-        self.assertEqual(r.code, 0, r.err)
-        r = await self.cli("-s", a.address, "ls")
-        self.assertEqual((r.code, r.out), (0, b""))
 
 
 class AdminTests(CLITestsMixin, TestCase):
