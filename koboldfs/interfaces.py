@@ -249,5 +249,31 @@ class IMetadataStore(Interface):
         with whether it was forgotten.
         """
 
+    def health():
+        """
+        Fire with the cluster's L{Health<koboldfs.metadata.health.Health>}:
+        counts over every live file, for operators (not for hot paths).
+        """
+
+    def live_files(namespace, after, limit):
+        """
+        Fire with up to C{limit} live L{FileInfo}s with ids above C{after}
+        (of namespace C{namespace} only, unless None), by id, with the
+        servers holding a good copy: what C{fsck} walks.
+        """
+
+    def quarantine_replica(file_id, server):
+        """
+        Mark C{server}'s copy of file C{file_id} bad: no longer served nor
+        counted until its server's replicator makes it again
+        (L{add_replica} marks it good).  Fire with whether there was one.
+        """
+
+    def quarantine_server(server):
+        """
+        Mark every good copy on C{server} bad (its disk was replaced): its
+        replicator makes them all again.  Fire with how many there were.
+        """
+
 
 Listener = Callable[[str, dict], None]

@@ -37,6 +37,7 @@ from koboldfs.errors import (
 )
 from koboldfs.interfaces import FileInfo, IMetadataStore, NamespaceInfo, ServerInfo
 from koboldfs.metadata import store_from_url
+from koboldfs.metrics import Metrics
 from koboldfs.names import check_key, check_namespace
 from koboldfs.protocol import (
     CHUNK_SIZE,
@@ -51,6 +52,7 @@ from koboldfs.protocol import (
 )
 from koboldfs.orphans import OrphanSweeper
 from koboldfs.replicator import Replicator, Scrubber
+from koboldfs.status import Status
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for, relpath_names
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
@@ -116,6 +118,8 @@ class Node:
         self.clock = clock
         self.peers = peers
         self._servers: dict[str, ServerInfo] = {}
+        #: Counts and logs every request (koboldfs.metrics).
+        self.metrics = Metrics(config.name, clock)
         #: Called with a file whose copy here was found bad or missing and
         #: set aside, so that it is made again (the replicator sets it).
         self.on_replica_lost: Callable[[FileInfo], None] | None = None
@@ -288,7 +292,7 @@ class Node:
             "replica {fid} of {key!r} is bad: {reason}", fid=info.fid, key=info.key, reason=reason
         )
         await self.storage.quarantine(info.path)
-        await self.store.remove_replica(info.id, self.name)
+        await self.store.quarantine_replica(info.id, self.name)
         if self.on_replica_lost is not None:
             self.on_replica_lost(info)
 
@@ -331,12 +335,25 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._track = self.node.metrics.connection()
         self.setTimeout(self.node.config.idle_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.setTimeout(None)
         self._abort_put()
+        self._track.lost()
+
+    # Every request is timed from its frame to its answer, for metrics and
+    # the request log: begun in _request, ended in _idle.
+
+    def sendData(self, chunk: bytes) -> None:
+        self._track.sent(len(chunk))
+        super().sendData(chunk)
+
+    def sendError(self, code: ErrorCode, message: str) -> None:
+        self._track.failed(code.name)
+        super().sendError(code, message)
 
     def timeoutConnection(self) -> None:
         self.sendError(ErrorCode.TIMEOUT, "idle for too long")
@@ -379,10 +396,12 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     def _idle(self) -> None:
         self._state = _State.IDLE
         self._put = None
+        self._track.end()
 
     # -- requests
 
     def _request(self, msg: Message) -> None:
+        self._track.begin(msg.op.name.lower(), msg.get("ns"), msg.get("key"))
         if msg.op is Op.PUT or msg.op is Op.REPLICA_PUT:
             self._begin_put(msg)
             return
@@ -558,6 +577,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         put = self._put
         assert put is not None
         if isinstance(frame, Data):
+            self._track.received(len(frame.payload))
             try:
                 put.upload.write(frame.payload)
             except KoboldError as e:
@@ -677,6 +697,8 @@ class KoboldService(MultiService):
             self.node, reactor, config.scrub_rate, rest=config.replicate_interval
         )
         self.orphans = OrphanSweeper(self.node, reactor)
+        self.status = Status(self.node, self.replicator, self.scrubber, reactor)
+        self.node.metrics.snapshot = self.status.snapshot
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -702,7 +724,8 @@ class KoboldService(MultiService):
         self._ports.append(port)
         from koboldfs.web import make_site
 
-        http = await serverFromString(self.reactor, config.http).listen(make_site(self.node))
+        site = make_site(self.node, self.status, self.node.metrics)
+        http = await serverFromString(self.reactor, config.http).listen(site)
         self._ports.append(http)
         public_url = config.public_url or f"http://{advertised_address(http)}"
         free, total = await self.storage.disk_usage()
@@ -722,6 +745,7 @@ class KoboldService(MultiService):
         self.replicator.start()
         self.scrubber.start()
         self.orphans.start()
+        self.status.start()
         log.info(
             "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
             name=config.name,
@@ -750,6 +774,7 @@ class KoboldService(MultiService):
     def stopService(self) -> Any:
         if self._beat.running:
             self._beat.stop()
+        self.status.stop()
         replicating = self.replicator.stop()
         scrubbing = self.scrubber.stop()
         sweeping = self.orphans.stop()

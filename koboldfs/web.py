@@ -348,9 +348,78 @@ def _content_type(path: str) -> bytes:
     return (guessed or "application/octet-stream").encode()
 
 
-def make_site(node: Any) -> Site:
+class ServerResource(FileResource):
     """
-    The HTTP site of a server: its files, and nothing else.  No access log:
-    a per-request log line is issue 8's.
+    The files, and at three paths that no file URL can take (those all
+    start C{/files/} or C{/private/}): the status page C{/}, its data
+    C{/status.json}, and the Prometheus metrics C{/metrics}.
     """
-    return Site(FileResource(node), reactor=node.clock)
+
+    def __init__(self, node: Any, status: Any = None, metrics: Any = None) -> None:
+        super().__init__(node)
+        self.status = status
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> Any:
+        path = request.path
+        if path == b"/" and self.status is not None:
+            return _page(request, b"text/html; charset=utf-8", self.status.html())
+        if path == b"/status.json" and self.status is not None:
+            return _page(request, b"application/json", self.status.json())
+        if path == b"/metrics" and self.metrics is not None:
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return _page(request, CONTENT_TYPE_LATEST.encode(), self.metrics.exposition())
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
+def _page(request: Request, content_type: bytes, body: bytes) -> bytes:
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+class _Site(Site):
+    """
+    A Site whose finished requests go to the server's metrics and
+    structured log (L{koboldfs.metrics}), not to a combined access log.
+    """
+
+    def __init__(self, resource: Any, metrics: Any, reactor: Any) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.metrics = metrics
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if self.metrics is not None and channel is not None:
+            gauge = self.metrics.connections.labels("http")
+            gauge.inc()
+            lost = channel.connectionLost
+
+            def connectionLost(reason: Any) -> None:
+                gauge.dec()
+                lost(reason)
+
+            channel.connectionLost = connectionLost
+        return channel
+
+    def getResourceFor(self, request: Request) -> Any:
+        request.koboldfs_started = self.reactor.seconds()  # type: ignore[attr-defined]
+        return super().getResourceFor(request)
+
+    def log(self, request: Request) -> None:
+        if self.metrics is not None:
+            self.metrics.http(request, getattr(request, "koboldfs_started", None))
+
+
+def make_site(node: Any, status: Any = None, metrics: Any = None) -> Site:
+    """
+    The HTTP site of a server: its files, and given C{status} and
+    C{metrics}, its status page and metrics.
+    """
+    resource = ServerResource(node, status, metrics)
+    return _Site(resource, metrics, reactor=node.clock)

@@ -60,8 +60,10 @@ from koboldfs.metadata import (
     FILE_DELETED,
     SERVER_CHANGED,
     Listeners,
+    health,
     queries,
 )
+from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
 
 T = TypeVar("T")
@@ -781,3 +783,24 @@ class PostgresStore:
 
     def purge_file(self, file_id: int) -> Deferred[bool]:
         return self._run(queries.purge_file, file_id)
+
+    def health(self) -> Deferred[Health]:
+        return self._run(health.health)
+
+    def live_files(self, namespace: str | None, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(health.live_files, namespace, after, limit)
+
+    def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
+        """
+        Announced as the file added again, so that every server's
+        replicator looks back at it and the copy is made again at once.
+        """
+        return self._run(
+            health.quarantine_replica,
+            file_id,
+            server,
+            notice=lambda done: (FILE_ADDED, {"id": file_id}) if done else None,
+        )
+
+    def quarantine_server(self, server: str) -> Deferred[int]:
+        return self._run(health.quarantine_server, server)

@@ -42,8 +42,10 @@ from koboldfs.metadata import (
     FILE_DELETED,
     SERVER_CHANGED,
     Listeners,
+    health,
     queries,
 )
+from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import Outcome, Query, Work
 
 T = TypeVar("T")
@@ -363,3 +365,15 @@ class SQLAlchemyStore:
 
     def purge_file(self, file_id: int) -> Deferred[bool]:
         return self._run(queries.purge_file, file_id)
+
+    def health(self) -> Deferred[Health]:
+        return self._run(health.health)
+
+    def live_files(self, namespace: str | None, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(health.live_files, namespace, after, limit)
+
+    def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
+        return self._run(health.quarantine_replica, file_id, server)
+
+    def quarantine_server(self, server: str) -> Deferred[int]:
+        return self._run(health.quarantine_server, server)

@@ -131,7 +131,9 @@ class BuiltinHTTPTests(_HTTPMixin, TestCase):
                 fetch, url, headers={"If-None-Match": headers["etag"]}
             )
             self.assertEqual((status, got), (304, b""))
-            for path in ("/", "/metadata.sqlite", "/tmp/", "/quarantine/"):
+            # "/" is the status page (koboldfs.status); no other path
+            # outside the stored files' is served.
+            for path in ("/metadata.sqlite", "/tmp/", "/quarantine/", "/status.json/x"):
                 self.assertEqual((await deferToThread(fetch, server.http + path))[0], 404, path)
             await client.delete("pics/cat.PNG")
             self.assertEqual((await deferToThread(fetch, url))[0], 404)

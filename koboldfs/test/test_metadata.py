@@ -29,6 +29,7 @@ from koboldfs.metadata.pgstore import (
     PostgresStore,
     libpq_dsn,
 )
+from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import NewerSchema
 from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, replicas, schema_version
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
@@ -711,6 +712,70 @@ class MetadataStoreTestsMixin:
         self.assertFalse((yield store.add_replica(new.id, "s2", T0)))
         later = yield self.addFile(store, "k")
         self.assertGreater(later.id, new.id)
+
+    @inlineCallbacks
+    def test_health(self) -> InlineTest:
+        """
+        The operators' counts: files short of their namespace's count (all
+        alive servers when it has none) on servers whose copies count, the
+        copies they lack, those with none, deleted files not yet
+        reclaimed, and quarantined copies.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.health()), Health())
+        for name, state in (("s1", "alive"), ("s2", "alive"), ("s3", "drain")):
+            yield store.register_server(ServerInfo(name, name, f"{name}:1", f"http://{name}/"))
+            yield store.set_server_state(name, state)
+        yield store.set_namespace("one", replicas=1)
+        full = yield self.addFile(store, "full")
+        yield store.add_replica(full.id, "s2", T0)
+        yield self.addFile(store, "half")  # on s1 only: one copy short
+        drained = yield self.addFile(store, "drained", server="s3")  # two short
+        enough = yield self.addFile(store, "k", namespace="one")
+        gone = yield self.addFile(store, "gone")
+        yield store.delete("ns", "gone", T0)
+        health = yield store.health()
+        self.assertEqual(health.files, 4)
+        self.assertEqual(health.bytes, sum(f.size for f in (full, drained, enough)) + 100 + 2)
+        self.assertEqual((health.under_replicated, health.missing_copies), (2, 3))
+        self.assertEqual((health.lost, health.deleted, health.quarantined), (0, 1, 0))
+        self.assertEqual(health.oldest_short, T0)
+        # A quarantined copy is neither served nor counted, until made again.
+        self.assertTrue((yield store.quarantine_replica(full.id, "s1")))
+        self.assertFalse((yield store.quarantine_replica(full.id, "s3")))
+        self.assertEqual((yield store.lookup("ns", "full")).replicas, ("s2",))
+        self.assertEqual((yield store.missing_replicas("s1", 0, 10))[0].key, "full")
+        yield store.quarantine_replica(enough.id, "s1")
+        health = yield store.health()
+        self.assertEqual((health.under_replicated, health.missing_copies), (4, 5))
+        self.assertEqual((health.lost, health.quarantined), (1, 2))
+        yield store.add_replica(full.id, "s1", T0)
+        self.assertEqual((yield store.lookup("ns", "full")).replicas, ("s1", "s2"))
+        self.assertEqual((yield store.health()).quarantined, 1)
+        self.assertEqual(gone.key, "gone")
+        # A server whose disk was replaced: every copy it held is bad.
+        self.assertEqual((yield store.quarantine_server("s2")), 1)
+        self.assertEqual((yield store.quarantine_server("s2")), 0)
+        self.assertEqual((yield store.lookup("ns", "full")).replicas, ("s1",))
+        self.assertEqual((yield store.health()).quarantined, 2)
+
+    @inlineCallbacks
+    def test_liveFiles(self) -> InlineTest:
+        """
+        fsck's walk: every live file by id, in pages, with its good copies,
+        of one namespace or all.
+        """
+        store = yield self.startedStore()
+        a = yield self.addFile(store, "a")
+        b = yield self.addFile(store, "b", namespace="other", server="s2")
+        c = yield self.addFile(store, "c")
+        yield self.addFile(store, "d")
+        yield store.delete("ns", "d", T0)
+        page = yield store.live_files(None, 0, 2)
+        self.assertEqual([(f.key, f.replicas) for f in page], [("a", ("s1",)), ("b", ("s2",))])
+        self.assertEqual([f.id for f in (yield store.live_files(None, b.id, 10))], [c.id])
+        self.assertEqual([f.id for f in (yield store.live_files("ns", 0, 10))], [a.id, c.id])
+        self.assertEqual((yield store.live_files("nonesuch", 0, 10)), [])
 
 
 class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):

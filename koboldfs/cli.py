@@ -1,0 +1,1235 @@
+"""
+The C{koboldfs} command: files in and out of a cluster, and its
+administration.  See docs/cli.md.
+
+File commands (C{put}, C{get}, C{ls}...) talk to servers over the binary
+protocol through the blocking L{koboldfs.Client}, whose reactor runs in a
+thread of its own; bodies stream in 1 MiB chunks between the servers and
+files, pipes or the terminal, so a file of any size costs the same memory.
+C{admin} commands talk to the metadata database directly, through
+L{koboldfs.metadata.store_from_url}, under L{twisted.internet.task.react}.
+
+Every command exits with one of L{EXIT_OK}, L{EXIT_NOT_FOUND},
+L{EXIT_USAGE} or L{EXIT_UNAVAILABLE}, and says on stderr what went wrong
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+from koboldfs import __version__
+from koboldfs.errors import ConnectionFailed, InvalidName, KoboldError
+from koboldfs.names import check_key, check_namespace
+
+#: Exit statuses.  C{EXIT_NOT_FOUND} is also C{admin status}'s "degraded".
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+#: Standard output was closed early (C{koboldfs cat k | head}): what a
+#: shell reports for a command killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
+EXIT_INTERRUPTED = 128 + 2
+
+DEFAULT_SERVERS = "127.0.0.1:9876"
+DEFAULT_NAMESPACE = "default"
+#: The server's default database, seen from the directory it was started in.
+DEFAULT_DB = "sqlite:///koboldfs-data/metadata.sqlite"
+#: The server's default C{--down-after}.
+DEFAULT_DOWN_AFTER = 30.0
+
+#: Keys asked for per LIST request (the servers' own cap).
+PAGE = 1000
+#: STAT requests in flight at once for C{ls -l}.
+STAT_CONCURRENCY = 8
+#: Copies C{admin fsck} verifies at once, and files it reads per query.
+FSCK_CONCURRENCY = 4
+FSCK_PAGE = 500
+
+#: Server states whose copies count towards a namespace's replica count.
+_COUNTED = ("alive", "readonly")
+
+SERVERS_HINT = "is `twistd koboldfs` running there? set --servers or KOBOLDFS_SERVERS"
+DB_HINT = "set --db or KOBOLDFS_DB to the servers' --db"
+
+
+class CommandError(Exception):
+    """
+    A command failed in a way the user can act on: C{message} says how,
+    C{code} is the exit status.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# -- the command line
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """
+    The options every file command takes, before or after its name.  After
+    it, they default to nothing (SUPPRESS), so as not to undo one given
+    before it.
+    """
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument(
+        "-s",
+        "--servers",
+        action="append",
+        metavar="HOST:PORT[,...]",
+        help="servers to talk to, comma-separated or repeated "
+        f"[env KOBOLDFS_SERVERS, default {DEFAULT_SERVERS}]",
+        **default,
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        help=f"namespace [env KOBOLDFS_NAMESPACE, default {DEFAULT_NAMESPACE}]",
+        **default,
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is none unless stderr is a terminal)",
+        **default,
+    )
+
+
+def _admin_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help=f"metadata database [env KOBOLDFS_DB, default {DEFAULT_DB}]",
+        **default,
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """
+    The parser of C{koboldfs}'s arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="koboldfs",
+        description="Put, get and list files in a KoboldFS cluster, and administer it.",
+        epilog="Exit status: 0 success, 1 not found, 2 usage error, "
+        "3 cluster unreachable or server error.  See docs/cli.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"koboldfs {__version__}")
+    _common(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str, func: Callable[..., int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _common(sub, suppress=True)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = command("put", "store FILE (or standard input) under KEY", cmd_put)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("file", metavar="FILE", nargs="?", default="-", help="a file, or - for stdin")
+    p = command("get", "write KEY's bytes to FILE (or standard output)", cmd_get)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", default="-", help="a file or directory, or - for stdout"
+    )
+    p = command("cat", "write KEY's bytes to standard output", cmd_cat)
+    p.add_argument("key", metavar="KEY")
+    p = command("rm", "delete keys", cmd_rm)
+    p.add_argument("keys", metavar="KEY", nargs="+")
+    p.add_argument("-f", "--force", action="store_true", help="a missing key is no error")
+    p = command("ls", "list keys starting with PREFIX, in order", cmd_ls)
+    p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
+    p.add_argument(
+        "-l",
+        "--long",
+        action="store_true",
+        help="size, copies, creation time (UTC) and SHA-256 before each key",
+    )
+    p.add_argument(
+        "--page-size",
+        metavar="N",
+        type=int,
+        default=PAGE,
+        help=f"keys asked for per request [default {PAGE}, the servers' cap]",
+    )
+    p = command("stat", "what the cluster knows of KEY", cmd_stat)
+    p.add_argument("key", metavar="KEY")
+    p = command("url", "an HTTP URL of KEY", cmd_url)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--expires",
+        metavar="S",
+        type=int,
+        help="seconds a private namespace's signed URL is valid [default 3600]",
+    )
+    command("ping", "ask each server whether it answers", cmd_ping)
+
+    admin = commands.add_parser(
+        "admin",
+        help="administer the cluster through its metadata database",
+        description="Administer the cluster: these commands use the metadata "
+        "database directly, not the servers.",
+    )
+    _admin_common(admin, suppress=False)
+    admin.set_defaults(func=_admin_help(admin))
+    sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND")
+
+    def admin_command(
+        parent: Any, name: str, help: str, func: Callable[..., Any]
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        _admin_common(p, suppress=True)
+        p.set_defaults(func=_run_admin, admin_func=func)
+        return p
+
+    p = admin_command(sub, "servers", "the servers, their state, heartbeat and disk", admin_servers)
+    p.add_argument(
+        "--down-after",
+        metavar="S",
+        type=float,
+        default=DEFAULT_DOWN_AFTER,
+        help="seconds without a heartbeat after which a server is down "
+        f"(the servers' --down-after) [default {DEFAULT_DOWN_AFTER:g}]",
+    )
+    p = sub.add_parser("server", help="change a server", description="Change a server.")
+    server = p.add_subparsers(dest="server_command", metavar="COMMAND", required=True)
+    p = admin_command(
+        server, "set-state", "set a server's state: alive, readonly, drain or dead", admin_set_state
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("state", metavar="STATE", choices=("alive", "readonly", "drain", "dead"))
+    p = admin_command(
+        server,
+        "forget-copies",
+        "after a server's disk was lost or replaced: mark every copy it held bad, so that "
+        "it copies them all again when it starts (run it while the server is stopped)",
+        admin_forget_copies,
+    )
+    p.add_argument("name", metavar="NAME")
+    admin_command(sub, "namespaces", "the namespaces and their settings", admin_namespaces)
+    p = sub.add_parser(
+        "namespace",
+        help="create or change a namespace",
+        description="Create or change a namespace.",
+    )
+    namespace = p.add_subparsers(dest="namespace_command", metavar="COMMAND", required=True)
+    for name, help, func in (
+        ("create", "create a namespace", admin_namespace_create),
+        ("set", "change a namespace's settings", admin_namespace_set),
+    ):
+        p = admin_command(namespace, name, help, func)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument(
+            "--replicas", metavar="N", type=int, help="copies to keep of each file [default: all]"
+        )
+        p.add_argument(
+            "--min-copies",
+            metavar="N",
+            type=int,
+            help="copies a put must have made before it is acknowledged [default 1]",
+        )
+        p.add_argument(
+            "--all-servers",
+            dest="replicas",
+            action="store_const",
+            const="all",
+            help="a copy on every server (the default)",
+        )
+        privacy = p.add_mutually_exclusive_group()
+        privacy.add_argument(
+            "--private",
+            dest="private",
+            action="store_const",
+            const=True,
+            help="files served by signed URLs only; set before the first file",
+        )
+        privacy.add_argument(
+            "--public", dest="private", action="store_const", const=False, help="the opposite"
+        )
+        template = p.add_mutually_exclusive_group()
+        template.add_argument(
+            "--url-template", metavar="T", help="how URLs are built (docs/http.md)"
+        )
+        template.add_argument(
+            "--no-url-template",
+            dest="url_template",
+            action="store_const",
+            const="",
+            help="back to the servers' --public-url",
+        )
+    p = admin_command(
+        sub,
+        "status",
+        "cluster health; exits 1 when degraded (a server down, files short of copies, "
+        "copies quarantined)",
+        admin_status,
+    )
+    p.add_argument(
+        "--down-after",
+        metavar="S",
+        type=float,
+        default=DEFAULT_DOWN_AFTER,
+        help=f"as for `admin servers` [default {DEFAULT_DOWN_AFTER:g}]",
+    )
+    p.add_argument(
+        "--db-only",
+        action="store_true",
+        help="do not ask the servers' status pages for their scrub and retry figures",
+    )
+    p = admin_command(
+        sub,
+        "fsck",
+        "verify every copy of every live file (its server re-reads it against its size "
+        "and SHA-256); bad copies are set aside and made again; exits 1 on problems",
+        admin_fsck,
+    )
+    p.add_argument("--namespace", "-n", metavar="NS", help="check this namespace only")
+    p.add_argument(
+        "--down-after",
+        metavar="S",
+        type=float,
+        default=DEFAULT_DOWN_AFTER,
+        help=f"as for `admin servers` [default {DEFAULT_DOWN_AFTER:g}]",
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=FSCK_CONCURRENCY,
+        help=f"copies checked at once [default {FSCK_CONCURRENCY}]",
+    )
+    return parser
+
+
+def _admin_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run C{koboldfs} with C{argv} (C{sys.argv[1:]} when None); return the
+    exit status.
+    """
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # --help, --version, or a usage error argparse has reported.
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CommandError as e:
+        _say(e.message)
+        return e.code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _say(message: str) -> None:
+    print(f"koboldfs: {message}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """
+    After a broken pipe, point stdout at /dev/null, so that the
+    interpreter's own flush at exit does not complain about it again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+# -- talking to servers
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    given = getattr(args, "servers", None) or [os.environ.get("KOBOLDFS_SERVERS", "")]
+    servers = [s for item in given for s in item.replace(",", " ").split()]
+    return servers or [DEFAULT_SERVERS]
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    name = (
+        getattr(args, "namespace", None)
+        or os.environ.get("KOBOLDFS_NAMESPACE")
+        or DEFAULT_NAMESPACE
+    )
+    try:
+        return check_namespace(name)
+    except InvalidName as e:
+        raise CommandError(f"{e} (--namespace or KOBOLDFS_NAMESPACE)", EXIT_USAGE) from None
+
+
+def _key(key: str) -> str:
+    try:
+        return check_key(key)
+    except InvalidName as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+
+class _Session:
+    """
+    A blocking client of the namespace and servers the options name, that
+    checks first that some server answers, so that an unreachable cluster
+    is reported at once, and as such.
+    """
+
+    def __init__(self, args: argparse.Namespace, **options: Any) -> None:
+        from koboldfs import Client
+
+        self.servers = _servers(args)
+        self.namespace = _namespace(args)
+        try:
+            self.client = Client(self.namespace, self.servers, **options)
+        except ValueError as e:
+            raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
+
+    def __enter__(self) -> Any:
+        if not self.client.ping():
+            self.client.close()
+            raise CommandError(
+                f"no server answered at {', '.join(self.servers)}: {SERVERS_HINT}",
+                EXIT_UNAVAILABLE,
+            )
+        return self.client
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+        if isinstance(error, KoboldError) and not isinstance(error, InvalidName):
+            raise CommandError(_explain(error), EXIT_UNAVAILABLE) from error
+
+    def missing(self, key: str) -> CommandError:
+        return CommandError(f"no key {key!r} in namespace {self.namespace!r}", EXIT_NOT_FOUND)
+
+
+def _explain(error: KoboldError) -> str:
+    """
+    What to tell the user of an error from the cluster.
+    """
+    message = str(error)
+    if isinstance(error, ConnectionFailed) and "cannot be re-read" in message:
+        return (
+            f"{message}: standard input cannot be sent twice; put from a file "
+            "(or redirect one with <) to let the client retry on another server"
+        )
+    if isinstance(error, ConnectionFailed) and "cannot be rewound" in message:
+        return (
+            f"{message}: standard output cannot be taken back; get to a file "
+            "to let the client retry on another server"
+        )
+    return f"{message} (the servers' twistd.log may say more)"
+
+
+def _progress(args: argparse.Namespace, total: int | None, what: str) -> Any:
+    """
+    A tqdm progress bar on stderr, or None when stderr is not a terminal
+    or C{--quiet} was given.
+    """
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=what if len(what) <= 30 else what[:27] + "...",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+class _Counted:
+    """
+    A binary file whose reads or writes move a progress bar.  The client
+    calls these from its thread pool; tqdm's updates are thread-safe.  A
+    retry seeks back to the start, and the bar with it.
+    """
+
+    def __init__(self, f: Any, bar: Any) -> None:
+        self._f = f
+        self._bar = bar
+
+    def read(self, n: int = -1) -> bytes:
+        chunk: bytes = self._f.read(n)
+        self._bar.update(len(chunk))
+        return chunk
+
+    def write(self, chunk: bytes) -> int:
+        written: int = self._f.write(chunk)
+        self._bar.update(len(chunk))
+        return written
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position: int = self._f.seek(offset, whence)
+        self._bar.reset(total=self._bar.total)
+        return position
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _counted(f: Any, bar: Any) -> Any:
+    return f if bar is None else _Counted(f, bar)
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    if args.file == "-":
+        source = sys.stdin.buffer
+        if source.isatty():
+            raise CommandError(
+                "standard input is a terminal: give a FILE, or pipe the bytes in "
+                f"(... | koboldfs put {args.key} -)",
+                EXIT_USAGE,
+            )
+        own = False
+    else:
+        try:
+            source = open(args.file, "rb")
+        except OSError as e:
+            raise CommandError(f"cannot read {args.file}: {e.strerror}", EXIT_USAGE) from None
+        own = True
+    try:
+        try:
+            size: int | None = os.fstat(source.fileno()).st_size if source.seekable() else None
+        except OSError:
+            size = None
+        session = _Session(args)
+        with session as client:
+            bar = _progress(args, size, key)
+            try:
+                client.put(key, _counted(source, bar))
+            finally:
+                if bar is not None:
+                    bar.close()
+    finally:
+        if own:
+            source.close()
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    session = _Session(args)
+    with session as client:
+        if args.file == "-":
+            _get(args, session, client, key, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return EXIT_OK
+        path = args.file
+        if os.path.isdir(path):
+            path = os.path.join(path, key.rstrip("/").rpartition("/")[2] or key)
+        if os.path.exists(path) and not os.path.isfile(path):
+            # A device or a fifo: written in place, not replaced.
+            try:
+                with open(path, "wb") as out:
+                    _get(args, session, client, key, out)
+            except OSError as e:
+                raise CommandError(f"cannot write {path}: {e.strerror}", EXIT_USAGE) from None
+            return EXIT_OK
+        _get_to_file(args, session, client, key, path)
+    return EXIT_OK
+
+
+def _get_to_file(
+    args: argparse.Namespace, session: _Session, client: Any, key: str, path: str
+) -> None:
+    """
+    Download into a temporary file beside C{path}, renamed into place once
+    complete and verified: C{path} never holds a partial file, and is left
+    alone when the key is missing.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=".koboldfs-", suffix=".part")
+    except OSError as e:
+        raise CommandError(f"cannot write in {directory}: {e.strerror}", EXIT_USAGE) from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _get(args, session, client, key, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, path)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}", EXIT_USAGE) from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def _get(args: argparse.Namespace, session: _Session, client: Any, key: str, out: Any) -> None:
+    bar = None
+    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        # The size, for the bar; one more request, on a terminal only.
+        stat = client.stat(key)
+        if stat is None:
+            raise session.missing(key)
+        bar = _progress(args, stat.size, key)
+    try:
+        if not client.get(key, _counted(out, bar)):
+            raise session.missing(key)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    args.file = "-"
+    return cmd_get(args)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    keys = [_key(key) for key in args.keys]
+    missing = 0
+    session = _Session(args)
+    with session as client:
+        for key in keys:
+            if not client.delete(key) and not args.force:
+                _say(session.missing(key).message)
+                missing += 1
+    return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _keys(client: Any, prefix: str, size: int = PAGE) -> Iterator[list[str]]:
+    """
+    Every key starting with C{prefix}, C{size} at a time, until a page comes
+    back empty (a short page does not mean the end: a server may cap pages
+    below what was asked).
+    """
+    after = None
+    while True:
+        page = client.list(prefix, after, size)
+        if not page:
+            return
+        yield page
+        after = page[-1]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.page_size < 1:
+        raise CommandError("--page-size is a number of keys, 1 or more", EXIT_USAGE)
+    out = sys.stdout
+    session = _Session(args)
+    with session as client, ThreadPoolExecutor(STAT_CONCURRENCY) as pool:
+        for page in _keys(client, args.prefix, args.page_size):
+            if not args.long:
+                out.write("".join(f"{key}\n" for key in page))
+            else:
+                # A key deleted since the LIST has no stat: it is skipped.
+                for stat in pool.map(client.stat, page):
+                    if stat is not None:
+                        out.write(
+                            f"{stat.size:>12} {len(stat.servers):>2} {_utc(stat.created)} "
+                            f"{stat.sha256} {stat.key}\n"
+                        )
+            out.flush()
+    return EXIT_OK
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    session = _Session(args)
+    with session as client:
+        stat = client.stat(key)
+    if stat is None:
+        raise session.missing(key)
+    print(f"key:       {stat.key}")
+    print(f"namespace: {session.namespace}")
+    print(f"size:      {stat.size}")
+    print(f"sha256:    {stat.sha256}")
+    print(f"created:   {_utc(stat.created)}")
+    print(f"copies:    {len(stat.servers)} ({', '.join(stat.servers) or 'none'})")
+    return EXIT_OK
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    if args.expires is not None and args.expires <= 0:
+        raise CommandError("--expires is a number of seconds above 0", EXIT_USAGE)
+    session = _Session(args)
+    with session as client:
+        url = client.get_url(key, args.expires)
+    if url is None:
+        raise session.missing(key)
+    print(url)
+    return EXIT_OK
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    from koboldfs import Client
+
+    servers = _servers(args)
+    namespace = _namespace(args)
+    answered = 0
+    for address in servers:
+        try:
+            client = Client(namespace, [address], retries=0)
+        except ValueError as e:
+            raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
+        try:
+            start = time.monotonic()
+            ok = client.ping()
+            took = (time.monotonic() - start) * 1000
+        finally:
+            client.close()
+        if ok:
+            answered += 1
+            print(f"{address}: answered in {took:.1f} ms")
+        else:
+            print(f"{address}: no answer")
+    if not answered:
+        raise CommandError(f"no server answered: {SERVERS_HINT}", EXIT_UNAVAILABLE)
+    return EXIT_OK
+
+
+# -- admin: the metadata database
+
+
+def _db(args: argparse.Namespace) -> str:
+    return getattr(args, "db", None) or os.environ.get("KOBOLDFS_DB") or DEFAULT_DB
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    """
+    Run an admin command's coroutine under C{task.react}, with the store
+    started around it; return its exit status.
+    """
+    from twisted.internet import defer, task
+
+    status: list[int] = []
+
+    async def run(reactor: Any) -> None:
+        status.append(await _admin(reactor, args))
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:
+        pass
+    return status[0] if status else EXIT_UNAVAILABLE
+
+
+async def admin(reactor: Any, argv: Sequence[str]) -> int:
+    """
+    Run C{koboldfs admin ARGV...} on a running C{reactor} (a Twisted
+    application's, or a test's); return its exit status.
+    """
+    parser = make_parser()
+    try:
+        args = parser.parse_args(["admin", *argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if getattr(args, "admin_func", None) is None:
+        return int(args.func(args))
+    return await _admin(reactor, args)
+
+
+async def _admin(reactor: Any, args: argparse.Namespace) -> int:
+    try:
+        return await _with_store(reactor, args)
+    except CommandError as e:
+        _say(e.message)
+        return e.code
+    except Exception as e:  # reported here: react would only log it
+        _say(f"{type(e).__name__}: {e}")
+        return EXIT_UNAVAILABLE
+
+
+async def _with_store(reactor: Any, args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from koboldfs.metadata import store_from_url
+
+    url = _db(args)
+    if url.startswith("sqlite"):
+        # An admin command must not make an empty database where the
+        # servers' is not.
+        try:
+            database = make_url(url).database
+        except ArgumentError as e:
+            raise CommandError(f"bad --db {url!r}: {e}", EXIT_USAGE) from None
+        if database and not database.startswith("file:") and not os.path.exists(database):
+            raise CommandError(
+                f"no metadata database at {os.path.abspath(database)}: run this in the "
+                f"directory the server was started in, or {DB_HINT}",
+                EXIT_UNAVAILABLE,
+            )
+    try:
+        store = store_from_url(url, reactor)
+    except Exception as e:
+        raise CommandError(f"bad --db {url!r}: {e}", EXIT_USAGE) from None
+    try:
+        await store.start()
+    except Exception as e:
+        try:
+            await store.stop()
+        except Exception:
+            pass
+        raise CommandError(
+            f"cannot use the metadata database {store.url}: {e}; {DB_HINT}", EXIT_UNAVAILABLE
+        ) from None
+    try:
+        result: int = await args.admin_func(store, args, reactor)
+        return result
+    except KoboldError as e:
+        raise CommandError(f"{store.url}: {e}", EXIT_UNAVAILABLE) from None
+    except ValueError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+    finally:
+        await store.stop()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: str = "") -> str:
+    """
+    Columns padded to their widest cell; those whose names are in C{right}
+    aligned right (numbers).
+    """
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            str(cell).rjust(width) if name in right.split() else str(cell).ljust(width)
+            for cell, width, name in zip(row, widths, header, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 0:
+        seconds = 0
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _down(server: Any, now: float, down_after: float) -> bool:
+    return server.state != "dead" and now - server.heartbeat > down_after
+
+
+async def admin_servers(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    servers = await store.servers()
+    held = await store.files_held()
+    now = reactor.seconds()
+    rows = []
+    for s in servers:
+        state = s.state
+        if _down(s, now, args.down_after):
+            state = "down" if state == "alive" else f"{state}, down"
+        rows.append(
+            (
+                s.name,
+                s.host,
+                s.address,
+                state,
+                _age(now - s.heartbeat) if s.heartbeat else "never",
+                _bytes(s.disk_total - s.disk_free),
+                _bytes(s.disk_free),
+                str(held.get(s.name, 0)),
+            )
+        )
+    if not rows:
+        _say(f"no server has registered in {store.url}")
+        return EXIT_OK
+    header = ("NAME", "HOST", "ADDRESS", "STATE", "HEARTBEAT", "USED", "FREE", "FILES")
+    print(_table(header, rows, right="USED FREE FILES"))
+    return EXIT_OK
+
+
+async def admin_set_state(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if not await store.set_server_state(args.name, args.state):
+        raise CommandError(
+            f"no server named {args.name!r}: see `koboldfs admin servers`", EXIT_NOT_FOUND
+        )
+    print(f"{args.name}: {args.state}")
+    return EXIT_OK
+
+
+async def admin_forget_copies(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if args.name not in {s.name for s in await store.servers()}:
+        raise CommandError(
+            f"no server named {args.name!r}: see `koboldfs admin servers`", EXIT_NOT_FOUND
+        )
+    n = await store.quarantine_server(args.name)
+    print(f"{args.name}: {n} copies marked quarantined; it copies them again once started")
+    return EXIT_OK
+
+
+async def admin_namespaces(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    rows = [
+        (
+            ns.name,
+            "all" if ns.replicas is None else str(ns.replicas),
+            str(ns.min_copies or 1),
+            "private" if ns.private else "public",
+            _utc(ns.created),
+            ns.url_template or "-",
+        )
+        for ns in await store.namespaces()
+    ]
+    if not rows:
+        _say("no namespace yet: the first put to one creates it")
+        return EXIT_OK
+    print(_table(("NAME", "REPLICAS", "MIN", "ACCESS", "CREATED", "URL TEMPLATE"), rows))
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if args.replicas == "all":
+        settings["replicas"] = None
+    elif args.replicas is not None:
+        if args.replicas < 1:
+            raise CommandError("--replicas is a number of copies, 1 or more", EXIT_USAGE)
+        settings["replicas"] = args.replicas
+    if args.min_copies is not None:
+        if args.min_copies < 1:
+            raise CommandError("--min-copies is a number of copies, 1 or more", EXIT_USAGE)
+        settings["min_copies"] = args.min_copies
+    if args.private is not None:
+        settings["private"] = args.private
+    if args.url_template is not None:
+        settings["url_template"] = args.url_template or None
+    return settings
+
+
+def _show_namespace(ns: Any) -> None:
+    replicas = "all servers" if ns.replicas is None else str(ns.replicas)
+    print(
+        f"{ns.name}: replicas {replicas}, min copies {ns.min_copies or 1}, "
+        f"{'private' if ns.private else 'public'}, "
+        f"url template {ns.url_template or '(the servers --public-url)'}"
+    )
+
+
+async def admin_namespace_create(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    name = _admin_namespace(args.name)
+    settings = _settings(args)
+    if await store.namespace(name) is not None:
+        raise CommandError(
+            f"namespace {name!r} exists: change it with `koboldfs admin namespace set`",
+            EXIT_NOT_FOUND,
+        )
+    ns = await store.namespace(name, create=True)
+    if settings:
+        ns = await store.set_namespace(name, **settings)
+    _show_namespace(ns)
+    return EXIT_OK
+
+
+async def admin_namespace_set(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    name = _admin_namespace(args.name)
+    settings = _settings(args)
+    if not settings:
+        raise CommandError(
+            "nothing to change: give --replicas, --min-copies, --private/--public "
+            "or --url-template",
+            EXIT_USAGE,
+        )
+    if await store.namespace(name) is None:
+        raise CommandError(
+            f"no namespace {name!r}: create it with `koboldfs admin namespace create`",
+            EXIT_NOT_FOUND,
+        )
+    _show_namespace(await store.set_namespace(name, **settings))
+    return EXIT_OK
+
+
+def _admin_namespace(name: str) -> str:
+    try:
+        return check_namespace(name)
+    except InvalidName as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+
+async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    """
+    The cluster's health as the metadata tells it: exit 1 (degraded) when a
+    server is down or none is registered, files are short of their copies,
+    or copies are quarantined; they are what a monitor should page on.
+    """
+    servers = [s for s in await store.servers() if s.state != "dead"]
+    health = await store.health()
+    now = reactor.seconds()
+    down = [s for s in servers if _down(s, now, args.down_after)]
+    by_state: dict[str, int] = {}
+    for s in servers:
+        by_state[s.state] = by_state.get(s.state, 0) + 1
+    states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
+    print(f"servers: {len(servers)}" + (f" ({states})" if states else ""))
+    for s in down:
+        print(f"  DOWN: {s.name} ({s.address}): last heartbeat {_age(now - s.heartbeat)}")
+    print(f"files: {health.files} ({_bytes(health.bytes)})")
+    print(
+        f"under-replicated: {health.under_replicated} files, "
+        f"{health.missing_copies} copies to make"
+        + (f"; {health.lost} files with no good copy" if health.lost else "")
+    )
+    print(f"quarantined copies: {health.quarantined}")
+    print(f"deleted files to reclaim: {health.deleted}")
+    if not args.db_only:
+        from twisted.internet import defer
+
+        up = [s for s in servers if not _down(s, now, args.down_after)]
+        pages = await defer.gatherResults(
+            [defer.ensureDeferred(_status_page(reactor, s)) for s in up]
+        )
+        for s, page in zip(up, pages, strict=True):
+            print(f"  {s.name}: {page}")
+    problems = []
+    if not servers:
+        problems.append(f"no server has registered in {store.url}")
+    if down:
+        problems.append(f"{len(down)} of {len(servers)} servers down")
+    if health.lost:
+        problems.append(f"{health.lost} files have no good copy")
+    if health.under_replicated:
+        problems.append(f"{health.under_replicated} files short of their copies")
+    if health.quarantined:
+        problems.append(f"{health.quarantined} copies quarantined")
+    if problems:
+        print("DEGRADED: " + "; ".join(problems))
+        return EXIT_NOT_FOUND
+    print("OK")
+    return EXIT_OK
+
+
+async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
+    """
+    A server's own figures from its status page (C{/status.json} under its
+    public URL), in a line: its scrub's progress and its copies waiting
+    for a retry.  Never fails: a server whose public URL is another web
+    server (nginx, a CDN) has no status page there.
+    """
+    import json
+
+    from twisted.internet import defer
+    from twisted.internet.protocol import Protocol
+    from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+
+    class Body(Protocol):
+        def __init__(self, done: defer.Deferred[bytes]) -> None:
+            self.done, self.chunks, self.size = done, [], 0
+
+        def dataReceived(self, data: bytes) -> None:
+            self.size += len(data)
+            if self.size > 1 << 20:  # not our status page
+                self.transport.stopProducing()
+            self.chunks.append(data)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if reason.check(ResponseDone):
+                self.done.callback(b"".join(self.chunks))
+            else:
+                self.done.errback(reason)
+
+    url = server.public_url.rstrip("/") + "/status.json"
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
+    try:
+        d = agent.request(b"GET", url.encode())
+        d.addTimeout(timeout, reactor)
+        response = await d
+        d = defer.Deferred()
+        response.deliverBody(Body(d))
+        d.addTimeout(timeout, reactor)
+        body = await d
+        if response.code != 200:
+            return f"no status page at {url} (HTTP {response.code})"
+        page = json.loads(body)
+        scrub, retries = page["scrub"], page["replication"]["retries"]
+    except Exception as e:
+        return f"no status page at {url} ({type(e).__name__}: {e})"
+    finally:
+        await pool.closeCachedConnections()
+    if scrub["running"]:
+        state = (
+            f"scrub: {scrub['rounds']} rounds done, at file {scrub['cursor']}, "
+            f"{scrub['files_checked']} copies ({_bytes(scrub['bytes_checked'])}) checked, "
+            f"{scrub['bad']} bad"
+        )
+    else:
+        state = "scrub: off"
+    return f"{state}; {retries} copies to retry"
+
+
+async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    """
+    Ask each server holding a copy of each live file for it (a GET of its
+    own copy only): the server re-reads it against the file's size and
+    SHA-256 as it sends it, and one found missing or bad is set aside and
+    made again from a good copy by that server's replicator, at once.  The
+    bytes are checked here too.  Files short of their copies are listed:
+    the replicators make those.
+    """
+    from twisted.internet import defer
+
+    from koboldfs.client import ConnectionPool
+    from koboldfs.errors import ErrorCode, NotFound
+
+    namespace = None if args.namespace is None else _admin_namespace(args.namespace)
+    if args.concurrency < 1:
+        raise CommandError("--concurrency is 1 or more", EXIT_USAGE)
+    servers = {s.name: s for s in await store.servers()}
+    namespaces = {ns.name: ns for ns in await store.namespaces()}
+    if namespace is not None and namespace not in namespaces:
+        raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
+    now = reactor.seconds()
+    alive = sum(1 for s in servers.values() if s.state == "alive")
+    pool = ConnectionPool(reactor, 60.0, 5.0)
+    limit = defer.DeferredSemaphore(args.concurrency)
+    problems: list[str] = []
+    counts = dict.fromkeys(("files", "copies", "good", "bad", "unchecked", "short", "gone"), 0)
+
+    def problem(text: str) -> None:
+        problems.append(text)
+        print(f"PROBLEM: {text}", flush=True)
+
+    async def check(info: Any, name: str) -> None:
+        server = servers.get(name)
+        where = f"{info.namespace}/{info.key} (file {info.id}, fid {info.fid}) on {name}"
+        if server is None or server.state == "dead" or _down(server, now, args.down_after):
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked, the server is down")
+            return
+        hasher, size = hashlib.sha256(), 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal size
+            hasher.update(chunk)
+            size += len(chunk)
+
+        try:
+            conn = await pool.acquire(server.address)
+        except KoboldError as e:
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked, cannot connect: {e}")
+            return
+        error: KoboldError | None = None
+        try:
+            await conn.get({"ns": info.namespace, "key": info.key, "local": True}, sink)
+        except KoboldError as e:
+            error = e
+        finally:
+            pool.release(server.address, conn)
+        bad = error is None and (size != info.size or hasher.hexdigest() != info.sha256)
+        if (error is not None or bad) and not await still_live(info):
+            counts["gone"] += 1  # deleted or overwritten meanwhile
+            return
+        if isinstance(error, NotFound) or getattr(error, "code", None) is ErrorCode.CORRUPT:
+            # The server has set its copy aside already, and makes it again.
+            counts["bad"] += 1
+            problem(f"{where}: bad copy ({error}); set aside, to be copied again")
+        elif error is not None:
+            counts["unchecked"] += 1
+            problem(f"{where}: not checked: {error}")
+        elif bad:
+            counts["bad"] += 1
+            problem(
+                f"{where}: sent {size} bytes with SHA-256 {hasher.hexdigest()}, not the "
+                "file's; marked quarantined, to be copied again"
+            )
+            await store.quarantine_replica(info.id, name)
+        else:
+            counts["good"] += 1
+
+    async def still_live(info: Any) -> bool:
+        found = await store.lookup_fid(info.fid)
+        return found is not None
+
+    try:
+        after = 0
+        while True:
+            page = await store.live_files(namespace, after, FSCK_PAGE)
+            if not page:
+                break
+            checks = []
+            for info in page:
+                counts["files"] += 1
+                ns = namespaces.get(info.namespace)
+                wanted = ns.replicas if ns is not None and ns.replicas is not None else alive
+                counted = [
+                    n for n in info.replicas if n in servers and servers[n].state in _COUNTED
+                ]
+                if not info.replicas:
+                    problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
+                elif len(counted) < wanted:
+                    counts["short"] += 1
+                    problem(
+                        f"{info.namespace}/{info.key} (file {info.id}): {len(counted)} of "
+                        f"{wanted} copies ({', '.join(info.replicas)}); the replicators make "
+                        "the rest"
+                    )
+                for name in info.replicas:
+                    counts["copies"] += 1
+                    run = partial(check, info, name)
+                    checks.append(limit.run(lambda run=run: defer.ensureDeferred(run())))
+            await defer.gatherResults(checks, consumeErrors=True)
+            after = page[-1].id
+    finally:
+        await pool.close()
+    print(
+        f"{counts['files']} files, {counts['copies']} copies: {counts['good']} good, "
+        f"{counts['bad']} bad, {counts['unchecked']} not checked, "
+        f"{counts['gone']} deleted meanwhile; "
+        f"{counts['short']} files short of copies"
+    )
+    if problems:
+        print(f"DEGRADED: {len(problems)} problems")
+        return EXIT_NOT_FOUND
+    print("OK")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
