@@ -224,6 +224,8 @@ class _Peer:
     reply: Message | None = None
     waiting: bool = False
     released: bool = False
+    #: Its copy failed, and the put goes on without it (best effort).
+    dropped: bool = False
 
 
 class Forward:
@@ -235,9 +237,15 @@ class Forward:
     (skipping those that cannot be reached); the client's connection is
     paused meanwhile, and the few chunks already received wait in memory.
     L{write} sends each chunk on; L{finish} ends the put: local and peer
-    copies durable, then one commit.  If a peer fails before then, the
-    put fails (C{failed} is called, or L{finish} raises) with a retryable
-    error: its bytes cannot be re-sent elsewhere without holding them.
+    copies durable, then one commit.
+
+    A namespace that sets C{min_copies} is strict: if a peer fails, the put
+    fails (C{failed} is called, or L{finish} raises) with a retryable
+    error, since its bytes cannot be re-sent elsewhere without holding
+    them.  Without it the second copy is best effort: a peer that cannot
+    be reached or fails is as good as down, the put is acknowledged with
+    the copies that succeeded, and the replicator makes the rest, so that
+    a server dying does not fail every put until it is taken for down.
     """
 
     def __init__(
@@ -253,12 +261,16 @@ class Forward:
         self._readyWaiters: list[defer.Deferred[None]] = []
         self._ending = False
         self._done = False
+        self._strict = True
         #: Why the put cannot be acknowledged, once known.
         self.error: KoboldError | None = None
 
     @property
     def peers(self) -> list[str]:
-        return [peer.server.name for peer in self._peers]
+        """
+        The peers whose copies this put waits for.
+        """
+        return [peer.server.name for peer in self._peers if not peer.dropped]
 
     def start(self) -> None:
         self._gate.pause("setup")
@@ -274,6 +286,7 @@ class Forward:
             my_host = node.config.host
             hosts = live_hosts(node.servers, node.name, my_host, now, node.config.down_after)
             required = required_copies(namespace, len(hosts))
+            self._strict = namespace is not None and namespace.min_copies is not None
             if required > len(hosts):
                 raise too_few_hosts(put.ns, required, len(hosts))
             if namespace is not None and namespace.private:
@@ -307,7 +320,17 @@ class Forward:
                 used.add(server.host)
             if self._done:
                 return
-            if len(self._peers) < need:
+            if len(self._peers) < need and not self._strict:
+                log.warn(
+                    "put of {key!r} in {ns!r} goes on with {copies} of {required} copies, the"
+                    " replicator makes the rest: {errors}",
+                    key=put.key,
+                    ns=put.ns,
+                    copies=len(self._peers) + 1,
+                    required=required,
+                    errors="; ".join(errors),
+                )
+            elif len(self._peers) < need:
                 raise Unavailable(
                     ErrorCode.UNAVAILABLE,
                     f"namespace {put.ns!r} needs copies on {required} distinct hosts, and only "
@@ -349,6 +372,8 @@ class Forward:
 
     def _send(self, chunk: bytes) -> None:
         for peer in self._peers:
+            if peer.dropped:
+                continue
             peer.conn.send_chunk(chunk)
             if peer.conn.flow.paused and not peer.waiting:
                 peer.waiting = True
@@ -368,7 +393,18 @@ class Forward:
         else:
             peer.reply = result
             error = None
-        if error is not None:
+        if error is not None and not self._strict:
+            log.warn(
+                "put of {key!r} goes on without its copy on {peer}: {error}",
+                key=self._put.key,
+                peer=peer.server.name,
+                error=error,
+            )
+            peer.dropped = True
+            if not peer.released:
+                peer.released = True
+                peer.conn.close()
+        elif error is not None:
             self._fail(
                 Unavailable(
                     ErrorCode.UNAVAILABLE,
@@ -411,13 +447,14 @@ class Forward:
         if self.error is not None:
             await put.upload.abort()
             raise self.error
-        if not self._peers:
-            # One copy is enough for this namespace.
+        if not self.peers:
+            # One copy is enough for this namespace, or the only one left.
             self.abort()
             return await node.finish_upload(put, sha256)
         self._ending = True
         for peer in self._peers:
-            peer.conn.end_put(sha256)
+            if not peer.dropped:
+                peer.conn.end_put(sha256)
         try:
             size, digest = await put.upload.finish(sha256, put.size, put.path)
         except BaseException:
@@ -426,6 +463,8 @@ class Forward:
             raise
         await defer.gatherResults([peer.answered for peer in self._peers])
         for peer in self._peers:
+            if peer.dropped:
+                continue
             if self.error is None and peer.reply is not None and peer.reply.get("sha256") != digest:
                 self.error = Unavailable(
                     ErrorCode.UNAVAILABLE, f"{peer.server.name} stored other bytes than ours"
@@ -437,8 +476,9 @@ class Forward:
         self._done = True
         self._gate.close()
         for peer in self._peers:
-            peer.released = True
-            node.peers.release(peer.server.address, peer.conn)
+            if not peer.released:
+                peer.released = True
+                node.peers.release(peer.server.address, peer.conn)
         return await self._commit(size, digest)
 
     async def _commit(self, size: int, digest: str) -> FileInfo:

@@ -300,8 +300,9 @@ class ForwardTests(_ClusterMixin, SynchronousTestCase):
 
     def test_peer_unreachable(self) -> None:
         """
-        A peer listed as up that cannot be reached fails the put, with
-        its reason, and nothing is kept.
+        A peer listed as up that cannot be reached: a namespace requiring
+        two copies fails the put, with its reason, and nothing is kept; by
+        default the peer is as good as down and the put keeps one copy.
         """
         peers = self.cluster.servers["a"].node.peers
 
@@ -309,26 +310,39 @@ class ForwardTests(_ClusterMixin, SynchronousTestCase):
             raise ConnectionRefusedError("refused")
 
         peers._endpoint = unreachable
+        self.set_namespace(min_copies=2)
         with self.assertRaises(Unavailable) as caught:
             self.put("k", b"x" * 100)
         self.assertIn("only 1 could be reached", str(caught.exception))
         self.assertNothingKept()
+        self.set_namespace(min_copies=None)
+        self.assertTrue(self.put("k", b"x" * 100))
+        self.assertEqual(self.lookup("k").replicas, ("a",))
+        self.assertEqual(self.on_disk("b"), {})
 
     def test_peer_disk_full(self) -> None:
         """
-        A peer whose disk fills mid-stream fails the put (retryable), and
-        neither server keeps anything.
+        A peer whose disk fills mid-stream: a namespace requiring two
+        copies fails the put (retryable), and neither server keeps
+        anything; by default the put goes on without that copy.
         """
 
         def full(fd: int, data: object) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.cluster.servers["b"].storage._write = full
+        self.set_namespace(min_copies=2)
         with self.assertRaises(Unavailable) as caught:
             self.put("k", os.urandom(3 * CHUNK_SIZE))
         self.assertIn("the copy on b", str(caught.exception))
         self.assertIn("NO_SPACE", str(caught.exception))
         self.assertNothingKept()
+        self.set_namespace(min_copies=None)
+        body = os.urandom(3 * CHUNK_SIZE)
+        self.assertTrue(self.put("k", body))
+        self.assertEqual(self.lookup("k").replicas, ("a",))
+        self.assertEqual(list(self.on_disk("a").values()), [body])
+        self.assertEqual(self.on_disk("b", "tmp"), {})
 
     def test_bad_checksum(self) -> None:
         """
@@ -548,8 +562,10 @@ class FakePool:
 
 
 class FakeStore:
+    min_copies: int | None = 2
+
     def namespace(self, name: str) -> Deferred[NamespaceInfo | None]:
-        return succeed(None)
+        return succeed(NamespaceInfo(1, name, 0.0, min_copies=self.min_copies))
 
 
 class FakeNode:
@@ -633,6 +649,21 @@ class ForwardFlowTests(SynchronousTestCase):
         self.assertTrue(conn.closed)
         self.forward.write(b"more")
         self.assertEqual(conn.sent, [])
+
+    def test_peer_fails_best_effort(self) -> None:
+        """
+        By default (no C{min_copies} set) a failing peer is dropped: its
+        connection is closed, nothing more is sent to it, the put goes on.
+        """
+        self.node.store.min_copies = None
+        conn = self.connect()
+        conn.reply.errback(ServerError(ErrorCode.NO_SPACE, "disk full"))
+        self.assertEqual(self.failures, [])
+        self.assertTrue(conn.closed)
+        self.assertEqual(self.forward.peers, [])
+        self.forward.write(b"more")
+        self.assertEqual(conn.sent, [])
+        self.assertIsNone(self.forward.error)
 
     def test_peer_hangs(self) -> None:
         """
