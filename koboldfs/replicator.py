@@ -479,6 +479,15 @@ class Replicator:
             try:
                 await self._fetchFrom(peer, info)
             except KoboldError as e:
+                # Killed (connection lost), hung (no frame for
+                # --peer-timeout), or a bad copy there: try the next.
+                log.info(
+                    "copy of {fid} from {peer} to {name} failed, trying the next holder: {error}",
+                    fid=info.fid,
+                    peer=peer.name,
+                    name=node.name,
+                    error=e,
+                )
                 errors.append(f"{peer.name}: {e}")
                 continue
             if not await node.store.add_replica(info.id, node.name, self._clock.seconds()):

@@ -622,3 +622,21 @@ class ScrubRateOptionTests(SynchronousTestCase):
         self.assertEqual(self.config("--scrub-rate", "1000").scrub_rate, 1000)
         for bad in ("-1", "fast", "nan"):
             self.assertRaises(UsageError, self.config, "--scrub-rate", bad)
+
+
+class PeerTimeoutOptionTests(SynchronousTestCase):
+    """
+    C{--peer-timeout}: how long a request to a peer may go without a frame.
+    """
+
+    def test_option(self) -> None:
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()])
+        self.assertEqual(options.server_config.peer_timeout, 30)
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), "--peer-timeout", "2.5"])
+        self.assertEqual(options.server_config.peer_timeout, 2.5)
+        for bad in ("0", "-1", "soon"):
+            self.assertRaises(
+                UsageError, Options().parseOptions, ["--data", self.mktemp(), "--peer-timeout", bad]
+            )
