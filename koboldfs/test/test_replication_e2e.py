@@ -18,7 +18,6 @@ import os
 import signal
 import sqlite3
 import time
-import urllib.error
 import urllib.request
 from typing import Any, Iterable
 
