@@ -581,7 +581,8 @@ class SQLiteScenarios(Scenarios, TestCase):
         and later peers stopped (SIGSTOP) mid-stream: the copier moves on
         to another holder, at once for the killed one, after
         C{--peer-timeout} for the hung ones; no file is lost, and the
-        stopped ones serve again once resumed.
+        stopped ones serve again once resumed.  A copier killed mid-copy
+        records nothing, and copies everything once back.
         """
 
         async def run() -> None:
@@ -619,7 +620,25 @@ class SQLiteScenarios(Scenarios, TestCase):
             self.assertEqual(files_on_disk(d, "tmp"), [])
             for server in hung:
                 server.signal(signal.SIGCONT)
-            servers = [a, b, c, d]
+
+            # The copier killed: nothing half-copied is ever recorded or
+            # left behind, and it copies everything when it returns.
+            e = await self.server("e", *PATIENT)
+            sources = await deferToThread(_thdCatchCopy, e, [a, b, c, d], [big1, big2], 30)
+            self.assertTrue(sources, "the copies to E were not caught in the middle")
+            e.kill()
+            for server in sources:
+                server.signal(signal.SIGCONT)
+            self.assertTrue(files_on_disk(e, "tmp"))
+            for key, body in bodies.items():
+                info = await self.lookup(key)
+                if "e" in info.replicas:
+                    # Finished just before the kill: then it is whole.
+                    self.assertEqual(on_disk(e, info), body)
+            await e.start()
+            servers = [a, b, c, d, e]
+            await eventually(lambda: self.held_everywhere(bodies, [e]), what="both files on E")
+            self.assertEqual(files_on_disk(e, "tmp"), [])
             self.assertTrue(await self.held_everywhere(bodies, servers))
             for server in servers:
                 client = self.client(server)
