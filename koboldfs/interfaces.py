@@ -227,6 +227,13 @@ class IMetadataStore(Interface):
         the servers that do.  The replicator's cursor walks these.
         """
 
+    def max_file_id():
+        """
+        Fire with the highest id of a stored file, live or deleted (0 when
+        there is none): how far a replicator that found nothing missing
+        may move its cursor.
+        """
+
     def held_files(server, after, limit):
         """
         Fire with up to C{limit} live L{FileInfo}s with ids above C{after},

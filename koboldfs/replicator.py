@@ -218,6 +218,9 @@ class Replicator:
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = clock
         self._cursor = 0
+        # The lowest cursor a notification asked for during the pass under
+        # way, which the pass's own move of the cursor must not undo.
+        self._heardBelow: int | None = None
         self._rescanAt = clock.seconds() + RESCAN
         self.retries: dict[int, Retry] = {}
         self._busy = False
@@ -291,7 +294,10 @@ class Replicator:
         server that (re)registered may hold what failed to copy before.
         """
         if event == FILE_ADDED and isinstance(payload.get("id"), int):
-            self._cursor = min(self._cursor, payload["id"] - 1)
+            below = payload["id"] - 1
+            self._cursor = min(self._cursor, below)
+            if self._heardBelow is None or below < self._heardBelow:
+                self._heardBelow = below
         elif event == SERVER_CHANGED:
             now = self._clock.seconds()
             for retry in self.retries.values():
@@ -402,6 +408,13 @@ class Replicator:
             else:
                 # Copied, deleted or purged since.
                 del self.retries[file_id]
+        # The last file stored before the page is read: if the page is short,
+        # nothing up to it is missing and the next pass can start there, so
+        # that a pass with nothing to do costs the same at any number of
+        # files.  A file below it committed later (PostgreSQL) is notified,
+        # and its notification moves the cursor back (L{_heard}).
+        self._heardBelow = None
+        high = await node.store.max_file_id()
         page = await node.store.missing_replicas(me, self._cursor, self._batch)
         for info in page:
             if info.id in self.retries:
@@ -415,8 +428,12 @@ class Replicator:
         results = await gatherResults(
             [self._copies.run(lambda info=info: ensureDeferred(self._copy(info))) for info in work]
         )
-        if page:
-            self._cursor = max(self._cursor, page[-1].id)
+        cursor = max(self._cursor, page[-1].id) if page else self._cursor
+        if len(page) < self._batch:
+            cursor = max(cursor, high)
+        if self._heardBelow is not None:
+            cursor = min(cursor, self._heardBelow)
+        self._cursor = cursor
         if len(page) == self._batch or len(due) > self._batch:
             self._again = True
         return sum(results)
@@ -484,6 +501,15 @@ class Replicator:
             try:
                 await self._fetchFrom(peer, info)
             except KoboldError as e:
+                # Killed (connection lost), hung (no frame for
+                # --peer-timeout), or a bad copy there: try the next.
+                log.info(
+                    "copy of {fid} from {peer} to {name} failed, trying the next holder: {error}",
+                    fid=info.fid,
+                    peer=peer.name,
+                    name=node.name,
+                    error=e,
+                )
                 errors.append(f"{peer.name}: {e}")
                 continue
             if not await node.store.add_replica(info.id, node.name, self._clock.seconds()):

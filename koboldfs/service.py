@@ -78,6 +78,7 @@ class ServerConfig:
     heartbeat: float = 5.0
     down_after: float = 30.0
     idle_timeout: float = 300.0
+    peer_timeout: float = 30.0
     max_file_size: int | None = None
     replicate_interval: float = 10.0
     scrub_rate: float = 10 * 1024 * 1024
@@ -690,7 +691,9 @@ class KoboldService(MultiService):
         self.storage = Storage(config.data, reactor, io_pool)
         db = config.db or f"sqlite:///{config.data}/metadata.sqlite"
         self.store = store_from_url(db, reactor)
-        self.peers = ConnectionPool(reactor)
+        # A peer that sends nothing for peer_timeout seconds (hung, say
+        # stopped with SIGSTOP) fails the copy or relay, which moves on.
+        self.peers = ConnectionPool(reactor, timeout=config.peer_timeout)
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
         self.replicator = Replicator(self.node, reactor, config.replicate_interval)
         self.scrubber = Scrubber(

@@ -25,6 +25,7 @@ DEFAULTS = {
     "heartbeat": "5",
     "down_after": "30",
     "idle_timeout": "300",
+    "peer_timeout": "30",
     "replicate_interval": "10",
     "scrub_rate": str(10 * 1024 * 1024),
 }
@@ -59,6 +60,13 @@ class Options(usage.Options):
             None,
             None,
             f"seconds an idle client connection is kept [default: {DEFAULTS['idle_timeout']}]",
+        ],
+        [
+            "peer-timeout",
+            None,
+            None,
+            "seconds a request to another server may go without a frame before it is"
+            f" dropped and another server is tried [default: {DEFAULTS['peer_timeout']}]",
         ],
         ["max-file-size", None, None, "largest file accepted, in bytes [default: no limit]"],
         [
@@ -127,6 +135,7 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         heartbeat=_number(values, "heartbeat"),
         down_after=_number(values, "down_after"),
         idle_timeout=_number(values, "idle_timeout"),
+        peer_timeout=_number(values, "peer_timeout"),
         max_file_size=_number(values, "max_file_size", int)
         if values.get("max_file_size")
         else None,

@@ -764,6 +764,7 @@ def _files_page(*conditions: Any, good_only: bool) -> Select[Any]:
     )
 
 
+_MAX_FILE_ID = select(func.coalesce(func.max(files.c.id), 0))
 _MISSING_REPLICAS = _files_page(_LIVE, ~_GOOD_COPY_ON_SERVER, good_only=True)
 _HELD_FILES = _files_page(_LIVE, _GOOD_COPY_ON_SERVER, good_only=True)
 _DELETED_FILES = _files_page(_DELETED, _HELD_BY_SERVER | ~_HELD_BY_COUNTED, good_only=False)
@@ -795,6 +796,15 @@ def _grouped(rows: list[tuple]) -> list[FileInfo]:
             FileInfo(namespace=columns[width], replicas=tuple(sorted(servers_of)), **values)
         )
     return infos
+
+
+@reader
+def max_file_id() -> Txn[int]:
+    """
+    The highest id of a stored file, live or deleted; 0 when there is none.
+    """
+    out = yield Query(_MAX_FILE_ID)
+    return int(out.rows[0][0])
 
 
 @reader

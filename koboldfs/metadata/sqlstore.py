@@ -357,6 +357,9 @@ class SQLAlchemyStore:
     def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(queries.missing_replicas, server, after, limit)
 
+    def max_file_id(self) -> Deferred[int]:
+        return self._run(queries.max_file_id)
+
     def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(queries.held_files, server, after, limit)
 

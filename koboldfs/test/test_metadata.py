@@ -630,6 +630,18 @@ class MetadataStoreTestsMixin:
         self.assertEqual([i.id for i in (yield store.deleted_files("s2", both.id, 1))], [theirs.id])
 
     @inlineCallbacks
+    def test_maxFileId(self) -> InlineTest:
+        """
+        The highest stored file id, deleted files included; 0 with none.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.max_file_id()), 0)
+        yield self.addFile(store, "one", server="s1")
+        two = yield self.addFile(store, "two", server="s1")
+        yield store.delete("ns", "two", T0)
+        self.assertEqual((yield store.max_file_id()), two.id)
+
+    @inlineCallbacks
     def test_heldFiles(self) -> InlineTest:
         """
         A server's scrubber is given the live files it holds a good copy

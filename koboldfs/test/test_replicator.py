@@ -13,6 +13,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.interfaces import FileInfo, ServerInfo
+from koboldfs.metadata import FILE_ADDED
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.replicator import (
     DEFER_INTERVALS,
@@ -249,6 +250,55 @@ class ReplicatorTests(SynchronousTestCase):
         self.assertEqual(self.lookup("k").replicas, ("a", "b"))
         quarantined = os.listdir(os.path.join(self.root, "b", "quarantine"))
         self.assertEqual(quarantined, [os.path.basename(info.path)])
+
+    def test_cursorPastHeldFiles(self) -> None:
+        """
+        A pass that finds nothing missing moves the cursor to the last file
+        stored, so that the next pass asks only for files after it: a pass
+        with nothing to do costs the same at any number of files.  Files
+        stored later are still found.
+        """
+        infos = [self.put(f"k{n}", b"mine", on="b") for n in range(3)]
+        store = self.cluster.servers["b"].store
+        asked: list[int] = []
+        missing = store.missing_replicas
+
+        def spy(server: str, after: int, limit: int) -> object:
+            asked.append(after)
+            return missing(server, after, limit)
+
+        store.missing_replicas = spy  # type: ignore[method-assign]
+        self.replicator("b")
+        self.advance(INTERVAL)
+        self.assertEqual(asked, [0, infos[-1].id])
+        later = self.put("later", b"theirs")
+        self.advance(INTERVAL)
+        self.assertEqual(self.on_disk("b", later), b"theirs")
+
+    def test_notifiedBelowCursorDuringPass(self) -> None:
+        """
+        A file that becomes visible below the last id while a pass runs
+        (PostgreSQL commits ids out of order) is told of during the pass:
+        the pass's own move of the cursor does not skip it.
+        """
+        info = self.put("late", b"committed late")
+        newer = self.put("newer", b"x", on="b")
+        store = self.cluster.servers["b"].store
+        missing = store.missing_replicas
+
+        def late_commit(server: str, after: int, limit: int) -> object:
+            # The first page does not see the file yet; its notification
+            # arrives while the pass is under way.
+            store.missing_replicas = missing  # type: ignore[method-assign]
+            d = missing(server, after, limit)
+            d.addCallback(lambda page: [f for f in page if f.id != info.id])
+            self.replicators["b"]._heard(FILE_ADDED, {"id": info.id})
+            return d
+
+        store.missing_replicas = late_commit  # type: ignore[method-assign]
+        self.replicator("b")
+        self.assertGreater(newer.id, info.id)
+        self.assertEqual(self.on_disk("b", info), b"committed late")
 
     def test_rescan(self) -> None:
         """
@@ -629,3 +679,21 @@ class ScrubRateOptionTests(SynchronousTestCase):
         self.assertEqual(self.config("--scrub-rate", "1000").scrub_rate, 1000)
         for bad in ("-1", "fast", "nan"):
             self.assertRaises(UsageError, self.config, "--scrub-rate", bad)
+
+
+class PeerTimeoutOptionTests(SynchronousTestCase):
+    """
+    C{--peer-timeout}: how long a request to a peer may go without a frame.
+    """
+
+    def test_option(self) -> None:
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()])
+        self.assertEqual(options.server_config.peer_timeout, 30)
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), "--peer-timeout", "2.5"])
+        self.assertEqual(options.server_config.peer_timeout, 2.5)
+        for bad in ("0", "-1", "soon"):
+            self.assertRaises(
+                UsageError, Options().parseOptions, ["--data", self.mktemp(), "--peer-timeout", bad]
+            )
