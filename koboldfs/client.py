@@ -29,10 +29,13 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from koboldfs import __version__
+from koboldfs.auth import Credentials
 from koboldfs.errors import (
+    AuthRequired,
     ChecksumMismatch,
     ConnectionFailed,
     ErrorCode,
+    Forbidden,
     KoboldError,
     NotFound,
     ProtocolError,
@@ -276,8 +279,14 @@ class ConnectionPool:
         connect_timeout: float = 5.0,
         max_idle: int = 8,
         endpoint_factory: Callable[[str], Any] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """
+        @param credentials: what to prove to servers that require
+            authentication (a namespace key, or a server's cluster secret).
+        """
         self._reactor = reactor
+        self._credentials = credentials
         self._endpoint = endpoint_factory or self._tcp
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -304,11 +313,33 @@ class ConnectionPool:
         self._all.add(proto)
         proto.lost.addCallback(lambda _: self._all.discard(proto))
         try:
-            await proto.handshake()
+            welcome = await proto.handshake()
+            if welcome.get("auth"):
+                await self._authenticate(proto, welcome)
+        except (AuthRequired, Forbidden):
+            # The same key would be refused by every server: no failover.
+            proto.close()
+            raise
         except ServerError as e:
             proto.close()
             raise ConnectionFailed(f"{address} refused the handshake: {e}") from None
         return proto
+
+    async def _authenticate(self, proto: ClientProtocol, welcome: Message) -> None:
+        """
+        Answer the server's challenge (docs/security.md).
+        """
+        credentials = self._credentials
+        if credentials is None:
+            raise AuthRequired(
+                ErrorCode.AUTH_REQUIRED,
+                f"server {proto.server} requires authentication: pass key= "
+                "(made by `koboldfs admin namespace create`)",
+            )
+        nonce = welcome.get("nonce")
+        if not isinstance(nonce, str) or len(nonce) < 32:
+            raise ProtocolError("WELCOME asks for AUTH with no nonce", ErrorCode.BAD_REQUEST)
+        await proto.request(Op.AUTH, credentials.fields(nonce, proto.server))
 
     def _tcp(self, address: str) -> HostnameEndpoint:
         host, port = parse_address(address)
@@ -578,6 +609,8 @@ class DeferredClient:
         reactor's own pool when None.
     @param endpoint_factory: makes the client endpoint for an address;
         TCP when None.  Tests connect in memory (L{koboldfs.testing}).
+    @param key: this namespace's key (C{kfs1....}), for servers that
+        require one; a read-only key cannot put or delete.
     """
 
     def __init__(
@@ -592,6 +625,7 @@ class DeferredClient:
         backoff: float = 0.2,
         threadpool: Any = None,
         endpoint_factory: Callable[[str], Any] | None = None,
+        key: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # noqa: F811 - the documented default
@@ -604,7 +638,11 @@ class DeferredClient:
         self._reactor = reactor
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self._pool = ConnectionPool(
-            reactor, timeout, connect_timeout, endpoint_factory=endpoint_factory
+            reactor,
+            timeout,
+            connect_timeout,
+            endpoint_factory=endpoint_factory,
+            credentials=None if key is None else Credentials(self.namespace, key),
         )
         self._retries = retries
         self._backoff = backoff
@@ -620,6 +658,8 @@ class DeferredClient:
         async def ping() -> bool:
             try:
                 await self._call("ping", partial(_request, Op.PING, {}), retries=0)
+            except (AuthRequired, Forbidden):
+                raise
             except KoboldError:
                 return False
             return True

@@ -25,10 +25,21 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
+from koboldfs.auth import (
+    OPEN,
+    Credentials,
+    Grant,
+    auth_message,
+    check_cluster_proof,
+    check_key_proof,
+    is_local_endpoint,
+    new_nonce,
+)
 from koboldfs.client import ConnectionPool
 from koboldfs.errors import (
     ConnectionFailed,
     ErrorCode,
+    Forbidden,
     KoboldError,
     NotFound,
     ProtocolError,
@@ -54,6 +65,9 @@ from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_ur
 
 log = Logger()
 
+#: Requests that change a namespace: refused to read-only keys.
+WRITES = frozenset({Op.PUT, Op.DELETE})
+
 #: Most keys one LIST reply carries, whatever the client asks.
 MAX_LIST = 1000
 
@@ -77,6 +91,12 @@ class ServerConfig:
     max_file_size: int | None = None
     replicate_interval: float = 10.0
     scrub_rate: float = 10 * 1024 * 1024
+    #: "keys": every client proves a namespace key, every peer the cluster
+    #: secret; "open": nobody does; "auto": open when C{listen} is local
+    #: only (loopback or a Unix socket), else keys (docs/security.md).
+    auth: str = "auto"
+    #: Cluster secrets: the first is proved to peers, all are accepted.
+    cluster_secrets: tuple[bytes, ...] = ()
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -138,6 +158,41 @@ class Node:
         if server is None or not server.is_up(self.clock.seconds(), self.config.down_after):
             return None
         return server
+
+    @property
+    def open(self) -> bool:
+        """
+        Whether clients may do anything without a key.
+        """
+        auth = self.config.auth
+        return auth == "open" or (auth == "auto" and is_local_endpoint(self.config.listen))
+
+    async def authenticate(self, fields: dict[str, Any], server_nonce: str) -> Grant:
+        """
+        Check an AUTH frame's proof against this connection's nonce; return
+        what it grants.
+
+        @raise Forbidden: a wrong or unknown key or secret.
+        """
+        method, client_nonce, proof = fields["method"], fields["cnonce"], fields["proof"]
+        if method == "cluster":
+            peer = fields.get("peer", "")
+            message = auth_message("cluster", server_nonce, client_nonce, self.name, peer)
+            secrets = self.config.cluster_secrets
+            if secrets and check_cluster_proof(secrets, message, proof):
+                return Grant(None, True, peer=True)
+            raise Forbidden(ErrorCode.FORBIDDEN, "wrong cluster secret")
+        if method == "key":
+            ns, key_id = fields.get("ns"), fields.get("key_id")
+            if not isinstance(ns, str) or not isinstance(key_id, str):
+                raise ProtocolError("AUTH by key needs ns and key_id", ErrorCode.BAD_REQUEST)
+            check_namespace(ns)
+            found = await self.store.find_key(ns, key_id)
+            message = auth_message("key", server_nonce, client_nonce, self.name, f"{ns}/{key_id}")
+            if found is None or not check_key_proof(found.stored_key, message, proof):
+                raise Forbidden(ErrorCode.FORBIDDEN, f"wrong key for namespace {ns!r}")
+            return Grant(ns, not found.readonly)
+        raise ProtocolError(f"unknown AUTH method {method!r}", ErrorCode.BAD_REQUEST)
 
     @property
     def readonly(self) -> bool:
@@ -282,7 +337,8 @@ class PendingPut:
 
 
 class _State(Enum):
-    HANDSHAKE = "handshake"
+    HANDSHAKE = "handshake"  # waiting for HELLO
+    AUTH = "auth"  # waiting for AUTH
     IDLE = "idle"
     BUSY = "busy"  # answering a request; the client must wait
     RECEIVING = "receiving"  # a PUT body is arriving
@@ -297,11 +353,32 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     ERROR frame and the connection goes on; a protocol error closes it.
     """
 
+    #: What this connection may do once authenticated (None before): the
+    #: one thing request handlers check, through L{authorize}.
+    grant: Grant | None = None
+
     def __init__(self, node: Node) -> None:
         self.node = node
         self.callLater = node.clock.callLater
         self._state = _State.HANDSHAKE
         self._put: PendingPut | None = None
+        self._nonce = new_nonce()
+
+    def authorize(self, namespace: str, write: bool = False) -> str:
+        """
+        Return C{namespace} if this connection may read it (and write it,
+        if C{write}).
+
+        @raise Forbidden: it may not.
+        """
+        grant = self.grant
+        if grant is None or not grant.allows(namespace, write):
+            if grant is not None and grant.allows(namespace, False):
+                raise Forbidden(ErrorCode.FORBIDDEN, "this key is read-only: no put or delete")
+            raise Forbidden(
+                ErrorCode.FORBIDDEN, f"this connection is not authenticated for {namespace!r}"
+            )
+        return namespace
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -332,6 +409,15 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         elif state is _State.HANDSHAKE and frame.op is Op.HELLO:
             assert isinstance(frame, Message)
             self._hello(frame)
+        elif state is _State.AUTH and frame.op is Op.AUTH:
+            assert isinstance(frame, Message)
+            self._state = _State.BUSY
+            defer.ensureDeferred(self._auth(frame)).addErrback(self._authFailed)
+        elif state is _State.AUTH and frame.op in REQUESTS:
+            raise ProtocolError(
+                "this server requires authentication: send AUTH with a namespace key",
+                ErrorCode.AUTH_REQUIRED,
+            )
         elif state is _State.BUSY:
             raise ProtocolError(
                 f"{frame.op.name} sent before the previous request was answered",
@@ -345,10 +431,38 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             raise ProtocolError(
                 f"this server speaks protocol version {VERSION} only", ErrorCode.BAD_VERSION
             )
+        open_ = self.node.open
         self.sendMessage(
-            Op.WELCOME, {"version": VERSION, "server": self.node.name, "max_payload": MAX_PAYLOAD}
+            Op.WELCOME,
+            {
+                "version": VERSION,
+                "server": self.node.name,
+                "max_payload": MAX_PAYLOAD,
+                "nonce": self._nonce,
+                "auth": not open_,
+            },
         )
-        self._idle()
+        if open_:
+            self.grant = OPEN
+            self._idle()
+        else:
+            self._state = _State.AUTH
+
+    async def _auth(self, msg: Message) -> None:
+        self.grant = await self.node.authenticate(msg.fields, self._nonce)
+        self._reply({"ns": self.grant.namespace, "write": self.grant.write})
+
+    def _authFailed(self, failure: Any) -> None:
+        """
+        A refused AUTH ends the connection: a client gets one try per nonce.
+        """
+        error = failure.value
+        if not isinstance(error, KoboldError):
+            log.failure("AUTH failed", failure)
+            error = ServerError(ErrorCode.INTERNAL, f"internal error: {error!r}")
+        if not self.closing:
+            self.sendError(error.code, str(error.args[0] if error.args else error))
+            self.close()
 
     def _idle(self) -> None:
         self._state = _State.IDLE
@@ -357,6 +471,15 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- requests
 
     def _request(self, msg: Message) -> None:
+        if "ns" in msg.fields:
+            try:
+                self.authorize(msg["ns"], write=msg.op in WRITES)
+            except KoboldError as e:
+                if msg.op is Op.PUT:
+                    self._refuse_put(e)
+                else:
+                    self.sendError(e.code, str(e.args[0]))
+                return
         if msg.op is Op.PUT:
             self._begin_put(msg)
             return
@@ -471,7 +594,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         for peer in self.node.peers_holding(info):
             try:
                 conn = await self.node.peers.acquire(peer.address)
-            except ConnectionFailed as e:
+            except KoboldError as e:  # unreachable, or refused our cluster secret
                 errors.append(str(e))
                 continue
             if not started:
@@ -611,7 +734,12 @@ class KoboldService(MultiService):
         self.storage = Storage(config.data, reactor, io_pool)
         db = config.db or f"sqlite:///{config.data}/metadata.sqlite"
         self.store = store_from_url(db, reactor)
-        self.peers = ConnectionPool(reactor)
+        self.peers = ConnectionPool(
+            reactor,
+            credentials=Credentials(cluster_secret=config.cluster_secrets[0], name=config.name)
+            if config.cluster_secrets
+            else None,
+        )
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
         self.replicator = Replicator(self.node, reactor, config.replicate_interval)
         self.scrubber = Scrubber(
@@ -661,8 +789,14 @@ class KoboldService(MultiService):
         self._beat.start(config.heartbeat, now=False)
         self.replicator.start()
         self.scrubber.start()
+        if not self.node.open and not config.cluster_secrets:
+            log.warn(
+                "{name} requires keys but has no --secret-file: peers cannot copy from it",
+                name=config.name,
+            )
         log.info(
-            "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
+            "KoboldFS server {name} on {address} ({auth}), HTTP {url}, data {data}, metadata {db}",
+            auth="open: no authentication" if self.node.open else "keys required",
             name=config.name,
             address=advertised_address(port),
             url=public_url,

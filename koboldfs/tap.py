@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from koboldfs.auth import read_secret_file
 from koboldfs.service import KoboldService, ServerConfig
 
 DEFAULTS = {
@@ -27,7 +28,11 @@ DEFAULTS = {
     "idle_timeout": "300",
     "replicate_interval": "10",
     "scrub_rate": str(10 * 1024 * 1024),
+    "auth": "auto",
 }
+
+
+AUTH_MODES = ("auto", "keys", "open")
 
 
 class Options(usage.Options):
@@ -75,10 +80,30 @@ class Options(usage.Options):
             "bytes per second the background scrub re-reads stored copies at; 0 disables it"
             f" [default: {DEFAULTS['scrub_rate']}]",
         ],
+        [
+            "auth",
+            None,
+            None,
+            "keys: clients prove a namespace key and peers the cluster secret; open: no"
+            " authentication; auto: open if --listen is loopback or a Unix socket only,"
+            " else keys [default: auto]",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "file holding the cluster secret servers prove to each other (one a line:"
+            " the first is used, all are accepted, for rotation)",
+        ],
     ]
+    optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 
     def postOptions(self) -> None:
         values = {key.replace("-", "_"): value for key, value in self.items()}
+        if values.pop("open"):
+            if values["auth"] not in (None, "open"):
+                raise usage.UsageError("--open contradicts --auth=" + values["auth"])
+            values["auth"] = "open"
         if values["config"]:
             values = {**_read_ini(values["config"]), **{k: v for k, v in values.items() if v}}
         values = {**DEFAULTS, **{k: v for k, v in values.items() if v is not None}}
@@ -95,6 +120,8 @@ def _read_ini(path: str) -> dict[str, str]:
     if not parser.has_section("koboldfs"):
         raise usage.UsageError(f"{path} has no [koboldfs] section")
     known = {name.replace("-", "_") for name, *_ in Options.optParameters}
+    if "open" in parser["koboldfs"]:
+        raise usage.UsageError(f"{path}: write auth = open, not open")
     values = dict(parser.items("koboldfs"))
     unknown = set(values) - known
     if unknown:
@@ -132,7 +159,17 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         else None,
         replicate_interval=_number(values, "replicate_interval"),
         scrub_rate=_rate(values["scrub_rate"]),
+        auth=_choice(values, "auth", AUTH_MODES),
+        cluster_secrets=read_secret_file(values["secret_file"])
+        if values.get("secret_file")
+        else (),
     )
+
+
+def _choice(values: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    if values[name] not in choices:
+        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+    return values[name]
 
 
 def _rate(value: str) -> float:
