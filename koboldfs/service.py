@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
@@ -37,6 +37,7 @@ from koboldfs.auth import (
 )
 from koboldfs.client import ConnectionPool
 from koboldfs.errors import (
+    Busy,
     ConnectionFailed,
     ErrorCode,
     Forbidden,
@@ -68,6 +69,10 @@ log = Logger()
 #: Requests that change a namespace: refused to read-only keys.
 WRITES = frozenset({Op.PUT, Op.DELETE})
 
+#: Largest frame taken before the handshake is done: HELLO and AUTH are
+#: small, and a stranger must not make us buffer megabytes.
+PREAUTH_PAYLOAD = 64 * 1024
+
 #: Most keys one LIST reply carries, whatever the client asks.
 MAX_LIST = 1000
 
@@ -96,7 +101,17 @@ class ServerConfig:
     #: only (loopback or a Unix socket), else keys (docs/security.md).
     auth: str = "auto"
     #: Cluster secrets: the first is proved to peers, all are accepted.
-    cluster_secrets: tuple[bytes, ...] = ()
+    cluster_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    # Limits (docs/security.md); each refusal is an ERROR frame saying which.
+    max_frame_size: int = MAX_PAYLOAD
+    max_connections: int = 1024
+    max_connections_per_ip: int = 128
+    max_uploads: int = 64
+    #: Seconds from connecting to the end of HELLO (and AUTH).
+    handshake_timeout: float = 10.0
+    #: Seconds a frame may take to arrive once begun, and between the
+    #: frames of a PUT body.
+    frame_timeout: float = 30.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -137,6 +152,34 @@ class Node:
         #: Called with a file whose copy here was found bad or missing and
         #: set aside, so that it is made again (the replicator sets it).
         self.on_replica_lost: Callable[[FileInfo], None] | None = None
+        #: Open client connections by peer address, and PUTs under way.
+        self.connections: dict[str, int] = {}
+        self.uploads = 0
+
+    # -- limits
+
+    def admit(self, address: str) -> str | None:
+        """
+        Count a new connection from C{address}; None if it is welcome, else
+        why it is refused (and it is not counted).
+        """
+        config = self.config
+        if sum(self.connections.values()) >= config.max_connections:
+            return f"server {self.name} is at its limit of {config.max_connections} connections"
+        if self.connections.get(address, 0) >= config.max_connections_per_ip:
+            return (
+                f"too many connections from {address} "
+                f"(limit {config.max_connections_per_ip} per address)"
+            )
+        self.connections[address] = self.connections.get(address, 0) + 1
+        return None
+
+    def leave(self, address: str) -> None:
+        left = self.connections[address] - 1
+        if left:
+            self.connections[address] = left
+        else:
+            del self.connections[address]
 
     # -- the cluster
 
@@ -363,6 +406,9 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._state = _State.HANDSHAKE
         self._put: PendingPut | None = None
         self._nonce = new_nonce()
+        self._address: str | None = None  # as counted by Node.admit
+        self._upload = False  # holds one of Node.uploads
+        self._timer = ""  # which timeout runs: handshake, frame or idle
 
     def authorize(self, namespace: str, write: bool = False) -> str:
         """
@@ -382,19 +428,60 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.setTimeout(self.node.config.idle_timeout)
+        self._decoder.max_payload = PREAUTH_PAYLOAD
+        address = getattr(self.transport.getPeer(), "host", None) or "local"
+        refused = self.node.admit(address)
+        if refused is not None:
+            self.sendError(ErrorCode.BUSY, refused)
+            self.close()
+            return
+        self._address = address
+        self._timer = "handshake"
+        self.setTimeout(self.node.config.handshake_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.setTimeout(None)
         self._abort_put()
+        self._release_upload()
+        if self._address is not None:
+            self.node.leave(self._address)
+            self._address = None
 
     def timeoutConnection(self) -> None:
-        self.sendError(ErrorCode.TIMEOUT, "idle for too long")
+        config = self.node.config
+        message = {
+            "handshake": f"no handshake within {config.handshake_timeout:g} s",
+            "frame": f"a frame took over {config.frame_timeout:g} s to arrive",
+        }.get(self._timer, f"idle for over {config.idle_timeout:g} s")
+        self.sendError(ErrorCode.TIMEOUT, message)
         self.transport.abortConnection()
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # A frame begun while idle must now arrive in frame_timeout: a
+        # byte-a-second client does not hold the connection for long.
+        if self._timer == "idle" and self._decoder.buffered and not self.closing:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        """
+        Restart the timeout that fits the connection's state.
+        """
+        if self.grant is None or self.closing:
+            return  # the handshake's deadline does not move
+        config = self.node.config
+        if self._state in (_State.RECEIVING, _State.DISCARDING) or self._decoder.buffered:
+            self._timer, timeout = "frame", config.frame_timeout
+        else:
+            self._timer, timeout = "idle", config.idle_timeout
+        self.setTimeout(timeout)
+
     def frameReceived(self, frame: Frame) -> None:
-        self.resetTimeout()
+        self._frame(frame)
+        self._rearm()
+
+    def _frame(self, frame: Frame) -> None:
         state = self._state
         if state is _State.RECEIVING:
             self._bodyFrame(frame)
@@ -437,7 +524,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             {
                 "version": VERSION,
                 "server": self.node.name,
-                "max_payload": MAX_PAYLOAD,
+                "max_payload": self.node.config.max_frame_size,
                 "nonce": self._nonce,
                 "auth": not open_,
             },
@@ -465,8 +552,17 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             self.close()
 
     def _idle(self) -> None:
+        if self.grant is not None:
+            self._decoder.max_payload = self.node.config.max_frame_size
         self._state = _State.IDLE
         self._put = None
+        self._release_upload()
+        self._rearm()
+
+    def _release_upload(self) -> None:
+        if self._upload:
+            self._upload = False
+            self.node.uploads -= 1
 
     # -- requests
 
@@ -620,14 +716,26 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- PUT: the body streams into storage; the reply comes after END
 
     def _begin_put(self, msg: Message) -> None:
+        node = self.node
+        if node.uploads >= node.config.max_uploads:
+            self._refuse_put(
+                Busy(
+                    ErrorCode.BUSY,
+                    f"server {node.name} is at its limit of {node.config.max_uploads} uploads",
+                )
+            )
+            return
         try:
-            put = self.node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
+            put = node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
         except KoboldError as e:
             self._refuse_put(e)
             return
+        node.uploads += 1
+        self._upload = True
         put.upload.registerProducer(self.transport, True)
         self._put = put
         self._state = _State.RECEIVING
+        self._rearm()
 
     def _bodyFrame(self, frame: Frame) -> None:
         put = self._put
@@ -669,6 +777,8 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self.sendError(error.code, str(error))
         self._state = _State.DISCARDING
         self._put = None
+        self._release_upload()
+        self._rearm()
 
     def _abort_put(self) -> None:
         put, self._put = self._put, None

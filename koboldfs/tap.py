@@ -17,6 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from koboldfs.auth import read_secret_file
+from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.service import KoboldService, ServerConfig
 
 DEFAULTS = {
@@ -29,6 +30,12 @@ DEFAULTS = {
     "replicate_interval": "10",
     "scrub_rate": str(10 * 1024 * 1024),
     "auth": "auto",
+    "max_frame_size": str(4 * 1024 * 1024),
+    "max_connections": "1024",
+    "max_connections_per_ip": "128",
+    "max_uploads": "64",
+    "handshake_timeout": "10",
+    "frame_timeout": "30",
 }
 
 
@@ -95,6 +102,46 @@ class Options(usage.Options):
             "file holding the cluster secret servers prove to each other (one a line:"
             " the first is used, all are accepted, for rotation)",
         ],
+        [
+            "max-frame-size",
+            None,
+            None,
+            "largest frame accepted once a client is authenticated, in bytes (at least 1 MiB)"
+            f" [default: {DEFAULTS['max_frame_size']}]",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            f"open connections at most [default: {DEFAULTS['max_connections']}]",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            None,
+            "open connections at most from one client address"
+            f" [default: {DEFAULTS['max_connections_per_ip']}]",
+        ],
+        [
+            "max-uploads",
+            None,
+            None,
+            f"PUTs received at once at most [default: {DEFAULTS['max_uploads']}]",
+        ],
+        [
+            "handshake-timeout",
+            None,
+            None,
+            "seconds a new connection has to say HELLO and authenticate"
+            f" [default: {DEFAULTS['handshake_timeout']}]",
+        ],
+        [
+            "frame-timeout",
+            None,
+            None,
+            "seconds a begun frame has to arrive whole, and a PUT body between frames"
+            f" [default: {DEFAULTS['frame_timeout']}]",
+        ],
     ]
     optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 
@@ -160,10 +207,23 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         replicate_interval=_number(values, "replicate_interval"),
         scrub_rate=_rate(values["scrub_rate"]),
         auth=_choice(values, "auth", AUTH_MODES),
+        max_frame_size=_at_least(values, "max_frame_size", CHUNK_SIZE),
+        max_connections=_number(values, "max_connections", int),
+        max_connections_per_ip=_number(values, "max_connections_per_ip", int),
+        max_uploads=_number(values, "max_uploads", int),
+        handshake_timeout=_number(values, "handshake_timeout"),
+        frame_timeout=_number(values, "frame_timeout"),
         cluster_secrets=read_secret_file(values["secret_file"])
         if values.get("secret_file")
         else (),
     )
+
+
+def _at_least(values: dict[str, str], name: str, least: int) -> int:
+    value: int = _number(values, name, int)
+    if value < least:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least {least}")
+    return value
 
 
 def _choice(values: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
