@@ -394,6 +394,8 @@ class FrameProtocol(Protocol):
         """
         if not self.closing:
             self.closing = True
+            # TLS does not start its shutdown while a producer is registered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

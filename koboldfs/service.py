@@ -102,6 +102,8 @@ class ServerConfig:
     auth: str = "auto"
     #: Cluster secrets: the first is proved to peers, all are accepted.
     cluster_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    #: Peers speak TLS, trusting the certificates in this PEM file.
+    tls_ca: str | None = None
     # Limits (docs/security.md); each refusal is an ERROR frame saying which.
     max_frame_size: int = MAX_PAYLOAD
     max_connections: int = 1024
@@ -849,6 +851,8 @@ class KoboldService(MultiService):
             credentials=Credentials(cluster_secret=config.cluster_secrets[0], name=config.name)
             if config.cluster_secrets
             else None,
+            tls=config.tls_ca is not None,
+            ca=config.tls_ca,
         )
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
         self.replicator = Replicator(self.node, reactor, config.replicate_interval)
@@ -882,7 +886,8 @@ class KoboldService(MultiService):
 
         http = await serverFromString(self.reactor, config.http).listen(make_site(self.node))
         self._ports.append(http)
-        public_url = config.public_url or f"http://{advertised_address(http)}"
+        scheme = "https" if config.http.startswith("ssl:") else "http"
+        public_url = config.public_url or f"{scheme}://{advertised_address(http)}"
         free, total = await self.storage.disk_usage()
         await self.store.register_server(
             ServerInfo(

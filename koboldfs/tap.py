@@ -142,6 +142,13 @@ class Options(usage.Options):
             "seconds a begun frame has to arrive whole, and a PUT body between frames"
             f" [default: {DEFAULTS['frame_timeout']}]",
         ],
+        [
+            "tls-ca",
+            None,
+            None,
+            "PEM file of the CA certificates peers' TLS certificates are checked against:"
+            " with it, this server reaches its peers over TLS",
+        ],
     ]
     optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 
@@ -213,10 +220,17 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         max_uploads=_number(values, "max_uploads", int),
         handshake_timeout=_number(values, "handshake_timeout"),
         frame_timeout=_number(values, "frame_timeout"),
+        tls_ca=_readable(values.get("tls_ca")),
         cluster_secrets=read_secret_file(values["secret_file"])
         if values.get("secret_file")
         else (),
     )
+
+
+def _readable(path: str | None) -> str | None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    return None if path is None else os.path.abspath(path)
 
 
 def _at_least(values: dict[str, str], name: str, least: int) -> int:
