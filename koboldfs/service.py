@@ -73,6 +73,10 @@ WRITES = frozenset({Op.PUT, Op.DELETE})
 #: small, and a stranger must not make us buffer megabytes.
 PREAUTH_PAYLOAD = 64 * 1024
 
+#: Seconds a timed-out connection has to take its error and close before
+#: it is cut.
+ABORT_AFTER = 5.0
+
 #: Most keys one LIST reply carries, whatever the client asks.
 MAX_LIST = 1000
 
@@ -411,6 +415,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._address: str | None = None  # as counted by Node.admit
         self._upload = False  # holds one of Node.uploads
         self._timer = ""  # which timeout runs: handshake, frame or idle
+        self._abort: Any = None
 
     def authorize(self, namespace: str, write: bool = False) -> str:
         """
@@ -444,6 +449,8 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.setTimeout(None)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         self._abort_put()
         self._release_upload()
         if self._address is not None:
@@ -457,7 +464,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             "frame": f"a frame took over {config.frame_timeout:g} s to arrive",
         }.get(self._timer, f"idle for over {config.idle_timeout:g} s")
         self.sendError(ErrorCode.TIMEOUT, message)
-        self.transport.abortConnection()
+        # Close after the error is sent; a client that does not read it
+        # either is cut off soon after.
+        self.close()
+        self._abort = self.callLater(ABORT_AFTER, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
-from koboldfs.service import PREAUTH_PAYLOAD, ServerProtocol
+from koboldfs.service import ABORT_AFTER, PREAUTH_PAYLOAD, ServerProtocol
 from koboldfs.testing import MemoryServer
 
 HELLO = encode_message(Op.HELLO, {"versions": [VERSION]})
@@ -160,6 +160,10 @@ class LimitTests(SynchronousTestCase):
         [error] = self.answer(transport, decoder)
         self.assertEqual(error["code"], ErrorCode.TIMEOUT)
         self.assertIn("handshake", error["message"])
+        self.assertTrue(transport.disconnecting)
+        # A client that does not take the error and close is cut.
+        self.assertFalse(transport.disconnected)
+        self.server.reactor.advance(ABORT_AFTER)
         self.assertTrue(transport.disconnected)
 
     def test_slowHandshake(self) -> None:
@@ -168,11 +172,11 @@ class LimitTests(SynchronousTestCase):
         """
         p, transport, decoder = self.connect(hello=False)
         for byte in HELLO[:-1]:
-            if transport.disconnected:
+            if transport.disconnecting:
                 break
             p.dataReceived(bytes([byte]))
             self.server.reactor.advance(1)
-        self.assertTrue(transport.disconnected)
+        self.assertTrue(transport.disconnecting)
         self.assertEqual(self.answer(transport, decoder)[0]["code"], ErrorCode.TIMEOUT)
 
     def test_slowFrame(self) -> None:
@@ -184,12 +188,12 @@ class LimitTests(SynchronousTestCase):
         frame = encode_message(Op.STAT, {"ns": "t", "key": "k" * 100})
         seconds = 0
         for byte in frame:
-            if transport.disconnected:
+            if transport.disconnecting:
                 break
             p.dataReceived(bytes([byte]))
             self.server.reactor.advance(1)
             seconds += 1
-        self.assertTrue(transport.disconnected)
+        self.assertTrue(transport.disconnecting)
         self.assertLessEqual(seconds, self.config.frame_timeout + 1)
         [error] = self.answer(transport, decoder)
         self.assertEqual(error["code"], ErrorCode.TIMEOUT)
@@ -204,7 +208,7 @@ class LimitTests(SynchronousTestCase):
         p.dataReceived(encode_message(Op.PUT, {"ns": "t", "key": "k"}) + encode_data(b"x"))
         self.assertEqual(self.server.node.uploads, 1)
         self.server.reactor.advance(self.config.frame_timeout + 1)
-        self.assertTrue(transport.disconnected)
+        self.assertTrue(transport.disconnecting)
         p.connectionLost(None)
         self.assertEqual(self.server.node.uploads, 0)
         self.assertEqual(self.server.node.connections, {})
@@ -218,4 +222,4 @@ class LimitTests(SynchronousTestCase):
         self.server.reactor.advance(self.config.frame_timeout * 2)
         self.assertFalse(transport.disconnecting)
         self.server.reactor.advance(self.config.idle_timeout)
-        self.assertTrue(transport.disconnected)
+        self.assertTrue(transport.disconnecting)
