@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 from sqlalchemy import create_engine, text
 from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs import auth
 from koboldfs.errors import AuthRequired, ErrorCode, Forbidden, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_message
 from koboldfs.service import ServerProtocol
+from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster, MemoryServer
 
 
@@ -314,3 +317,48 @@ class SchemaTests(SynchronousTestCase):
         key = server.flush(server.store.create_key("ns", readonly=True))
         [info] = server.flush(server.store.keys("ns"))
         self.assertEqual((info.key_id, info.readonly), (auth.parse_key(key)[0], True))
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    The server's security options, from the command line and the ini file.
+    """
+
+    def parse(self, *argv: str) -> Any:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options.server_config
+
+    def test_modes(self) -> None:
+        self.assertEqual(self.parse().auth, "auto")
+        self.assertEqual(self.parse("--open").auth, "open")
+        self.assertEqual(self.parse("--auth=keys").auth, "keys")
+        self.assertRaises(UsageError, self.parse, "--auth=maybe")
+        self.assertRaises(UsageError, self.parse, "--open", "--auth=keys")
+
+    def test_secretFile(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x" * 32 + "\n")
+        config = self.parse(f"--secret-file={path}")
+        self.assertEqual(config.cluster_secrets, (b"x" * 32,))
+        self.assertNotIn("x" * 32, repr(config))
+        self.assertRaises(UsageError, self.parse, f"--secret-file={path}.missing")
+
+    def test_limits(self) -> None:
+        config = self.parse("--max-uploads=3", "--frame-timeout=5", "--max-connections-per-ip=9")
+        self.assertEqual(
+            (config.max_uploads, config.frame_timeout, config.max_connections_per_ip), (3, 5, 9)
+        )
+        self.assertRaises(UsageError, self.parse, "--max-frame-size=1000")
+        self.assertRaises(UsageError, self.parse, "--max-uploads=0")
+
+    def test_ini(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[koboldfs]\nauth = open\nmax_uploads = 7\n")
+        config = self.parse(f"--config={path}")
+        self.assertEqual((config.auth, config.max_uploads), ("open", 7))
+        with open(path, "w") as f:
+            f.write("[koboldfs]\nopen = true\n")
+        self.assertRaises(UsageError, self.parse, f"--config={path}")
