@@ -892,9 +892,11 @@ class KoboldService(MultiService):
         await self.store.start()
         port = await serverFromString(self.reactor, config.listen).listen(ServerFactory(self.node))
         self._ports.append(port)
-        from koboldfs.web import make_site
+        from koboldfs.web import guarded, make_site
 
-        http = await serverFromString(self.reactor, config.http).listen(make_site(self.node))
+        http = await serverFromString(self.reactor, config.http).listen(
+            guarded(self.node, make_site(self.node))
+        )
         self._ports.append(http)
         scheme = "https" if config.http.startswith("ssl:") else "http"
         public_url = config.public_url or f"{scheme}://{advertised_address(http)}"

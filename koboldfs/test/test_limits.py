@@ -10,13 +10,16 @@ import hashlib
 import os
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
 from koboldfs.service import ABORT_AFTER, PREAUTH_PAYLOAD, ServerProtocol
 from koboldfs.testing import MemoryServer
+from koboldfs.web import guarded, make_site
 
 HELLO = encode_message(Op.HELLO, {"versions": [VERSION]})
 
@@ -223,3 +226,63 @@ class LimitTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.server.reactor.advance(self.config.idle_timeout)
         self.assertTrue(transport.disconnecting)
+
+
+class HTTPLimitTests(SynchronousTestCase):
+    """
+    The HTTP port shares the connection limits, and drops silent and
+    trickling clients.
+    """
+
+    def setUp(self) -> None:
+        self.server = MemoryServer(os.path.abspath(self.mktemp()))
+        self.server.start()
+        self.addCleanup(self.server.stop)
+        self.config = self.server.config
+        self.factory = guarded(self.server.node, make_site(self.server.node))
+
+    def connect(self, host: str = "10.0.0.1") -> tuple:
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4242))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_limits(self) -> None:
+        self.config.max_connections_per_ip = 1
+        first, _ = self.connect()
+        _, refused = self.connect()
+        self.assertTrue(refused.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"too many connections from 10.0.0.1", refused.value())
+        self.assertTrue(refused.disconnecting)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.server.node.connections, {})
+        _, transport = self.connect()
+        self.assertFalse(transport.disconnecting)
+
+    def test_silent(self) -> None:
+        _, transport = self.connect()
+        self.server.reactor.advance(self.config.handshake_timeout - 0.5)
+        self.assertFalse(transport.disconnecting)
+        self.server.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_trickle(self) -> None:
+        """
+        A request head sent a byte a second is cut after the frame
+        timeout; a whole one is answered, and the connection then waits
+        for the next without a deadline of ours.
+        """
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 404 ", transport.value())
+        self.server.reactor.advance(self.config.handshake_timeout + 1)
+        self.assertFalse(transport.disconnecting)
+        seconds = 0
+        for byte in b"GET /nothing HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"x" * 100:
+            if transport.disconnecting:
+                break
+            proto.dataReceived(bytes([byte]))
+            self.server.reactor.advance(1)
+            seconds += 1
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(seconds, self.config.frame_timeout + 1)
