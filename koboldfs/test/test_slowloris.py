@@ -124,7 +124,7 @@ class SlowlorisTests(ClusterMixin, TestCase):
                 ),
             )
             await threads.deferToThread(ping_latencies, server, 200)  # warm up
-            unloaded = await threads.deferToThread(ping_latencies, server, PINGS)
+            unloaded = await threads.deferToThread(ping_latencies, server, PINGS, 5.0)
             idle = await threads.deferToThread(
                 lambda: [connect(server) for _ in range(IDLE_CONNECTIONS)]
             )
