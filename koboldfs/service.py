@@ -786,7 +786,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         """
         Answer now, then drop the body the client may still be sending.
         """
-        self.sendError(error.code, str(error))
+        self.sendError(error.code, str(error.args[0] if error.args else error))
         self._state = _State.DISCARDING
         self._put = None
         self._release_upload()
