@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import random
+import re
 from functools import partial
 from collections import deque
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from enum import Enum
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,10 +37,13 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from koboldfs import __version__
+from koboldfs.auth import Credentials
 from koboldfs.errors import (
+    AuthRequired,
     ChecksumMismatch,
     ConnectionFailed,
     ErrorCode,
+    Forbidden,
     KoboldError,
     NotFound,
     ProtocolError,
@@ -128,7 +139,8 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         super().connectionLost(reason)
         self.setTimeout(None)
         self._state = _State.CLOSED
-        self._fail(ConnectionFailed(f"connection to {self.server or 'server'} lost"))
+        why = "" if reason is None or reason.check(ConnectionDone) else f": {reason.value}"
+        self._fail(ConnectionFailed(f"connection to {self.server or 'server'} lost{why}"))
         self.lost.callback(None)
 
     def timeoutConnection(self) -> None:
@@ -270,6 +282,23 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
             reply.errback(error if isinstance(error, Failure) else Failure(error))
 
 
+def _trust_root(ca: str | None) -> Any:
+    """
+    The certificates a TLS client trusts: those of PEM file C{ca}, or the
+    system's.
+    """
+    if ca is None:
+        return platformTrust()
+    with open(ca, "rb") as f:
+        pem = f.read()
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, flags=re.DOTALL
+    )
+    if not blocks:
+        raise ValueError(f"no certificate in {ca}")
+    return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+
+
 class ConnectionPool:
     """
     Open connections to servers, kept for reuse.
@@ -285,8 +314,23 @@ class ConnectionPool:
         connect_timeout: float = 5.0,
         max_idle: int = 8,
         endpoint_factory: Callable[[str], Any] | None = None,
+        credentials: Credentials | None = None,
+        tls: bool = False,
+        ca: str | None = None,
     ) -> None:
+        """
+        @param credentials: what to prove to servers that require
+            authentication (a namespace key, or a server's cluster secret).
+        @param tls: connect with TLS, verifying that the server's
+            certificate names the host of its address.
+        @param ca: a PEM file of the certificates to trust for TLS (the
+            system's when None).
+        """
         self._reactor = reactor
+        self._credentials = credentials
+        self._trust = _trust_root(ca) if tls else None
+        if ca is not None and not tls:
+            raise ValueError("ca= is for tls=True")
         self._endpoint = endpoint_factory or self._tcp
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -313,15 +357,43 @@ class ConnectionPool:
         self._all.add(proto)
         proto.lost.addCallback(lambda _: self._all.discard(proto))
         try:
-            await proto.handshake()
+            try:
+                welcome = await proto.handshake()
+            except ConnectionFailed as e:
+                raise ConnectionFailed(f"{address}: {e}") from None
+            if welcome.get("auth"):
+                await self._authenticate(proto, welcome)
+        except (AuthRequired, Forbidden):
+            # The same key would be refused by every server: no failover.
+            proto.close()
+            raise
         except ServerError as e:
             proto.close()
             raise ConnectionFailed(f"{address} refused the handshake: {e}") from None
         return proto
 
-    def _tcp(self, address: str) -> HostnameEndpoint:
+    async def _authenticate(self, proto: ClientProtocol, welcome: Message) -> None:
+        """
+        Answer the server's challenge (docs/security.md).
+        """
+        credentials = self._credentials
+        if credentials is None:
+            raise AuthRequired(
+                ErrorCode.AUTH_REQUIRED,
+                f"server {proto.server} requires authentication: pass key= "
+                "(made by `koboldfs admin namespace create`)",
+            )
+        nonce = welcome.get("nonce")
+        if not isinstance(nonce, str) or len(nonce) < 32:
+            raise ProtocolError("WELCOME asks for AUTH with no nonce", ErrorCode.BAD_REQUEST)
+        await proto.request(Op.AUTH, credentials.fields(nonce, proto.server))
+
+    def _tcp(self, address: str) -> Any:
         host, port = parse_address(address)
-        return HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        if self._trust is None:
+            return endpoint
+        return wrapClientTLS(optionsForClientTLS(host, trustRoot=self._trust), endpoint)
 
     def release(self, address: str, conn: ClientProtocol) -> None:
         """
@@ -587,6 +659,11 @@ class DeferredClient:
         reactor's own pool when None.
     @param endpoint_factory: makes the client endpoint for an address;
         TCP when None.  Tests connect in memory (L{koboldfs.testing}).
+    @param key: this namespace's key (C{kfs1....}), for servers that
+        require one; a read-only key cannot put or delete.
+    @param tls: speak TLS, and check that each server's certificate names
+        the host of its address; C{ca} is a PEM file of the certificates
+        to trust (the system's when None).
     """
 
     def __init__(
@@ -601,6 +678,9 @@ class DeferredClient:
         backoff: float = 0.2,
         threadpool: Any = None,
         endpoint_factory: Callable[[str], Any] | None = None,
+        key: str | None = None,
+        tls: bool = False,
+        ca: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # noqa: F811 - the documented default
@@ -613,7 +693,13 @@ class DeferredClient:
         self._reactor = reactor
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self._pool = ConnectionPool(
-            reactor, timeout, connect_timeout, endpoint_factory=endpoint_factory
+            reactor,
+            timeout,
+            connect_timeout,
+            endpoint_factory=endpoint_factory,
+            credentials=None if key is None else Credentials(self.namespace, key),
+            tls=tls,
+            ca=ca,
         )
         self._retries = retries
         self._backoff = backoff
@@ -629,6 +715,8 @@ class DeferredClient:
         async def ping() -> bool:
             try:
                 await self._call("ping", partial(_request, Op.PING, {}), retries=0)
+            except (AuthRequired, Forbidden):
+                raise
             except KoboldError:
                 return False
             return True

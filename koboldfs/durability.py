@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from koboldfs.errors import ConnectionFailed, ErrorCode, KoboldError, ServerError, Unavailable
+from koboldfs.errors import ErrorCode, KoboldError, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
 from koboldfs.protocol import Message
 from koboldfs.replicator import placement_weight
@@ -304,7 +304,7 @@ class Forward:
                 connecting = defer.ensureDeferred(node.peers.acquire(server.address))
                 try:
                     conn = await connecting.addTimeout(SETUP_TIMEOUT, node.clock)
-                except ConnectionFailed as e:
+                except KoboldError as e:  # unreachable, or it refused our cluster secret
                     errors.append(f"{server.name}: {e}")
                     continue
                 except defer.TimeoutError:

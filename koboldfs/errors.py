@@ -183,8 +183,37 @@ class CorruptReplica(ServerError):
     code = ErrorCode.CORRUPT
 
 
+class AuthRequired(ServerError):
+    """
+    The server takes requests only from authenticated clients: give the
+    client a key.
+    """
+
+    code = ErrorCode.AUTH_REQUIRED
+
+
+class Forbidden(ServerError):
+    """
+    A wrong key, a key of another namespace, or a read-only key asked to
+    write.
+    """
+
+    code = ErrorCode.FORBIDDEN
+
+
+class Busy(ServerError):
+    """
+    The server is at a limit (connections, uploads): another may not be.
+    """
+
+    code = ErrorCode.BUSY
+
+
 _BY_CODE.update(
     {
+        ErrorCode.AUTH_REQUIRED: AuthRequired,
+        ErrorCode.FORBIDDEN: Forbidden,
+        ErrorCode.BUSY: Busy,
         ErrorCode.NO_SPACE: NoSpace,
         ErrorCode.SIZE_MISMATCH: SizeMismatch,
         ErrorCode.TOO_LARGE: TooLarge,

@@ -282,5 +282,31 @@ class IMetadataStore(Interface):
         replicator makes them all again.  Fire with how many there were.
         """
 
+    def create_key(namespace, readonly=False):
+        """
+        Make a new client key of C{namespace}, creating the namespace if
+        missing, and fire with the key: shown this once, only a hash of it
+        is stored.  A C{readonly} key may get, stat, list and get_url, but
+        not put or delete.
+        """
+
+    def find_key(namespace, key_id):
+        """
+        Fire with the L{koboldfs.auth.KeyInfo} of key C{key_id} of
+        C{namespace}, or None.
+        """
+
+    def keys(namespace):
+        """
+        Fire with the L{koboldfs.auth.KeyInfo}s of C{namespace}, oldest
+        first.
+        """
+
+    def revoke_key(namespace, key_id):
+        """
+        Forget key C{key_id} of C{namespace}; fire with whether it existed.
+        Connections it authenticated keep their rights until they close.
+        """
+
 
 Listener = Callable[[str, dict], None]

@@ -48,11 +48,12 @@ MAX_INT = 2**63 - 1
 class Op(IntEnum):
     """
     Frame opcodes.  0x20-0x2F are kept for transactions, 0x30-0x3F for
-    server-to-server requests, 0x03 for authentication.
+    server-to-server requests.
     """
 
     HELLO = 0x01
     WELCOME = 0x02
+    AUTH = 0x03
     PING = 0x10
     PUT = 0x11
     GET = 0x12
@@ -114,6 +115,16 @@ SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
         "server": ("str", True),
         "max_payload": ("int", True),
         "nonce": ("str", False),
+        # True: the client must send AUTH before any request.
+        "auth": ("bool", False),
+    },
+    Op.AUTH: {
+        "method": ("str", True),  # "key" or "cluster"
+        "cnonce": ("str", True),
+        "proof": ("str", True),
+        "ns": ("str", False),
+        "key_id": ("str", False),
+        "peer": ("str", False),
     },
     Op.PING: {},
     Op.PUT: {**_NAME, "size": ("int_or_null", False)},
@@ -389,6 +400,8 @@ class FrameProtocol(Protocol):
         """
         if not self.closing:
             self.closing = True
+            # TLS does not start its shutdown while a producer is registered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

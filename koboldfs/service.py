@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
@@ -26,10 +26,22 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
 from koboldfs import durability
+from koboldfs.auth import (
+    OPEN,
+    Credentials,
+    Grant,
+    auth_message,
+    check_cluster_proof,
+    check_key_proof,
+    is_local_endpoint,
+    new_nonce,
+)
 from koboldfs.client import ConnectionPool
 from koboldfs.errors import (
+    Busy,
     ConnectionFailed,
     ErrorCode,
+    Forbidden,
     KoboldError,
     NotFound,
     ProtocolError,
@@ -58,6 +70,17 @@ from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_ur
 
 log = Logger()
 
+#: Requests that change a namespace: refused to read-only keys.
+WRITES = frozenset({Op.PUT, Op.DELETE})
+
+#: Largest frame taken before the handshake is done: HELLO and AUTH are
+#: small, and a stranger must not make us buffer megabytes.
+PREAUTH_PAYLOAD = 64 * 1024
+
+#: Seconds a timed-out connection has to take its error and close before
+#: it is cut.
+ABORT_AFTER = 5.0
+
 #: Most keys one LIST reply carries, whatever the client asks.
 MAX_LIST = 1000
 
@@ -82,6 +105,24 @@ class ServerConfig:
     max_file_size: int | None = None
     replicate_interval: float = 10.0
     scrub_rate: float = 10 * 1024 * 1024
+    #: "keys": every client proves a namespace key, every peer the cluster
+    #: secret; "open": nobody does; "auto": open when C{listen} is local
+    #: only (loopback or a Unix socket), else keys (docs/security.md).
+    auth: str = "auto"
+    #: Cluster secrets: the first is proved to peers, all are accepted.
+    cluster_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    #: Peers speak TLS, trusting the certificates in this PEM file.
+    tls_ca: str | None = None
+    # Limits (docs/security.md); each refusal is an ERROR frame saying which.
+    max_frame_size: int = MAX_PAYLOAD
+    max_connections: int = 1024
+    max_connections_per_ip: int = 128
+    max_uploads: int = 64
+    #: Seconds from connecting to the end of HELLO (and AUTH).
+    handshake_timeout: float = 10.0
+    #: Seconds a frame may take to arrive once begun, and between the
+    #: frames of a PUT body.
+    frame_timeout: float = 30.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -124,6 +165,34 @@ class Node:
         #: Called with a file whose copy here was found bad or missing and
         #: set aside, so that it is made again (the replicator sets it).
         self.on_replica_lost: Callable[[FileInfo], None] | None = None
+        #: Open client connections by peer address, and PUTs under way.
+        self.connections: dict[str, int] = {}
+        self.uploads = 0
+
+    # -- limits
+
+    def admit(self, address: str) -> str | None:
+        """
+        Count a new connection from C{address}; None if it is welcome, else
+        why it is refused (and it is not counted).
+        """
+        config = self.config
+        if sum(self.connections.values()) >= config.max_connections:
+            return f"server {self.name} is at its limit of {config.max_connections} connections"
+        if self.connections.get(address, 0) >= config.max_connections_per_ip:
+            return (
+                f"too many connections from {address} "
+                f"(limit {config.max_connections_per_ip} per address)"
+            )
+        self.connections[address] = self.connections.get(address, 0) + 1
+        return None
+
+    def leave(self, address: str) -> None:
+        left = self.connections[address] - 1
+        if left:
+            self.connections[address] = left
+        else:
+            del self.connections[address]
 
     # -- the cluster
 
@@ -145,6 +214,41 @@ class Node:
         if server is None or not server.is_up(self.clock.seconds(), self.config.down_after):
             return None
         return server
+
+    @property
+    def open(self) -> bool:
+        """
+        Whether clients may do anything without a key.
+        """
+        auth = self.config.auth
+        return auth == "open" or (auth == "auto" and is_local_endpoint(self.config.listen))
+
+    async def authenticate(self, fields: dict[str, Any], server_nonce: str) -> Grant:
+        """
+        Check an AUTH frame's proof against this connection's nonce; return
+        what it grants.
+
+        @raise Forbidden: a wrong or unknown key or secret.
+        """
+        method, client_nonce, proof = fields["method"], fields["cnonce"], fields["proof"]
+        if method == "cluster":
+            peer = fields.get("peer", "")
+            message = auth_message("cluster", server_nonce, client_nonce, self.name, peer)
+            secrets = self.config.cluster_secrets
+            if secrets and check_cluster_proof(secrets, message, proof):
+                return Grant(None, True, peer=True)
+            raise Forbidden(ErrorCode.FORBIDDEN, "wrong cluster secret")
+        if method == "key":
+            ns, key_id = fields.get("ns"), fields.get("key_id")
+            if not isinstance(ns, str) or not isinstance(key_id, str):
+                raise ProtocolError("AUTH by key needs ns and key_id", ErrorCode.BAD_REQUEST)
+            check_namespace(ns)
+            found = await self.store.find_key(ns, key_id)
+            message = auth_message("key", server_nonce, client_nonce, self.name, f"{ns}/{key_id}")
+            if found is None or not check_key_proof(found.stored_key, message, proof):
+                raise Forbidden(ErrorCode.FORBIDDEN, f"wrong key for namespace {ns!r}")
+            return Grant(ns, not found.readonly)
+        raise ProtocolError(f"unknown AUTH method {method!r}", ErrorCode.BAD_REQUEST)
 
     @property
     def readonly(self) -> bool:
@@ -313,7 +417,8 @@ class PendingPut:
 
 
 class _State(Enum):
-    HANDSHAKE = "handshake"
+    HANDSHAKE = "handshake"  # waiting for HELLO
+    AUTH = "auth"  # waiting for AUTH
     IDLE = "idle"
     BUSY = "busy"  # answering a request; the client must wait
     RECEIVING = "receiving"  # a PUT body is arriving
@@ -328,21 +433,61 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     ERROR frame and the connection goes on; a protocol error closes it.
     """
 
+    #: What this connection may do once authenticated (None before): the
+    #: one thing request handlers check, through L{authorize}.
+    grant: Grant | None = None
+
     def __init__(self, node: Node) -> None:
         self.node = node
         self.callLater = node.clock.callLater
         self._state = _State.HANDSHAKE
         self._put: PendingPut | None = None
+        self._nonce = new_nonce()
+        self._address: str | None = None  # as counted by Node.admit
+        self._upload = False  # holds one of Node.uploads
+        self._timer = ""  # which timeout runs: handshake, frame or idle
+        self._abort: Any = None
+
+    def authorize(self, namespace: str, write: bool = False) -> str:
+        """
+        Return C{namespace} if this connection may read it (and write it,
+        if C{write}).
+
+        @raise Forbidden: it may not.
+        """
+        grant = self.grant
+        if grant is None or not grant.allows(namespace, write):
+            if grant is not None and grant.allows(namespace, False):
+                raise Forbidden(ErrorCode.FORBIDDEN, "this key is read-only: no put or delete")
+            raise Forbidden(
+                ErrorCode.FORBIDDEN, f"this connection is not authenticated for {namespace!r}"
+            )
+        return namespace
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._track = self.node.metrics.connection()
-        self.setTimeout(self.node.config.idle_timeout)
+        self._decoder.max_payload = PREAUTH_PAYLOAD
+        address = getattr(self.transport.getPeer(), "host", None) or "local"
+        refused = self.node.admit(address)
+        if refused is not None:
+            self.sendError(ErrorCode.BUSY, refused)
+            self.close()
+            return
+        self._address = address
+        self._timer = "handshake"
+        self.setTimeout(self.node.config.handshake_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.setTimeout(None)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         self._abort_put()
+        self._release_upload()
+        if self._address is not None:
+            self.node.leave(self._address)
+            self._address = None
         self._track.lost()
 
     # Every request is timed from its frame to its answer, for metrics and
@@ -357,11 +502,42 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         super().sendError(code, message)
 
     def timeoutConnection(self) -> None:
-        self.sendError(ErrorCode.TIMEOUT, "idle for too long")
-        self.transport.abortConnection()
+        config = self.node.config
+        message = {
+            "handshake": f"no handshake within {config.handshake_timeout:g} s",
+            "frame": f"a frame took over {config.frame_timeout:g} s to arrive",
+        }.get(self._timer, f"idle for over {config.idle_timeout:g} s")
+        self.sendError(ErrorCode.TIMEOUT, message)
+        # Close after the error is sent; a client that does not read it
+        # either is cut off soon after.
+        self.close()
+        self._abort = self.callLater(ABORT_AFTER, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # A frame begun while idle must now arrive in frame_timeout: a
+        # byte-a-second client does not hold the connection for long.
+        if self._timer == "idle" and self._decoder.buffered and not self.closing:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        """
+        Restart the timeout that fits the connection's state.
+        """
+        if self.grant is None or self.closing:
+            return  # the handshake's deadline does not move
+        config = self.node.config
+        if self._state in (_State.RECEIVING, _State.DISCARDING) or self._decoder.buffered:
+            self._timer, timeout = "frame", config.frame_timeout
+        else:
+            self._timer, timeout = "idle", config.idle_timeout
+        self.setTimeout(timeout)
 
     def frameReceived(self, frame: Frame) -> None:
-        self.resetTimeout()
+        self._frame(frame)
+        self._rearm()
+
+    def _frame(self, frame: Frame) -> None:
         state = self._state
         if state is _State.RECEIVING:
             self._bodyFrame(frame)
@@ -376,6 +552,15 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         elif state is _State.HANDSHAKE and frame.op is Op.HELLO:
             assert isinstance(frame, Message)
             self._hello(frame)
+        elif state is _State.AUTH and frame.op is Op.AUTH:
+            assert isinstance(frame, Message)
+            self._state = _State.BUSY
+            defer.ensureDeferred(self._auth(frame)).addErrback(self._authFailed)
+        elif state is _State.AUTH and frame.op in REQUESTS:
+            raise ProtocolError(
+                "this server requires authentication: send AUTH with a namespace key",
+                ErrorCode.AUTH_REQUIRED,
+            )
         elif state is _State.BUSY:
             raise ProtocolError(
                 f"{frame.op.name} sent before the previous request was answered",
@@ -389,20 +574,71 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             raise ProtocolError(
                 f"this server speaks protocol version {VERSION} only", ErrorCode.BAD_VERSION
             )
+        open_ = self.node.open
         self.sendMessage(
-            Op.WELCOME, {"version": VERSION, "server": self.node.name, "max_payload": MAX_PAYLOAD}
+            Op.WELCOME,
+            {
+                "version": VERSION,
+                "server": self.node.name,
+                "max_payload": self.node.config.max_frame_size,
+                "nonce": self._nonce,
+                "auth": not open_,
+            },
         )
-        self._idle()
+        if open_:
+            self.grant = OPEN
+            self._idle()
+        else:
+            self._state = _State.AUTH
+
+    async def _auth(self, msg: Message) -> None:
+        self.grant = await self.node.authenticate(msg.fields, self._nonce)
+        self._reply({"ns": self.grant.namespace, "write": self.grant.write})
+
+    def _authFailed(self, failure: Any) -> None:
+        """
+        A refused AUTH ends the connection: a client gets one try per nonce.
+        """
+        error = failure.value
+        if not isinstance(error, KoboldError):
+            log.failure("AUTH failed", failure)
+            error = ServerError(ErrorCode.INTERNAL, f"internal error: {error!r}")
+        if not self.closing:
+            self.sendError(error.code, str(error.args[0] if error.args else error))
+            self.close()
 
     def _idle(self) -> None:
+        if self.grant is not None:
+            self._decoder.max_payload = self.node.config.max_frame_size
         self._state = _State.IDLE
         self._put = None
         self._track.end()
+        self._release_upload()
+        self._rearm()
+
+    def _release_upload(self) -> None:
+        if self._upload:
+            self._upload = False
+            self.node.uploads -= 1
 
     # -- requests
 
     def _request(self, msg: Message) -> None:
         self._track.begin(msg.op.name.lower(), msg.get("ns"), msg.get("key"))
+        if "ns" in msg.fields:
+            try:
+                self.authorize(msg["ns"], write=msg.op in WRITES)
+            except KoboldError as e:
+                if msg.op is Op.PUT:
+                    self._refuse_put(e)
+                else:
+                    self.sendError(e.code, str(e.args[0]))
+                return
+        if msg.op is Op.REPLICA_PUT and not (self.node.open or self.grant.peer):
+            self._refuse_put(
+                Forbidden(ErrorCode.FORBIDDEN, "REPLICA_PUT is for the cluster's servers only")
+            )
+            return
         if msg.op is Op.PUT or msg.op is Op.REPLICA_PUT:
             self._begin_put(msg)
             return
@@ -517,7 +753,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         for peer in self.node.peers_holding(info):
             try:
                 conn = await self.node.peers.acquire(peer.address)
-            except ConnectionFailed as e:
+            except KoboldError as e:  # unreachable, or refused our cluster secret
                 errors.append(str(e))
                 continue
             if not started:
@@ -543,17 +779,29 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- PUT: the body streams into storage; the reply comes after END
 
     def _begin_put(self, msg: Message) -> None:
+        node = self.node
+        if node.uploads >= node.config.max_uploads:
+            self._refuse_put(
+                Busy(
+                    ErrorCode.BUSY,
+                    f"server {node.name} is at its limit of {node.config.max_uploads} uploads",
+                )
+            )
+            return
         try:
             if msg.op is Op.REPLICA_PUT:
-                put = self.node.begin_replica(msg["fid"], msg["path"], msg.get("size"))
+                put = node.begin_replica(msg["fid"], msg["path"], msg.get("size"))
             else:
-                put = self.node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
+                put = node.begin_upload(msg["ns"], msg["key"], msg.get("size"))
         except KoboldError as e:
             self._refuse_put(e)
             return
+        node.uploads += 1
+        self._upload = True
         self._put = put
         self._state = _State.RECEIVING
-        if not put.replica and durability.several_hosts(self.node):
+        self._rearm()
+        if not put.replica and durability.several_hosts(node):
             self._forward_put(put)
         else:
             put.upload.registerProducer(self.transport, True)
@@ -621,9 +869,11 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         """
         Answer now, then drop the body the client may still be sending.
         """
-        self.sendError(error.code, str(error))
+        self.sendError(error.code, str(error.args[0] if error.args else error))
         self._state = _State.DISCARDING
         self._put = None
+        self._release_upload()
+        self._rearm()
 
     def _abort_put(self) -> None:
         put, self._put = self._put, None
@@ -691,9 +941,15 @@ class KoboldService(MultiService):
         self.storage = Storage(config.data, reactor, io_pool)
         db = config.db or f"sqlite:///{config.data}/metadata.sqlite"
         self.store = store_from_url(db, reactor)
-        # A peer that sends nothing for peer_timeout seconds (hung, say
-        # stopped with SIGSTOP) fails the copy or relay, which moves on.
-        self.peers = ConnectionPool(reactor, timeout=config.peer_timeout)
+        self.peers = ConnectionPool(
+            reactor,
+            timeout=config.peer_timeout,
+            credentials=Credentials(cluster_secret=config.cluster_secrets[0], name=config.name)
+            if config.cluster_secrets
+            else None,
+            tls=config.tls_ca is not None,
+            ca=config.tls_ca,
+        )
         self.node = Node(config, self.storage, self.store, reactor, self.peers)
         self.replicator = Replicator(self.node, reactor, config.replicate_interval)
         self.scrubber = Scrubber(
@@ -725,12 +981,14 @@ class KoboldService(MultiService):
         await self.store.start()
         port = await serverFromString(self.reactor, config.listen).listen(ServerFactory(self.node))
         self._ports.append(port)
-        from koboldfs.web import make_site
+        from koboldfs.web import guarded, make_site
 
-        site = make_site(self.node, self.status, self.node.metrics)
-        http = await serverFromString(self.reactor, config.http).listen(site)
+        http = await serverFromString(self.reactor, config.http).listen(
+            guarded(self.node, make_site(self.node, self.status, self.node.metrics))
+        )
         self._ports.append(http)
-        public_url = config.public_url or f"http://{advertised_address(http)}"
+        scheme = "https" if config.http.startswith("ssl:") else "http"
+        public_url = config.public_url or f"{scheme}://{advertised_address(http)}"
         free, total = await self.storage.disk_usage()
         await self.store.register_server(
             ServerInfo(
@@ -749,8 +1007,14 @@ class KoboldService(MultiService):
         self.scrubber.start()
         self.orphans.start()
         self.status.start()
+        if not self.node.open and not config.cluster_secrets:
+            log.warn(
+                "{name} requires keys but has no --secret-file: peers cannot copy from it",
+                name=config.name,
+            )
         log.info(
-            "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
+            "KoboldFS server {name} on {address} ({auth}), HTTP {url}, data {data}, metadata {db}",
+            auth="open: no authentication" if self.node.open else "keys required",
             name=config.name,
             address=advertised_address(port),
             url=public_url,

@@ -786,6 +786,13 @@ class Reader:
                 raise
             raise CorruptReplica(ErrorCode.CORRUPT, f"{self.relpath} is a symlink") from None
         try:
+            # Nor through a symlinked directory of the tree (the root itself
+            # may be one: another disk).
+            inside = os.path.join(os.path.realpath(self._storage.root), *self.relpath.split("/"))
+            if os.path.realpath(self.path) != inside:
+                raise CorruptReplica(
+                    ErrorCode.CORRUPT, f"{self.relpath} leads out of the tree through a symlink"
+                )
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptReplica(ErrorCode.CORRUPT, f"{self.relpath} is not a regular file")

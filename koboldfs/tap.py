@@ -16,6 +16,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from koboldfs.auth import read_secret_file
+from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.service import KoboldService, ServerConfig
 
 DEFAULTS = {
@@ -28,7 +30,17 @@ DEFAULTS = {
     "peer_timeout": "30",
     "replicate_interval": "10",
     "scrub_rate": str(10 * 1024 * 1024),
+    "auth": "auto",
+    "max_frame_size": str(4 * 1024 * 1024),
+    "max_connections": "1024",
+    "max_connections_per_ip": "128",
+    "max_uploads": "64",
+    "handshake_timeout": "10",
+    "frame_timeout": "30",
 }
+
+
+AUTH_MODES = ("auto", "keys", "open")
 
 
 class Options(usage.Options):
@@ -83,10 +95,77 @@ class Options(usage.Options):
             "bytes per second the background scrub re-reads stored copies at; 0 disables it"
             f" [default: {DEFAULTS['scrub_rate']}]",
         ],
+        [
+            "auth",
+            None,
+            None,
+            "keys: clients prove a namespace key and peers the cluster secret; open: no"
+            " authentication; auto: open if --listen is loopback or a Unix socket only,"
+            " else keys [default: auto]",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "file holding the cluster secret servers prove to each other (one a line:"
+            " the first is used, all are accepted, for rotation)",
+        ],
+        [
+            "max-frame-size",
+            None,
+            None,
+            "largest frame accepted once a client is authenticated, in bytes (at least 1 MiB)"
+            f" [default: {DEFAULTS['max_frame_size']}]",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            f"open connections at most [default: {DEFAULTS['max_connections']}]",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            None,
+            "open connections at most from one client address"
+            f" [default: {DEFAULTS['max_connections_per_ip']}]",
+        ],
+        [
+            "max-uploads",
+            None,
+            None,
+            f"PUTs received at once at most [default: {DEFAULTS['max_uploads']}]",
+        ],
+        [
+            "handshake-timeout",
+            None,
+            None,
+            "seconds a new connection has to say HELLO and authenticate"
+            f" [default: {DEFAULTS['handshake_timeout']}]",
+        ],
+        [
+            "frame-timeout",
+            None,
+            None,
+            "seconds a begun frame has to arrive whole, and a PUT body between frames"
+            f" [default: {DEFAULTS['frame_timeout']}]",
+        ],
+        [
+            "tls-ca",
+            None,
+            None,
+            "PEM file of the CA certificates peers' TLS certificates are checked against:"
+            " with it, this server reaches its peers over TLS",
+        ],
     ]
+    optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 
     def postOptions(self) -> None:
         values = {key.replace("-", "_"): value for key, value in self.items()}
+        if values.pop("open"):
+            if values["auth"] not in (None, "open"):
+                raise usage.UsageError("--open contradicts --auth=" + values["auth"])
+            values["auth"] = "open"
         if values["config"]:
             values = {**_read_ini(values["config"]), **{k: v for k, v in values.items() if v}}
         values = {**DEFAULTS, **{k: v for k, v in values.items() if v is not None}}
@@ -103,6 +182,8 @@ def _read_ini(path: str) -> dict[str, str]:
     if not parser.has_section("koboldfs"):
         raise usage.UsageError(f"{path} has no [koboldfs] section")
     known = {name.replace("-", "_") for name, *_ in Options.optParameters}
+    if "open" in parser["koboldfs"]:
+        raise usage.UsageError(f"{path}: write auth = open, not open")
     values = dict(parser.items("koboldfs"))
     unknown = set(values) - known
     if unknown:
@@ -141,7 +222,37 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         else None,
         replicate_interval=_number(values, "replicate_interval"),
         scrub_rate=_rate(values["scrub_rate"]),
+        auth=_choice(values, "auth", AUTH_MODES),
+        max_frame_size=_at_least(values, "max_frame_size", CHUNK_SIZE),
+        max_connections=_number(values, "max_connections", int),
+        max_connections_per_ip=_number(values, "max_connections_per_ip", int),
+        max_uploads=_number(values, "max_uploads", int),
+        handshake_timeout=_number(values, "handshake_timeout"),
+        frame_timeout=_number(values, "frame_timeout"),
+        tls_ca=_readable(values.get("tls_ca")),
+        cluster_secrets=read_secret_file(values["secret_file"])
+        if values.get("secret_file")
+        else (),
     )
+
+
+def _readable(path: str | None) -> str | None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    return None if path is None else os.path.abspath(path)
+
+
+def _at_least(values: dict[str, str], name: str, least: int) -> int:
+    value: int = _number(values, name, int)
+    if value < least:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least {least}")
+    return value
+
+
+def _choice(values: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    if values[name] not in choices:
+        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+    return values[name]
 
 
 def _rate(value: str) -> float:

@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -346,6 +347,85 @@ def _wanted_range(
 def _content_type(path: str) -> bytes:
     guessed, _ = mimetypes.guess_type(path, strict=False)
     return (guessed or "application/octet-stream").encode()
+
+
+class _Guard(ProtocolWrapper):
+    """
+    Holds an HTTP connection to the server's limits: counted with the binary
+    protocol's connections (L{Node.admit}), refused with 503 past them; no
+    request line and headers within C{--handshake-timeout} of connecting,
+    or within C{--frame-timeout} of a request's first byte, and it is
+    dropped (Twisted's own timeout restarts on every byte, so a client
+    trickling a byte a second would be kept forever).
+    """
+
+    _deadline: Any = None
+    _tail = b""
+    _admitted: str | None = None
+
+    def __init__(self, factory: WrappingFactory, wrapped: Any, node: Any) -> None:
+        super().__init__(factory, wrapped)
+        self.node = node
+
+    def makeConnection(self, transport: Any) -> None:
+        address = getattr(transport.getPeer(), "host", None) or "local"
+        refused = self.node.admit(address)
+        if refused is not None:
+            self.transport = transport
+            self.connected = True
+            reason = refused.encode("utf-8", "replace")
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n"
+                b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(reason), reason)
+            )
+            transport.loseConnection()
+            return
+        self._admitted = address
+        self._arm(self.node.config.handshake_timeout)
+        super().makeConnection(transport)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.node.clock.callLater(seconds, self._tooSlow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._admitted is None:
+            return
+        if self._deadline is None:
+            # A new request begins: its head must arrive in time.
+            self._arm(self.node.config.frame_timeout)
+            self._tail = b""
+        seen = self._tail + data
+        if b"\r\n\r\n" in seen:
+            self._disarm()
+        self._tail = seen[-3:]
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        if self._admitted is None:
+            return
+        self.node.leave(self._admitted)
+        self._admitted = None
+        super().connectionLost(reason)
+
+
+def guarded(node: Any, site: Site) -> WrappingFactory:
+    """
+    C{site} held to the server's connection limits and timeouts.
+    """
+    factory = WrappingFactory(site)
+    factory.protocol = lambda wrapping, wrapped: _Guard(wrapping, wrapped, node)
+    return factory
 
 
 class ServerResource(FileResource):

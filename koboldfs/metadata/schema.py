@@ -98,6 +98,21 @@ replicas = Table(
 )
 Index("replicas_server_file", replicas.c.server, replicas.c.file_id)
 
+# Client keys of a namespace (docs/security.md): only SHA-256 of the
+# client's derived key is kept, never the key.  Added after version 1
+# without a version bump: create_schema makes missing tables on every start,
+# and older servers ignore it.
+client_keys = Table(
+    "client_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("namespace_id", Integer, ForeignKey("namespaces.id"), nullable=False),
+    Column("stored_key", String(64), nullable=False),
+    Column("readonly", Boolean, nullable=False),
+    Column("created", Float, nullable=False),
+)
+Index("client_keys_namespace", client_keys.c.namespace_id)
+
 servers = Table(
     "servers",
     metadata,

@@ -29,6 +29,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from koboldfs.auth import KeyInfo, new_key
+from koboldfs.names import check_namespace
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
@@ -380,3 +382,30 @@ class SQLAlchemyStore:
 
     def quarantine_server(self, server: str) -> Deferred[int]:
         return self._run(health.quarantine_server, server)
+
+    # -- client keys (docs/security.md)
+
+    def create_key(self, namespace: str, readonly: bool = False) -> Deferred[str]:
+        """
+        Make a new key of C{namespace} (created if missing) and fire with
+        it: the only time it is seen, since only a hash of it is stored.
+        """
+        made = new_key()
+        d = self._run(
+            queries.add_key,
+            check_namespace(namespace),
+            made.key_id,
+            made.stored_key,
+            bool(readonly),
+            self._reactor.seconds(),
+        )
+        return d.addCallback(lambda _: made.key)
+
+    def find_key(self, namespace: str, key_id: str) -> Deferred[KeyInfo | None]:
+        return self._run(queries.find_key, namespace, key_id)
+
+    def keys(self, namespace: str) -> Deferred[list[KeyInfo]]:
+        return self._run(queries.namespace_keys, namespace)
+
+    def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
+        return self._run(queries.revoke_key, namespace, key_id)

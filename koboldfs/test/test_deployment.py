@@ -60,6 +60,13 @@ class ExampleIniTests(TestCase):
         )
         self.assertEqual(config.listen, "tcp:9876:interface=0.0.0.0")
         self.assertTrue(config.db.startswith("postgresql://"))
+        # The files the example names, made here so that they can be read.
+        files = {"/etc/koboldfs/cluster-secret": b"s" * 32 + b"\n", "/etc/koboldfs/ca.pem": b""}
+        made = {}
+        for path, content in files.items():
+            made[path] = self.mktemp()
+            with open(made[path], "wb") as f:
+                f.write(content)
         uncommented = self.mktemp()
         with open(INI) as f, open(uncommented, "w") as out:
             for line in f:
@@ -69,6 +76,8 @@ class ExampleIniTests(TestCase):
                     and line[2:].split(" = ")[0].isidentifier()
                 ):
                     line = line[2:]
+                for path in files:
+                    line = line.replace(path, made[path])
                 out.write(line)
         parser = configparser.ConfigParser()
         parser.read(uncommented)
@@ -77,6 +86,7 @@ class ExampleIniTests(TestCase):
         options.parseOptions(["--config", uncommented])
         self.assertEqual(options.server_config.max_file_size, 10737418240)
         self.assertEqual(options.server_config.scrub_rate, 10485760)
+        self.assertEqual(options.server_config.cluster_secrets, (b"s" * 32,))
 
 
 class SystemdUnitTests(TestCase):

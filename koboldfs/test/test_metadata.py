@@ -789,6 +789,34 @@ class MetadataStoreTestsMixin:
         self.assertEqual([f.id for f in (yield store.live_files("ns", 0, 10))], [a.id, c.id])
         self.assertEqual((yield store.live_files("nonesuch", 0, 10)), [])
 
+    @inlineCallbacks
+    def test_clientKeys(self) -> InlineTest:
+        """
+        A key is made once, kept only hashed, found by namespace and id
+        (from another store: another server), and revoked.
+        """
+        from koboldfs.auth import parse_key
+
+        store = yield self.startedStore()
+        other = yield self.startedStore()
+        key = yield store.create_key("keyed")
+        readonly = yield store.create_key("keyed", readonly=True)
+        key_id, secret = parse_key(key)
+        found = yield other.find_key("keyed", key_id)
+        self.assertEqual((found.namespace, found.readonly), ("keyed", False))
+        self.assertNotIn(secret, repr(found))
+        self.assertIsNone((yield other.find_key("other", key_id)))
+        listed = yield other.keys("keyed")
+        self.assertEqual(
+            sorted((k.key_id, k.readonly) for k in listed),
+            sorted([(key_id, False), (parse_key(readonly)[0], True)]),
+        )
+        self.assertTrue((yield other.revoke_key("keyed", key_id)))
+        self.assertFalse((yield store.revoke_key("keyed", key_id)))
+        self.assertIsNone((yield store.find_key("keyed", key_id)))
+        with self.assertRaises(ValueError):
+            yield store.create_key("no/such")
+
 
 class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
     """

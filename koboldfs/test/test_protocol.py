@@ -29,6 +29,10 @@ SHA = "ab" * 32
 EXAMPLES = [
     Message(Op.HELLO, {"versions": [1], "agent": "test", "max_payload": 1024}),
     Message(Op.WELCOME, {"version": 1, "server": "s1", "max_payload": 4096, "nonce": "00"}),
+    Message(
+        Op.AUTH,
+        {"method": "key", "ns": "demo", "key_id": "0" * 16, "cnonce": "01", "proof": "ff"},
+    ),
     Message(Op.PING, {}),
     Message(Op.PUT, {"ns": "demo", "key": "motd", "size": MAX_INT}),
     Message(Op.PUT, {"ns": "demo", "key": "unknown size", "size": None}),
