@@ -865,3 +865,19 @@ def _stat(reply: Message) -> Stat:
         created=reply["created"],
         servers=tuple(reply["servers"]),
     )
+
+
+def __getattr__(name: str) -> Any:
+    """
+    C{ClientPool} and C{TransactionalClientPool} live in modules of their
+    own, which import this one: load them on first use.
+    """
+    if name == "ClientPool":
+        from koboldfs.pool import ClientPool
+
+        return ClientPool
+    if name == "TransactionalClientPool":
+        from koboldfs.transactions import TransactionalClientPool
+
+        return TransactionalClientPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
