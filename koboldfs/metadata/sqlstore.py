@@ -33,6 +33,7 @@ from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
     IMetadataStore,
+    ITransactionStore,
     Listener,
     NamespaceInfo,
     ServerInfo,
@@ -45,6 +46,7 @@ from koboldfs.metadata import (
     queries,
 )
 from koboldfs.metadata.queries import Outcome, Query, Work
+from koboldfs.metadata.transactions import TransactionsMixin
 
 T = TypeVar("T")
 
@@ -128,8 +130,8 @@ def _sqlite_file(url: URL) -> str | None:
     return os.path.abspath(url.database)
 
 
-@implementer(IMetadataStore)
-class SQLAlchemyStore:
+@implementer(IMetadataStore, ITransactionStore)
+class SQLAlchemyStore(TransactionsMixin):
     """
     The metadata in a database reached through SQLAlchemy, from a thread
     pool.  Listeners hear of this process's own changes only.
