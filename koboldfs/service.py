@@ -50,6 +50,7 @@ from koboldfs.protocol import (
 )
 from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for
+from koboldfs.txnserver import TransactionHandler, TransactionSweeper, sweep_interval
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
 log = Logger()
@@ -77,6 +78,10 @@ class ServerConfig:
     max_file_size: int | None = None
     replicate_interval: float = 10.0
     scrub_rate: float = 10 * 1024 * 1024
+    #: Seconds after its last request that an open transaction is aborted.
+    pending_timeout: float = 3600.0
+    #: Seconds a prepared transaction waits for its commit before abort.
+    prepared_timeout: float = 7 * 86400.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -117,6 +122,8 @@ class Node:
         #: Called with a file whose copy here was found bad or missing and
         #: set aside, so that it is made again (the replicator sets it).
         self.on_replica_lost: Callable[[FileInfo], None] | None = None
+        #: Client transactions (koboldfs/txnserver.py).
+        self.txns = TransactionHandler(self)
 
     # -- the cluster
 
@@ -279,6 +286,8 @@ class PendingPut:
     path: str
     size: int | None
     upload: Upload
+    #: The client transaction this upload is part of, if any.
+    txn: str | None = None
 
 
 class _State(Enum):
@@ -368,6 +377,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             Op.DELETE: self._delete,
             Op.STAT: self._stat,
             Op.LIST: self._list,
+            Op.BEGIN: self._txn,
+            Op.PREPARE: self._txn,
+            Op.COMMIT: self._txn,
+            Op.ABORT: self._txn,
         }[msg.op]
         defer.ensureDeferred(handler(msg)).addErrback(self._requestFailed, msg.op)
 
@@ -394,11 +407,25 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._reply({})
 
     async def _stat(self, msg: Message) -> None:
-        self._reply(stat_fields(await self.node.lookup(msg["ns"], msg["key"])))
+        self._reply(stat_fields(await self._lookup(msg)))
 
     async def _delete(self, msg: Message) -> None:
-        await self.node.delete(msg["ns"], msg["key"])
+        if msg.get("txn") is not None:
+            await self.node.txns.delete(msg["ns"], msg["key"], msg["txn"])
+        else:
+            await self.node.delete(msg["ns"], msg["key"])
         self._reply({})
+
+    async def _lookup(self, msg: Message) -> FileInfo:
+        """
+        The file a request names, as its transaction (if any) sees it.
+        """
+        if msg.get("txn") is not None:
+            return await self.node.txns.lookup(msg["ns"], msg["key"], msg["txn"])
+        return await self.node.lookup(msg["ns"], msg["key"])
+
+    async def _txn(self, msg: Message) -> None:
+        self._reply(await self.node.txns.handle(msg))
 
     async def _get_url(self, msg: Message) -> None:
         self._reply({"url": await self.node.get_url(msg["ns"], msg["key"], msg.get("expires"))})
@@ -420,12 +447,12 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _get(self, msg: Message) -> None:
         node = self.node
-        info = await node.lookup(msg["ns"], msg["key"])
+        info = await self._lookup(msg)
         if node.name in info.replicas and await self._send_local(info):
             return
         if msg.get("local"):
             raise NotFound(ErrorCode.NOT_FOUND, f"{node.name} holds no copy of {info.key!r}")
-        await self._send_from_peer(info)
+        await self._send_from_peer(info, msg.get("txn"))
 
     async def _send_local(self, info: FileInfo) -> bool:
         """
@@ -460,7 +487,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._idle()
         return True
 
-    async def _send_from_peer(self, info: FileInfo) -> None:
+    async def _send_from_peer(self, info: FileInfo, txn: str | None = None) -> None:
         started = False
         errors = []
 
@@ -478,7 +505,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 self.sendMessage(Op.FILE, {"size": info.size, "sha256": info.sha256})
                 started = True
             try:
-                await conn.get({"ns": info.namespace, "key": info.key, "local": True}, forward)
+                fields = {"ns": info.namespace, "key": info.key, "local": True}
+                if txn is not None:
+                    fields["txn"] = txn
+                await conn.get(fields, forward)
             except (ServerError, ConnectionFailed) as e:
                 self.node.peers.release(peer.address, conn)
                 if self.closing:
@@ -502,6 +532,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         except KoboldError as e:
             self._refuse_put(e)
             return
+        put.txn = msg.get("txn")
         put.upload.registerProducer(self.transport, True)
         self._put = put
         self._state = _State.RECEIVING
@@ -532,7 +563,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _finish_put(self, put: PendingPut, sha256: str) -> None:
         try:
-            info = await self.node.finish_upload(put, sha256)
+            if put.txn is not None:
+                info = await self.node.txns.finish_upload(put, put.txn, sha256)
+            else:
+                info = await self.node.finish_upload(put, sha256)
         finally:
             put.upload.unregisterProducer()
             if not self.closing:
@@ -617,6 +651,9 @@ class KoboldService(MultiService):
         self.scrubber = Scrubber(
             self.node, reactor, config.scrub_rate, rest=config.replicate_interval
         )
+        self.txn_sweeper = TransactionSweeper(
+            self.node.txns, reactor, sweep_interval(config.pending_timeout)
+        )
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -661,6 +698,7 @@ class KoboldService(MultiService):
         self._beat.start(config.heartbeat, now=False)
         self.replicator.start()
         self.scrubber.start()
+        self.txn_sweeper.start()
         log.info(
             "KoboldFS server {name} on {address}, HTTP {url}, data {data}, metadata {db}",
             name=config.name,
@@ -691,6 +729,7 @@ class KoboldService(MultiService):
             self._beat.stop()
         replicating = self.replicator.stop()
         scrubbing = self.scrubber.stop()
+        yield self.txn_sweeper.stop()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []

@@ -27,6 +27,8 @@ DEFAULTS = {
     "idle_timeout": "300",
     "replicate_interval": "10",
     "scrub_rate": str(10 * 1024 * 1024),
+    "pending_timeout": "3600",
+    "prepared_timeout": str(7 * 86400),
 }
 
 
@@ -74,6 +76,20 @@ class Options(usage.Options):
             None,
             "bytes per second the background scrub re-reads stored copies at; 0 disables it"
             f" [default: {DEFAULTS['scrub_rate']}]",
+        ],
+        [
+            "pending-timeout",
+            None,
+            None,
+            "seconds after its last request that an open client transaction is aborted and"
+            f" its pending uploads collected [default: {DEFAULTS['pending_timeout']}]",
+        ],
+        [
+            "prepared-timeout",
+            None,
+            None,
+            "seconds a prepared client transaction waits for its commit before it is aborted"
+            f" [default: {DEFAULTS['prepared_timeout']}]",
         ],
     ]
 
@@ -132,6 +148,8 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         else None,
         replicate_interval=_number(values, "replicate_interval"),
         scrub_rate=_rate(values["scrub_rate"]),
+        pending_timeout=_number(values, "pending_timeout"),
+        prepared_timeout=_number(values, "prepared_timeout"),
     )
 
 
