@@ -267,6 +267,7 @@ class _DataManager:
         try:
             self._run(self.remote.abort)
         except Exception as e:
+            self.remote.state = "aborted"
             # The servers collect it after their --pending-timeout.
             log.warn(
                 "aborting koboldfs transaction {txn} failed, left for the servers "
@@ -328,10 +329,16 @@ class TransactionalClientPool(BlockingClientPool):
         return remote
 
     def _current(self) -> DeferredTransaction | None:
+        """
+        This pool's transaction in the current one, if it is still open:
+        a transaction whose commit failed stays current until aborted, but
+        its writes are gone.
+        """
         try:
-            return self.manager.get().data(self).remote  # type: ignore[no-any-return]
+            remote: DeferredTransaction = self.manager.get().data(self).remote
         except KeyError:
             return None
+        return remote if remote.state in ("open", "prepared") else None
 
     def put(self, key: str, source: Any) -> bool:
         """Upload C{source} now; it becomes C{key} when the transaction commits."""
