@@ -27,6 +27,7 @@ from koboldfs.metadata import FILE_ADDED, FILE_DELETED
 from koboldfs.metadata.queries import (
     _FIND_LIVE,
     _GOOD_REPLICAS,
+    _INSERT_FILE,
     _INSERT_REPLICA,
     _LOOKUP_COLUMNS,
     Query,
@@ -38,7 +39,7 @@ from koboldfs.metadata.queries import (
     reader,
     writer,
 )
-from koboldfs.metadata.schema import files, namespaces, transactions, txn_keys
+from koboldfs.metadata.schema import files, namespaces, replicas, transactions, txn_keys
 
 _TXN = bindparam("b_txn")
 _GET_TXN = select(transactions.c.namespace_id, transactions.c.state, transactions.c.expires).where(
@@ -109,9 +110,20 @@ _DISCARD_PENDING = (
     .where(files.c.id == _FILE_ID, files.c.state == "pending")
     .values(state="deleted", deleted=bindparam("b_now"))
 )
-_PUBLISH = (
-    update(files).where(files.c.id == _FILE_ID, files.c.state == "pending").values(state="live")
+_PENDING_ROW = select(
+    files.c.fid,
+    files.c.namespace_id,
+    files.c.key,
+    files.c.size,
+    files.c.sha256,
+    files.c.created,
+    files.c.path,
+).where(files.c.id == _FILE_ID, files.c.state == "pending")
+_REPLICAS_OF = select(replicas.c.server, replicas.c.created).where(
+    replicas.c.file_id == _FILE_ID, replicas.c.state == "ok"
 )
+_FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == _FILE_ID)
+_FORGET_FILE = sql_delete(files).where(files.c.id == _FILE_ID)
 
 
 def _unknown(txn_id: str) -> TransactionError:
@@ -415,6 +427,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
         if expires < now:
             raise _unknown(txn_id)
     keys = yield Query(_TXN_KEYS, {"b_txn": txn_id})
+    yield Query(_DELETE_TXN_KEYS, {"b_txn": txn_id})
     published, retired = [], []
     # In key order: concurrent commits lock rows in the same order.
     for key, file_id, _ in sorted(keys.rows):
@@ -422,13 +435,46 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
         if old is not None:
             retired.append(old)
         if file_id is not None:
-            out = yield Query(_PUBLISH, {"b_file_id": file_id})
-            if out.rowcount != 1:
+            new = yield from _publish(file_id)
+            if new is None:
                 raise _state(txn_id, state, f"the pending file of {key!r} is gone")
-            published.append(file_id)
-    yield Query(_DELETE_TXN_KEYS, {"b_txn": txn_id})
+            published.append(new)
     yield Query(_SET_TXN_STATE, {"b_txn": txn_id, "b_state": "committed", "b_expires": keep})
     return Commit(tuple(published), tuple(retired))
+
+
+def _publish(file_id: int) -> Txn[int | None]:
+    """
+    A step: make pending file C{file_id} live under a new id, with its
+    copies; return the id, or None if there is no such pending file.
+
+    A new id, not the pending one: ids then follow the order in which
+    files became live, as for plain puts, so replicators' cursors (which
+    other processes' commits do not move on SQLite) do not pass over it.
+    """
+    out = yield Query(_PENDING_ROW, {"b_file_id": file_id})
+    if not out.rows:
+        return None
+    fid, ns_id, key, size, sha256, created, path = out.rows[0]
+    held = yield Query(_REPLICAS_OF, {"b_file_id": file_id})
+    yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
+    yield Query(_FORGET_FILE, {"b_file_id": file_id})
+    out = yield Query(
+        _INSERT_FILE,
+        {
+            "b_fid": fid,
+            "b_namespace_id": ns_id,
+            "b_key": key,
+            "b_size": size,
+            "b_sha256": sha256,
+            "b_now": created,
+            "b_path": path,
+        },
+    )
+    new = out.rows[0][0]
+    for server, since in held.rows:
+        yield Query(_INSERT_REPLICA, {"b_file_id": new, "b_server": server, "b_now": since})
+    return new  # type: ignore[no-any-return]
 
 
 @writer

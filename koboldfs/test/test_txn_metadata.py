@@ -78,14 +78,23 @@ class TransactionStoreTestsMixin:
         self.assertEqual((await store.txn_lookup(txn, "ns", "b")).fid, b.fid)
         self.assertEqual((await store.txn_lookup(txn, "ns", "b")).replicas, ("a",))
         self.assertIsNone(await store.txn_lookup(txn, "ns", "gone"))
+        later = await store.add_file("ns", "later", "d" * 32, "p/later", 1, "1" * 64, 15.0, "a")
         heard = []
         store.subscribe(lambda event, payload: heard.append((event, payload["id"])))
         commit = await store.txn_commit(txn, 20.0, 200.0, False)
-        self.assertEqual(sorted(commit.published), sorted([a.id, b.id]))
+        self.assertEqual(len(commit.published), 2)
         self.assertEqual(len(commit.retired), 2)
-        self.assertEqual(heard, [(FILE_ADDED, min(a.id, b.id))])
-        self.assertEqual((await store.lookup("ns", "a")).fid, a.fid)
-        self.assertEqual(await store.list_keys("ns", "", None, 10), ["a", "b"])
+        self.assertEqual(heard, [(FILE_ADDED, min(commit.published))])
+        published = await store.lookup("ns", "a")
+        self.assertEqual((published.fid, published.replicas), (a.fid, ("a",)))
+        # Published under new ids, after every file live before: replicator
+        # cursors that did not hear of the commit still reach them.
+        b_id = (await store.lookup("ns", "b")).id
+        self.assertEqual(sorted(commit.published), [published.id, b_id])
+        self.assertGreater(min(commit.published), later.id)
+        missing = await store.missing_replicas("b", later.id, 10)
+        self.assertEqual(sorted(f.key for f in missing), ["a", "b"])
+        self.assertEqual(await store.list_keys("ns", "", None, 10), ["a", "b", "later"])
         # Retried after a lost answer: done already.
         self.assertTrue((await store.txn_commit(txn, 21.0, 200.0, False)).already)
         # The retired version waits for the replicator, as after a put.
