@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import transaction as transaction_package
+from transaction.interfaces import NoTransaction
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -336,7 +337,7 @@ class TransactionalClientPool(BlockingClientPool):
         """
         try:
             remote: DeferredTransaction = self.manager.get().data(self).remote
-        except KeyError:
+        except (KeyError, NoTransaction):
             return None
         return remote if remote.state in ("open", "prepared") else None
 

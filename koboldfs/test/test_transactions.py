@@ -11,6 +11,7 @@ import io
 import os
 
 import transaction
+from transaction.interfaces import NoTransaction
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.errors import ErrorCode, TransactionError
@@ -18,7 +19,7 @@ from koboldfs.pool import ClientPool
 from koboldfs.protocol import Op, check_fields
 from koboldfs.replicator import Replicator
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
-from koboldfs.transactions import DeferredTransaction, _DataManager
+from koboldfs.transactions import DeferredTransaction, TransactionalClientPool, _DataManager
 
 
 class TransactionTests(SynchronousTestCase):
@@ -273,6 +274,16 @@ class DataManagerTests(SynchronousTestCase):
         pool.manager.savepoint(optimistic=True)
         pool.manager.commit()
         self.assertEqual(remote.calls, ["prepare True", "commit True"])
+
+    def test_explicit_manager(self) -> None:
+        """
+        With an explicit manager and no transaction begun, reads are plain
+        reads, and writes are refused by the manager.
+        """
+        pool = TransactionalClientPool.__new__(TransactionalClientPool)
+        pool.manager = transaction.TransactionManager(explicit=True)
+        self.assertIsNone(pool._current())
+        self.assertRaises(NoTransaction, pool._joined)
 
     def test_sorts_before_sqlalchemy(self) -> None:
         _, manager = self.join(_FakeRemote())
