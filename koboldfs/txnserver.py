@@ -45,11 +45,11 @@ class TransactionHandler:
 
     @property
     def pending_timeout(self) -> float:
-        return float(getattr(self.node.config, "pending_timeout", 3600.0))
+        return self.node.config.pending_timeout
 
     @property
     def prepared_timeout(self) -> float:
-        return float(getattr(self.node.config, "prepared_timeout", 7 * 86400.0))
+        return self.node.config.prepared_timeout
 
     def _now(self) -> float:
         return float(self.node.clock.seconds())

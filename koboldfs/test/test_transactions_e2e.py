@@ -172,6 +172,46 @@ class TransactionsMixin(ClusterMixin):
         final = await deferToThread(lambda: (version("pair/1"), version("pair/2")))
         self.assertIn(final, [("one", "one"), ("two", "two")])
 
+    async def test_server_killed_between_vote_and_finish(self) -> None:
+        """
+        Two-phase: a server holding pending uploads dies after the votes;
+        the commit completes through the other, and once back, the dead
+        one serves its files.
+        """
+        a, b = await self.cluster("a", "b")
+        pool = await self.pool([a, b], twophase=True)
+        bodies = {f"doc/{i}": f"document {i}".encode() * 50 for i in range(4)}
+
+        def work() -> None:
+            with transaction.manager:
+                for key, body in bodies.items():
+                    pool.put(key, body)
+                transaction.get().join(_KillOnVote(a))
+            self.assertEqual(pool.list("doc/"), sorted(bodies))
+
+        await deferToThread(work)
+        self.assertIsNotNone(a.process.poll())  # type: ignore[union-attr]
+        held = await deferToThread(lambda: {k: pool.stat(k).servers for k in bodies})
+        self.assertIn(("a",), held.values())  # the dead one held some
+        await a.start()
+
+        def read_all() -> dict[str, bytes]:
+            found = {}
+            for key in bodies:
+                out = io.BytesIO()
+                self.assertTrue(pool.get(key, out))
+                found[key] = out.getvalue()
+            return found
+
+        self.assertEqual(await deferToThread(read_all), bodies)
+
+
+class OnceTestsMixin(TransactionsMixin):
+    """
+    Tests that depend on the database no more than the metadata suite
+    (test_txn_metadata) checks on every store: run on SQLite only.
+    """
+
     async def test_client_killed(self) -> None:
         """
         A client killed in mid-transaction leaves pending files that the
@@ -205,39 +245,6 @@ class TransactionsMixin(ClusterMixin):
             return not files_on_disk(server) and rows == 0
 
         await eventually(collected, what="the pending upload collected")
-
-    async def test_server_killed_between_vote_and_finish(self) -> None:
-        """
-        Two-phase: a server holding pending uploads dies after the votes;
-        the commit completes through the other, and once back, the dead
-        one serves its files.
-        """
-        a, b = await self.cluster("a", "b")
-        pool = await self.pool([a, b], twophase=True)
-        bodies = {f"doc/{i}": f"document {i}".encode() * 50 for i in range(4)}
-
-        def work() -> None:
-            with transaction.manager:
-                for key, body in bodies.items():
-                    pool.put(key, body)
-                transaction.get().join(_KillOnVote(a))
-            self.assertEqual(pool.list("doc/"), sorted(bodies))
-
-        await deferToThread(work)
-        self.assertIsNotNone(a.process.poll())  # type: ignore[union-attr]
-        held = await deferToThread(lambda: {k: pool.stat(k).servers for k in bodies})
-        self.assertIn(("a",), held.values())  # the dead one held some
-        await a.start()
-
-        def read_all() -> dict[str, bytes]:
-            found = {}
-            for key in bodies:
-                out = io.BytesIO()
-                self.assertTrue(pool.get(key, out))
-                found[key] = out.getvalue()
-            return found
-
-        self.assertEqual(await deferToThread(read_all), bodies)
 
     async def test_sqlalchemy_session(self) -> None:
         """
@@ -314,7 +321,7 @@ def _remove_pending(server: ServerProcess, db: str, key: str) -> None:
     os.remove(os.path.join(server.data, path))
 
 
-class SQLiteTransactionsTests(TransactionsMixin, TestCase):
+class SQLiteTransactionsTests(OnceTestsMixin, TestCase):
     async def database(self) -> str:
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
