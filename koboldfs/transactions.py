@@ -233,6 +233,9 @@ class _DataManager:
         self._pool = pool
         self.remote = remote
         self.transaction_manager = pool.manager
+        #: Every participant voted yes: the outcome is commit, whatever
+        #: fails after.
+        self._decided = False
 
     def __repr__(self) -> str:
         return (
@@ -257,6 +260,7 @@ class _DataManager:
         self._run(self.remote.prepare, self._pool.twophase)
 
     def tpc_finish(self, txn: Any) -> None:
+        self._decided = True
         self._run(self.remote.commit, self._pool.twophase)
 
     def tpc_abort(self, txn: Any) -> None:
@@ -264,6 +268,20 @@ class _DataManager:
 
     def _discard(self) -> None:
         if self.remote.state in ("committed", "aborted"):
+            return
+        if self._decided:
+            # The commit failed after every vote was yes (every server out
+            # of reach for its retries): an abort now must not undo what
+            # the other participants committed.  Try the commit again.
+            try:
+                self._run(self.remote.commit, self._pool.twophase)
+            except Exception as e:
+                log.error(
+                    "koboldfs transaction {txn} was decided but its commit failed: it "
+                    "stays prepared on the servers until --prepared-timeout: {error}",
+                    txn=self.remote.id,
+                    error=e,
+                )
             return
         try:
             self._run(self.remote.abort)

@@ -275,6 +275,27 @@ class DataManagerTests(SynchronousTestCase):
         pool.manager.commit()
         self.assertEqual(remote.calls, ["prepare True", "commit True"])
 
+    def test_failed_finish_not_undone(self) -> None:
+        """
+        A commit that fails after every vote was yes is tried again, never
+        turned into an abort, when the application aborts after it.
+        """
+        remote = _FakeRemote()
+        failures = [TransactionError(ErrorCode.UNAVAILABLE, "every server down")]
+
+        def commit(twophase: bool) -> None:
+            remote.calls.append(f"commit {twophase}")
+            if failures:
+                raise failures.pop()
+            remote.state = "committed"
+
+        remote.commit = commit  # type: ignore[method-assign]
+        pool, _ = self.join(remote)
+        self.assertRaises(TransactionError, pool.manager.commit)
+        pool.manager.abort()
+        self.assertEqual(remote.calls, ["prepare True", "commit True", "commit True"])
+        self.assertEqual(remote.state, "committed")
+
     def test_explicit_manager(self) -> None:
         """
         With an explicit manager and no transaction begun, reads are plain
