@@ -97,11 +97,13 @@ class TransactionsMixin(ClusterMixin):
             seen.append(len(pool.list("batch/")))
 
         def writer() -> None:
-            with transaction.manager:
-                for i in range(6):
-                    pool.put(f"batch/{i}", f"file {i}".encode())
-                self.assertEqual(pool.list("batch/"), [f"batch/{i}" for i in range(6)])
-            done.set()
+            try:
+                with transaction.manager:
+                    for i in range(6):
+                        pool.put(f"batch/{i}", f"file {i}".encode())
+                    self.assertEqual(pool.list("batch/"), [f"batch/{i}" for i in range(6)])
+            finally:
+                done.set()
 
         await defer.gatherResults([deferToThread(reader), deferToThread(writer)])
         self.assertEqual(set(seen) - {0, 6}, set())
@@ -165,9 +167,13 @@ class TransactionsMixin(ClusterMixin):
                     mixtures.append((first, second))
 
         reading = deferToThread(reader)
-        await defer.gatherResults([deferToThread(writer, "one"), deferToThread(writer, "two")])
-        done.set()
-        await reading
+        try:
+            await defer.gatherResults(
+                [deferToThread(writer, "one"), deferToThread(writer, "two")], consumeErrors=True
+            )
+        finally:
+            done.set()
+            await reading
         self.assertEqual(mixtures, [])
         final = await deferToThread(lambda: (version("pair/1"), version("pair/2")))
         self.assertIn(final, [("one", "one"), ("two", "two")])
