@@ -45,6 +45,10 @@ _TXN = bindparam("b_txn")
 _GET_TXN = select(transactions.c.namespace_id, transactions.c.state, transactions.c.expires).where(
     transactions.c.id == _TXN
 )
+# Writers lock the transaction's row first (PostgreSQL; SQLite runs one
+# writer at a time): a put racing its own transaction's commit, or two
+# servers' votes, then run one after the other, each seeing the other's.
+_LOCK_TXN = _GET_TXN.with_for_update()
 _INSERT_TXN = insert(transactions).values(
     id=_TXN,
     namespace_id=bindparam("b_namespace_id"),
@@ -160,11 +164,12 @@ class Commit:
     already: bool = False
 
 
-def _get(txn_id: str) -> Txn[tuple[int, str, float] | None]:
+def _get(txn_id: str, lock: bool = False) -> Txn[tuple[int, str, float] | None]:
     """
-    A step: the transaction's namespace id, state and expiry, or None.
+    A step: the transaction's namespace id, state and expiry, or None;
+    with C{lock}, its row locked until the end of the transaction.
     """
-    out = yield Query(_GET_TXN, {"b_txn": txn_id})
+    out = yield Query(_LOCK_TXN if lock else _GET_TXN, {"b_txn": txn_id})
     return tuple(out.rows[0]) if out.rows else None  # type: ignore[return-value]
 
 
@@ -175,7 +180,7 @@ def _open(txn_id: str, namespace: str, now: float) -> Txn[int]:
     @raise TransactionError: it is unknown, expired, of another namespace,
         or prepared or committed already.
     """
-    found = yield from _get(txn_id)
+    found = yield from _get(txn_id, lock=True)
     if found is None:
         raise _unknown(txn_id)
     ns_id, state, expires = found
@@ -387,7 +392,7 @@ def txn_vote(
     transaction is prepared, to be collected at C{expires} if no client
     finishes it.
     """
-    found = yield from _get(txn_id)
+    found = yield from _get(txn_id, lock=True)
     if found is None or (found[1] == "open" and found[2] < now):
         raise _unknown(txn_id)
     state = found[1]
@@ -415,7 +420,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
     @raise TransactionError: the transaction is unknown or expired, or
         not prepared when it had to be.
     """
-    found = yield from _get(txn_id)
+    found = yield from _get(txn_id, lock=True)
     if found is None:
         raise _unknown(txn_id)
     ns_id, state, expires = found
@@ -486,7 +491,7 @@ def txn_abort(txn_id: str, now: float) -> Txn[list[FileInfo]]:
 
     @raise TransactionError: it was committed.
     """
-    found = yield from _get(txn_id)
+    found = yield from _get(txn_id, lock=True)
     if found is None:
         return []
     if found[1] == "committed":
@@ -503,12 +508,14 @@ def expire_txns(now: float, limit: int) -> Txn[list[FileInfo]]:
     """
     out = yield Query(_EXPIRED_TXNS, {"b_now": now, "b_limit": limit})
     discarded: list[FileInfo] = []
-    for txn_id, state in out.rows:
-        if state == "committed":
+    for txn_id, _ in out.rows:
+        found = yield from _get(txn_id, lock=True)
+        if found is None or found[2] >= now:
+            continue  # finished, or used again, meanwhile
+        if found[1] == "committed":
+            yield Query(_DELETE_TXN_KEYS, {"b_txn": txn_id})
             yield Query(_DELETE_TXN, {"b_txn": txn_id})
-            continue
-        found = yield from _get(txn_id)
-        if found is not None:
+        else:
             discarded.extend((yield from _discard(txn_id, found[0], now)))
     return discarded
 

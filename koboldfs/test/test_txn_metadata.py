@@ -9,6 +9,7 @@ import os
 import uuid
 
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -160,6 +161,26 @@ class TransactionStoreTestsMixin:
         self.assertEqual(await store.expire_txns(150.0, 10), [])
         commit = await store.txn_commit(txn, 160.0, 900.0, True)
         self.assertEqual(len(commit.published), 2)
+
+    async def test_concurrent_votes(self) -> None:
+        """
+        Two servers voting at the same moment, each on its own store: the
+        later vote sees the earlier, and the transaction is prepared.
+        """
+        store, other = await self.store(), await self.store()
+        for _ in range(3):
+            txn = await self.begin(store)
+            a, _ = await self.put(store, txn, "a", server="a")
+            b, _ = await self.put(store, txn, "b", server="b")
+            votes = await gatherResults(
+                [
+                    ensureDeferred(store.txn_vote(txn, "a", [a.id], 12.0, 500.0)),
+                    ensureDeferred(other.txn_vote(txn, "b", [b.id], 12.0, 500.0)),
+                ]
+            )
+            self.assertEqual(sorted(v.remaining for v in votes), [0, 1])
+            state, _ = await store.txn_pending(txn, 13.0)
+            self.assertEqual(state, "prepared")
 
     async def test_expiry(self) -> None:
         """
