@@ -14,11 +14,14 @@ import transaction
 from transaction.interfaces import NoTransaction
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.errors import ErrorCode, TransactionError
+from twisted.internet.task import Clock
+
+from koboldfs.errors import ErrorCode, TransactionError, Unavailable
 from koboldfs.pool import ClientPool
 from koboldfs.protocol import Op, check_fields
 from koboldfs.replicator import Replicator
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
+from koboldfs.txnserver import TransactionSweeper, sweep_interval
 from koboldfs.transactions import DeferredTransaction, TransactionalClientPool, _DataManager
 
 
@@ -309,3 +312,43 @@ class DataManagerTests(SynchronousTestCase):
     def test_sorts_before_sqlalchemy(self) -> None:
         _, manager = self.join(_FakeRemote())
         self.assertLess(manager.sortKey(), "~sqlalchemy:1")
+
+
+class _FlakyHandler:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def sweep(self) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise Unavailable(ErrorCode.UNAVAILABLE, "metadata database unavailable")
+        if self.calls == 2:
+            raise RuntimeError("a bug")
+        return 0
+
+
+class SweeperTests(SynchronousTestCase):
+    def test_errors_do_not_stop_it(self) -> None:
+        """
+        A sweep that fails (database down, or a bug) is logged, and the
+        next one runs on time.
+        """
+        clock = Clock()
+        handler = _FlakyHandler()
+        sweeper = TransactionSweeper(handler, clock, sweep_interval(8))  # type: ignore[arg-type]
+        sweeper.start()
+        for _ in range(3):
+            clock.advance(2)
+        self.assertEqual(handler.calls, 3)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.successResultOf(sweeper.stop())
+        clock.advance(10)
+        self.assertEqual(handler.calls, 3)
+
+    def test_interval(self) -> None:
+        """
+        A quarter of the timeout, within bounds.
+        """
+        self.assertEqual(sweep_interval(8), 2)
+        self.assertEqual(sweep_interval(3600), 60)
+        self.assertEqual(sweep_interval(0.1), 0.25)
