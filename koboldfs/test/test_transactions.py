@@ -15,11 +15,14 @@ from transaction.interfaces import NoTransaction
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
 
 from koboldfs.errors import ErrorCode, TransactionError, Unavailable
 from koboldfs.pool import ClientPool
 from koboldfs.protocol import Op, check_fields
 from koboldfs.replicator import Replicator
+from koboldfs.service import ServerConfig
+from koboldfs.tap import Options
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
 from koboldfs.txnserver import TransactionSweeper, sweep_interval
 from koboldfs.transactions import DeferredTransaction, TransactionalClientPool, _DataManager
@@ -352,3 +355,32 @@ class SweeperTests(SynchronousTestCase):
         self.assertEqual(sweep_interval(8), 2)
         self.assertEqual(sweep_interval(3600), 60)
         self.assertEqual(sweep_interval(0.1), 0.25)
+
+
+class TimeoutOptionTests(SynchronousTestCase):
+    """
+    C{--pending-timeout} and C{--prepared-timeout}: positive seconds, on
+    the command line or in the ini file.
+    """
+
+    def config(self, *argv: str) -> ServerConfig:
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), *argv])
+        return options.server_config
+
+    def test_defaults(self) -> None:
+        config = self.config()
+        self.assertEqual((config.pending_timeout, config.prepared_timeout), (3600, 7 * 86400))
+
+    def test_set(self) -> None:
+        config = self.config("--pending-timeout", "2", "--prepared-timeout", "60.5")
+        self.assertEqual((config.pending_timeout, config.prepared_timeout), (2, 60.5))
+        ini = self.mktemp()
+        with open(ini, "w") as f:
+            f.write("[koboldfs]\npending_timeout = 30\n")
+        self.assertEqual(self.config("--config", ini).pending_timeout, 30)
+
+    def test_bad(self) -> None:
+        for bad in ("0", "-1", "soon"):
+            self.assertRaises(UsageError, self.config, "--pending-timeout", bad)
+            self.assertRaises(UsageError, self.config, "--prepared-timeout", bad)
