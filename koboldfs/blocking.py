@@ -61,10 +61,13 @@ class Client:
     L{DeferredClient} with their results returned instead of Deferreds.
     """
 
+    #: The Deferred client this one is a view of.
+    _factory: Any = DeferredClient
+
     def __init__(self, namespace: str, servers: list[str] | tuple[str, ...], **options: Any):
         self._reactor = _reactor()
         self._client: DeferredClient = self._call(
-            lambda: defer.succeed(DeferredClient(namespace, servers, self._reactor, **options))
+            lambda: defer.succeed(self._factory(namespace, servers, self._reactor, **options))
         )
         self.namespace = namespace
         self.servers = list(servers)
@@ -109,3 +112,20 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ClientPool(Client):
+    """
+    The blocking twin of L{koboldfs.pool.ClientPool}, for threaded web
+    applications: every worker thread shares one bounded, health-checked
+    set of connections per server (all requests run on the reactor thread,
+    which serialises the pool's bookkeeping).  Options as
+    L{koboldfs.pool.ClientPool}: C{max_connections}, C{check_after},
+    C{down_for}, and those of L{DeferredClient}.
+    """
+
+    @property
+    def _factory(self) -> Any:  # type: ignore[override]
+        from koboldfs.pool import ClientPool as DeferredClientPool
+
+        return DeferredClientPool

@@ -115,6 +115,8 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         self._file: Message | None = None
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.server = ""
+        #: The C{host:port} this connection was made to, as the caller gave it.
+        self.address = ""
 
     # -- lifecycle
 
@@ -350,6 +352,7 @@ class ConnectionPool:
             if conn.reusable:
                 return conn
         proto = ClientProtocol(self._reactor, self._timeout)
+        proto.address = address
         try:
             await connectProtocol(self._endpoint(address), proto)
         except Exception as e:
@@ -728,7 +731,7 @@ class DeferredClient:
         Store C{source} (a path, bytes, or a binary file object) under
         C{key}; fire with True once the cluster has it durably.
         """
-        return defer.ensureDeferred(self._put(check_key(key), source))
+        return defer.ensureDeferred(self._put(check_key(key), source)).addCallback(lambda _: True)
 
     def get(self, key: str, output: Any) -> defer.Deferred[bool]:
         """
@@ -797,25 +800,33 @@ class DeferredClient:
 
     # -- the logic behind it
 
-    async def _put(self, key: str, source: Any) -> bool:
+    async def _put(
+        self, key: str, source: Any, extra: dict[str, Any] | None = None
+    ) -> tuple[Message, str]:
+        """
+        Upload; return the server's reply and the address that took it.
+        C{extra} fields go with the PUT (a transaction's id).
+        """
         body = await _open_source(self._reactor, self._threadpool, source)
         sent = False
 
-        async def attempt(conn: ClientProtocol) -> Message:
+        async def attempt(conn: ClientProtocol) -> tuple[Message, str]:
             nonlocal sent
             if sent and not body.rewind():
                 raise _Final(ConnectionFailed("upload failed and its source cannot be re-read"))
             sent = True
-            return await self._send_body(conn, key, body)
+            return await self._send_body(conn, key, body, extra), conn.address
 
         try:
-            await self._call("put", attempt)
+            return await self._call("put", attempt)
         finally:
             await body.close()
-        return True
 
-    async def _send_body(self, conn: ClientProtocol, key: str, body: _Source) -> Message:
-        reply = conn.begin_put({"ns": self.namespace, "key": key, "size": body.size})
+    async def _send_body(
+        self, conn: ClientProtocol, key: str, body: _Source, extra: dict[str, Any] | None = None
+    ) -> Message:
+        fields = {"ns": self.namespace, "key": key, "size": body.size, **(extra or {})}
+        reply = conn.begin_put(fields)
         early: list[Any] = []
         reply.addBoth(lambda r: early.append(r) or r)
         try:
@@ -839,9 +850,9 @@ class DeferredClient:
                 conn.end_put(body.sha256.hexdigest())
         return await reply
 
-    async def _get(self, key: str, output: Any) -> bool:
+    async def _get(self, key: str, output: Any, extra: dict[str, Any] | None = None) -> bool:
         sink = _Sink(self._reactor, self._threadpool, output)
-        fields = {"ns": self.namespace, "key": key}
+        fields = {"ns": self.namespace, "key": key, **(extra or {})}
 
         async def attempt(conn: ClientProtocol) -> Message:
             if not await sink.rewind():
@@ -962,3 +973,19 @@ def _stat(reply: Message) -> Stat:
         created=reply["created"],
         servers=tuple(reply["servers"]),
     )
+
+
+def __getattr__(name: str) -> Any:
+    """
+    C{ClientPool} and C{TransactionalClientPool} live in modules of their
+    own, which import this one: load them on first use.
+    """
+    if name == "ClientPool":
+        from koboldfs.pool import ClientPool
+
+        return ClientPool
+    if name == "TransactionalClientPool":
+        from koboldfs.transactions import TransactionalClientPool
+
+        return TransactionalClientPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

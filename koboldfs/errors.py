@@ -36,6 +36,8 @@ class ErrorCode(IntEnum):
     FORBIDDEN = 17
     TIMEOUT = 18
     INTERNAL = 19  # a bug: the server logged a traceback
+    TXN_UNKNOWN = 20  # no such transaction: never begun, aborted, or expired
+    TXN_STATE = 21  # the transaction cannot do that now (e.g. a put after prepare)
 
 
 #: Codes after which the same request may succeed on another server or later.
@@ -220,3 +222,13 @@ _BY_CODE.update(
         ErrorCode.CORRUPT: CorruptReplica,
     }
 )
+
+
+class TransactionError(ServerError):
+    """
+    A transaction request was refused: the transaction is unknown (aborted,
+    expired, or collected) or in a state that does not allow it.
+    """
+
+
+_BY_CODE.update({ErrorCode.TXN_UNKNOWN: TransactionError, ErrorCode.TXN_STATE: TransactionError})

@@ -309,4 +309,63 @@ class IMetadataStore(Interface):
         """
 
 
+class ITransactionStore(Interface):
+    """
+    The metadata of client transactions (docs/transactions.md), kept by
+    every store beside L{IMetadataStore}; the generator transactions are
+    in L{koboldfs.metadata.transactions}.  Refusals fail with
+    L{koboldfs.errors.TransactionError}.
+    """
+
+    def begin_txn(txn_id, namespace, now, expires):
+        """
+        Open a transaction, collected at C{expires} unless used again.
+        """
+
+    def txn_put(txn_id, namespace, key, fid, path, size, sha256, now, server, expires):
+        """
+        Record a pending upload; fire with it (a L{FileInfo}) and the
+        pending files of the same key it replaced.
+        """
+
+    def txn_delete(txn_id, namespace, key, now, expires):
+        """
+        Record a delete; fire with whether the key existed for the
+        transaction, and the pending files discarded.
+        """
+
+    def txn_lookup(txn_id, namespace, key):
+        """
+        Fire with C{key} as the transaction sees it, or None.
+        """
+
+    def txn_pending(txn_id, now):
+        """
+        Fire with the transaction's state and its pending files, each with
+        the server that vouched for it (or None).
+        """
+
+    def txn_vote(txn_id, server, file_ids, now, expires):
+        """
+        Record C{server}'s vote for pending files C{file_ids}; fire with a
+        L{koboldfs.metadata.transactions.Vote}.
+        """
+
+    def txn_commit(txn_id, now, keep, prepared):
+        """
+        Publish the transaction at once; fire with a
+        L{koboldfs.metadata.transactions.Commit}.
+        """
+
+    def txn_abort(txn_id, now):
+        """
+        Discard the transaction; fire with its pending files, now deleted.
+        """
+
+    def expire_txns(now, limit):
+        """
+        Abort transactions past their expiry; fire with the files discarded.
+        """
+
+
 Listener = Callable[[str, dict], None]

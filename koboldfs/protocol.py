@@ -61,6 +61,10 @@ class Op(IntEnum):
     DELETE = 0x14
     STAT = 0x15
     LIST = 0x16
+    BEGIN = 0x20
+    PREPARE = 0x21
+    COMMIT = 0x22
+    ABORT = 0x23
     #: Server to server: a copy of a put's body, streamed while the put
     #: arrives, for write durability (koboldfs.durability).
     REPLICA_PUT = 0x30
@@ -74,7 +78,10 @@ class Op(IntEnum):
 #: Requests a client may send once the handshake is done.
 REQUESTS = frozenset(
     {Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST, Op.REPLICA_PUT}
+    | {Op.BEGIN, Op.PREPARE, Op.COMMIT, Op.ABORT}
 )
+#: The transaction requests (docs/transactions.md).
+TXN_REQUESTS = frozenset({Op.BEGIN, Op.PREPARE, Op.COMMIT, Op.ABORT})
 
 
 def _is_int(value: object) -> bool:
@@ -101,6 +108,8 @@ _CHECKS = {
 }
 
 _NAME = {"ns": ("str", True), "key": ("str", True)}
+#: A request inside a client transaction carries its id.
+_TXN = {"txn": ("str", False)}
 
 #: For each JSON opcode, its fields: name -> (type, required).  Fields not
 #: named are ignored, so later versions may add optional ones.
@@ -127,17 +136,21 @@ SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
         "peer": ("str", False),
     },
     Op.PING: {},
-    Op.PUT: {**_NAME, "size": ("int_or_null", False)},
-    Op.GET: {**_NAME, "local": ("bool", False)},
+    Op.PUT: {**_NAME, "size": ("int_or_null", False), **_TXN},
+    Op.GET: {**_NAME, "local": ("bool", False), **_TXN},
     Op.GET_URL: {**_NAME, "expires": ("int_or_null", False)},
-    Op.DELETE: _NAME,
-    Op.STAT: _NAME,
+    Op.DELETE: {**_NAME, **_TXN},
+    Op.STAT: {**_NAME, **_TXN},
     Op.LIST: {
         "ns": ("str", True),
         "prefix": ("str", False),
         "after": ("str_or_null", False),
         "limit": ("int", False),
     },
+    Op.BEGIN: {"ns": ("str", True)},
+    Op.PREPARE: {"txn": ("str", True), "record": ("bool", False)},
+    Op.COMMIT: {"txn": ("str", True), "prepared": ("bool", False)},
+    Op.ABORT: {"txn": ("str", True)},
     Op.REPLICA_PUT: {"fid": ("str", True), "path": ("str", True), "size": ("int_or_null", False)},
     Op.END: {"sha256": ("sha256", False), "abort": ("bool", False)},
     Op.OK: {},

@@ -66,12 +66,13 @@ from koboldfs.orphans import OrphanSweeper
 from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.status import Status
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for, relpath_names
+from koboldfs.txnserver import TransactionHandler, TransactionSweeper, sweep_interval
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
 log = Logger()
 
 #: Requests that change a namespace: refused to read-only keys.
-WRITES = frozenset({Op.PUT, Op.DELETE})
+WRITES = frozenset({Op.PUT, Op.DELETE, Op.BEGIN})
 
 #: Largest frame taken before the handshake is done: HELLO and AUTH are
 #: small, and a stranger must not make us buffer megabytes.
@@ -123,6 +124,10 @@ class ServerConfig:
     #: Seconds a frame may take to arrive once begun, and between the
     #: frames of a PUT body.
     frame_timeout: float = 30.0
+    #: Seconds after its last request that an open transaction is aborted.
+    pending_timeout: float = 3600.0
+    #: Seconds a prepared transaction waits for its commit before abort.
+    prepared_timeout: float = 7 * 86400.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
@@ -168,6 +173,9 @@ class Node:
         #: Open client connections by peer address, and PUTs under way.
         self.connections: dict[str, int] = {}
         self.uploads = 0
+
+        #: Client transactions (koboldfs/txnserver.py).
+        self.txns = TransactionHandler(self)
 
     # -- limits
 
@@ -414,6 +422,8 @@ class PendingPut:
     forward: durability.Forward | None = None
     #: A peer's copy (REPLICA_PUT): stored, not recorded.
     replica: bool = False
+    #: The client transaction this upload is part of, if any.
+    txn: str | None = None
 
 
 class _State(Enum):
@@ -650,6 +660,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             Op.DELETE: self._delete,
             Op.STAT: self._stat,
             Op.LIST: self._list,
+            Op.BEGIN: self._txn,
+            Op.PREPARE: self._txn,
+            Op.COMMIT: self._txn,
+            Op.ABORT: self._txn,
         }[msg.op]
         defer.ensureDeferred(handler(msg)).addErrback(self._requestFailed, msg.op)
 
@@ -676,11 +690,25 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._reply({})
 
     async def _stat(self, msg: Message) -> None:
-        self._reply(stat_fields(await self.node.lookup(msg["ns"], msg["key"])))
+        self._reply(stat_fields(await self._lookup(msg)))
 
     async def _delete(self, msg: Message) -> None:
-        await self.node.delete(msg["ns"], msg["key"])
+        if msg.get("txn") is not None:
+            await self.node.txns.delete(msg["ns"], msg["key"], msg["txn"])
+        else:
+            await self.node.delete(msg["ns"], msg["key"])
         self._reply({})
+
+    async def _lookup(self, msg: Message) -> FileInfo:
+        """
+        The file a request names, as its transaction (if any) sees it.
+        """
+        if msg.get("txn") is not None:
+            return await self.node.txns.lookup(msg["ns"], msg["key"], msg["txn"])
+        return await self.node.lookup(msg["ns"], msg["key"])
+
+    async def _txn(self, msg: Message) -> None:
+        self._reply(await self.node.txns.handle(msg))
 
     async def _get_url(self, msg: Message) -> None:
         self._reply({"url": await self.node.get_url(msg["ns"], msg["key"], msg.get("expires"))})
@@ -702,12 +730,12 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _get(self, msg: Message) -> None:
         node = self.node
-        info = await node.lookup(msg["ns"], msg["key"])
+        info = await self._lookup(msg)
         if node.name in info.replicas and await self._send_local(info):
             return
         if msg.get("local"):
             raise NotFound(ErrorCode.NOT_FOUND, f"{node.name} holds no copy of {info.key!r}")
-        await self._send_from_peer(info)
+        await self._send_from_peer(info, msg.get("txn"))
 
     async def _send_local(self, info: FileInfo) -> bool:
         """
@@ -742,7 +770,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._idle()
         return True
 
-    async def _send_from_peer(self, info: FileInfo) -> None:
+    async def _send_from_peer(self, info: FileInfo, txn: str | None = None) -> None:
         started = False
         errors = []
 
@@ -760,7 +788,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 self.sendMessage(Op.FILE, {"size": info.size, "sha256": info.sha256})
                 started = True
             try:
-                await conn.get({"ns": info.namespace, "key": info.key, "local": True}, forward)
+                fields = {"ns": info.namespace, "key": info.key, "local": True}
+                if txn is not None:
+                    fields["txn"] = txn
+                await conn.get(fields, forward)
             except (ServerError, ConnectionFailed) as e:
                 self.node.peers.release(peer.address, conn)
                 if self.closing:
@@ -798,10 +829,13 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             return
         node.uploads += 1
         self._upload = True
+        put.txn = msg.get("txn")
         self._put = put
         self._state = _State.RECEIVING
         self._rearm()
-        if not put.replica and durability.several_hosts(node):
+        # A put in a client transaction is not forwarded: it is published at
+        # the commit, and copied by the replicators then.
+        if not put.replica and put.txn is None and durability.several_hosts(node):
             self._forward_put(put)
         else:
             put.upload.registerProducer(self.transport, True)
@@ -855,6 +889,8 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             if put.replica:
                 size, digest = await put.upload.finish(sha256, put.size)
                 fields = {"size": size, "sha256": digest}
+            elif put.txn is not None:
+                fields = stat_fields(await self.node.txns.finish_upload(put, put.txn, sha256))
             elif put.forward is not None:
                 fields = stat_fields(await put.forward.finish(sha256))
             else:
@@ -958,6 +994,9 @@ class KoboldService(MultiService):
         self.orphans = OrphanSweeper(self.node, reactor)
         self.status = Status(self.node, self.replicator, self.scrubber, reactor)
         self.node.metrics.snapshot = self.status.snapshot
+        self.txn_sweeper = TransactionSweeper(
+            self.node.txns, reactor, sweep_interval(config.pending_timeout)
+        )
         self._ports: list[Any] = []
         self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
         self._beat.clock = reactor
@@ -1007,6 +1046,7 @@ class KoboldService(MultiService):
         self.scrubber.start()
         self.orphans.start()
         self.status.start()
+        self.txn_sweeper.start()
         if not self.node.open and not config.cluster_secrets:
             log.warn(
                 "{name} requires keys but has no --secret-file: peers cannot copy from it",
@@ -1044,6 +1084,7 @@ class KoboldService(MultiService):
         self.status.stop()
         replicating = self.replicator.stop()
         scrubbing = self.scrubber.stop()
+        yield self.txn_sweeper.stop()
         sweeping = self.orphans.stop()
         for port in self._ports:
             yield port.stopListening()

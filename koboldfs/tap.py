@@ -37,6 +37,8 @@ DEFAULTS = {
     "max_uploads": "64",
     "handshake_timeout": "10",
     "frame_timeout": "30",
+    "pending_timeout": "3600",
+    "prepared_timeout": str(7 * 86400),
 }
 
 
@@ -157,6 +159,20 @@ class Options(usage.Options):
             "PEM file of the CA certificates peers' TLS certificates are checked against:"
             " with it, this server reaches its peers over TLS",
         ],
+        [
+            "pending-timeout",
+            None,
+            None,
+            "seconds after its last request that an open client transaction is aborted and"
+            f" its pending uploads collected [default: {DEFAULTS['pending_timeout']}]",
+        ],
+        [
+            "prepared-timeout",
+            None,
+            None,
+            "seconds a prepared client transaction waits for its commit before it is aborted"
+            f" [default: {DEFAULTS['prepared_timeout']}]",
+        ],
     ]
     optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 
@@ -233,6 +249,8 @@ def _server_config(values: dict[str, str]) -> ServerConfig:
         cluster_secrets=read_secret_file(values["secret_file"])
         if values.get("secret_file")
         else (),
+        pending_timeout=_number(values, "pending_timeout"),
+        prepared_timeout=_number(values, "prepared_timeout"),
     )
 
 

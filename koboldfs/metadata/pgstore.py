@@ -53,6 +53,7 @@ from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
     IMetadataStore,
+    ITransactionStore,
     Listener,
     NamespaceInfo,
     ServerInfo,
@@ -67,6 +68,7 @@ from koboldfs.metadata import (
 )
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
+from koboldfs.metadata.transactions import TransactionsMixin
 
 T = TypeVar("T")
 
@@ -472,8 +474,8 @@ class _Pool(ConnectionPool):  # type: ignore[misc]
         return _connection(reactor, cooperator)
 
 
-@implementer(IMetadataStore)
-class PostgresStore:
+@implementer(IMetadataStore, ITransactionStore)
+class PostgresStore(TransactionsMixin):
     """
     The metadata in PostgreSQL, through a txpostgres pool.  Listeners hear
     of changes made by any store on the database, each change once.
@@ -663,6 +665,12 @@ class PostgresStore:
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self._listeners.subscribe(listener)
+
+    def _runTold(self, notice: Notice, txn: Callable[..., Txn[T]], *args: Any) -> Deferred[T]:
+        """
+        L{TransactionsMixin}'s seam: other stores hear in the transaction.
+        """
+        return self._run(txn, *args, notice=notice)
 
     def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
         """

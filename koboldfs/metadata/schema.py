@@ -68,7 +68,8 @@ files = Table(
     Column("sha256", String(64), nullable=False),
     Column("created", Float, nullable=False),
     Column("path", Text, nullable=False),
-    # live | deleted
+    # live | deleted | pending (uploaded inside a transaction not yet
+    # committed: invisible to readers, see the transactions table)
     Column("state", String(16), nullable=False),
     Column("deleted", Float),
     # Ids are never reused, even after the newest file is purged: the
@@ -125,4 +126,32 @@ servers = Table(
     Column("heartbeat", Float, nullable=False),
     Column("disk_free", BigInteger, nullable=False),
     Column("disk_total", BigInteger, nullable=False),
+)
+
+# Client transactions (docs/transactions.md): what they will publish or
+# delete at commit.  Kept here, not in memory, so that any server can
+# finish a transaction that another server prepared, and collect those that
+# a vanished client left behind.
+transactions = Table(
+    "transactions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("namespace_id", Integer, ForeignKey("namespaces.id"), nullable=False),
+    # open | prepared | committed
+    Column("state", String(16), nullable=False),
+    Column("created", Float, nullable=False),
+    # When the servers may abort it (open, prepared) or forget it (committed).
+    Column("expires", Float, nullable=False),
+)
+Index("transactions_expires", transactions.c.expires)
+
+txn_keys = Table(
+    "txn_keys",
+    metadata,
+    Column("txn_id", String(32), ForeignKey("transactions.id"), primary_key=True),
+    Column("key", KeyText, primary_key=True),
+    # The pending file to publish under the key, or NULL to delete it.
+    Column("file_id", BigId, ForeignKey("files.id")),
+    # The server that vouched for the pending copy at PREPARE, or NULL.
+    Column("voted", String(64)),
 )

@@ -35,6 +35,7 @@ from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
     IMetadataStore,
+    ITransactionStore,
     Listener,
     NamespaceInfo,
     ServerInfo,
@@ -49,6 +50,7 @@ from koboldfs.metadata import (
 )
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import Outcome, Query, Work
+from koboldfs.metadata.transactions import TransactionsMixin
 
 T = TypeVar("T")
 
@@ -132,8 +134,8 @@ def _sqlite_file(url: URL) -> str | None:
     return os.path.abspath(url.database)
 
 
-@implementer(IMetadataStore)
-class SQLAlchemyStore:
+@implementer(IMetadataStore, ITransactionStore)
+class SQLAlchemyStore(TransactionsMixin):
     """
     The metadata in a database reached through SQLAlchemy, from a thread
     pool.  Listeners hear of this process's own changes only.

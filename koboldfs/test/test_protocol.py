@@ -42,6 +42,11 @@ EXAMPLES = [
     Message(Op.STAT, {"ns": "demo", "key": "k"}),
     Message(Op.LIST, {"ns": "demo", "prefix": "a", "after": None, "limit": 10}),
     Message(Op.REPLICA_PUT, {"fid": "ab" * 16, "path": "files/ab/ab/" + "ab" * 16, "size": 3}),
+    Message(Op.BEGIN, {"ns": "demo"}),
+    Message(Op.PUT, {"ns": "demo", "key": "k", "size": 1, "txn": "0" * 32}),
+    Message(Op.PREPARE, {"txn": "0" * 32, "record": True}),
+    Message(Op.COMMIT, {"txn": "0" * 32, "prepared": False}),
+    Message(Op.ABORT, {"txn": "0" * 32}),
     Data(b""),
     Data(bytes(range(256)) * 10),
     Message(Op.END, {"sha256": SHA}),
@@ -120,7 +125,7 @@ class DecoderErrorTests(SynchronousTestCase):
         """
         An opcode outside the table, such as a reserved one, is refused.
         """
-        self.assertRefused(raw(0x20, b"{}"), ErrorCode.UNKNOWN_OPCODE)
+        self.assertRefused(raw(0x2F, b"{}"), ErrorCode.UNKNOWN_OPCODE)
 
     def test_not_json(self) -> None:
         """

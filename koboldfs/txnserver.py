@@ -1,0 +1,274 @@
+"""
+The server's side of client transactions (docs/transactions.md).
+
+L{TransactionHandler} answers BEGIN, PREPARE, COMMIT and ABORT and the
+transactional forms of PUT, GET, STAT and DELETE (those with a C{txn}
+field), for L{koboldfs.service.ServerProtocol}.  Everything it knows of a
+transaction is in the metadata (L{koboldfs.metadata.transactions}), never
+in memory: any server can prepare, commit or abort any transaction, and a
+server that dies loses nothing.  L{TransactionSweeper} aborts the
+transactions of clients that went silent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from koboldfs.errors import ErrorCode, KoboldError, NotFound, TransactionError
+from koboldfs.interfaces import FileInfo
+from koboldfs.names import check_key, check_namespace
+from koboldfs.protocol import Message, Op
+from koboldfs.storage import relpath_for
+
+if TYPE_CHECKING:
+    from koboldfs.service import Node, PendingPut
+
+log = Logger()
+
+#: Most transactions one sweep aborts; the next sweep takes the rest.
+SWEEP_BATCH = 100
+
+
+class TransactionHandler:
+    """
+    One server's answers to transaction requests; methods raise
+    L{KoboldError}s, which become ERROR frames.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @property
+    def pending_timeout(self) -> float:
+        return self.node.config.pending_timeout
+
+    @property
+    def prepared_timeout(self) -> float:
+        return self.node.config.prepared_timeout
+
+    def _now(self) -> float:
+        return float(self.node.clock.seconds())
+
+    async def handle(self, msg: Message) -> dict[str, Any]:
+        """
+        Answer BEGIN, PREPARE, COMMIT or ABORT: the fields of the OK reply.
+        """
+        if msg.op is Op.BEGIN:
+            return await self.begin(msg["ns"])
+        if msg.op is Op.PREPARE:
+            return await self.prepare(_txn_id(msg), bool(msg.get("record")))
+        if msg.op is Op.COMMIT:
+            return await self.commit(_txn_id(msg), bool(msg.get("prepared")))
+        if msg.op is Op.ABORT:
+            return await self.abort(_txn_id(msg))
+        raise AssertionError(f"not a transaction request: {msg.op.name}")
+
+    async def begin(self, ns: str) -> dict[str, Any]:
+        txn = uuid.uuid4().hex
+        expires = self._now() + self.pending_timeout
+        await self.node.store.begin_txn(txn, check_namespace(ns), self._now(), expires)
+        return {"txn": txn, "timeout": self.pending_timeout}
+
+    async def lookup(self, ns: str, key: str, txn: str) -> FileInfo:
+        """
+        C{key} as transaction C{txn} sees it: its own pending upload, or
+        not found if it deleted it, else the live version.
+        """
+        info = await self.node.store.txn_lookup(txn, check_namespace(ns), check_key(key))
+        if info is None:
+            raise NotFound(ErrorCode.NOT_FOUND, f"no key {key!r} in namespace {ns!r}")
+        return info
+
+    async def delete(self, ns: str, key: str, txn: str) -> None:
+        now = self._now()
+        found, discarded = await self.node.store.txn_delete(
+            txn, check_namespace(ns), check_key(key), now, now + self.pending_timeout
+        )
+        await self.reclaim(discarded)
+        if not found:
+            raise NotFound(ErrorCode.NOT_FOUND, f"no key {key!r} in namespace {ns!r}")
+
+    async def finish_upload(self, put: PendingPut, txn: str, sha256: str | None) -> FileInfo:
+        """
+        Make an upload durable (as L{Node.finish_upload}), then record it
+        as a pending file of C{txn}: stored, checksummed, and invisible to
+        every reader but the transaction until it commits.
+        """
+        node = self.node
+        try:
+            namespace = await node.store.namespace(put.ns)
+            if namespace is not None and namespace.private:
+                put.path = relpath_for(put.fid, put.key, private=namespace.name)
+        except BaseException:
+            await put.upload.abort()
+            raise
+        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        now = self._now()
+        try:
+            info, discarded = await node.store.txn_put(
+                txn,
+                put.ns,
+                put.key,
+                put.fid,
+                put.path,
+                size,
+                digest,
+                now,
+                node.name,
+                now + self.pending_timeout,
+            )
+        except TransactionError:
+            await node.storage.remove(put.path)
+            raise
+        except Exception as error:
+            # As for a plain put: the record may have been committed with
+            # only its answer lost.  Keep the bytes unless sure it was not;
+            # if it was and the transaction dies, they are reclaimed.
+            try:
+                recorded = await node.store.txn_lookup(txn, put.ns, put.key)
+            except TransactionError:
+                await node.storage.remove(put.path)
+                raise error from None
+            except Exception:
+                raise error from None
+            if recorded is not None and recorded.fid == put.fid:
+                return recorded
+            await node.storage.remove(put.path)
+            raise
+        await self.reclaim(discarded)
+        return info
+
+    async def prepare(self, txn: str, record: bool) -> dict[str, Any]:
+        """
+        Vouch for this server's pending copies of C{txn}: each is on disk
+        whole.  With C{record}, the vote is stored in the metadata, and the
+        transaction is prepared once every pending file has one.
+        """
+        node = self.node
+        now = self._now()
+        state, pending = await node.store.txn_pending(txn, now)
+        if state == "committed":
+            return {"state": state, "remaining": 0}
+        mine = [info for info, _ in pending if node.name in info.replicas]
+        for info in mine:
+            await self._check_copy(txn, info)
+        if not record:
+            others = [info for info, _ in pending if node.name not in info.replicas]
+            return {"state": state, "remaining": len(others)}
+        vote = await node.store.txn_vote(
+            txn, node.name, [info.id for info in mine], now, now + self.prepared_timeout
+        )
+        return {"state": vote.state, "remaining": vote.remaining}
+
+    async def _check_copy(self, txn: str, info: FileInfo) -> None:
+        reader = self.node.storage.open_read(info.path)
+        try:
+            size = await reader.open()
+        except NotFound:
+            size = None
+        finally:
+            await defer.maybeDeferred(reader.close)
+        if size != info.size:
+            raise TransactionError(
+                ErrorCode.TXN_STATE,
+                f"transaction {txn}: the pending copy of {info.key!r} on {self.node.name} is "
+                + ("missing" if size is None else f"{size} bytes, not {info.size}"),
+            )
+
+    async def commit(self, txn: str, prepared: bool) -> dict[str, Any]:
+        now = self._now()
+        done = await self.node.store.txn_commit(txn, now, now + self.prepared_timeout, prepared)
+        return {"published": len(done.published), "already": done.already}
+
+    async def abort(self, txn: str) -> dict[str, Any]:
+        discarded = await self.node.store.txn_abort(txn, self._now())
+        await self.reclaim(discarded)
+        return {"discarded": len(discarded)}
+
+    async def reclaim(self, discarded: list[FileInfo]) -> None:
+        """
+        Remove our copies of discarded pending files and forget them now;
+        other servers' copies go with their replicators' next pass.  A
+        failure is logged: the replicator reclaims what is left.
+        """
+        node = self.node
+        for info in discarded:
+            if node.name not in info.replicas:
+                continue
+            try:
+                await node.storage.remove(info.path)
+                await node.store.remove_replica(info.id, node.name)
+                await node.store.purge_file(info.id)
+            except Exception as e:
+                log.warn(
+                    "reclaiming discarded {key!r} on {name} failed: {error}",
+                    key=info.key,
+                    name=node.name,
+                    error=e,
+                )
+
+    async def sweep(self) -> int:
+        """
+        Abort the transactions whose clients went silent; return how many
+        pending files went with them.
+        """
+        discarded = await self.node.store.expire_txns(self._now(), SWEEP_BATCH)
+        await self.reclaim(discarded)
+        if discarded:
+            log.info(
+                "{name} collected {n} pending files of expired transactions",
+                name=self.node.name,
+                n=len(discarded),
+            )
+        return len(discarded)
+
+
+def _txn_id(msg: Message) -> str:
+    txn = msg["txn"]
+    if not (len(txn) == 32 and all(c in "0123456789abcdef" for c in txn)):
+        raise TransactionError(ErrorCode.BAD_REQUEST, f"{txn!r} is not a transaction id")
+    return txn  # type: ignore[no-any-return]
+
+
+class TransactionSweeper:
+    """
+    Runs L{TransactionHandler.sweep} every C{interval} seconds, logging
+    its errors (a raise would stop the loop for good).
+    """
+
+    def __init__(self, handler: TransactionHandler, clock: Any, interval: float) -> None:
+        self._handler = handler
+        self._loop = LoopingCall(lambda: defer.ensureDeferred(self._sweep()))
+        self._loop.clock = clock
+        self._interval = interval
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> defer.Deferred[Any]:
+        if not self._loop.running:
+            return defer.succeed(None)
+        d = self._loop.deferred
+        self._loop.stop()
+        return d  # type: ignore[no-any-return]
+
+    async def _sweep(self) -> None:
+        try:
+            await self._handler.sweep()
+        except KoboldError as e:
+            log.warn("collecting expired transactions failed: {error}", error=e)
+        except Exception:
+            log.failure("collecting expired transactions failed")
+
+
+def sweep_interval(pending_timeout: float) -> float:
+    """
+    How often to look for expired transactions: a quarter of the timeout,
+    so a vanished client's files go within 1.25 timeouts, at most a minute.
+    """
+    return max(0.25, min(pending_timeout / 4, 60.0))
