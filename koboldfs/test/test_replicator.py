@@ -17,6 +17,7 @@ from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.replicator import (
     DEFER_INTERVALS,
     RESCAN,
+    SCRUB_FILE_COST,
     Decision,
     Replicator,
     Scrubber,
@@ -528,6 +529,21 @@ class ScrubberTests(SynchronousTestCase):
         self.assertEqual((scrubber.files_checked, scrubber.rounds, scrubber.bad), (1, 1, 0))
         self.cluster.reactor.advance(INTERVAL)
         self.assertEqual(scrubber.bytes_checked, 4 * CHUNK_SIZE + 1)
+
+    def test_smallFilesPace(self) -> None:
+        """
+        A small file counts as L{SCRUB_FILE_COST} bytes against the rate,
+        so a store of tiny files is not scrubbed thousands a second.
+        """
+        for i in range(3):
+            self.put(f"k{i}", b"x")
+        scrubber = self.scrubber("a", SCRUB_FILE_COST)
+        checked = []
+        for _ in range(250):
+            self.cluster.reactor.advance(0.01)
+            checked.append(scrubber.files_checked)
+        # One file a second: the first at once, the others a second apart.
+        self.assertEqual((checked[49], checked[149], checked[249]), (1, 2, 3))
 
     def test_smallRate(self) -> None:
         """
