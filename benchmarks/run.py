@@ -710,6 +710,21 @@ def background_worker(kind: str, spec: dict[str, Any]) -> Iterator[int]:
 # -- the run -------------------------------------------------------------------------
 
 
+def drop_large_files(base: str, least: int = MIB) -> None:
+    """
+    Delete the files of C{least} bytes or more under C{base}, to free the
+    disk between setups.  The many small ones wait for the end of the run:
+    after a mass delete, ext4 creates files several times slower for
+    minutes (shared/STACK.md), which would slow the next setup's puts.
+    """
+    for root, _dirs, names in os.walk(base):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_size >= least:
+                    os.unlink(path)
+
+
 @dataclass
 class Figure:
     """
@@ -857,7 +872,7 @@ class Bench:
             for s in servers:
                 s.stop_blocking()
             self.dbs.drop(url)
-            shutil.rmtree(base, ignore_errors=True)
+            drop_large_files(base)
 
     def phase(
         self,
@@ -1196,6 +1211,32 @@ def reexec_under_postgres(args: argparse.Namespace) -> None:
     os.execve(bash, [bash, script, sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
+def report(bench: Bench, args: argparse.Namespace, started: float) -> None:
+    """
+    Print the table and the JSON lines, and write C{--out}.
+    """
+    figs = figures(bench)
+    print(table(figs), flush=True)
+    for fig in figs:
+        line = {k: v for k, v in asdict(fig).items() if v is not None and k != "samples"}
+        print(json.dumps(line))
+    out = {
+        "machine": machine(),
+        "seconds": time.monotonic() - started,
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "workloads": {k: asdict(v) for k, v in bench.workloads.items() if k in args.only},
+        "notes": bench.notes,
+        "figures": [asdict(f) for f in figs],
+    }
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(
+        f"run.py: {len(figs)} figures in {out['seconds']:.0f} s, written to {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.worker:
@@ -1213,27 +1254,11 @@ def main(argv: list[str]) -> int:
             bench.setup(setup)
         if args.huge:
             bench.huge()
+        report(bench, args, started)
     finally:
+        # Last: deleting tens of thousands of files takes minutes here.
         bench.close()
     figs = figures(bench)
-    print(table(figs))
-    for fig in figs:
-        line = {k: v for k, v in asdict(fig).items() if v is not None and k != "samples"}
-        print(json.dumps(line))
-    report = {
-        "machine": machine(),
-        "seconds": time.monotonic() - started,
-        "args": {k: v for k, v in vars(args).items() if k != "worker"},
-        "workloads": {k: asdict(v) for k, v in bench.workloads.items() if k in args.only},
-        "notes": bench.notes,
-        "figures": [asdict(f) for f in figs],
-    }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(
-        f"run.py: {len(figs)} figures in {report['seconds']:.0f} s, written to {args.out}",
-        file=sys.stderr,
-    )
     if args.smoke:
         problems = smoke_problems(figs, args)
         for problem in problems:
