@@ -213,6 +213,9 @@ class Replicator:
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = clock
         self._cursor = 0
+        #: The lowest cursor a notification asked for since the page being
+        #: copied was read: the cursor must not move past it.
+        self._heardBelow: float = float("inf")
         self._rescanAt = clock.seconds() + RESCAN
         self.retries: dict[int, Retry] = {}
         self._busy = False
@@ -287,6 +290,7 @@ class Replicator:
         """
         if event == FILE_ADDED and isinstance(payload.get("id"), int):
             self._cursor = min(self._cursor, payload["id"] - 1)
+            self._heardBelow = min(self._heardBelow, payload["id"] - 1)
         elif event == SERVER_CHANGED:
             now = self._clock.seconds()
             for retry in self.retries.values():
@@ -397,6 +401,9 @@ class Replicator:
             else:
                 # Copied, deleted or purged since.
                 del self.retries[file_id]
+        # A file heard of from here on may have committed after the page
+        # was read, even with an id inside it.
+        self._heardBelow = float("inf")
         page = await node.store.missing_replicas(me, self._cursor, self._batch)
         for info in page:
             if info.id in self.retries:
@@ -412,6 +419,10 @@ class Replicator:
         )
         if page:
             self._cursor = max(self._cursor, page[-1].id)
+        if self._heardBelow < self._cursor:
+            # Heard of during this pass: the page may not have had it.
+            self._cursor = int(self._heardBelow)
+            self._again = True
         if len(page) == self._batch or len(due) > self._batch:
             self._again = True
         return sum(results)
