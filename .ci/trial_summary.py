@@ -8,7 +8,9 @@ optionally followed by counts in any order, e.g.
 "FAILED (skips=1, failures=2, errors=1, successes=40)".
 passed = successes; failed = failures + errors + unexpectedSuccesses.
 
-Usage: python3 .ci/trial_summary.py LOGFILE
+Usage: python3 .ci/trial_summary.py LOGFILE [passed|failed ...]
+Each extra word counts one more check run outside trial (.ci/run's
+benchmark smoke run) as passed or failed.
 Exit status: 0 when the summary was read and at least one test ran,
 1 when no test ran, 2 when there was no summary to read, 3 when some
 failed.
@@ -71,6 +73,9 @@ def main(argv):
         print("trial_summary: no trial summary found in " + argv[1], file=sys.stderr)
         return 2
     ran, counts = parsed
+    for extra in argv[2:]:
+        name = "successes" if extra == "passed" else "failures"
+        counts[name] = counts.get(name, 0) + 1
     line, failed = summary(counts)
     print(line)
     if ran == 0:

@@ -52,7 +52,16 @@ from koboldfs.errors import (
     error_for_code,
 )
 from koboldfs.names import check_key, check_namespace
-from koboldfs.protocol import CHUNK_SIZE, VERSION, Data, Frame, FrameProtocol, Message, Op
+from koboldfs.protocol import (
+    CHUNK_SIZE,
+    VERSION,
+    Data,
+    Frame,
+    FrameProtocol,
+    Message,
+    Op,
+    encode_data,
+)
 
 T = TypeVar("T")
 log = Logger()
@@ -195,6 +204,13 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
     def send_chunk(self, chunk: bytes) -> None:
         self.resetTimeout()
         self.sendData(chunk)
+
+    def send_frame(self, frame: bytes) -> None:
+        """
+        Send a DATA frame built by L{encode_data}.
+        """
+        self.resetTimeout()
+        self.sendFrame(frame)
 
     def end_put(self, sha256: str | None, abort: bool = False) -> None:
         fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
@@ -427,7 +443,8 @@ class _Source:
     A put's body, read in chunks and hashed as it is read.
 
     Reads of files happen in the thread pool, and the hash of each chunk is
-    computed in the same trip, so neither blocks the reactor.
+    computed and its DATA frame built in the same trip, so none of it holds
+    up the reactor.
     """
 
     size: int | None = None
@@ -440,7 +457,11 @@ class _Source:
     def _inThread(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
-    async def read(self, n: int) -> bytes:
+    def read_frame(self, n: int) -> defer.Deferred[bytes]:
+        """
+        The next chunk of at most C{n} bytes as an encoded DATA frame, or
+        C{b""} at the end.
+        """
         raise NotImplementedError
 
     def rewind(self) -> bool:
@@ -453,6 +474,11 @@ class _Source:
         pass
 
 
+def _thdHashFrame(hasher: Any, chunk: Any) -> bytes:
+    hasher.update(chunk)
+    return encode_data(chunk)
+
+
 class _BytesSource(_Source):
     def __init__(self, reactor: Any, threadpool: Any, data: bytes) -> None:
         super().__init__(reactor, threadpool)
@@ -460,14 +486,14 @@ class _BytesSource(_Source):
         self.size = len(self._data)
         self._offset = 0
 
-    async def read(self, n: int) -> bytes:
-        chunk = bytes(self._data[self._offset : self._offset + n])
+    def read_frame(self, n: int) -> defer.Deferred[bytes]:
+        chunk = self._data[self._offset : self._offset + n]
         self._offset += len(chunk)
+        if not chunk:
+            return defer.succeed(b"")
         if len(chunk) >= INLINE_HASH:
-            await self._inThread(self.sha256.update, chunk)
-        else:
-            self.sha256.update(chunk)
-        return chunk
+            return self._inThread(_thdHashFrame, self.sha256, chunk)
+        return defer.succeed(_thdHashFrame(self.sha256, chunk))
 
     def rewind(self) -> bool:
         self._offset = 0
@@ -475,12 +501,13 @@ class _BytesSource(_Source):
         return True
 
 
-def _thdReadHash(f: Any, hasher: Any, n: int) -> bytes:
+def _thdReadHashFrame(f: Any, hasher: Any, n: int) -> bytes:
     chunk = f.read(n)
     if not isinstance(chunk, bytes):
         raise TypeError(f"source file returned {type(chunk).__name__}, not bytes")
-    hasher.update(chunk)
-    return chunk
+    if not chunk:
+        return b""
+    return _thdHashFrame(hasher, chunk)
 
 
 class _FileSource(_Source):
@@ -502,8 +529,8 @@ class _FileSource(_Source):
             except (AttributeError, OSError, io.UnsupportedOperation):
                 self.size = None
 
-    async def read(self, n: int) -> bytes:
-        return await self._inThread(_thdReadHash, self._file, self.sha256, n)
+    def read_frame(self, n: int) -> defer.Deferred[bytes]:
+        return self._inThread(_thdReadHashFrame, self._file, self.sha256, n)
 
     def rewind(self) -> bool:
         if self._start is None:
@@ -829,12 +856,16 @@ class DeferredClient:
         reply = conn.begin_put(fields)
         early: list[Any] = []
         reply.addBoth(lambda r: early.append(r) or r)
+        # The next chunk is read and hashed while this one is sent.
+        reading: defer.Deferred[bytes] | None = body.read_frame(CHUNK_SIZE)
         try:
             while not early:
-                chunk = await body.read(CHUNK_SIZE)
-                if not chunk:
+                assert reading is not None
+                frame, reading = await reading, None
+                if not frame:
                     break
-                conn.send_chunk(chunk)
+                reading = body.read_frame(CHUNK_SIZE)
+                conn.send_frame(frame)
                 await conn.flow.wait()
         except ConnectionFailed:
             pass  # the reply Deferred carries the reason
@@ -842,7 +873,10 @@ class DeferredClient:
             if not conn.closing:
                 conn.end_put(None, abort=True)
             reply.addErrback(lambda _: None)
+            await _settle(reading)
             raise
+        # Nothing may read the source once we return (a retry rewinds it).
+        await _settle(reading)
         if not conn.closing:
             if early:
                 conn.end_put(None, abort=True)
@@ -954,6 +988,18 @@ class DeferredClient:
                 return result
         code = last.code if last is not None else ErrorCode.UNAVAILABLE
         raise Unavailable(code, f"{what} failed on every server: " + "; ".join(errors[-6:]))
+
+
+async def _settle(d: defer.Deferred[Any] | None) -> None:
+    """
+    Wait for C{d}, whatever its outcome: it is no longer wanted, but what
+    it does must be over.
+    """
+    if d is not None:
+        try:
+            await d
+        except Exception:
+            pass
 
 
 class _Final(Exception):

@@ -41,6 +41,11 @@ MAX_PAYLOAD = 4 * 1024 * 1024
 #: Size of the DATA frames that senders cut bodies into.
 CHUNK_SIZE = 1024 * 1024
 
+#: How much a connection reads from its socket at once (Twisted's default
+#: is 64 KiB): fewer, larger reads for bodies.  It is also the send buffer
+#: size over which Twisted pauses a producer.
+SOCKET_BUFFER = 256 * 1024
+
 #: Largest integer field accepted (sizes, offsets): 2**63 - 1, no 4 GiB limit.
 MAX_INT = 2**63 - 1
 
@@ -226,7 +231,11 @@ def encode_data_header(length: int) -> bytes:
 
 
 def encode_data(payload: bytes) -> bytes:
-    return encode_data_header(len(payload)) + payload
+    """
+    A whole DATA frame.  One copy, made with the GIL released when it is
+    large, so a worker thread can build frames while the reactor runs.
+    """
+    return b"".join((encode_data_header(len(payload)), payload))
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
@@ -246,6 +255,10 @@ class FrameDecoder:
     """
     Turns a byte stream into frames, holding at most one frame's bytes.
 
+    A payload is gathered as views of the pieces it arrived in and joined
+    once, when complete: a 1 MiB DATA frame that arrives in 64 KiB reads
+    is copied once, not once per read.
+
     After it raises L{ProtocolError} the decoder is poisoned: the stream has
     lost its framing and every later call raises the same error, so the
     owner must send an ERROR frame and close the connection.
@@ -253,7 +266,10 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD):
         self.max_payload = max_payload
-        self._buffer = bytearray()
+        self._head = bytearray()  # a header that arrived in pieces
+        self._op: Op | None = None  # the frame whose payload is arriving
+        self._need = 0  # payload bytes still to come
+        self._parts: list[memoryview] = []
         self._failure: ProtocolError | None = None
 
     @property
@@ -261,7 +277,7 @@ class FrameDecoder:
         """
         Bytes held that do not yet make a whole frame.
         """
-        return len(self._buffer)
+        return len(self._head) + sum(len(p) for p in self._parts)
 
     def feed(self, data: bytes) -> list[Frame]:
         """
@@ -269,35 +285,55 @@ class FrameDecoder:
         """
         if self._failure is not None:
             raise self._failure
-        buf = self._buffer
-        buf += data
+        if type(data) is not bytes:
+            # Views of it are kept: it must not change under them.
+            data = bytes(data)
+        view = memoryview(data)
         frames: list[Frame] = []
-        start = 0
         try:
-            while len(buf) - start >= HEADER.size:
-                length, opcode = HEADER.unpack_from(buf, start)
-                if length > self.max_payload:
-                    raise ProtocolError(
-                        f"frame of {length} bytes exceeds the limit of {self.max_payload}"
-                    )
-                try:
-                    op = Op(opcode)
-                except ValueError:
-                    raise ProtocolError(
-                        f"unknown opcode 0x{opcode:02x}", ErrorCode.UNKNOWN_OPCODE
-                    ) from None
-                end = start + HEADER.size + length
-                if len(buf) < end:
-                    break
-                payload = bytes(buf[start + HEADER.size : end])
-                start = end
-                frames.append(self._frame(op, payload))
+            while True:
+                if self._op is None:
+                    if not view:
+                        break
+                    if not self._head and len(view) >= HEADER.size:
+                        length, opcode = HEADER.unpack_from(view)
+                        view = view[HEADER.size :]
+                    else:
+                        take = HEADER.size - len(self._head)
+                        self._head += view[:take]
+                        view = view[take:]
+                        if len(self._head) < HEADER.size:
+                            break
+                        length, opcode = HEADER.unpack(self._head)
+                        self._head = bytearray()
+                    self._op, self._need = self._check_header(length, opcode), length
+                if self._need:
+                    if not view:
+                        break
+                    piece = view[: self._need]
+                    view = view[len(piece) :]
+                    self._parts.append(piece)
+                    self._need -= len(piece)
+                    if self._need:
+                        break
+                op, parts = self._op, self._parts
+                self._op, self._parts = None, []
+                frames.append(self._frame(op, b"".join(parts)))
         except ProtocolError as e:
             self._failure = e
-            self._buffer = bytearray()
+            self._head, self._parts, self._op, self._need = bytearray(), [], None, 0
             raise
-        del buf[:start]
         return frames
+
+    def _check_header(self, length: int, opcode: int) -> Op:
+        if length > self.max_payload:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+        try:
+            return Op(opcode)
+        except ValueError:
+            raise ProtocolError(
+                f"unknown opcode 0x{opcode:02x}", ErrorCode.UNKNOWN_OPCODE
+            ) from None
 
     @staticmethod
     def _frame(op: Op, payload: bytes) -> Frame:
@@ -382,6 +418,8 @@ class FrameProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = SOCKET_BUFFER
         self._decoder = FrameDecoder(self.max_payload)
         self.flow = WriteFlow()
         self.transport.registerProducer(self.flow, True)
@@ -429,3 +467,10 @@ class FrameProtocol(Protocol):
 
     def sendData(self, chunk: bytes) -> None:
         self.transport.writeSequence([encode_data_header(len(chunk)), chunk])
+
+    def sendFrame(self, frame: bytes) -> None:
+        """
+        Write a frame already encoded (by L{encode_data} in a worker
+        thread): the reactor thread then copies nothing.
+        """
+        self.transport.write(frame)

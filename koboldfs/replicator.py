@@ -431,8 +431,10 @@ class Replicator:
         cursor = max(self._cursor, page[-1].id) if page else self._cursor
         if len(page) < self._batch:
             cursor = max(cursor, high)
-        if self._heardBelow is not None:
-            cursor = min(cursor, self._heardBelow)
+        if self._heardBelow is not None and self._heardBelow < cursor:
+            # Heard of during this pass: the page may not have had it.
+            cursor = self._heardBelow
+            self._again = True
         self._cursor = cursor
         if len(page) == self._batch or len(due) > self._batch:
             self._again = True
@@ -542,6 +544,10 @@ class Replicator:
             raise
 
 
+#: The least a scrubbed file counts for against the scrub's rate.
+SCRUB_FILE_COST = 64 * 1024
+
+
 class Scrubber:
     """
     One server's background scrub: re-reads every copy it holds, by file
@@ -649,6 +655,11 @@ class Scrubber:
                 return
             await self._check(info)
             self.cursor = info.id
+            # A file costs a lookup and an open whatever its size: count a
+            # small one as SCRUB_FILE_COST bytes, or a store of 4 KiB files
+            # would be scrubbed at thousands of files a second.
+            if info.size < SCRUB_FILE_COST and not self._stopping:
+                await self._sleep((SCRUB_FILE_COST - info.size) / self.rate)
 
     async def _check(self, info: FileInfo) -> None:
         """

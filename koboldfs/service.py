@@ -61,6 +61,8 @@ from koboldfs.protocol import (
     FrameProtocol,
     Message,
     Op,
+    encode_data,
+    encode_message,
 )
 from koboldfs.orphans import OrphanSweeper
 from koboldfs.replicator import Replicator, Scrubber
@@ -742,6 +744,8 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         Stream our copy, verifying it as it is read.  False when it turned
         out to be missing or bad before anything was sent.
         """
+        if info.size <= CHUNK_SIZE:
+            return await self._send_small(info)
         reader = self.node.storage.open_read(info.path, expect_sha256=info.sha256)
         try:
             try:
@@ -753,20 +757,58 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 await self.node.replica_failed(info, f"{size} bytes on disk, not {info.size}")
                 return False
             self.sendMessage(Op.FILE, {"size": info.size, "sha256": info.sha256})
+            # Each chunk is read, hashed and framed in a thread while the
+            # one before it is sent.
+            reading: defer.Deferred[bytes] | None = reader.read(CHUNK_SIZE, encode_data)
             try:
                 while True:
-                    chunk = await reader.read(CHUNK_SIZE)
-                    if not chunk:
+                    assert reading is not None
+                    frame, reading = await reading, None
+                    if not frame:
                         break
-                    self.sendData(chunk)
+                    reading = reader.read(CHUNK_SIZE, encode_data)
+                    self.sendFrame(frame)
                     await self.flow.wait()
             except ServerError as e:
                 if e.code is ErrorCode.CORRUPT:
                     await self.node.replica_failed(info, str(e))
                 raise
+            finally:
+                if reading is not None:
+                    reading.addErrback(lambda _: None)
         finally:
             await defer.maybeDeferred(reader.close)
         self.sendMessage(Op.END, {"sha256": info.sha256})
+        self._idle()
+        return True
+
+    async def _send_small(self, info: FileInfo) -> bool:
+        """
+        L{_send_local} for a file of one chunk: one thread job reads it
+        whole, and one write sends the answer.
+        """
+        reader = self.node.storage.open_read(
+            info.path, expect_sha256=info.sha256, expect_size=info.size
+        )
+        try:
+            size, data = await reader.read_whole(CHUNK_SIZE)
+        except NotFound:
+            await self.node.replica_failed(info, "missing from disk")
+            return False
+        except ServerError as e:
+            if e.code is ErrorCode.CORRUPT:
+                await self.node.replica_failed(info, str(e))
+            raise
+        if data is None or size != info.size:
+            await self.node.replica_failed(info, f"{size} bytes on disk, not {info.size}")
+            return False
+        meta = {"size": info.size, "sha256": info.sha256}
+        frames = [encode_message(Op.FILE, meta)]
+        if data:
+            frames.append(encode_data(data))
+        frames.append(encode_message(Op.END, {"sha256": info.sha256}))
+        self.transport.write(b"".join(frames))
+        self._track.sent(len(data))
         self._idle()
         return True
 

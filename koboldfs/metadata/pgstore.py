@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from itertools import zip_longest
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import psycopg2
 import psycopg2.extras
@@ -29,7 +28,6 @@ from psycopg2.extensions import Notify, make_dsn, parse_dsn
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.compiler import SQLCompiler
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
@@ -67,6 +65,7 @@ from koboldfs.metadata import (
     queries,
 )
 from koboldfs.metadata.health import Health
+from koboldfs.metadata.compiled import Shape, shape_for
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
 from koboldfs.metadata.transactions import TransactionsMixin
 
@@ -169,96 +168,8 @@ def hide_password(url: str) -> str:
     return f"{scheme}{sep}{userinfo}{at}{hosts}{path}{mark}{'&'.join(hidden)}"
 
 
-class _Shape:
-    """
-    A statement compiled for psycopg2, with what running it again needs:
-    compiling costs more than the round trip to PostgreSQL, and queries are
-    built once (L{queries}), so each is compiled once.
-    """
-
-    def __init__(self, statement: Executable) -> None:
-        compiled = statement.compile(dialect=_DIALECT)
-        self.sql: str = compiled.string
-        #: The values of parameters fixed in the statement.
-        self.constants: dict[str, Any] = {}
-        self.processors: dict[str, Callable[[Any], Any]] = {}
-        self.escaped: Mapping[str, str] = {}
-        # DDL has no parameters, but is run with a dict all the same: then
-        # psycopg2 takes the "%%" it compiles to for "%", as in the rest.
-        if isinstance(compiled, SQLCompiler):
-            if compiled.post_compile_params or compiled.literal_execute_params:
-                raise TypeError(f"expanding parameters are not supported: {self.sql}")
-            self.constants = {
-                name: bind.effective_value
-                for bind, name in compiled.bind_names.items()
-                if not bind.required
-            }
-            # Columns given no value take their Python-side default, which
-            # SQLAlchemy's execution would fill in at each run.
-            prefetch = [(column, column.default) for column in compiled.insert_prefetch]
-            prefetch += [(column, column.onupdate) for column in compiled.update_prefetch]
-            for column, default in prefetch:
-                if not (default is not None and default.is_scalar):
-                    raise TypeError(f"only constant Python-side defaults are supported: {column}")
-                self.constants[column.key] = default.arg
-            self.processors = dict(compiled._bind_processors)
-            self.escaped = compiled.escaped_bind_names
-        self._columns = getattr(statement, "exported_columns", ())
-        #: Each result column's processor, found at the first result.
-        self._results: list[Callable[[Any], Any] | None] | None = None
-
-    def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """
-        The parameters psycopg2 runs this statement with, given C{values},
-        converted by their types' bind processors as SQLAlchemy would.
-        """
-        params = {**self.constants, **values}
-        for name, process in self.processors.items():
-            params[name] = process(params[name])
-        if self.escaped:
-            params = {self.escaped.get(name, name): value for name, value in params.items()}
-        return params
-
-    def rows(self, cursor: Cursor) -> list[tuple]:
-        """
-        The rows C{cursor} fetched for this statement as tuples, each value
-        converted by its column type's result processor, as SQLAlchemy does
-        (psycopg2 gives most types as they are).
-        """
-        if cursor.description is None:
-            return []
-        rows = cursor.fetchall()
-        if self._results is None:
-            processors = [
-                column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, described.type_code)
-                for column, described in zip(self._columns, cursor.description, strict=False)
-            ]
-            self._results = processors if any(processors) else []
-        if not self._results:
-            return rows  # type: ignore[no-any-return]
-        return [
-            tuple(
-                value if process is None else process(value)
-                for process, value in zip_longest(self._results, row)
-            )
-            for row in rows
-        ]
-
-
-#: Statements compiled, by identity.  Queries are built once, so this
-#: holds a few dozen; the bound only guards against one built per call.
-_SHAPES: dict[Executable, _Shape] = {}
-_SHAPES_MAX = 500
-
-
-def _shape(statement: Executable) -> _Shape:
-    shape = _SHAPES.get(statement)
-    if shape is None:
-        shape = _Shape(statement)
-        if len(_SHAPES) >= _SHAPES_MAX:
-            _SHAPES.clear()
-        _SHAPES[statement] = shape
-    return shape
+def _shape(statement: Executable) -> Shape:
+    return shape_for(statement, _DIALECT)
 
 
 def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
@@ -269,7 +180,7 @@ def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
     """
     done: Deferred[T] = Deferred()
 
-    def step(_: object, shape: _Shape | None) -> None:
+    def step(_: object, shape: Shape | None) -> None:
         try:
             if shape is None:
                 query = next(txn)

@@ -230,6 +230,12 @@ _LOOKUP_FILE = select(*_LOOKUP_COLUMNS).where(*_LIVE_KEY)
 _GOOD_REPLICAS = select(replicas.c.server).where(
     replicas.c.file_id == bindparam("b_file_id"), replicas.c.state == "ok"
 )
+_LOOKUP_KEY = (
+    select(*_LOOKUP_COLUMNS, replicas.c.server)
+    .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
+    .outerjoin(replicas, (replicas.c.file_id == files.c.id) & (replicas.c.state == "ok"))
+    .where(namespaces.c.name == bindparam("b_namespace"), files.c.key == bindparam("b_key"), _LIVE)
+)
 _SERVER_NAMED = servers.c.name == bindparam("b_name")
 _SERVER_STATE = select(servers.c.state).where(_SERVER_NAMED)
 _UPDATE_SERVER = (
@@ -457,23 +463,18 @@ def known_fids(fids: tuple[str, ...]) -> Txn[set[str]]:
 def lookup(namespace: str, key: str) -> Txn[FileInfo | None]:
     """
     The live version of C{key} with the servers holding a good copy, or
-    None.
+    None.  One query (a row per good copy): every get and stat asks this,
+    and on PostgreSQL each query is a round trip.
     """
-    ns = yield from get_namespace(namespace)
-    if ns is None:
-        return None
-    out = yield Query(_LOOKUP_FILE, {"b_namespace_id": ns.id, "b_key": key})
+    out = yield Query(_LOOKUP_KEY, {"b_namespace": namespace, "b_key": key})
     if not out.rows:
         return None
-    row = dict(zip((column.key for column in _LOOKUP_COLUMNS), out.rows[0], strict=True))
-    held = yield Query(_GOOD_REPLICAS, {"b_file_id": row["id"]})
+    width = len(_LOOKUP_COLUMNS)
+    row = dict(zip((column.key for column in _LOOKUP_COLUMNS), out.rows[0][:width], strict=True))
     # Sorted here, not by the database, whose collation of server names
     # may differ between backends.
-    return FileInfo(
-        namespace=namespace,
-        replicas=tuple(sorted(server for (server,) in held.rows)),
-        **row,
-    )
+    held = sorted(r[width] for r in out.rows if r[width] is not None)
+    return FileInfo(namespace=namespace, replicas=tuple(held), **row)
 
 
 @writer

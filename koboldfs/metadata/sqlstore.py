@@ -15,8 +15,10 @@ the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, Iterable, TypeVar
@@ -49,6 +51,7 @@ from koboldfs.metadata import (
     queries,
 )
 from koboldfs.metadata.health import Health
+from koboldfs.metadata.compiled import shape_for
 from koboldfs.metadata.queries import Outcome, Query, Work
 from koboldfs.metadata.transactions import TransactionsMixin
 
@@ -61,6 +64,9 @@ _TRANSIENT = (
     exc.InterfaceError,
     exc.DisconnectionError,
     exc.TimeoutError,
+    # Statements run on sqlite3's own cursor raise its errors unwrapped.
+    sqlite3.OperationalError,
+    sqlite3.InterfaceError,
 )
 
 #: Tries at switching a new SQLite file to WAL mode, 50 ms apart.
@@ -118,6 +124,21 @@ def _thdExecute(connection: Connection, query: Query) -> Outcome:
     return Outcome(rows=rows, rowcount=result.rowcount)
 
 
+def _thdExecuteSQLite(connection: Connection, query: Query) -> Outcome:
+    """
+    L{_thdExecute} on sqlite3's own cursor, the statement compiled once
+    (L{shape_for}): SQLAlchemy's execution around each statement costs
+    more CPU than SQLite takes to run it, on every put and get.
+    """
+    shape = shape_for(query.statement, connection.dialect)
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(shape.sql, shape.params(query.params))
+        return Outcome(rows=shape.rows(cursor), rowcount=cursor.rowcount)
+    finally:
+        cursor.close()
+
+
 def _sqlite_file(url: URL) -> str | None:
     """
     The file of SQLite database C{url} (None for a C{file:} URI).
@@ -153,7 +174,10 @@ class SQLAlchemyStore(TransactionsMixin):
         parsed = make_url(url)
         self.url = parsed.render_as_string(hide_password=True)
         self._sqliteFile: str | None = None
-        self._engine = create_engine(parsed)
+        sqlite = parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() == "pysqlite"
+        # Named parameters, which sqlite3's cursor takes as a dict.
+        self._engine = create_engine(parsed, **({"paramstyle": "named"} if sqlite else {}))
+        self._execute = _thdExecuteSQLite if sqlite else _thdExecute
         if parsed.get_backend_name() == "sqlite":
             self._sqliteFile = _sqlite_file(parsed)
             event.listen(self._engine, "connect", _thdConnectSQLite)
@@ -163,6 +187,7 @@ class SQLAlchemyStore(TransactionsMixin):
         self._pool = threadpool
         self._running = False
         self._listeners = Listeners()
+        self._writeLock = threading.Lock()
 
     def _run(self, txn: Callable[..., queries.Txn[T]], *args: Any) -> Deferred[T]:
         """
@@ -186,14 +211,18 @@ class SQLAlchemyStore(TransactionsMixin):
         @raise Unavailable: the database is locked, down or unreachable.
         """
         begin = "IMMEDIATE" if work.writes else "DEFERRED"
+        # SQLite takes one writer at a time, and a writer that finds the
+        # lock taken sleeps in its busy handler (1, 2, 5, 10... ms) however
+        # soon the lock is free: queue this process's writers here instead.
+        serial = self._writeLock if work.writes and self._sqliteFile is not None else None
         attempt = 1
         while True:
             try:
-                with self._engine.connect() as connection:
+                with serial or contextlib.nullcontext(), self._engine.connect() as connection:
                     connection = connection.execution_options(**{_BEGIN: begin})
                     with connection.begin():
-                        return queries.drive(work(), partial(_thdExecute, connection))
-            except exc.IntegrityError:
+                        return queries.drive(work(), partial(self._execute, connection))
+            except (exc.IntegrityError, sqlite3.IntegrityError):
                 if attempt == queries.ATTEMPTS:
                     raise
                 attempt += 1

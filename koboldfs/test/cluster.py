@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -94,21 +95,54 @@ class ServerProcess:
             argv.append(f"--db={self.db}")
         return argv
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    def spawn(self) -> None:
+        """
+        Start the process, without waiting for it to serve.
+        """
+        env = {**os.environ, "PYTHONPATH": CHECKOUT}
+        self.process = subprocess.Popen(self.argv(), cwd=self.dir, env=env)
+
+    def _started(self) -> bool:
+        """
+        Whether it serves yet; raise if it exited.
+        """
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server {self.name} exited: see {self.log}\n{self.tail()}")
+        return self.listening()
+
+    def _not_started(self, timeout: float) -> RuntimeError:
+        self.kill()
+        return RuntimeError(f"server {self.name} did not start in {timeout}s\n{self.tail()}")
+
     async def start(self, timeout: float = 30.0) -> None:
         """
         Start the process and wait until it accepts connections.
         """
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
-        self.process = subprocess.Popen(self.argv(), cwd=self.dir, env=env)
+        self.spawn()
         deadline = reactor.seconds() + timeout
         while reactor.seconds() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited: see {self.log}\n{self.tail()}")
-            if self.listening():
+            if self._started():
                 return
             await sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"server {self.name} did not start in {timeout}s\n{self.tail()}")
+        raise self._not_started(timeout)
+
+    def start_blocking(self, timeout: float = 30.0) -> None:
+        """
+        L{start} for scripts that run no reactor (the benchmarks).
+        """
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._started():
+                return
+            time.sleep(0.05)
+        raise self._not_started(timeout)
 
     def listening(self) -> bool:
         """
@@ -140,6 +174,20 @@ class ServerProcess:
         self.signal(signal.SIGKILL)
         if self.process is not None:
             self.process.wait()
+
+    def stop_blocking(self, timeout: float = 15.0) -> int | None:
+        """
+        L{stop} for scripts that run no reactor.
+        """
+        if self.process is None:
+            return None
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.process.returncode
 
     async def stop(self, timeout: float = 15.0) -> int | None:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+from typing import Any
 
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,6 +19,7 @@ from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.replicator import (
     DEFER_INTERVALS,
     RESCAN,
+    SCRUB_FILE_COST,
     Decision,
     Replicator,
     Scrubber,
@@ -88,6 +90,39 @@ class ReplicatorTests(SynchronousTestCase):
     def file_rows(self) -> int:
         with sqlite3.connect(os.path.join(self.root, "metadata.sqlite")) as db:
             return db.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    def test_heardDuringPass(self) -> None:
+        """
+        A file heard of while a page is being copied, though its id is
+        inside the page already read (its transaction committed after a
+        later id's, as PostgreSQL's can), is copied at the next pass: the
+        cursor does not move past it at the end of this one.
+        """
+        first = self.put("first", b"1")
+        second = self.put("second", b"2")
+        node = self.cluster.servers["b"].node
+        replicator = Replicator(node, self.cluster.reactor, INTERVAL)
+        read = node.store.missing_replicas
+        late = [True]
+
+        def missing_replicas(server: str, after: int, limit: int) -> Any:
+            def commit_late(page: list[FileInfo]) -> list[FileInfo]:
+                if late[0] and any(info.id == first.id for info in page):
+                    late[0] = False
+                    # Not committed yet when the page was read; heard of now.
+                    replicator._heard(FILE_ADDED, {"id": first.id})
+                    return [info for info in page if info.id != first.id]
+                return page
+
+            return read(server, after, limit).addCallback(commit_late)
+
+        node.store.missing_replicas = missing_replicas  # type: ignore[method-assign]
+        replicator.start()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        self.cluster.pump()
+        self.advance(INTERVAL)
+        self.assertEqual(self.on_disk("b", second), b"2")
+        self.assertEqual(self.on_disk("b", first), b"1")
 
     def test_copiesMissing(self) -> None:
         """
@@ -585,6 +620,21 @@ class ScrubberTests(SynchronousTestCase):
         self.assertEqual((scrubber.files_checked, scrubber.rounds, scrubber.bad), (1, 1, 0))
         self.cluster.reactor.advance(INTERVAL)
         self.assertEqual(scrubber.bytes_checked, 4 * CHUNK_SIZE + 1)
+
+    def test_smallFilesPace(self) -> None:
+        """
+        A small file counts as L{SCRUB_FILE_COST} bytes against the rate,
+        so a store of tiny files is not scrubbed thousands a second.
+        """
+        for i in range(3):
+            self.put(f"k{i}", b"x")
+        scrubber = self.scrubber("a", SCRUB_FILE_COST)
+        checked = []
+        for _ in range(250):
+            self.cluster.reactor.advance(0.01)
+            checked.append(scrubber.files_checked)
+        # One file a second: the first at once, the others a second apart.
+        self.assertEqual((checked[49], checked[149], checked[249]), (1, 2, 3))
 
     def test_smallRate(self) -> None:
         """

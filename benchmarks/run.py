@@ -1,0 +1,1271 @@
+"""
+KoboldFS beside this machine's own limits: the instrument of issue 6.
+
+Starts real C{twistd koboldfs} servers on loopback, moves files through
+both clients, and measures, in the same run, the same work done by
+minimal Python programs (the baselines), so that every figure is also a
+ratio that does not drift with a noisy host.  See benchmarks/README.md.
+
+    python benchmarks/run.py                      # everything, medians of 3
+    python benchmarks/run.py --quick              # counts cut down, one round
+    python benchmarks/run.py --smoke              # seconds: does it still measure? (CI)
+    python benchmarks/run.py --only small --setups sqlite-1 --clients deferred
+    python benchmarks/run.py --huge               # also the 4 GiB RSS check
+    bash .ci/postgres.sh .venv/bin/python benchmarks/run.py   # PostgreSQL given
+
+Output: a table, one JSON line per figure (with its baseline and ratio,
+and the target it is held to, if any), and the same in C{--out}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, CHECKOUT)
+
+from koboldfs.test.cluster import ServerProcess  # noqa: E402 - needs the path above
+
+NAMESPACE = "bench"
+MB = 1_000_000
+MIB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+#: Guards the re-exec under .ci/postgres.sh against a loop.
+REEXEC_ENV = "KOBOLDFS_BENCH_UNDER_POSTGRES_SH"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """
+    C{count} files of C{size} bytes, C{concurrency} requests in flight.
+    """
+
+    name: str
+    size: int
+    count: int
+    concurrency: int
+
+
+WORKLOADS = {
+    "small": Workload("small", 4096, 5000, 16),
+    "medium": Workload("medium", MIB, 500, 8),
+    "large": Workload("large", 256 * MIB, 4, 2),
+}
+#: --quick: the same shapes, a tenth of the files (large: smaller files).
+QUICK = {
+    "small": Workload("small", 4096, 500, 16),
+    "medium": Workload("medium", MIB, 50, 8),
+    "large": Workload("large", 32 * MIB, 4, 2),
+}
+#: --smoke: just enough to see that every figure is produced (CI runs it).
+SMOKE = {
+    "small": Workload("small", 4096, 40, 4),
+    "medium": Workload("medium", MIB, 4, 2),
+    "large": Workload("large", 8 * MIB, 2, 2),
+}
+#: name -> (database kind, number of servers)
+SETUPS = {
+    "sqlite-1": ("sqlite", 1),
+    "sqlite-2": ("sqlite", 2),
+    "pg-1": ("postgresql", 1),
+    "pg-2": ("postgresql", 2),
+}
+CLIENTS = ("blocking", "deferred")
+ONLY_DEFAULT = "small,medium,large"
+
+
+# -- reading processes ---------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields after the command name, which may hold spaces: state is [0].
+        return f.read().rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """
+    User + system CPU of process C{pid} (all its threads); with
+    C{children}, also of its reaped children (PostgreSQL's backends).
+    """
+    fields = _stat_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def status_kib(pid: int, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/{pid}/status")
+
+
+def postgres_cpu() -> float | None:
+    """
+    CPU used so far by the PostgreSQL cluster of .ci/postgres.sh (the
+    postmaster, its reaped children, and the live ones), or None.
+    """
+    pgdata = os.environ.get("KOBOLDFS_TEST_PGDATA")
+    if not pgdata:
+        return None
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            master = int(f.readline())
+        total = cpu_seconds(master, children=True)
+    except (OSError, ValueError):
+        return None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = _stat_fields(int(entry))
+                if int(fields[1]) == master:
+                    total += cpu_seconds(int(entry), children=True)
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
+# -- the servers -----------------------------------------------------------------
+
+
+class Server(ServerProcess):
+    """
+    One C{twistd -n koboldfs} process, this checkout's code, started and
+    stopped without a reactor; with what it costs, from /proc.
+    """
+
+    def __init__(self, base: str, name: str, db: str | None, extra: tuple[str, ...] = ()) -> None:
+        # A longer --down-after than the tests': a busy 2-core host may
+        # delay a heartbeat, and a peer thought down would skew the figures.
+        super().__init__(base, name, db, extra=("--down-after=10", *extra))
+        self.start_blocking()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def peak_rss_mib(self) -> float:
+        return status_kib(self.pid, "VmHWM") / 1024
+
+    def rss_mib(self) -> float:
+        return status_kib(self.pid, "VmRSS") / 1024
+
+
+class Profiler:
+    """
+    py-spy attached to the servers for one phase: collapsed stacks (all
+    threads, idle ones left out) in C{DIR/SETUP.PHASE.SERVER.txt}.
+    """
+
+    def __init__(self, directory: str | None, servers: list[Server], label: str) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        if directory is None:
+            return
+        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        os.makedirs(directory, exist_ok=True)
+        for server in servers:
+            out = os.path.join(directory, f"{label}.{server.name}.txt")
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "--pid",
+                        str(server.pid),
+                        "--format",
+                        "raw",
+                        "--threads",
+                        "--rate",
+                        "250",
+                        "--nonblocking",
+                        "-o",
+                        out,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# -- metadata databases ------------------------------------------------------------
+
+
+class Databases:
+    """
+    Fresh metadata databases: SQLite files in the scratch directory, or
+    PostgreSQL databases created in (and dropped from) the cluster at
+    C{pg_url}.
+    """
+
+    def __init__(self, base: str, pg_url: str | None) -> None:
+        self.base = base
+        self.pg_url = pg_url
+        self.made: list[str] = []
+        self.numbers = itertools.count()
+
+    def new(self, kind: str, label: str) -> str:
+        if kind == "sqlite":
+            directory = tempfile.mkdtemp(prefix=f"db-{label}-", dir=self.base)
+            return f"sqlite:///{os.path.join(directory, 'metadata.sqlite')}"
+        if self.pg_url is None:
+            raise RuntimeError("no PostgreSQL")
+        name = f"kobold_bench_{os.getpid()}_{next(self.numbers)}_{label.replace('-', '_')}"
+        self._admin(f"CREATE DATABASE {name}")
+        self.made.append(name)
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.pg_url)._replace(path="/" + name).geturl()
+
+    def drop(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        if url.startswith("postgresql") and name in self.made:
+            self._admin(f"DROP DATABASE IF EXISTS {name}")
+            self.made.remove(name)
+
+    def _admin(self, sql: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.pg_url)
+        try:
+            conn.autocommit = True
+            conn.cursor().execute(sql)
+        finally:
+            conn.close()
+
+
+def replica_counts(url: str) -> tuple[int, dict[str, int]]:
+    """
+    Live files, and good copies of them per server, from the metadata.
+    """
+    from sqlalchemy import create_engine, text
+
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            live = conn.execute(text("SELECT count(*) FROM files WHERE state = 'live'")).scalar()
+            rows = conn.execute(
+                text(
+                    "SELECT r.server, count(*) FROM replicas r JOIN files f ON f.id = r.file_id"
+                    " WHERE f.state = 'live' AND r.state = 'ok' GROUP BY r.server"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return int(live or 0), {server: int(n) for server, n in rows}
+
+
+def wait_replicated(url: str, servers: list[Server], timeout: float) -> float | None:
+    """
+    Seconds until every server holds a good copy of every live file, or
+    None if that did not happen within C{timeout}.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        live, per_server = replica_counts(url)
+        if all(per_server.get(s.name, 0) >= live for s in servers):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
+
+
+# -- the workers (child processes) -------------------------------------------------
+
+
+def cpu_now() -> float:
+    """
+    This process's user + system CPU so far.
+    """
+    user, system = os.times()[:2]
+    return user + system
+
+
+def summarise(
+    elapsed: float, cpu: float, latencies: list[float], errors: list[str]
+) -> dict[str, Any]:
+    """
+    What a worker measured, for the parent: C{cpu} is the CPU the timed
+    part used.
+    """
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+    return {
+        "seconds": elapsed,
+        "ops": len(latencies),
+        "p50_ms": pct(0.50) if latencies else None,
+        "p99_ms": pct(0.99) if latencies else None,
+        "client_cpu_s": cpu,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def _bodies(spec: dict[str, Any]) -> Callable[[int], Any]:
+    """
+    What put number C{i} sends: a path (large files, read from disk as
+    users do), or bytes.
+    """
+    if spec["source"]:
+        return lambda i: spec["source"]
+    distinct = [os.urandom(spec["size"]) for _ in range(min(spec["count"], 64))]
+    return lambda i: distinct[i % len(distinct)]
+
+
+def _output(spec: dict[str, Any]) -> Callable[[], Any]:
+    if spec["size"] <= 64 * 1024:
+        return io.BytesIO
+    return lambda: open(os.devnull, "wb")
+
+
+def worker_blocking(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{koboldfs.Client} shared by C{concurrency} threads.
+    """
+    from koboldfs import Client
+
+    client = Client(NAMESPACE, servers=spec["servers"], timeout=300)
+    body, output = _bodies(spec), _output(spec)
+
+    def one(_: None, i: int) -> None:
+        key = f"{spec['prefix']}/{i}"
+        if spec["op"] == "put":
+            ok = client.put(key, body(i))
+        else:
+            with contextlib.closing(output()) as out:
+                ok = client.get(key, out)
+        if not ok:
+            raise RuntimeError(f"{spec['op']} {key} returned False")
+
+    try:
+        return _threads(spec, one)
+    finally:
+        client.close()
+
+
+def worker_deferred(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    One C{DeferredClient} on one reactor, C{concurrency} requests in
+    flight as parallel Deferreds.
+    """
+    from twisted.internet import defer, task
+
+    from koboldfs.client import DeferredClient
+
+    result: dict[str, Any] = {}
+
+    async def main(reactor: Any) -> None:
+        client = DeferredClient(NAMESPACE, spec["servers"], reactor, timeout=300)
+        body, output = _bodies(spec), _output(spec)
+        numbers = iter(range(spec["count"]))
+        latencies: list[float] = []
+        errors: list[str] = []
+
+        async def work() -> None:
+            for i in numbers:
+                key = f"{spec['prefix']}/{i}"
+                t = time.perf_counter()
+                try:
+                    if spec["op"] == "put":
+                        ok = await client.put(key, body(i))
+                    else:
+                        with contextlib.closing(output()) as out:
+                            ok = await client.get(key, out)
+                    if not ok:
+                        raise RuntimeError(f"{spec['op']} {key} returned False")
+                except Exception as e:  # counted and reported
+                    errors.append(repr(e))
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        start, cpu = time.perf_counter(), cpu_now()
+        await defer.gatherResults(
+            [defer.ensureDeferred(work()) for _ in range(spec["concurrency"])], consumeErrors=True
+        )
+        elapsed, cpu = time.perf_counter() - start, cpu_now() - cpu
+        await client.close()
+        result.update(summarise(elapsed, cpu, latencies, errors))
+
+    with contextlib.suppress(SystemExit):
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    return result
+
+
+# Baselines.  Frames: 8-byte big-endian length, then the body; the receiver
+# answers one byte once the file is durable.
+
+
+def _recv_exact(sock: socket.socket, n: int, buf: memoryview) -> None:
+    got = 0
+    while got < n:
+        r = sock.recv_into(buf[got:n])
+        if not r:
+            raise ConnectionError("peer closed")
+        got += r
+
+
+def _serve(handle: Callable[[socket.socket, int], None]) -> None:
+    """
+    Listen on a free loopback port (printed), and for each request on
+    each connection (an 8-byte size) call C{handle(conn, size)}, one
+    thread per connection.  Serves until killed.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+
+    def serve(conn: socket.socket) -> None:
+        head = memoryview(bytearray(8))
+        with conn:
+            while True:
+                try:
+                    _recv_exact(conn, 8, head)
+                except ConnectionError:
+                    return
+                handle(conn, struct.unpack(">Q", head)[0])
+
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def worker_raw_receiver(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    The ceiling for a put: receive, write to a temporary file, SHA-256,
+    fsync, rename; answer one byte.
+    """
+    directory = spec["directory"]
+    names = itertools.count()
+    buffers = threading.local()
+
+    def receive(conn: socket.socket, size: int) -> None:
+        buf = getattr(buffers, "buf", None) or memoryview(bytearray(MIB))
+        buffers.buf = buf
+        n = next(names)
+        tmp = os.path.join(directory, f"tmp{n}")
+        digest = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        left = size
+        while left:
+            r = conn.recv_into(buf[: min(left, MIB)])
+            if not r:
+                raise ConnectionError("peer closed")
+            chunk = buf[:r]
+            digest.update(chunk)
+            os.write(fd, chunk)
+            left -= r
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, os.path.join(directory, f"file{n}"))
+        digest.hexdigest()
+        conn.sendall(b"\x01")
+
+    _serve(receive)
+    return {}
+
+
+def _connect(spec: dict[str, Any]) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", spec["port"]))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def worker_raw_put(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    Send C{count} files to the raw receiver, C{concurrency} connections.
+    """
+    body = None if spec["source"] else os.urandom(spec["size"])
+    ack = memoryview(bytearray(1))
+
+    def one(sock: socket.socket, i: int) -> None:
+        sock.sendall(struct.pack(">Q", spec["size"]))
+        if body is not None:
+            sock.sendall(body)
+        else:
+            with open(spec["source"], "rb") as f:
+                while chunk := f.read(MIB):
+                    sock.sendall(chunk)
+        _recv_exact(sock, 1, ack)
+
+    return _threads(spec, one, lambda: _connect(spec))
+
+
+def worker_raw_sender(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    The ceiling for a get: C{os.sendfile} of the C{size} first bytes of
+    C{source}.
+    """
+    fd = os.open(spec["source"], os.O_RDONLY)
+
+    def send(conn: socket.socket, size: int) -> None:
+        sent = 0
+        while sent < size:
+            sent += os.sendfile(conn.fileno(), fd, sent, size - sent)
+
+    _serve(send)
+    return {}
+
+
+def worker_raw_get(spec: dict[str, Any]) -> dict[str, Any]:
+    buffers = threading.local()
+
+    def one(sock: socket.socket, i: int) -> None:
+        buf = getattr(buffers, "buf", None) or memoryview(bytearray(MIB))
+        buffers.buf = buf
+        sock.sendall(struct.pack(">Q", spec["size"]))
+        left = spec["size"]
+        while left:
+            r = sock.recv_into(buf[: min(left, MIB)])
+            if not r:
+                raise ConnectionError("sender closed")
+            left -= r
+
+    return _threads(spec, one, lambda: _connect(spec))
+
+
+def worker_raw_small_put(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    The ceiling for a small put: per file, write to a temporary file,
+    fsync, rename, and one metadata insert (its own transaction) into the
+    same kind of database the servers use, at the same concurrency.
+    """
+    directory = spec["directory"]
+    url = spec["db"]
+    table = (
+        "CREATE TABLE IF NOT EXISTS raw_files (id {pk}, key TEXT NOT NULL UNIQUE,"
+        " size BIGINT NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL)"
+    )
+    insert = "INSERT INTO raw_files (key, size, sha256, path) VALUES ({p}, {p}, {p}, {p})"
+    if url.startswith("sqlite"):
+        path = url[len("sqlite:///") :]
+
+        def connect() -> Any:
+            # As the server's store: WAL, synchronous=FULL, a busy timeout.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            return conn
+
+        pk, param = "INTEGER PRIMARY KEY AUTOINCREMENT", "?"
+    else:
+        import psycopg2
+
+        def connect() -> Any:
+            conn = psycopg2.connect(url)
+            conn.autocommit = True
+            return conn
+
+        pk, param = "BIGSERIAL PRIMARY KEY", "%s"
+    first = connect()
+    first.cursor().execute(table.format(pk=pk))
+    first.close()
+    body = os.urandom(spec["size"])
+    sha = hashlib.sha256(body).hexdigest()
+    sql = insert.format(p=param)
+
+    def one(conn: Any, i: int) -> None:
+        tmp, final = os.path.join(directory, f"t{i}"), os.path.join(directory, f"f{i}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, body)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, final)
+        conn.cursor().execute(sql, (f"{spec['prefix']}/{i}", len(body), sha, final))
+
+    return _threads(spec, one, connect)
+
+
+def _threads(
+    spec: dict[str, Any],
+    one: Callable[[Any, int], None],
+    setup: Callable[[], Any] = lambda: None,
+) -> dict[str, Any]:
+    """
+    Do C{one(state, i)} for i in range(count) on C{concurrency} threads,
+    each with its own C{state} from C{setup()} (closed after, if it can
+    be), timing each call.  An error ends its thread and is reported.
+    """
+    numbers = iter(range(spec["count"]))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def work() -> None:
+        try:
+            state = setup()
+            with contextlib.closing(state) if hasattr(state, "close") else contextlib.nullcontext():
+                while True:
+                    with lock:
+                        i = next(numbers, None)
+                    if i is None:
+                        return
+                    t = time.perf_counter()
+                    one(state, i)
+                    latencies.append(time.perf_counter() - t)
+        except Exception as e:  # counted and reported
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(spec["concurrency"])]
+    start, cpu = time.perf_counter(), cpu_now()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarise(time.perf_counter() - start, cpu_now() - cpu, latencies, errors)
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "blocking": worker_blocking,
+    "deferred": worker_deferred,
+    "raw-receiver": worker_raw_receiver,
+    "raw-put": worker_raw_put,
+    "raw-sender": worker_raw_sender,
+    "raw-get": worker_raw_get,
+    "raw-small-put": worker_raw_small_put,
+}
+
+
+def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    Run worker C{kind} in a child process and return what it measured.
+    """
+    # Start from no dirty pages: what the last phase wrote is not flushed
+    # on this one's time (the disk of a shared host is the noisiest part).
+    os.sync()
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(spec)],
+        env={**os.environ, "PYTHONPATH": CHECKOUT},
+        stdout=subprocess.PIPE,
+        check=False,
+        timeout=3600,
+    )
+    lines = out.stdout.decode().strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {kind} failed ({out.returncode}): {out.stdout[-2000:]!r}")
+    result = json.loads(lines[-1])
+    if result["errors"]:
+        raise RuntimeError(
+            f"worker {kind}: {result['errors']} errors, first {result['first_error']}"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def background_worker(kind: str, spec: dict[str, Any]) -> Iterator[int]:
+    """
+    A serving worker (receiver, sender) for the time of a block: its port.
+    """
+    process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(spec)],
+        env={**os.environ, "PYTHONPATH": CHECKOUT},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+def drop_large_files(base: str, least: int = MIB) -> None:
+    """
+    Delete the files of C{least} bytes or more under C{base}, to free the
+    disk between setups.  The many small ones wait for the end of the run:
+    after a mass delete, ext4 creates files several times slower for
+    minutes (shared/STACK.md), which would slow the next setup's puts.
+    """
+    for root, _dirs, names in os.walk(base):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_size >= least:
+                    os.unlink(path)
+
+
+@dataclass
+class Figure:
+    """
+    One measured figure: what the JSON lines and the table show.
+    """
+
+    setup: str
+    client: str
+    workload: str
+    figure: str
+    value: float | None
+    unit: str
+    baseline: float | None = None
+    baseline_name: str | None = None
+    ratio: float | None = None
+    target: str | None = None
+    met: bool | None = None
+    samples: list[float] = field(default_factory=list)
+    note: str | None = None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workloads = SMOKE if args.smoke else QUICK if args.quick else WORKLOADS
+        self.base = tempfile.mkdtemp(prefix="koboldfs-bench-", dir=args.tmp)
+        self.dbs = Databases(self.base, args.postgres_url)
+        self.sources: dict[str, str] = {}
+        # (setup, client, workload, measure) -> samples
+        self.samples: dict[tuple[str, str, str, str], list[float]] = {}
+        self.notes: list[str] = []
+        self.extra: list[Figure] = []
+        self.run_id = uuid.uuid4().hex[:8]
+
+    def add(self, setup: str, client: str, workload: str, measure: str, value: float) -> None:
+        self.samples.setdefault((setup, client, workload, measure), []).append(value)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def fresh_dir(self, label: str) -> str:
+        # A new directory for each run's files: ext4 here is slow to create
+        # files for minutes after a mass delete (see shared/STACK.md).
+        return tempfile.mkdtemp(prefix=f"{label}-", dir=self.base)
+
+    def source(self, size: int) -> str:
+        """
+        A file of C{size} random bytes (a 64 MiB random block, repeated),
+        for large puts and the get baseline.
+        """
+        if size not in self.sources:
+            path = os.path.join(self.base, f"source-{size}.bin")
+            block = os.urandom(min(size, 64 * MIB))
+            with open(path, "wb") as f:
+                left = size
+                while left:
+                    left -= f.write(block[: min(left, len(block))])
+            self.sources[size] = path
+        return self.sources[size]
+
+    # -- baselines
+
+    def baselines(self, setup: str, kind: str, url: str) -> None:
+        for name in self.args.only:
+            if name not in self.workloads:
+                continue
+            w = self.workloads[name]
+            if name == "small":
+                result = run_worker(
+                    "raw-small-put",
+                    {
+                        "directory": self.fresh_dir("raw-small"),
+                        "db": url,
+                        "size": w.size,
+                        "count": w.count,
+                        "concurrency": w.concurrency,
+                        "prefix": uuid.uuid4().hex,
+                    },
+                )
+                self.add(setup, "raw", name, "put/s", result["ops"] / result["seconds"])
+                self.add(setup, "raw", name, "put p99 ms", result["p99_ms"])
+                continue
+            source = self.source(w.size) if name == "large" else None
+            directory = self.fresh_dir(f"raw-{name}")
+            with background_worker("raw-receiver", {"directory": directory}) as port:
+                result = run_worker(
+                    "raw-put",
+                    {
+                        "port": port,
+                        "source": source,
+                        "size": w.size,
+                        "count": w.count,
+                        "concurrency": w.concurrency,
+                    },
+                )
+            shutil.rmtree(directory, ignore_errors=True)
+            self.add(
+                setup, "raw", name, "put MB/s", result["ops"] * w.size / MB / result["seconds"]
+            )
+            self.add(setup, "raw", name, "put/s", result["ops"] / result["seconds"])
+            with background_worker("raw-sender", {"source": self.source(w.size)}) as port:
+                result = run_worker(
+                    "raw-get",
+                    {"port": port, "size": w.size, "count": w.count, "concurrency": w.concurrency},
+                )
+            self.add(
+                setup, "raw", name, "get MB/s", result["ops"] * w.size / MB / result["seconds"]
+            )
+            self.add(setup, "raw", name, "get/s", result["ops"] / result["seconds"])
+
+    # -- one setup
+
+    def setup(self, setup: str) -> None:
+        kind, n = SETUPS[setup]
+        url = self.dbs.new(kind, setup)
+        base = self.fresh_dir(setup)
+        extra = ("--replicate-interval=1",) if n > 1 else ()
+        servers: list[Server] = []
+        self.log(f"{setup}: starting {n} server(s) on {kind}")
+        try:
+            for i in range(n):
+                servers.append(Server(base, f"{setup}-s{i}", url, extra))
+            addresses = [s.address for s in servers]
+            for r in range(self.args.repeat):
+                self.log(f"{setup}: baselines, round {r + 1}")
+                raw_url = self.dbs.new(kind, f"raw{r}")
+                try:
+                    self.baselines(setup, kind, raw_url)
+                finally:
+                    self.dbs.drop(raw_url)
+                for name in self.args.only:
+                    if name not in self.workloads:
+                        continue
+                    w = self.workloads[name]
+                    clients = list(self.args.clients)
+                    # Alternate which client goes first.
+                    for client in clients if r % 2 == 0 else clients[::-1]:
+                        self.log(f"{setup}: {name} {client}, round {r + 1}")
+                        prefix = f"{self.run_id}/{setup}/{name}/{client}/{r}"
+                        for op in ("put", "get"):
+                            self.phase(setup, client, w, op, prefix, servers, addresses, url)
+            for s in servers:
+                self.add(setup, "server", "all", f"peak RSS MiB {s.name}", s.peak_rss_mib())
+        finally:
+            for s in servers:
+                s.stop_blocking()
+            self.dbs.drop(url)
+            drop_large_files(base)
+
+    def phase(
+        self,
+        setup: str,
+        client: str,
+        w: Workload,
+        op: str,
+        prefix: str,
+        servers: list[Server],
+        addresses: list[str],
+        url: str,
+    ) -> None:
+        spec = {
+            "servers": addresses,
+            "op": op,
+            "size": w.size,
+            "count": w.count,
+            "concurrency": w.concurrency,
+            "prefix": prefix,
+            "source": self.source(w.size) if w.name == "large" and op == "put" else None,
+        }
+        db_cpu = postgres_cpu() if url.startswith("postgresql") else None
+        cpu = sum(s.cpu() for s in servers)
+        profiler = Profiler(self.args.profile, servers, f"{setup}.{w.name}.{client}.{op}")
+        try:
+            result = run_worker(client, spec)
+        finally:
+            profiler.stop()
+        lag = None
+        if op == "put" and len(servers) > 1:
+            # The replicas are part of the put's cost, and gets should find
+            # copies on both servers.
+            lag = wait_replicated(url, servers, self.args.replication_timeout)
+            if lag is None:
+                self.notes.append(f"{setup} {w.name} {client}: replication not done in time")
+        cpu = sum(s.cpu() for s in servers) - cpu
+        seconds = result["seconds"]
+        self.add(setup, client, w.name, f"{op}/s", result["ops"] / seconds)
+        self.add(setup, client, w.name, f"{op} MB/s", result["ops"] * w.size / MB / seconds)
+        self.add(setup, client, w.name, f"{op} p50 ms", result["p50_ms"])
+        self.add(setup, client, w.name, f"{op} p99 ms", result["p99_ms"])
+        self.add(
+            setup, client, w.name, f"{op} client CPU %", 100 * result["client_cpu_s"] / seconds
+        )
+        self.add(setup, client, w.name, f"{op} server CPU %", 100 * cpu / seconds)
+        if w.name == "small":
+            self.add(
+                setup, client, w.name, f"{op} server CPU s/1000 files", cpu / (result["ops"] / 1000)
+            )
+        else:
+            self.add(
+                setup, client, w.name, f"{op} server CPU s/GB", cpu / (result["ops"] * w.size / 1e9)
+            )
+        if db_cpu is not None:
+            used = (postgres_cpu() or 0.0) - db_cpu
+            unit = "1000 files" if w.name == "small" else "GB"
+            amount = result["ops"] / 1000 if w.name == "small" else result["ops"] * w.size / 1e9
+            self.add(setup, client, w.name, f"{op} PostgreSQL CPU s/{unit}", used / amount)
+        if lag is not None:
+            self.add(setup, client, w.name, "replicated s after last put", lag)
+
+    # -- the 4 GiB check
+
+    def huge(self) -> None:
+        size = self.args.huge_gib * (1 << 30)
+        self.log(f"huge: one {self.args.huge_gib} GiB file in and out, one server on SQLite")
+        source = self.source(size)
+        base = self.fresh_dir("huge")
+        server = Server(base, "huge-s0", None)
+        peak_sampled = 0.0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak_sampled
+            while not stop.wait(0.2):
+                with contextlib.suppress(OSError, RuntimeError):
+                    peak_sampled = max(peak_sampled, server.rss_mib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            start_rss = server.peak_rss_mib()
+            for op in ("put", "get"):
+                result = run_worker(
+                    "blocking",
+                    {
+                        "servers": [server.address],
+                        "op": op,
+                        "size": size,
+                        "count": 1,
+                        "concurrency": 1,
+                        "prefix": f"{self.run_id}/huge",
+                        "source": source if op == "put" else None,
+                    },
+                )
+                self.add("huge", "blocking", "huge", f"{op} MB/s", size / MB / result["seconds"])
+            peak = server.peak_rss_mib()
+        finally:
+            stop.set()
+            server.stop_blocking()
+            shutil.rmtree(base, ignore_errors=True)
+            os.unlink(source)
+            del self.sources[size]
+        self.add("huge", "server", "huge", "RSS MiB at start", start_rss)
+        self.add("huge", "server", "huge", "peak RSS MiB", peak)
+        self.add("huge", "server", "huge", "peak RSS MiB (sampled)", peak_sampled)
+
+    def close(self) -> None:
+        for name in list(self.dbs.made):
+            with contextlib.suppress(Exception):
+                self.dbs._admin(f"DROP DATABASE IF EXISTS {name}")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- figures, targets, output -----------------------------------------------------------
+
+
+def median(samples: list[float] | None) -> float | None:
+    samples = [s for s in samples or [] if s is not None]
+    return statistics.median(samples) if samples else None
+
+
+def figures(bench: Bench) -> list[Figure]:
+    s = bench.samples
+    out: list[Figure] = []
+    setups = list(dict.fromkeys(k[0] for k in s))
+    for setup in setups:
+        kind_servers = SETUPS.get(setup)
+        one_server = kind_servers is not None and kind_servers[1] == 1
+        for (st, client, workload, measure), samples in s.items():
+            if st != setup:
+                continue
+            fig = Figure(
+                setup, client, workload, measure, median(samples), _unit(measure), samples=samples
+            )
+            if client in CLIENTS and workload != "huge":
+                _compare(fig, s, one_server)
+            if workload == "huge" and measure.startswith("peak RSS MiB"):
+                fig.target = "< 150 MB"
+                fig.met = fig.value is not None and fig.value * MIB < 150 * MB
+            out.append(fig)
+        # The DeferredClient against the blocking Client.
+        for workload in ("small", "medium", "large"):
+            for op in ("put", "get"):
+                measure = f"{op}/s"
+                b = median(s.get((setup, "blocking", workload, measure)))
+                d = median(s.get((setup, "deferred", workload, measure)))
+                if b and d:
+                    fig = Figure(
+                        setup, "deferred/blocking", workload, f"{op} rate ratio", d / b, "x"
+                    )
+                    if workload == "large":
+                        fig.target, fig.met = ">= 0.90 (within 10%)", d / b >= 0.9
+                    elif workload == "small":
+                        fig.target, fig.met = "> 1.00 (ahead)", d / b > 1.0
+                    out.append(fig)
+    return out + bench.extra
+
+
+def _unit(measure: str) -> str:
+    for unit in ("MB/s", "ms", "%", "MiB", "s/GB", "s/1000 files"):
+        if unit in measure:
+            return unit
+    if measure.endswith("/s"):
+        return "files/s"
+    return "s"
+
+
+def _compare(
+    fig: Figure, s: dict[tuple[str, str, str, str], list[float]], one_server: bool
+) -> None:
+    """
+    Attach the baseline, the ratio, and the issue's target to C{fig}.
+    """
+    w, m = fig.workload, fig.figure
+    if w == "small" and m == "put/s":
+        fig.baseline_name = "raw small put (write+fsync+rename+insert)"
+        fig.baseline = median(s.get((fig.setup, "raw", w, "put/s")))
+        if one_server:
+            fig.target = ">= 0.50 x raw"
+    elif w == "small" and m == "get/s":
+        if one_server:
+            fig.target = ">= 3000/s"
+            fig.met = fig.value is not None and fig.value >= 3000
+    elif w == "small" and m == "get p99 ms":
+        if one_server:
+            fig.target = "< 20 ms"
+            fig.met = fig.value is not None and fig.value < 20
+    elif w in ("medium", "large") and m in ("put MB/s", "get MB/s", "put/s", "get/s"):
+        op = m.split()[0].split("/")[0]
+        fig.baseline_name = (
+            f"raw {op} ({'receive+SHA-256+write+fsync+rename' if op == 'put' else 'sendfile'})"
+        )
+        fig.baseline = median(s.get((fig.setup, "raw", w, m)))
+        if w == "large" and m == "put MB/s":
+            fig.target = (
+                ">= 0.70 x raw" if one_server else ">= 0.50 x raw (min_copies=2: not built)"
+            )
+        elif w == "large" and m == "get MB/s" and one_server:
+            fig.target = ">= 0.80 x raw"
+    if fig.baseline and fig.value is not None:
+        fig.ratio = fig.value / fig.baseline
+        if fig.target and "x raw" in fig.target:
+            fig.met = fig.ratio >= float(fig.target.split()[1])
+
+
+def table(figs: list[Figure]) -> str:
+    lines = [
+        f"{'setup':<9} {'client':<18} {'load':<7} {'figure':<34} {'value':>10} "
+        f"{'baseline':>10} {'ratio':>6}  target",
+    ]
+    for f in figs:
+        value = (
+            "-" if f.value is None else f"{f.value:.4g}" if abs(f.value) < 10 else f"{f.value:,.0f}"
+        )
+        base = "" if f.baseline is None else f"{f.baseline:,.0f}"
+        ratio = "" if f.ratio is None else f"{f.ratio:.2f}"
+        target = ""
+        if f.target:
+            target = f"{f.target} {'MET' if f.met else 'NOT MET' if f.met is not None else ''}"
+        name = f.figure if f.unit in f.figure else f"{f.figure} ({f.unit})"
+        lines.append(
+            f"{f.setup:<9} {f.client:<18} {f.workload:<7} {name:<34} "
+            f"{value:>10} {base:>10} {ratio:>6}  {target}"
+        )
+    return "\n".join(lines)
+
+
+def smoke_problems(figs: list[Figure], args: argparse.Namespace) -> list[str]:
+    """
+    What a smoke run failed to measure: a rate for each client, workload,
+    setup and operation, and for each baseline, all above zero.
+    """
+    rates = {(f.setup, f.client, f.workload, f.figure): f.value for f in figs}
+    wanted = []
+    for setup in args.setups:
+        for workload in args.only:
+            for op in ("put", "get"):
+                for client in args.clients:
+                    wanted.append((setup, client, workload, f"{op}/s"))
+                if op == "put" or workload != "small":
+                    wanted.append((setup, "raw", workload, f"{op}/s"))
+    return [
+        f"no {' '.join(key)} figure (got {rates.get(key)!r})"
+        for key in wanted
+        if not (rates.get(key) or 0) > 0
+    ]
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": load,
+        "kernel": platform.release(),
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a tenth of the files, one round")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few files, one round, sqlite-1 only; exit 1 unless every figure was measured",
+    )
+    parser.add_argument(
+        "--only", default=ONLY_DEFAULT, help=f"workloads: {ONLY_DEFAULT} (--smoke: small,large)"
+    )
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"of {','.join(SETUPS)}")
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="blocking,deferred")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3; --quick 1)")
+    parser.add_argument("--huge", action="store_true", help="also the 4 GiB in-and-out RSS check")
+    parser.add_argument("--huge-gib", type=int, default=4)
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("KOBOLDFS_TEST_POSTGRES_URL"),
+        help="a PostgreSQL to create scratch databases in"
+        " [default: $KOBOLDFS_TEST_POSTGRES_URL, else a throwaway one]",
+    )
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL setups")
+    parser.add_argument("--out", default="koboldfs-bench.json", help="JSON results file")
+    parser.add_argument("--tmp", default=None, help="scratch directory parent [default: $TMPDIR]")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="py-spy the servers during each phase into DIR (slows them)",
+    )
+    parser.add_argument("--replication-timeout", type=float, default=300)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    if args.smoke:
+        args.quick, args.no_postgres = True, True
+        args.setups = "sqlite-1"
+        if args.only == ONLY_DEFAULT:
+            args.only = "small,large"
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.only = [w for w in args.only.split(",") if w]
+    args.setups = [s for s in args.setups.split(",") if s]
+    args.clients = [c for c in args.clients.split(",") if c]
+    for name in args.only:
+        if name not in WORKLOADS:
+            parser.error(f"unknown workload {name!r}")
+    for name in args.setups:
+        if name not in SETUPS:
+            parser.error(f"unknown setup {name!r}")
+    for name in args.clients:
+        if name not in CLIENTS:
+            parser.error(f"unknown client {name!r}")
+    if args.no_postgres:
+        args.setups = [s for s in args.setups if SETUPS[s][0] != "postgresql"]
+    return args
+
+
+def reexec_under_postgres(args: argparse.Namespace) -> None:
+    """
+    PostgreSQL setups asked for and none given: run again inside
+    .ci/postgres.sh, which starts a throwaway cluster and deletes it after.
+    """
+    wanted = any(SETUPS[s][0] == "postgresql" for s in args.setups)
+    script = os.path.join(CHECKOUT, ".ci", "postgres.sh")
+    if not wanted or args.postgres_url or os.environ.get(REEXEC_ENV) or not os.path.exists(script):
+        return
+    bash = shutil.which("bash")
+    if bash is None:
+        return
+    env = {**os.environ, REEXEC_ENV: "1"}
+    os.execve(bash, [bash, script, sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
+def report(bench: Bench, args: argparse.Namespace, started: float) -> None:
+    """
+    Print the table and the JSON lines, and write C{--out}.
+    """
+    figs = figures(bench)
+    print(table(figs), flush=True)
+    for fig in figs:
+        line = {k: v for k, v in asdict(fig).items() if v is not None and k != "samples"}
+        print(json.dumps(line))
+    out = {
+        "machine": machine(),
+        "seconds": time.monotonic() - started,
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "workloads": {k: asdict(v) for k, v in bench.workloads.items() if k in args.only},
+        "notes": bench.notes,
+        "figures": [asdict(f) for f in figs],
+    }
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(
+        f"run.py: {len(figs)} figures in {out['seconds']:.0f} s, written to {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.worker:
+        kind, spec = args.worker
+        print(json.dumps(WORKERS[kind](json.loads(spec))), flush=True)
+        return 0
+    reexec_under_postgres(args)
+    if args.postgres_url is None and any(SETUPS[s][0] == "postgresql" for s in args.setups):
+        print("run.py: no PostgreSQL: skipping its setups", file=sys.stderr)
+        args.setups = [s for s in args.setups if SETUPS[s][0] != "postgresql"]
+    bench = Bench(args)
+    started = time.monotonic()
+    try:
+        for setup in args.setups:
+            bench.setup(setup)
+        if args.huge:
+            bench.huge()
+        report(bench, args, started)
+    finally:
+        # Last: deleting tens of thousands of files takes minutes here.
+        bench.close()
+    figs = figures(bench)
+    if args.smoke:
+        problems = smoke_problems(figs, args)
+        for problem in problems:
+            print(f"run.py: smoke run: {problem}", file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
