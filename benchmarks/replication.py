@@ -3,17 +3,25 @@ Replication figures of issue 4, each beside a baseline measured in the
 same run, on PostgreSQL:
 
   - backfill: a new, empty server copies 100 files of 16 MiB
-    (C{--files}, C{--mib}) from a real server; MB/s from the moment it
+    (C{--files}, C{--mib}, put to a lone server in a namespace of
+    C{min_copies} 1) from a real server; MB/s from the moment it
     listens (its replicator starts right after) until its last replica
     row, beside a plain copy of the same stored files over loopback by a
     minimal Python socket sender and receiver (1 MiB reads, write, fsync
     of each file); plain copies and new servers alternate (C{--repeat}
     new servers, a plain copy before and after each), medians compared;
-  - lag: 4 KiB files put one after another to server A (C{--lag-files});
-    the time from the put's acknowledgement to server B's replica row,
-    p50 and p99, with passes so rare (C{--replicate-interval=300}) that
-    only PostgreSQL's notifications can wake B; beside the put's own
-    latency, the baseline a client sees anyway;
+  - lag: 4 KiB files put one after another to server A (C{--lag-files})
+    in a namespace of C{min_copies} 1, so that the put is not forwarded
+    and B's copy is its replicator's; the time from the put's
+    acknowledgement to server B's replica row, p50 and p99, with passes so
+    rare (C{--replicate-interval=300}) that only PostgreSQL's notifications
+    can wake B; beside the put's own latency, the baseline a client sees
+    anyway.  Then as many puts in a namespace of the default settings
+    (two copies while two hosts are alive): A forwards each to B as it
+    arrives, so B's copy is recorded in the put's own commit, before the
+    acknowledgement (lag 0, checked for each file); their latency is the
+    price of that (the first puts' latency includes B's replicator
+    copying them meanwhile, these' does not);
   - sweep: one replicator pass with nothing to do, with 1,000 and with
     100,000 files stored (C{--sweep-files}), their rows inserted directly
     in bulk with a replica row for the server, so nothing is missing.
@@ -64,6 +72,8 @@ from koboldfs.test.cluster import ServerProcess, free_port, sleep  # noqa: E402
 from koboldfs.test.pgcluster import create_database, drop_database, query  # noqa: E402
 
 NAMESPACE = "bench"
+#: A namespace of the default settings: its puts are forwarded.
+FORWARDED = "bench-forwarded"
 MIB = 1024 * 1024
 #: Passes only notifications can hurry.
 RARE = "--replicate-interval=300"
@@ -187,11 +197,25 @@ class Bench:
         [(count,)] = await query(db, f"SELECT count(*) FROM replicas WHERE server = '{server}'")
         return int(count)
 
+    async def one_copy_per_put(self, db: str) -> None:
+        """
+        C{min_copies} 1 for L{NAMESPACE}, as C{koboldfs admin namespace set
+        bench --min-copies 1} does: its puts are not forwarded, so every
+        other copy is the replicator's.
+        """
+        store = store_from_url(db, self.reactor)
+        await store.start()
+        try:
+            assert (await store.set_namespace(NAMESPACE, min_copies=1)).min_copies == 1
+        finally:
+            await store.stop()
+
     # -- backfill
 
     async def backfill(self) -> None:
         args = self.args
         db = await self.database()
+        await self.one_copy_per_put(db)
         a = await self.server("a", db, RARE)
         client = DeferredClient(NAMESPACE, [a.address], self.reactor, timeout=300)
         size = args.mib * MIB
@@ -251,33 +275,29 @@ class Bench:
     async def lag(self) -> None:
         args = self.args
         db = await self.database()
-        a = await self.server("a", db, RARE)
+        await self.one_copy_per_put(db)
         b = await self.server("b", db, RARE)
-        client = DeferredClient(NAMESPACE, [a.address], self.reactor)
-        acked: dict[str, float] = {}
-        latency = []
+        # A, started once B is registered, forwards from its first put on.
+        while not await query(db, "SELECT 1 FROM servers WHERE name = 'b'"):
+            await sleep(0.05)
+        a = await self.server("a", db, RARE)
         body = os.urandom(4096)
-        for n in range(args.lag_files):
-            key = f"small/{n:05d}"
-            started = time.time()
-            assert await client.put(key, body)
-            acked[key] = time.time()
-            latency.append(acked[key] - started)
-            if args.lag_pause:
-                await sleep(args.lag_pause)
-        await client.close()
+        acked, latency = await self._puts(a, NAMESPACE, "small", body)
         deadline = time.monotonic() + 120
         while await self.replicas_of(db, "b") < args.lag_files:
             if time.monotonic() > deadline:
                 raise RuntimeError("B did not copy every file")
             await sleep(0.05)
-        rows = await query(
-            db,
-            "SELECT f.key, f.created, r.created FROM files f JOIN replicas r"
-            " ON r.file_id = f.id AND r.server = 'b'",
-        )
+        rows = await self._copies(db, NAMESPACE)
         from_ack = sorted(copied - acked[key] for key, _, copied in rows)
         from_commit = sorted(copied - created for _, created, copied in rows)
+        # The same, forwarded: B's copy recorded with the file.
+        f_acked, f_latency = await self._puts(a, FORWARDED, "fwd", body)
+        f_rows = await self._copies(db, FORWARDED)
+        # Recorded in the put's own commit (the file's time), before its ack.
+        at_ack = sum(
+            1 for key, created, copied in f_rows if copied == created and copied <= f_acked[key]
+        )
         self.results["lag"] = {
             "files": args.lag_files,
             "pause_s": args.lag_pause,
@@ -287,9 +307,48 @@ class Bench:
             "lag_from_publish_ms_p99": percentile(from_commit, 99) * 1000,
             "put_ms_p50": percentile(sorted(latency), 50) * 1000,
             "put_ms_p99": percentile(sorted(latency), 99) * 1000,
+            "forwarded_put_ms_p50": percentile(sorted(f_latency), 50) * 1000,
+            "forwarded_put_ms_p99": percentile(sorted(f_latency), 99) * 1000,
+            "forwarded_recorded_at_ack": at_ack,
         }
         for server in (a, b):
             await server.stop()
+
+    async def _puts(
+        self, server: ServerProcess, namespace: str, prefix: str, body: bytes
+    ) -> tuple[dict[str, float], list[float]]:
+        """
+        Put C{--lag-files} copies of C{body} one after another; the time
+        each was acknowledged, and each put's latency.
+        """
+        client = DeferredClient(namespace, [server.address], self.reactor)
+        acked: dict[str, float] = {}
+        latency = []
+        for n in range(self.args.lag_files):
+            key = f"{prefix}/{n:05d}"
+            started = time.time()
+            assert await client.put(key, body)
+            acked[key] = time.time()
+            latency.append(acked[key] - started)
+            if self.args.lag_pause:
+                await sleep(self.args.lag_pause)
+        await client.close()
+        return acked, latency
+
+    async def _copies(self, db: str, namespace: str) -> list[tuple[str, float, float]]:
+        """
+        Each file of C{namespace} with B's copy: key, the file's and the
+        copy's creation times.
+        """
+        rows = await query(
+            db,
+            "SELECT f.key, f.created, r.created FROM files f"
+            " JOIN namespaces n ON n.id = f.namespace_id"
+            " JOIN replicas r ON r.file_id = f.id AND r.server = 'b'"
+            f" WHERE n.name = '{namespace}'",
+        )
+        assert len(rows) == self.args.lag_files, f"{len(rows)} copies on B in {namespace}"
+        return rows
 
     # -- sweep
 
@@ -396,6 +455,11 @@ def report(results: dict[str, Any]) -> None:
             f"p99 {r['lag_ms_p99']:.1f} ms (from the metadata commit: "
             f"p50 {r['lag_from_publish_ms_p50']:.1f}, p99 {r['lag_from_publish_ms_p99']:.1f} ms); "
             f"put latency p50 {r['put_ms_p50']:.1f} ms, p99 {r['put_ms_p99']:.1f} ms"
+        )
+        print(
+            f"forwarded {r['files']} x 4 KiB: B's copy recorded at the ack for "
+            f"{r['forwarded_recorded_at_ack']} (lag 0); put latency "
+            f"p50 {r['forwarded_put_ms_p50']:.1f} ms, p99 {r['forwarded_put_ms_p99']:.1f} ms"
         )
     if "sweep" in results:
         for count, r in results["sweep"].items():

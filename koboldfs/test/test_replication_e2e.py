@@ -8,6 +8,13 @@ flipped bytes never served and repaired, peers killed or hung in the middle
 of a copy, a drained server, deletes reaching a server that was down, and
 a new server backfilling 1,000 files.  Those where the metadata backend
 matters (notifications, the cursor) run on both backends.
+
+A put to one of several servers (on distinct C{--host}s) is forwarded to a
+second one as it arrives (L{koboldfs.durability}), so a copy found on a
+second server may not be the replicator's.  Where the replicator's copy is
+the subject, the namespace sets C{min_copies=1} (L{one_copy_per_put}), or
+the copy is made by a server started after the put;
+L{Scenarios.test_writer_killed} shows the two together.
 """
 
 from __future__ import annotations
@@ -41,6 +48,21 @@ FAST = ("--replicate-interval=0.5",)
 SLOW = ("--replicate-interval=300",)
 
 
+async def one_copy_per_put(db: str, namespace: str = "demo") -> None:
+    """
+    Set C{namespace}'s C{min_copies} to 1, as C{koboldfs admin namespace
+    set NAME --min-copies 1} does: its puts are not forwarded, so any
+    other copy of its files is the replicator's.
+    """
+    store = store_from_url(db, reactor)
+    await store.start()
+    try:
+        info = await store.set_namespace(namespace, min_copies=1)
+        assert info.min_copies == 1
+    finally:
+        await store.stop()
+
+
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -50,6 +72,8 @@ class ReplicationTests(ClusterMixin, TestCase):
     """
     Two servers on one SQLite file: every file reaches both, verified, and
     a deleted one leaves both, including one that was down at the time.
+    Puts land on one server only (L{one_copy_per_put}): the second copy is
+    the replicator's.
     """
 
     timeout = 120
@@ -85,6 +109,7 @@ class ReplicationTests(ClusterMixin, TestCase):
         """
 
         async def run() -> None:
+            await one_copy_per_put(self.db)
             a = await self.startServer("a", db=self.db, extra=FAST)
             b = await self.startServer("b", db=self.db, extra=FAST)
             client = self.client(a)
@@ -109,6 +134,7 @@ class ReplicationTests(ClusterMixin, TestCase):
         """
 
         async def run() -> None:
+            await one_copy_per_put(self.db)
             a = await self.startServer("a", db=self.db, extra=FAST)
             b = await self.startServer("b", db=self.db, extra=FAST)
             writer = self.client(a)
@@ -158,6 +184,8 @@ class PostgresReplicationTests(PostgresMixin, ClusterMixin, TestCase):
     """
     Two servers on PostgreSQL, passes so rare that only LISTEN/NOTIFY can
     wake them: a put is copied, and a delete reclaimed, within seconds.
+    The put lands on A only (L{one_copy_per_put}): B's copy is its
+    replicator's, woken by the notification.
     """
 
     timeout = 120
@@ -169,6 +197,7 @@ class PostgresReplicationTests(PostgresMixin, ClusterMixin, TestCase):
         async def run() -> None:
             assert POSTGRES_URL is not None
             db = await self.freshDatabase(POSTGRES_URL)
+            await one_copy_per_put(db)
             a = await self.startServer("a", db=db, extra=SLOW)
             b = await self.startServer("b", db=db, extra=SLOW)
             client = DeferredClient("demo", [a.address], reactor)
@@ -368,7 +397,9 @@ class Scenarios(ClusterMixin):
 
     def test_writer_killed(self) -> defer.Deferred[None]:
         """
-        Files put to A reach B and C; with A killed (SIGKILL) every file
+        Forwarding and replication together: each file put to A is on A
+        and one peer when its put is acknowledged (forwarded), and reaches
+        the third from the replicator; with A killed (SIGKILL) every file
         reads through B and through C, files put and deleted meanwhile
         reach B and C; A returns and catches up: the new files copied, the
         deleted one gone from its disk and, with it, from the metadata.
@@ -376,12 +407,26 @@ class Scenarios(ClusterMixin):
 
         async def run() -> None:
             await self.setUpCluster()
-            a = await self.server("a")
             b = await self.server("b")
             c = await self.server("c")
+
+            async def registered() -> bool:
+                return {"b", "c"} <= {s.name for s in await self.store.servers()}
+
+            # A, started last, knows B and C from its first put on: every
+            # put is forwarded.
+            await eventually(registered, what="B and C registered")
+            a = await self.server("a")
             before = {f"before/{i}": os.urandom(1000 * i + 1) for i in range(5)}
             before["before/big"] = os.urandom(3 * 1024 * 1024 + 7)
-            await self.put_all(self.client(a), before)
+            client = self.client(a)
+            for key, body in before.items():
+                self.assertTrue(await client.put(key, body))
+                # Recorded on A and a peer by the put itself; the third
+                # copy can only come from a replicator.
+                held = (await self.lookup(key)).replicas
+                self.assertIn("a", held)
+                self.assertGreaterEqual(len(held), 2, f"{key} not forwarded: {held}")
             await eventually(
                 lambda: self.held_everywhere(before, [a, b, c]), what="every file on A, B and C"
             )
