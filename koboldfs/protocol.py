@@ -343,6 +343,15 @@ class FrameDecoder:
             fields = json.loads(payload)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise ProtocolError(f"{op.name} payload is not JSON", ErrorCode.BAD_REQUEST) from None
+        if b"\\u" in payload:
+            # A \ud800 escape is valid JSON but no text: a string holding it
+            # cannot be encoded again (a path, a log line, a reply).
+            try:
+                json.dumps(fields, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(
+                    f"{op.name} payload holds an unpaired surrogate", ErrorCode.BAD_REQUEST
+                ) from None
         return Message(op, check_fields(op, fields))
 
 

@@ -133,6 +133,16 @@ class DecoderErrorTests(SynchronousTestCase):
         """
         self.assertRefused(raw(Op.PING, b"\xff\xfe"), ErrorCode.BAD_REQUEST)
 
+    def test_unpaired_surrogate(self) -> None:
+        """
+        A string escaping half a surrogate pair is valid JSON but not text
+        (it could not be encoded into a path, a log line or a reply):
+        refused.  A whole pair, escaped, is an ordinary character.
+        """
+        self.assertRefused(raw(Op.STAT, b'{"ns":"demo","key":"a\\ud800"}'), ErrorCode.BAD_REQUEST)
+        [frame] = FrameDecoder().feed(raw(Op.STAT, b'{"ns":"demo","key":"\\ud83d\\ude00"}'))
+        self.assertEqual(frame["key"], "\U0001f600")
+
     def test_not_an_object(self) -> None:
         """
         A JSON payload must be an object.
