@@ -45,8 +45,6 @@ from txpostgres.retrying import RetryingCall, simpleBackoffIterator
 from txpostgres.txpostgres import Connection, ConnectionPool, Cursor, RollbackFailed
 from zope.interface import implementer
 
-from koboldfs.auth import KeyInfo, new_key
-from koboldfs.names import check_namespace
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
@@ -67,6 +65,7 @@ from koboldfs.metadata import (
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import Shape, shape_for
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
+from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.transactions import TransactionsMixin
 
 T = TypeVar("T")
@@ -386,7 +385,7 @@ class _Pool(ConnectionPool):  # type: ignore[misc]
 
 
 @implementer(IMetadataStore, ITransactionStore)
-class PostgresStore(TransactionsMixin):
+class PostgresStore(ClientKeysMixin, TransactionsMixin):
     """
     The metadata in PostgreSQL, through a txpostgres pool.  Listeners hear
     of changes made by any store on the database, each change once.
@@ -728,30 +727,3 @@ class PostgresStore(TransactionsMixin):
 
     def quarantine_server(self, server: str) -> Deferred[int]:
         return self._run(health.quarantine_server, server)
-
-    # -- client keys (docs/security.md)
-
-    def create_key(self, namespace: str, readonly: bool = False) -> Deferred[str]:
-        """
-        Make a new key of C{namespace} (created if missing) and fire with
-        it: the only time it is seen, since only a hash of it is stored.
-        """
-        made = new_key()
-        d = self._run(
-            queries.add_key,
-            check_namespace(namespace),
-            made.key_id,
-            made.stored_key,
-            bool(readonly),
-            self._reactor.seconds(),
-        )
-        return d.addCallback(lambda _: made.key)
-
-    def find_key(self, namespace: str, key_id: str) -> Deferred[KeyInfo | None]:
-        return self._run(queries.find_key, namespace, key_id)
-
-    def keys(self, namespace: str) -> Deferred[list[KeyInfo]]:
-        return self._run(queries.namespace_keys, namespace)
-
-    def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
-        return self._run(queries.revoke_key, namespace, key_id)

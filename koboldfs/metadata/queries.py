@@ -206,20 +206,30 @@ _RETIRE = (
     .returning(files.c.id)
 )
 _FIND_LIVE = select(files.c.id).where(*_LIVE_KEY)
-_INSERT_FILE = (
-    insert(files)
-    .values(
-        fid=bindparam("b_fid"),
-        namespace_id=bindparam("b_namespace_id"),
-        key=bindparam("b_key"),
-        size=bindparam("b_size"),
-        sha256=bindparam("b_sha256"),
-        created=bindparam("b_now"),
-        path=bindparam("b_path"),
-        state="live",
+
+
+def insert_file(state: str) -> Any:
+    """
+    The insert of a file row in C{state} (live, or pending in a client
+    transaction), returning its id.
+    """
+    return (
+        insert(files)
+        .values(
+            fid=bindparam("b_fid"),
+            namespace_id=bindparam("b_namespace_id"),
+            key=bindparam("b_key"),
+            size=bindparam("b_size"),
+            sha256=bindparam("b_sha256"),
+            created=bindparam("b_now"),
+            path=bindparam("b_path"),
+            state=state,
+        )
+        .returning(files.c.id)
     )
-    .returning(files.c.id)
-)
+
+
+_INSERT_FILE = insert_file("live")
 _INSERT_REPLICA = insert(replicas).values(
     file_id=bindparam("b_file_id"),
     server=bindparam("b_server"),

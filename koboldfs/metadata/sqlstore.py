@@ -31,8 +31,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from koboldfs.auth import KeyInfo, new_key
-from koboldfs.names import check_namespace
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import (
     FileInfo,
@@ -53,6 +51,7 @@ from koboldfs.metadata import (
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import shape_for
 from koboldfs.metadata.queries import Outcome, Query, Work
+from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.transactions import TransactionsMixin
 
 T = TypeVar("T")
@@ -156,7 +155,7 @@ def _sqlite_file(url: URL) -> str | None:
 
 
 @implementer(IMetadataStore, ITransactionStore)
-class SQLAlchemyStore(TransactionsMixin):
+class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
     """
     The metadata in a database reached through SQLAlchemy, from a thread
     pool.  Listeners hear of this process's own changes only.
@@ -413,30 +412,3 @@ class SQLAlchemyStore(TransactionsMixin):
 
     def quarantine_server(self, server: str) -> Deferred[int]:
         return self._run(health.quarantine_server, server)
-
-    # -- client keys (docs/security.md)
-
-    def create_key(self, namespace: str, readonly: bool = False) -> Deferred[str]:
-        """
-        Make a new key of C{namespace} (created if missing) and fire with
-        it: the only time it is seen, since only a hash of it is stored.
-        """
-        made = new_key()
-        d = self._run(
-            queries.add_key,
-            check_namespace(namespace),
-            made.key_id,
-            made.stored_key,
-            bool(readonly),
-            self._reactor.seconds(),
-        )
-        return d.addCallback(lambda _: made.key)
-
-    def find_key(self, namespace: str, key_id: str) -> Deferred[KeyInfo | None]:
-        return self._run(queries.find_key, namespace, key_id)
-
-    def keys(self, namespace: str) -> Deferred[list[KeyInfo]]:
-        return self._run(queries.namespace_keys, namespace)
-
-    def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
-        return self._run(queries.revoke_key, namespace, key_id)

@@ -28,6 +28,7 @@ from koboldfs.metadata.queries import (
     _FIND_LIVE,
     _GOOD_REPLICAS,
     _INSERT_FILE,
+    insert_file,
     _INSERT_REPLICA,
     _LOOKUP_COLUMNS,
     Query,
@@ -94,20 +95,7 @@ _VOTE = (
 )
 
 _FILE_ID = bindparam("b_file_id")
-_INSERT_PENDING = (
-    insert(files)
-    .values(
-        fid=bindparam("b_fid"),
-        namespace_id=bindparam("b_namespace_id"),
-        key=bindparam("b_key"),
-        size=bindparam("b_size"),
-        sha256=bindparam("b_sha256"),
-        created=bindparam("b_now"),
-        path=bindparam("b_path"),
-        state="pending",
-    )
-    .returning(files.c.id)
-)
+_INSERT_PENDING = insert_file("pending")
 _PENDING_FILE = select(*_LOOKUP_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
 _DISCARD_PENDING = (
     update(files)
