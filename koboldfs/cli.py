@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from koboldfs import __version__
 from koboldfs.errors import ConnectionFailed, InvalidName, KoboldError
+from koboldfs import humanize
 from koboldfs.names import check_key, check_namespace
 
 #: Exit statuses.  C{EXIT_NOT_FOUND} is also C{admin status}'s "degraded".
@@ -835,26 +836,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: str = ""
     return "\n".join(lines)
 
 
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 0:
-        seconds = 0
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds / length:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
 def _down(server: Any, now: float, down_after: float) -> bool:
-    return server.state != "dead" and now - server.heartbeat > down_after
+    """
+    Not dead, but not heard from within C{down_after}.
+    """
+    return server.state != "dead" and not server.is_up(now, down_after)
 
 
 async def admin_servers(store: Any, args: argparse.Namespace, reactor: Any) -> int:
@@ -872,9 +858,9 @@ async def admin_servers(store: Any, args: argparse.Namespace, reactor: Any) -> i
                 s.host,
                 s.address,
                 state,
-                _age(now - s.heartbeat) if s.heartbeat else "never",
-                _bytes(s.disk_total - s.disk_free),
-                _bytes(s.disk_free),
+                humanize.age(now - s.heartbeat) if s.heartbeat else "never",
+                humanize.size(s.disk_total - s.disk_free),
+                humanize.size(s.disk_free),
                 str(held.get(s.name, 0)),
             )
         )
@@ -1008,8 +994,8 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
     print(f"servers: {len(servers)}" + (f" ({states})" if states else ""))
     for s in down:
-        print(f"  DOWN: {s.name} ({s.address}): last heartbeat {_age(now - s.heartbeat)}")
-    print(f"files: {health.files} ({_bytes(health.bytes)})")
+        print(f"  DOWN: {s.name} ({s.address}): last heartbeat {humanize.age(now - s.heartbeat)}")
+    print(f"files: {health.files} ({humanize.size(health.bytes)})")
     print(
         f"under-replicated: {health.under_replicated} files, "
         f"{health.missing_copies} copies to make"
@@ -1095,7 +1081,7 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
     if scrub["running"]:
         state = (
             f"scrub: {scrub['rounds']} rounds done, at file {scrub['cursor']}, "
-            f"{scrub['files_checked']} copies ({_bytes(scrub['bytes_checked'])}) checked, "
+            f"{scrub['files_checked']} copies ({humanize.size(scrub['bytes_checked'])}) checked, "
             f"{scrub['bad']} bad"
         )
     else:
@@ -1138,7 +1124,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     async def check(info: Any, name: str) -> None:
         server = servers.get(name)
         where = f"{info.namespace}/{info.key} (file {info.id}, fid {info.fid}) on {name}"
-        if server is None or server.state == "dead" or _down(server, now, args.down_after):
+        if server is None or not server.is_up(now, args.down_after):
             counts["unchecked"] += 1
             problem(f"{where}: not checked, the server is down")
             return

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from koboldfs import __version__
 from koboldfs.errors import KoboldError
+from koboldfs import humanize
 from koboldfs.metadata.health import Health
 
 if TYPE_CHECKING:
@@ -187,21 +188,6 @@ class Status:
         return render_html(self.snapshot())
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(seconds: float) -> str:
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds / length:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:1em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.05em;margin:1.2em 0 .4em}
@@ -227,9 +213,9 @@ def render_html(snap: dict[str, Any]) -> bytes:
             "<tr>"
             f"<td>{e(s['name'])}</td><td>{e(s['host'])}</td>"
             f'<td class="{cls}">{e(state)}</td>'
-            f"<td>{e(_age(s['heartbeat_age']))}</td>"
-            f'<td class="n">{e(_size(s["disk_used"]))}</td>'
-            f'<td class="n">{e(_size(s["disk_free"]))}</td>'
+            f"<td>{e(humanize.age(s['heartbeat_age']))}</td>"
+            f'<td class="n">{e(humanize.size(s["disk_used"]))}</td>'
+            f'<td class="n">{e(humanize.size(s["disk_free"]))}</td>'
             f'<td class="n">{s["files"]}</td>'
             f"<td>{e(s['address'])}</td>"
             "</tr>"
@@ -240,8 +226,8 @@ def render_html(snap: dict[str, Any]) -> bytes:
     else:
         items = "".join(f"<li>{e(p)}</li>" for p in snap["problems"])
         verdict = f'<p class="bad">DEGRADED</p><ul class="bad">{items}</ul>'
-    polled = "not yet" if snap["polled"] is None else _age(max(0.0, snap["time"] - snap["polled"]))
-    scrub_state = f"running at {_size(scrub['rate'])}/s" if scrub["running"] else "off"
+    polled = "not yet" if snap["polled"] is None else humanize.age(snap["time"] - snap["polled"])
+    scrub_state = f"running at {humanize.size(scrub['rate'])}/s" if scrub["running"] else "off"
     when = datetime.fromtimestamp(snap["time"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -261,10 +247,10 @@ also <a href="status.json">status.json</a>, <a href="metrics">metrics</a></small
 </table></div>
 <h2>Files</h2>
 <dl>
-<dt>Live files</dt><dd>{cluster["files"]} ({e(_size(cluster["bytes"]))})</dd>
+<dt>Live files</dt><dd>{cluster["files"]} ({e(humanize.size(cluster["bytes"]))})</dd>
 <dt>Short of copies</dt><dd>{repl["under_replicated"]} files,
 {repl["missing_copies"]} copies to make{
-        ("; oldest written " + e(_age(repl["lag"]))) if repl["under_replicated"] else ""
+        ("; oldest written " + e(humanize.age(repl["lag"]))) if repl["under_replicated"] else ""
     }</dd>
 <dt>No good copy</dt><dd>{cluster["lost"]}</dd>
 <dt>Quarantined copies</dt><dd>{cluster["quarantined"]}</dd>
@@ -275,7 +261,7 @@ also <a href="status.json">status.json</a>, <a href="metrics">metrics</a></small
 <dl>
 <dt>State</dt><dd>{e(scrub_state)}</dd>
 <dt>Rounds done</dt><dd>{scrub["rounds"]}; now past file {scrub["cursor"]}</dd>
-<dt>Checked</dt><dd>{scrub["files_checked"]} copies, {e(_size(scrub["bytes_checked"]))}</dd>
+<dt>Checked</dt><dd>{scrub["files_checked"]} copies, {e(humanize.size(scrub["bytes_checked"]))}</dd>
 <dt>Found bad</dt><dd>{scrub["bad"]}{
         (" (last: " + e(scrub["last_bad"]) + ")") if scrub["last_bad"] else ""
     }</dd>
