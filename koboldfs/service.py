@@ -58,6 +58,7 @@ from koboldfs.protocol import (
     VERSION,
     Data,
     Frame,
+    HEADER,
     FrameProtocol,
     Message,
     Op,
@@ -508,6 +509,12 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     def sendData(self, chunk: bytes) -> None:
         self._track.sent(len(chunk))
         super().sendData(chunk)
+
+    def sendFrame(self, frame: bytes) -> None:
+        # A DATA frame encoded in a worker thread: its body is all but the
+        # header.
+        self._track.sent(len(frame) - HEADER.size)
+        super().sendFrame(frame)
 
     def sendError(self, code: ErrorCode, message: str) -> None:
         self._track.failed(code.name)

@@ -26,7 +26,9 @@ from koboldfs.client import DeferredClient
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.metadata.health import Health
 from koboldfs.metrics import Metrics
+from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.status import POLL, SPACING, Status
+from koboldfs.testing import MemoryServer
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.test_end_to_end import eventually
 
@@ -258,6 +260,32 @@ class StatusPageTests(ClusterMixin, TestCase):
         one.record("binary", "ping", None, None, 0, 0.001, "ok")
         self.assertIn(b'koboldfs_requests_total{operation="ping"', one.exposition())
         self.assertNotIn(b"koboldfs_requests_total{", two.exposition())
+
+
+class SentBytesTests(SynchronousTestCase):
+    def test_large_get(self) -> None:
+        """
+        A GET of several chunks, whose frames are built in worker threads,
+        counts every body byte sent, like a GET of one chunk.
+        """
+        server = MemoryServer(os.path.abspath(self.mktemp()))
+        server.start()
+        self.addCleanup(server.stop)
+        client = server.client()
+        body = os.urandom(2 * CHUNK_SIZE + 10)
+        self.assertTrue(server.flush(client.put("big", body)))
+        out = _Bytes()
+        self.assertTrue(server.flush(client.get("big", out)))
+        server.flush(client.close())
+        self.assertEqual(out.data, body)
+        text = server.node.metrics.exposition().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        [sent] = [
+            s.value
+            for s in families["koboldfs_sent_bytes"].samples
+            if s.name == "koboldfs_sent_bytes_total" and s.labels["operation"] == "get"
+        ]
+        self.assertEqual(sent, len(body))
 
 
 class _Bytes:
