@@ -80,13 +80,13 @@ class Op(IntEnum):
     ERROR = 0x5F
 
 
-#: Requests a client may send once the handshake is done.
-REQUESTS = frozenset(
-    {Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST, Op.REPLICA_PUT}
-    | {Op.BEGIN, Op.PREPARE, Op.COMMIT, Op.ABORT}
-)
 #: The transaction requests (docs/transactions.md).
 TXN_REQUESTS = frozenset({Op.BEGIN, Op.PREPARE, Op.COMMIT, Op.ABORT})
+#: Requests a client may send once the handshake is done.
+REQUESTS = (
+    frozenset({Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST, Op.REPLICA_PUT})
+    | TXN_REQUESTS
+)
 
 
 def _is_int(value: object) -> bool:
