@@ -482,9 +482,11 @@ class Forward:
         return await self._commit(size, digest)
 
     async def _commit(self, size: int, digest: str) -> FileInfo:
+        # The peers' copies of a put that did not commit are orphans.
         node, put = self._node, self._put
-        try:
-            return await node.store.add_file(
+        return await node.publish(
+            put,
+            lambda: node.store.add_file(
                 put.ns,
                 put.key,
                 put.fid,
@@ -494,16 +496,6 @@ class Forward:
                 node.clock.seconds(),
                 node.name,
                 also=tuple(self.peers),
-            )
-        except Exception as error:
-            # As in Node.finish_upload: the commit may have happened with
-            # only its answer lost.  The peers' copies of a put that did
-            # not commit are orphans.
-            try:
-                published = await node.store.lookup(put.ns, put.key)
-            except Exception:
-                raise error from None
-            if published is not None and published.fid == put.fid:
-                return published
-            await node.storage.remove(put.path)
-            raise
+            ),
+            lambda: node.store.lookup(put.ns, put.key),
+        )

@@ -14,7 +14,7 @@ import random
 import socket
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -344,33 +344,72 @@ class Node:
     async def finish_upload(self, put: PendingPut, sha256: str | None) -> FileInfo:
         """
         Make an upload durable, then publish it: only then is it visible.
-        A private namespace's files are published apart (docs/storage.md).
+        """
+        namespace = await self.place(put)
+        if put.forward is None:
+            try:
+                durability.check_alone(namespace, put.ns)
+            except BaseException:
+                await put.upload.abort()
+                raise
+        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        return await self.publish(
+            put,
+            lambda: self.store.add_file(
+                put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
+            ),
+            lambda: self.store.lookup(put.ns, put.key),
+        )
+
+    async def place(self, put: PendingPut) -> NamespaceInfo | None:
+        """
+        Look up the namespace of C{put} and fire with it, its path set
+        where its files go: a private namespace's are published apart
+        (docs/storage.md).  On failure the upload is given up.
         """
         try:
             namespace = await self.store.namespace(put.ns)
-            if put.forward is None:
-                durability.check_alone(namespace, put.ns)
             if namespace is not None and namespace.private:
                 put.path = relpath_for(put.fid, put.key, private=namespace.name)
         except BaseException:
             await put.upload.abort()
             raise
-        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        return namespace
+
+    async def publish(
+        self,
+        put: PendingPut,
+        record: Callable[[], Awaitable[FileInfo]],
+        lookup: Callable[[], Awaitable[FileInfo | None]],
+        not_recorded: tuple[type[Exception], ...] = (),
+    ) -> FileInfo:
+        """
+        Record C{put}, whose bytes are durable at its path, with C{record};
+        if that fails, remove the bytes, unless they may have been recorded
+        after all.
+
+        The commit may have happened with only its answer lost (the
+        database went away): C{lookup} is asked before the bytes are
+        removed, and if even that fails they are kept: an orphan file costs
+        disk space (the orphan sweep reclaims it), a removed published one
+        would be a lost file.  Errors in C{not_recorded}, from either, say
+        for sure that nothing was recorded.
+        """
         try:
-            return await self.store.add_file(
-                put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
-            )
+            return await record()
+        except not_recorded:
+            await self.storage.remove(put.path)
+            raise
         except Exception as error:
-            # The commit may have happened with only its answer lost (the
-            # database went away): look before removing the bytes.  If even
-            # that fails, keep them: an orphan file costs disk space, a
-            # removed published one would be a lost file.
             try:
-                published = await self.store.lookup(put.ns, put.key)
+                found = await lookup()
+            except not_recorded:
+                await self.storage.remove(put.path)
+                raise error from None
             except Exception:
                 raise error from None
-            if published is not None and published.fid == put.fid:
-                return published
+            if found is not None and found.fid == put.fid:
+                return found
             await self.storage.remove(put.path)
             raise
 

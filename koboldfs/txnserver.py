@@ -23,7 +23,6 @@ from koboldfs.errors import ErrorCode, KoboldError, NotFound, TransactionError
 from koboldfs.interfaces import FileInfo
 from koboldfs.names import check_key, check_namespace
 from koboldfs.protocol import Message, Op
-from koboldfs.storage import relpath_for
 
 if TYPE_CHECKING:
     from koboldfs.service import Node, PendingPut
@@ -100,17 +99,13 @@ class TransactionHandler:
         every reader but the transaction until it commits.
         """
         node = self.node
-        try:
-            namespace = await node.store.namespace(put.ns)
-            if namespace is not None and namespace.private:
-                put.path = relpath_for(put.fid, put.key, private=namespace.name)
-        except BaseException:
-            await put.upload.abort()
-            raise
+        await node.place(put)
         size, digest = await put.upload.finish(sha256, put.size, put.path)
         now = self._now()
-        try:
-            info, discarded = await node.store.txn_put(
+        discarded: list[FileInfo] = []
+
+        async def record() -> FileInfo:
+            info, superseded = await node.store.txn_put(
                 txn,
                 put.ns,
                 put.key,
@@ -122,24 +117,17 @@ class TransactionHandler:
                 node.name,
                 now + self.pending_timeout,
             )
-        except TransactionError:
-            await node.storage.remove(put.path)
-            raise
-        except Exception as error:
-            # As for a plain put: the record may have been committed with
-            # only its answer lost.  Keep the bytes unless sure it was not;
-            # if it was and the transaction dies, they are reclaimed.
-            try:
-                recorded = await node.store.txn_lookup(txn, put.ns, put.key)
-            except TransactionError:
-                await node.storage.remove(put.path)
-                raise error from None
-            except Exception:
-                raise error from None
-            if recorded is not None and recorded.fid == put.fid:
-                return recorded
-            await node.storage.remove(put.path)
-            raise
+            discarded.extend(superseded)
+            return info
+
+        # Keep the bytes unless sure the record was not made; if it was and
+        # the transaction dies, they are reclaimed.
+        info = await node.publish(
+            put,
+            record,
+            lambda: node.store.txn_lookup(txn, put.ns, put.key),
+            not_recorded=(TransactionError,),
+        )
         await self.reclaim(discarded)
         return info
 
