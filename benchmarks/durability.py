@@ -26,10 +26,8 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,62 +36,28 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, CHECKOUT)
 
 from koboldfs import Client  # noqa: E402
+from koboldfs.test.cluster import ServerProcess  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+def server(base: str, name: str, db: str) -> ServerProcess:
     """
-    One C{twistd -n koboldfs} process with its own data directory.
+    A started C{twistd -n koboldfs} on a host of its own, with the default
+    heartbeat and no replication pass or scrub to disturb the figures.
     """
-
-    def __init__(self, base: str, name: str, db: str) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        home = os.path.join(base, name)
-        os.makedirs(home)
-        argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            f"--logfile={os.path.join(home, 'twistd.log')}",
-            "koboldfs",
-            f"--name={name}",
-            f"--host=host-{name}",
-            f"--data={os.path.join(home, 'data')}",
-            f"--db={db}",
-            f"--listen=tcp:{self.port}:interface=127.0.0.1",
-            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
+    process = ServerProcess(
+        base,
+        name,
+        db=db,
+        host=f"host-{name}",
+        extra=(
+            "--heartbeat=5",
+            "--down-after=30",
             "--replicate-interval=3600",
             "--scrub-rate=0",
-        ]
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
-        self.process = subprocess.Popen(argv, cwd=home, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server {name} exited at start: see its twistd.log")
-            try:
-                socket.create_connection(("127.0.0.1", self.http_port), 0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server {name} did not start in 30 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        ),
+    )
+    process.start_blocking()
+    return process
 
 
 def measure(client: Client, prefix: str, small: int, large: int, large_mib: int) -> dict:
@@ -129,15 +93,15 @@ def main() -> None:
     results = {}
     try:
         db = f"sqlite:///{base}/alone.sqlite"
-        alone = Server(base, "alone", db)
+        alone = server(base, "alone", db)
         try:
             with Client("bench", servers=[alone.address]) as client:
                 results["alone"] = measure(client, "w", args.small, args.large, args.large_mib)
         finally:
-            alone.stop()
+            alone.stop_blocking()
         db_path = f"{base}/pair.sqlite"
-        b = Server(base, "b", f"sqlite:///{db_path}")
-        a = Server(base, "a", f"sqlite:///{db_path}")
+        b = server(base, "b", f"sqlite:///{db_path}")
+        a = server(base, "a", f"sqlite:///{db_path}")
         try:
             with Client("bench", servers=[a.address]) as client:
                 client.put("warm", b"up")
@@ -156,8 +120,8 @@ def main() -> None:
                 if held != expected:
                     raise RuntimeError(f"B holds {held} of the {expected} forwarded files")
         finally:
-            a.stop()
-            b.stop()
+            a.stop_blocking()
+            b.stop_blocking()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"{'':12} {'4 KiB p50 ms':>13} {'p99 ms':>8} {'puts/s':>8} {'large MB/s':>11}")
