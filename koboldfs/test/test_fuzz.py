@@ -290,8 +290,13 @@ class HandlerFuzzTests(SynchronousTestCase):
         # Everything the server wrote is well-formed frames.
         out.feed(transport.value())
 
+    # The random source is seeded by hypothesis but not drawn through it:
+    # how much a conversation draws depends on the server's answers (its
+    # nonces are random, a mutated AUTH may or may not close the
+    # connection), which hypothesis would take for a strategy that
+    # generates inconsistently.
     @settings(_FUZZ, max_examples=HANDLER_EXAMPLES * SCALE)
-    @given(conversations(), st.randoms(use_true_random=False), st.booleans())
+    @given(conversations(), st.randoms(use_true_random=True), st.booleans())
     def test_handlers(
         self, frames: list[Message | Data], rng: random.Random, require_keys: bool
     ) -> None:
