@@ -62,7 +62,8 @@ from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
-from koboldfs.client import ConnectionPool, DeferredClient  # noqa: E402
+from koboldfs.client import DeferredClient  # noqa: E402
+from koboldfs.connection import ConnectionPool  # noqa: E402
 from koboldfs.interfaces import ServerInfo  # noqa: E402
 from koboldfs.metadata import store_from_url  # noqa: E402
 from koboldfs.replicator import Replicator  # noqa: E402

@@ -1100,7 +1100,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     """
     from twisted.internet import defer
 
-    from koboldfs.client import ConnectionPool
+    from koboldfs.connection import ConnectionPool
     from koboldfs.errors import ErrorCode, NotFound
 
     namespace = None if args.namespace is None else _admin_namespace(args.namespace)

@@ -39,7 +39,7 @@ from koboldfs.replicator import placement_weight
 from koboldfs.storage import relpath_for
 
 if TYPE_CHECKING:
-    from koboldfs.client import ClientProtocol
+    from koboldfs.connection import ClientProtocol
     from koboldfs.service import Node, PendingPut
 
 log = Logger()

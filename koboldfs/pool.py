@@ -17,7 +17,8 @@ from typing import Any
 
 from twisted.internet import defer
 
-from koboldfs.client import ClientProtocol, ConnectionPool, DeferredClient
+from koboldfs.client import DeferredClient
+from koboldfs.connection import ClientProtocol, ConnectionPool
 from koboldfs.errors import ConnectionFailed, KoboldError
 from koboldfs.protocol import Op
 

@@ -36,7 +36,7 @@ from koboldfs.auth import (
     is_local_endpoint,
     new_nonce,
 )
-from koboldfs.client import ConnectionPool
+from koboldfs.connection import ConnectionPool
 from koboldfs.errors import (
     Busy,
     ConnectionFailed,

@@ -24,7 +24,8 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from koboldfs.client import ConnectionPool, DeferredClient
+from koboldfs.client import DeferredClient
+from koboldfs.connection import ConnectionPool
 from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.service import Node, ServerConfig, ServerProtocol

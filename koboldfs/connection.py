@@ -1,0 +1,389 @@
+"""
+The connection layer every KoboldFS client side shares: the client end of
+the wire (L{ClientProtocol}: handshake, then one request at a time), the
+open connections kept for reuse (L{ConnectionPool}), server addresses and
+TLS trust.
+
+The Deferred client, its pools, a server's connections to its peers and the
+command line's fsck all talk to servers through this module; it knows
+nothing of them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from koboldfs import __version__
+from koboldfs.auth import Credentials
+from koboldfs.errors import (
+    AuthRequired,
+    ConnectionFailed,
+    ErrorCode,
+    Forbidden,
+    ProtocolError,
+    ServerError,
+    error_for_code,
+)
+from koboldfs.protocol import VERSION, Data, Frame, FrameProtocol, Message, Op
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """
+    Split C{host:port} (C{[v6]:port} for IPv6) into its parts.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"server address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class _State(Enum):
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    REQUEST = "request"  # waiting for OK or ERROR
+    GET = "get"  # waiting for FILE, DATA, END or ERROR
+    CLOSED = "closed"
+
+
+class ClientProtocol(FrameProtocol, TimeoutMixin):
+    """
+    The client end of one connection: handshake, then one request at a time.
+
+    A request that sees no frame for C{timeout} seconds fails with
+    L{ConnectionFailed} and closes the connection, so a hung server (say,
+    stopped with SIGSTOP) costs a bounded wait, not a stuck client.
+    """
+
+    def __init__(self, clock: Any, timeout: float = 30.0, agent: str = "") -> None:
+        self.callLater = clock.callLater
+        self._timeout = timeout
+        self._agent = agent or f"koboldfs/{__version__}"
+        self._state = _State.CONNECTING
+        self._reply: defer.Deferred[Message] | None = None
+        self._sink: Callable[[bytes], defer.Deferred[None] | None] | None = None
+        self._file: Message | None = None
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.server = ""
+        #: The C{host:port} this connection was made to, as the caller gave it.
+        self.address = ""
+
+    # -- lifecycle
+
+    def handshake(self) -> defer.Deferred[Message]:
+        """
+        Send HELLO; fire with the server's WELCOME.
+        """
+        self.sendMessage(
+            Op.HELLO,
+            {"versions": [VERSION], "agent": self._agent, "max_payload": self.max_payload},
+        )
+        return self._expect(_State.REQUEST)
+
+    @property
+    def reusable(self) -> bool:
+        """
+        Whether this connection may take another request.
+        """
+        return self._state is _State.IDLE and not self.closing
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        self.setTimeout(None)
+        self._state = _State.CLOSED
+        why = "" if reason is None or reason.check(ConnectionDone) else f": {reason.value}"
+        self._fail(ConnectionFailed(f"connection to {self.server or 'server'} lost{why}"))
+        self.lost.callback(None)
+
+    def timeoutConnection(self) -> None:
+        self._fail(ConnectionFailed(f"{self.server or 'server'} did not answer in time"))
+        self.transport.abortConnection()
+
+    # -- requests
+
+    def request(self, op: Op, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send a request that is answered by one OK frame; fire with it.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(op, fields)
+        return d
+
+    def get(
+        self, fields: dict[str, Any], sink: Callable[[bytes], defer.Deferred[None] | None]
+    ) -> defer.Deferred[Message]:
+        """
+        Send GET and hand each chunk of the body to C{sink}; fire with the
+        FILE frame when the END frame arrives.  While a Deferred returned by
+        C{sink} is pending, reading from the server pauses.
+        """
+        d = self._expect(_State.GET)
+        self._sink = sink
+        self._file = None
+        self.sendMessage(Op.GET, fields)
+        return d
+
+    def begin_put(self, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send PUT; the caller then sends DATA frames and L{end_put}.  The
+        returned Deferred fires with the server's reply, which may come
+        early (an error) while the body is still being sent.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(Op.PUT, fields)
+        return d
+
+    def begin_replica_put(self, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send REPLICA_PUT (server to server: koboldfs.durability); then as
+        L{begin_put}.
+        """
+        d = self._expect(_State.REQUEST)
+        self.sendMessage(Op.REPLICA_PUT, fields)
+        return d
+
+    def send_chunk(self, chunk: bytes) -> None:
+        self.resetTimeout()
+        self.sendData(chunk)
+
+    def send_frame(self, frame: bytes) -> None:
+        """
+        Send a DATA frame built by L{encode_data}.
+        """
+        self.resetTimeout()
+        self.sendFrame(frame)
+
+    def end_put(self, sha256: str | None, abort: bool = False) -> None:
+        fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
+        self.sendMessage(Op.END, fields)
+
+    # -- frames in
+
+    def frameReceived(self, frame: Frame) -> None:
+        self.resetTimeout()
+        state = self._state
+        if state is _State.GET:
+            self._getFrame(frame)
+        elif state is _State.REQUEST and isinstance(frame, Message):
+            if frame.op in (Op.OK, Op.WELCOME):
+                if frame.op is Op.WELCOME:
+                    self.server = frame["server"]
+                self._finish(frame)
+            elif frame.op is Op.ERROR:
+                self._finish(error_for_code(frame["code"], frame["message"]))
+            else:
+                raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+        elif isinstance(frame, Message) and frame.op is Op.ERROR:
+            # An error outside a request: the server is about to close.
+            self._fail(error_for_code(frame["code"], frame["message"]))
+        else:
+            raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+
+    def _getFrame(self, frame: Frame) -> None:
+        if isinstance(frame, Data):
+            if self._file is None:
+                raise ProtocolError("DATA before FILE", ErrorCode.BAD_REQUEST)
+            assert self._sink is not None
+            waiting = self._sink(frame.payload)
+            if waiting is not None:
+                self.transport.pauseProducing()
+                waiting.addCallbacks(self._sinkReady, self._sinkFailed)
+        elif frame.op is Op.FILE and self._file is None:
+            self._file = frame
+        elif frame.op is Op.END and self._file is not None:
+            self._finish(self._file)
+        elif frame.op is Op.ERROR:
+            self._finish(error_for_code(frame["code"], frame["message"]))
+        else:
+            raise ProtocolError(f"unexpected {frame.op.name} frame", ErrorCode.BAD_REQUEST)
+
+    def _sinkReady(self, _: object) -> None:
+        if not self.closing:
+            self.transport.resumeProducing()
+
+    def _sinkFailed(self, failure: Failure) -> None:
+        # The output could not take the bytes: this download is over, and
+        # the connection is mid-stream, so it cannot be reused.
+        self._fail(failure)
+        self.transport.abortConnection()
+
+    def protocolViolation(self, error: ProtocolError) -> None:
+        super().protocolViolation(error)
+        self._fail(error)
+
+    # -- request bookkeeping
+
+    def _expect(self, state: _State) -> defer.Deferred[Message]:
+        if self._state not in (_State.IDLE, _State.CONNECTING) or self.closing:
+            return defer.fail(ConnectionFailed("connection is not idle"))
+        self._state = state
+        self._reply = defer.Deferred()
+        self.setTimeout(self._timeout)
+        return self._reply
+
+    def _finish(self, result: Message | Exception) -> None:
+        reply, self._reply = self._reply, None
+        self._sink = None
+        self.setTimeout(None)
+        if self._state is not _State.CLOSED:
+            self._state = _State.IDLE
+        if reply is not None:
+            if isinstance(result, Exception):
+                reply.errback(Failure(result))
+            else:
+                reply.callback(result)
+
+    def _fail(self, error: Exception | Failure) -> None:
+        reply, self._reply = self._reply, None
+        self._sink = None
+        self._state = _State.CLOSED if self.closing else self._state
+        if reply is not None:
+            reply.errback(error if isinstance(error, Failure) else Failure(error))
+
+
+def trust_root(ca: str | None) -> Any:
+    """
+    The certificates a TLS client trusts: those of PEM file C{ca}, or the
+    system's.
+    """
+    if ca is None:
+        return platformTrust()
+    with open(ca, "rb") as f:
+        pem = f.read()
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, flags=re.DOTALL
+    )
+    if not blocks:
+        raise ValueError(f"no certificate in {ca}")
+    return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+
+
+class ConnectionPool:
+    """
+    Open connections to servers, kept for reuse.
+
+    A connection goes back to the pool only when it finished its request
+    cleanly; anything else (an error mid-stream, a timeout) closes it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_idle: int = 8,
+        endpoint_factory: Callable[[str], Any] | None = None,
+        credentials: Credentials | None = None,
+        tls: bool = False,
+        ca: str | None = None,
+    ) -> None:
+        """
+        @param credentials: what to prove to servers that require
+            authentication (a namespace key, or a server's cluster secret).
+        @param tls: connect with TLS, verifying that the server's
+            certificate names the host of its address.
+        @param ca: a PEM file of the certificates to trust for TLS (the
+            system's when None).
+        """
+        self._reactor = reactor
+        self._credentials = credentials
+        self._trust = trust_root(ca) if tls else None
+        if ca is not None and not tls:
+            raise ValueError("ca= is for tls=True")
+        self._endpoint = endpoint_factory or self._tcp
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle: dict[str, list[ClientProtocol]] = {}
+        self._all: set[ClientProtocol] = set()
+
+    async def acquire(self, address: str) -> ClientProtocol:
+        """
+        An idle connection to C{address}, or a new one after its handshake.
+
+        @raise ConnectionFailed: the server could not be reached.
+        """
+        idle = self._idle.get(address, [])
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+        proto = ClientProtocol(self._reactor, self._timeout)
+        proto.address = address
+        try:
+            await connectProtocol(self._endpoint(address), proto)
+        except Exception as e:
+            raise ConnectionFailed(f"cannot connect to {address}: {e}") from None
+        self._all.add(proto)
+        proto.lost.addCallback(lambda _: self._all.discard(proto))
+        try:
+            try:
+                welcome = await proto.handshake()
+            except ConnectionFailed as e:
+                raise ConnectionFailed(f"{address}: {e}") from None
+            if welcome.get("auth"):
+                await self._authenticate(proto, welcome)
+        except (AuthRequired, Forbidden):
+            # The same key would be refused by every server: no failover.
+            proto.close()
+            raise
+        except ServerError as e:
+            proto.close()
+            raise ConnectionFailed(f"{address} refused the handshake: {e}") from None
+        return proto
+
+    async def _authenticate(self, proto: ClientProtocol, welcome: Message) -> None:
+        """
+        Answer the server's challenge (docs/security.md).
+        """
+        credentials = self._credentials
+        if credentials is None:
+            raise AuthRequired(
+                ErrorCode.AUTH_REQUIRED,
+                f"server {proto.server} requires authentication: pass key= "
+                "(made by `koboldfs admin namespace create`)",
+            )
+        nonce = welcome.get("nonce")
+        if not isinstance(nonce, str) or len(nonce) < 32:
+            raise ProtocolError("WELCOME asks for AUTH with no nonce", ErrorCode.BAD_REQUEST)
+        await proto.request(Op.AUTH, credentials.fields(nonce, proto.server))
+
+    def _tcp(self, address: str) -> Any:
+        host, port = parse_address(address)
+        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        if self._trust is None:
+            return endpoint
+        return wrapClientTLS(optionsForClientTLS(host, trustRoot=self._trust), endpoint)
+
+    def release(self, address: str, conn: ClientProtocol) -> None:
+        """
+        Give a connection back after a request.
+        """
+        idle = self._idle.setdefault(address, [])
+        if conn.reusable and len(idle) < self._max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> defer.Deferred[Any]:
+        """
+        Close every connection; fire when all are closed.
+        """
+        self._idle.clear()
+        lost = [conn.lost for conn in self._all]
+        for conn in list(self._all):
+            conn.close()
+        return defer.DeferredList(lost)
