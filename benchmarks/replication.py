@@ -63,7 +63,7 @@ from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from koboldfs.client import DeferredClient  # noqa: E402
-from koboldfs.connection import ConnectionPool  # noqa: E402
+from koboldfs.connection import ConnectionCache  # noqa: E402
 from koboldfs.interfaces import ServerInfo  # noqa: E402
 from koboldfs.metadata import store_from_url  # noqa: E402
 from koboldfs.replicator import Replicator  # noqa: E402
@@ -413,7 +413,7 @@ class Bench:
             " SELECT id, 's', 'ok', 0 FROM files",
         )
         await query(db, "VACUUM ANALYZE")
-        peers = ConnectionPool(self.reactor)
+        peers = ConnectionCache(self.reactor)
         self.cleanups.append(peers.close)
         node = Node(config, storage, store, self.reactor, peers)
         await node.refresh_servers()

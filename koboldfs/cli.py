@@ -1100,7 +1100,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     """
     from twisted.internet import defer
 
-    from koboldfs.connection import ConnectionPool
+    from koboldfs.connection import ConnectionCache
     from koboldfs.errors import ErrorCode, NotFound
 
     namespace = None if args.namespace is None else _admin_namespace(args.namespace)
@@ -1112,7 +1112,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
         raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
     now = reactor.seconds()
     alive = sum(1 for s in servers.values() if s.state == "alive")
-    pool = ConnectionPool(reactor, 60.0, 5.0)
+    pool = ConnectionCache(reactor, 60.0, 5.0)
     limit = defer.DeferredSemaphore(args.concurrency)
     problems: list[str] = []
     counts = dict.fromkeys(("files", "copies", "good", "bad", "unchecked", "short", "gone"), 0)

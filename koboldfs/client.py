@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from koboldfs.auth import Credentials
-from koboldfs.connection import ClientProtocol, ConnectionPool, parse_address
+from koboldfs.connection import ClientProtocol, ConnectionCache, parse_address
 from koboldfs.errors import (
     AuthRequired,
     ChecksumMismatch,
@@ -352,7 +352,7 @@ class DeferredClient:
         self.servers = list(servers)
         self._reactor = reactor
         self._threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
-        self._pool = ConnectionPool(
+        self._pool = ConnectionCache(
             reactor,
             timeout,
             connect_timeout,

@@ -1,7 +1,7 @@
 """
 The connection layer every KoboldFS client side shares: the client end of
 the wire (L{ClientProtocol}: handshake, then one request at a time), the
-open connections kept for reuse (L{ConnectionPool}), server addresses and
+open connections kept for reuse (L{ConnectionCache}), server addresses and
 TLS trust.
 
 The Deferred client, its pools, a server's connections to its peers and the
@@ -271,9 +271,10 @@ def trust_root(ca: str | None) -> Any:
     return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
 
 
-class ConnectionPool:
+class ConnectionCache:
     """
-    Open connections to servers, kept for reuse.
+    Open connections to servers, kept for reuse (not a pool of clients:
+    L{koboldfs.client.ClientPool} is that).
 
     A connection goes back to the pool only when it finished its request
     cleanly; anything else (an error mid-stream, a timeout) closes it.

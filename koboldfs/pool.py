@@ -18,14 +18,14 @@ from typing import Any
 from twisted.internet import defer
 
 from koboldfs.client import DeferredClient
-from koboldfs.connection import ClientProtocol, ConnectionPool
+from koboldfs.connection import ClientProtocol, ConnectionCache
 from koboldfs.errors import ConnectionFailed, KoboldError
 from koboldfs.protocol import Op
 
 
 class BoundedPool:
     """
-    Wraps a L{ConnectionPool} (which makes and keeps the connections) with
+    Wraps a L{ConnectionCache} (which makes and keeps the connections) with
     a limit per server, a liveness check of stale idle connections, and a
     record of which servers are unreachable.
 
@@ -36,7 +36,7 @@ class BoundedPool:
 
     def __init__(
         self,
-        inner: ConnectionPool,
+        inner: ConnectionCache,
         clock: Any,
         *,
         max_connections: int = 8,

@@ -36,7 +36,7 @@ from koboldfs.auth import (
     is_local_endpoint,
     new_nonce,
 )
-from koboldfs.connection import ConnectionPool
+from koboldfs.connection import ConnectionCache
 from koboldfs.errors import (
     Busy,
     ConnectionFailed,
@@ -159,7 +159,7 @@ class Node:
         storage: Storage,
         store: IMetadataStore,
         clock: Any,
-        peers: ConnectionPool,
+        peers: ConnectionCache,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -1065,7 +1065,7 @@ class KoboldService(MultiService):
         self.storage = Storage(config.data, reactor, io_pool)
         db = config.db or f"sqlite:///{config.data}/metadata.sqlite"
         self.store = store_from_url(db, reactor)
-        self.peers = ConnectionPool(
+        self.peers = ConnectionCache(
             reactor,
             timeout=config.peer_timeout,
             credentials=Credentials(cluster_secret=config.cluster_secrets[0], name=config.name)

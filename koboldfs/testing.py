@@ -25,7 +25,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from koboldfs.client import DeferredClient
-from koboldfs.connection import ConnectionPool
+from koboldfs.connection import ConnectionCache
 from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.service import Node, ServerConfig, ServerProtocol
@@ -153,7 +153,7 @@ class MemoryServer:
             db or f"sqlite:///{os.path.join(root, 'metadata.sqlite')}", self.reactor, pool
         )
         self.node = Node(
-            self.config, self.storage, self.store, self.reactor, ConnectionPool(self.reactor)
+            self.config, self.storage, self.store, self.reactor, ConnectionCache(self.reactor)
         )
 
     def start(self) -> None:
@@ -246,7 +246,7 @@ class MemoryCluster:
         }
         by_address = {server.address: server for server in self.servers.values()}
         for server in self.servers.values():
-            server.node.peers = ConnectionPool(
+            server.node.peers = ConnectionCache(
                 self.reactor, endpoint_factory=lambda address: _MemoryEndpoint(by_address[address])
             )
             server.start()
