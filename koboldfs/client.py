@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import random
-from functools import partial
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
@@ -63,6 +62,19 @@ class Stat:
     sha256: str
     created: float
     servers: tuple[str, ...]
+
+    @classmethod
+    def from_reply(cls, reply: Message) -> Stat:
+        """
+        The file a STAT reply describes.
+        """
+        return cls(
+            key=reply["key"],
+            size=reply["size"],
+            sha256=reply["sha256"],
+            created=reply["created"],
+            servers=tuple(reply["servers"]),
+        )
 
 
 # -- bodies in and out
@@ -296,13 +308,6 @@ class _Sink:
         return True
 
 
-def _request(op: Op, fields: dict[str, Any], conn: ClientProtocol) -> defer.Deferred[Message]:
-    """
-    One request and its reply, as an attempt for L{DeferredClient._call}.
-    """
-    return conn.request(op, fields)
-
-
 class DeferredClient:
     """
     A client of one namespace of a KoboldFS cluster; every method returns
@@ -312,6 +317,12 @@ class DeferredClient:
     reached, or answers with a retryable error, is skipped for the next.
     When every server failed, the whole round is retried after a backoff
     (C{retries} times) before the request fails with L{Unavailable}.
+
+    Beside the methods of the file store, the request layer they are built
+    on is public, for code that speaks more of the protocol through the
+    same server choice, failover and retries (the client transactions of
+    L{koboldfs.transactions}): L{run}, L{request}, L{request_on},
+    L{upload}, L{download} and L{Stat.from_reply}.
 
     @param servers: C{host:port} addresses of any servers of the cluster.
     @param reactor: the reactor; the global one when None.
@@ -361,8 +372,10 @@ class DeferredClient:
             tls=tls,
             ca=ca,
         )
-        self._retries = retries
-        self._backoff = backoff
+        #: Rounds of requests to every server after the first, and the
+        #: seconds before the first of them (doubled for each next one).
+        self.retries = retries
+        self.backoff = backoff
         self._next = random.randrange(len(self.servers))
 
     # -- the public surface
@@ -374,7 +387,7 @@ class DeferredClient:
 
         async def ping() -> bool:
             try:
-                await self._call("ping", partial(_request, Op.PING, {}), retries=0)
+                await self.request(Op.PING, {}, retries=0)
             except (AuthRequired, Forbidden):
                 raise
             except KoboldError:
@@ -388,7 +401,7 @@ class DeferredClient:
         Store C{source} (a path, bytes, or a binary file object) under
         C{key}; fire with True once the cluster has it durably.
         """
-        return defer.ensureDeferred(self._put(check_key(key), source)).addCallback(lambda _: True)
+        return self.upload(key, source).addCallback(lambda _: True)
 
     def get(self, key: str, output: Any) -> defer.Deferred[bool]:
         """
@@ -397,7 +410,7 @@ class DeferredClient:
 
         @raise ChecksumMismatch: the bytes received were not the file's.
         """
-        return defer.ensureDeferred(self._get(check_key(key), output))
+        return self.download(key, output)
 
     def get_url(self, key: str, expires: int | None = None) -> defer.Deferred[str | None]:
         """
@@ -407,8 +420,11 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key), "expires": expires}
 
         async def get_url() -> str | None:
-            reply = await self._maybe("get_url", partial(_request, Op.GET_URL, fields))
-            return None if reply is None else reply["url"]
+            try:
+                reply = await self.request(Op.GET_URL, fields)
+            except NotFound:
+                return None
+            return reply["url"]
 
         return defer.ensureDeferred(get_url())
 
@@ -419,8 +435,11 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key)}
 
         async def delete() -> bool:
-            reply = await self._maybe("delete", partial(_request, Op.DELETE, fields))
-            return reply is not None
+            try:
+                await self.request(Op.DELETE, fields)
+            except NotFound:
+                return False
+            return True
 
         return defer.ensureDeferred(delete())
 
@@ -431,8 +450,10 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key)}
 
         async def stat() -> Stat | None:
-            reply = await self._maybe("stat", partial(_request, Op.STAT, fields))
-            return None if reply is None else _stat(reply)
+            try:
+                return Stat.from_reply(await self.request(Op.STAT, fields))
+            except NotFound:
+                return None
 
         return defer.ensureDeferred(stat())
 
@@ -455,15 +476,82 @@ class DeferredClient:
         """
         return self._pool.close()
 
+    # -- the request layer
+
+    def run(
+        self,
+        what: str,
+        attempt: Callable[[ClientProtocol], Awaitable[T]],
+        *,
+        retries: int | None = None,
+    ) -> defer.Deferred[T]:
+        """
+        Run C{attempt} on a connection to each server in turn until one
+        succeeds, in rounds with backoff; fire with its result.
+
+        An attempt that fails with a retryable error (L{KoboldError.retryable})
+        passes the request to the next server; any other error ends it at
+        once, as it would be repeated everywhere.  A connection is given
+        back after the attempt, and closed if the attempt left it in the
+        middle of an exchange.
+
+        @param what: the request's name, for the error message.
+        @param retries: rounds after the first (L{retries} when None).
+        @raise Unavailable: every round failed on every server; its message
+            says what the last servers said, its code is the last error's.
+        """
+        return defer.ensureDeferred(self._run(what, attempt, retries))
+
+    def request(
+        self, op: Op, fields: dict[str, Any], *, retries: int | None = None
+    ) -> defer.Deferred[Message]:
+        """
+        Send a request answered by one OK frame to any server (as L{run});
+        fire with the reply.
+        """
+        return self.run(op.name.lower(), lambda conn: conn.request(op, fields), retries=retries)
+
+    def request_on(self, address: str, op: Op, fields: dict[str, Any]) -> defer.Deferred[Message]:
+        """
+        Send a request answered by one OK frame to the server at
+        C{address} and no other, with no retry: for what only that server
+        can answer (a transaction's vote on the uploads it holds).
+
+        @raise ConnectionFailed: the server could not be reached.
+        """
+
+        async def request_on() -> Message:
+            conn = await self._pool.acquire(address)
+            try:
+                return await conn.request(op, fields)
+            finally:
+                self._pool.release(address, conn)
+
+        return defer.ensureDeferred(request_on())
+
+    def upload(
+        self, key: str, source: Any, fields: dict[str, Any] | None = None
+    ) -> defer.Deferred[tuple[Message, str]]:
+        """
+        L{put} with C{fields} added to the PUT request (a transaction's
+        id); fire with the server's reply and the address of the server
+        that took the file.
+        """
+        return defer.ensureDeferred(self._put(check_key(key), source, fields))
+
+    def download(
+        self, key: str, output: Any, fields: dict[str, Any] | None = None
+    ) -> defer.Deferred[bool]:
+        """
+        L{get} with C{fields} added to the GET request (a transaction's id).
+        """
+        return defer.ensureDeferred(self._get(check_key(key), output, fields))
+
     # -- the logic behind it
 
     async def _put(
         self, key: str, source: Any, extra: dict[str, Any] | None = None
     ) -> tuple[Message, str]:
-        """
-        Upload; return the server's reply and the address that took it.
-        C{extra} fields go with the PUT (a transaction's id).
-        """
         body = await _open_source(self._reactor, self._threadpool, source)
         sent = False
 
@@ -475,7 +563,7 @@ class DeferredClient:
             return await self._send_body(conn, key, body, extra), conn.address
 
         try:
-            return await self._call("put", attempt)
+            return await self.run("put", attempt)
         finally:
             await body.close()
 
@@ -534,7 +622,7 @@ class DeferredClient:
             return meta
 
         try:
-            await self._call("get", attempt)
+            await self.run("get", attempt)
         except NotFound:
             return False
         except Unavailable as e:
@@ -552,21 +640,13 @@ class DeferredClient:
                 "after": after,
                 "limit": limit - len(keys),
             }
-            reply = await self._call("list", partial(_request, Op.LIST, fields))
+            reply = await self.request(Op.LIST, fields)
             page = reply["keys"]
             keys.extend(page)
             if not reply.get("truncated") or not page:
                 break
             after = page[-1]
         return keys
-
-    async def _maybe(
-        self, what: str, attempt: Callable[[ClientProtocol], Awaitable[Message]]
-    ) -> Message | None:
-        try:
-            return await self._call(what, attempt)
-        except NotFound:
-            return None
 
     def _order(self) -> list[str]:
         """
@@ -576,22 +656,18 @@ class DeferredClient:
         start, self._next = self._next, (self._next + 1) % n
         return [self.servers[(start + i) % n] for i in range(n)]
 
-    async def _call(
+    async def _run(
         self,
         what: str,
         attempt: Callable[[ClientProtocol], Awaitable[T]],
-        retries: int | None = None,
+        retries: int | None,
     ) -> T:
-        """
-        Run C{attempt} on a connection to each server in turn until one
-        succeeds, or fails with an error that another server would repeat.
-        """
         errors: list[str] = []
-        rounds = (self._retries if retries is None else retries) + 1
+        rounds = (self.retries if retries is None else retries) + 1
         last: KoboldError | None = None
         for round_ in range(rounds):
             if round_:
-                await deferLater(self._reactor, self._backoff * 2 ** (round_ - 1), lambda: None)
+                await deferLater(self._reactor, self.backoff * 2 ** (round_ - 1), lambda: None)
             for address in self._order():
                 try:
                     conn = await self._pool.acquire(address)
@@ -639,16 +715,6 @@ class _Final(Exception):
 
     def __init__(self, error: KoboldError) -> None:
         self.error = error
-
-
-def _stat(reply: Message) -> Stat:
-    return Stat(
-        key=reply["key"],
-        size=reply["size"],
-        sha256=reply["sha256"],
-        created=reply["created"],
-        servers=tuple(reply["servers"]),
-    )
 
 
 def __getattr__(name: str) -> Any:
