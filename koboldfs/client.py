@@ -321,7 +321,7 @@ class DeferredClient:
     Beside the methods of the file store, the request layer they are built
     on is public, for code that speaks more of the protocol through the
     same server choice, failover and retries (the client transactions of
-    L{koboldfs.transactions}): L{run}, L{request}, L{request_on},
+    L{koboldfs.txnclient}): L{run}, L{request}, L{request_on},
     L{upload}, L{download} and L{Stat.from_reply}.
 
     @param servers: C{host:port} addresses of any servers of the cluster.
@@ -727,7 +727,7 @@ def __getattr__(name: str) -> Any:
 
         return ClientPool
     if name == "TransactionalClientPool":
-        from koboldfs.transactions import TransactionalClientPool
+        from koboldfs.txnclient import TransactionalClientPool
 
         return TransactionalClientPool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
