@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from koboldfs.client import DeferredClient
+from koboldfs.deferredclient import DeferredClient
 from koboldfs.connection import ClientProtocol, ConnectionCache
 from koboldfs.errors import ConnectionFailed, KoboldError
 from koboldfs.protocol import Op

@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from koboldfs.blocking import ClientPool as BlockingClientPool
-from koboldfs.client import DeferredClient, Stat
+from koboldfs.deferredclient import DeferredClient, Stat
 from koboldfs.errors import ErrorCode, NotFound, TransactionError
 from koboldfs.names import check_key
 from koboldfs.protocol import Message, Op
