@@ -1,7 +1,7 @@
 """
-Tests of L{koboldfs.pool}: the bounded pool in memory against a real
-server's request handling, and the blocking pool shared by threads against
-a real server process.
+Tests of L{koboldfs.pool}: the Deferred pool and its connection limiter in
+memory against a real server's request handling, and the blocking pool
+shared by threads against a real server process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from koboldfs.test.cluster import ClusterMixin, free_port
 from koboldfs.testing import InlineThreadPool, MemoryServer, _MemoryEndpoint
 
 
-class BoundedPoolTests(SynchronousTestCase):
+class ConnectionLimiterTests(SynchronousTestCase):
     """
     The pool in memory: limits, reuse and the order of servers.
     """
