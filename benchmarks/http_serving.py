@@ -42,8 +42,8 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, CHECKOUT)
 
 from koboldfs import Client  # noqa: E402
-from koboldfs.test.cluster import free_port  # noqa: E402
 from koboldfs.test.nginx import NginxProcess  # noqa: E402
+from koboldfs.test.support import free_port  # noqa: E402
 
 NAMESPACE = "bench"
 

@@ -18,8 +18,9 @@ from koboldfs.blocking import ClientPool as BlockingClientPool
 from koboldfs.client import ClientPool as ClientPoolByName
 from koboldfs.errors import ConnectionFailed
 from koboldfs.pool import ClientPool
-from koboldfs.test.cluster import ClusterMixin, free_port
+from koboldfs.test.cluster import ClusterMixin
 from koboldfs.testing import InlineThreadPool, MemoryServer, _MemoryEndpoint
+from koboldfs.test.support import free_port
 
 
 class ConnectionLimiterTests(SynchronousTestCase):

@@ -17,9 +17,9 @@ from twisted.trial.unittest import TestCase
 from koboldfs.client import DeferredClient
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
-from koboldfs.test.cluster import ServerProcess, sleep
+from koboldfs.test.cluster import ServerProcess
 from koboldfs.test.certs import TestCA
-from koboldfs.test.test_end_to_end import eventually
+from koboldfs.test.support import eventually, sleep
 
 
 class TLSTests(TestCase):
