@@ -324,8 +324,8 @@ class DeferredClient:
     Beside the methods of the file store, the request layer they are built
     on is public, for code that speaks more of the protocol through the
     same server choice, failover and retries (the client transactions of
-    L{koboldfs.txnclient}): L{run}, L{request}, L{request_on},
-    L{upload}, L{download} and L{Stat.from_reply}.
+    L{koboldfs.txnclient}): L{run}, L{request}, L{request_or_none},
+    L{request_on}, L{upload}, L{download} and L{Stat.from_reply}.
 
     @param servers: C{host:port} addresses of any servers of the cluster.
     @param reactor: the reactor; the global one when None.
@@ -423,11 +423,8 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key), "expires": expires}
 
         async def get_url() -> str | None:
-            try:
-                reply = await self.request(Op.GET_URL, fields)
-            except NotFound:
-                return None
-            return reply["url"]
+            reply = await self.request_or_none(Op.GET_URL, fields)
+            return None if reply is None else reply["url"]
 
         return defer.ensureDeferred(get_url())
 
@@ -438,11 +435,7 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key)}
 
         async def delete() -> bool:
-            try:
-                await self.request(Op.DELETE, fields)
-            except NotFound:
-                return False
-            return True
+            return await self.request_or_none(Op.DELETE, fields) is not None
 
         return defer.ensureDeferred(delete())
 
@@ -453,10 +446,8 @@ class DeferredClient:
         fields = {"ns": self.namespace, "key": check_key(key)}
 
         async def stat() -> Stat | None:
-            try:
-                return Stat.from_reply(await self.request(Op.STAT, fields))
-            except NotFound:
-                return None
+            reply = await self.request_or_none(Op.STAT, fields)
+            return None if reply is None else Stat.from_reply(reply)
 
         return defer.ensureDeferred(stat())
 
@@ -513,6 +504,20 @@ class DeferredClient:
         fire with the reply.
         """
         return self.run(op.name.lower(), lambda conn: conn.request(op, fields), retries=retries)
+
+    def request_or_none(self, op: Op, fields: dict[str, Any]) -> defer.Deferred[Message | None]:
+        """
+        L{request}, firing with None when the server answers NOT_FOUND (a
+        missing key is missing on every server: no other is asked).
+        """
+
+        async def request_or_none() -> Message | None:
+            try:
+                return await self.request(op, fields)
+            except NotFound:
+                return None
+
+        return defer.ensureDeferred(request_or_none())
 
     def request_on(self, address: str, op: Op, fields: dict[str, Any]) -> defer.Deferred[Message]:
         """

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from koboldfs.blocking import ClientPool as BlockingClientPool
 from koboldfs.deferredclient import DeferredClient, Stat
-from koboldfs.errors import ErrorCode, NotFound, TransactionError
+from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.names import check_key
 from koboldfs.protocol import Message, Op
 
@@ -98,14 +98,9 @@ class DeferredTransaction:
         self._open()
 
         async def delete() -> bool:
-            try:
-                await self.client.request(Op.DELETE, self._fields(key))
-            except NotFound:
-                found = False
-            else:
-                found = True
+            reply = await self.client.request_or_none(Op.DELETE, self._fields(key))
             self._keys[key] = None
-            return found
+            return reply is not None
 
         return defer.ensureDeferred(delete())
 
@@ -122,10 +117,8 @@ class DeferredTransaction:
             return self.client.stat(key)
 
         async def stat() -> Stat | None:
-            try:
-                return Stat.from_reply(await self.client.request(Op.STAT, self._fields(key)))
-            except NotFound:
-                return None
+            reply = await self.client.request_or_none(Op.STAT, self._fields(key))
+            return None if reply is None else Stat.from_reply(reply)
 
         return defer.ensureDeferred(stat())
 
