@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,65 +51,27 @@ from koboldfs.protocol import (  # noqa: E402
     encode_data_header,
     encode_message,
 )
+from koboldfs.test.cluster import ServerProcess  # noqa: E402
 
 NAMESPACE = "bench"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+def start_server(base: str) -> ServerProcess:
     """
-    One C{twistd -n koboldfs} process with its own data directory.
+    One started C{twistd -n koboldfs} on loopback, with its own data
+    directory and SQLite metadata under C{base}.
     """
+    server = ServerProcess(base, "bench")
+    server.start_blocking()
+    return server
 
-    def __init__(self, base: str) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        data = os.path.join(base, "data")
-        argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            f"--logfile={os.path.join(base, 'twistd.log')}",
-            "koboldfs",
-            f"--data={data}",
-            f"--listen=tcp:{self.port}:interface=127.0.0.1",
-            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
-        ]
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
-        self.process = subprocess.Popen(argv, cwd=base, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited at start: see twistd.log")
-            try:
-                socket.create_connection(("127.0.0.1", self.http_port), 0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the server did not start in 30 s")
 
-    def peak_rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc")
 
 
 class PlainClient:
@@ -183,7 +144,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f.write(os.urandom(1024 * 1024))
     size = os.path.getsize(large)
     small = [os.urandom(4096) for _ in range(args.small)]
-    server = Server(base)
+    server = start_server(base)
     results: dict[tuple[str, str], list[float]] = {}
     try:
         wrapped = Client(NAMESPACE, servers=[server.address])
@@ -225,9 +186,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     results.setdefault((label, name), []).append(timed(partial(work, name)))
         wrapped.close()
         plain.close()
-        peak = server.peak_rss_mib()
+        peak = peak_rss_mib(server.pid)
     finally:
-        server.stop()
+        server.stop_blocking()
         shutil.rmtree(base, ignore_errors=True)
 
     figures = []

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, CHECKOUT)
 
 from koboldfs import Client  # noqa: E402
-from koboldfs.test.cluster import free_port  # noqa: E402
+from koboldfs.test.cluster import ServerProcess  # noqa: E402
 from koboldfs.test.nginx import NginxProcess  # noqa: E402
 
 NAMESPACE = "bench"
@@ -67,53 +66,6 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(99) / 1000))
 end
 """
-
-
-class Server:
-    """
-    One C{twistd -n koboldfs} process whose public URL is C{public_url}.
-    """
-
-    def __init__(self, base: str, public_url: str) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.data = os.path.join(base, "data")
-        os.makedirs(base, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            f"--logfile={os.path.join(base, 'twistd.log')}",
-            "koboldfs",
-            f"--data={self.data}",
-            f"--listen=tcp:{self.port}:interface=127.0.0.1",
-            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
-            f"--public-url={public_url}",
-        ]
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
-        self.process = subprocess.Popen(argv, cwd=base, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited at start: see twistd.log")
-            try:
-                socket.create_connection(("127.0.0.1", self.http_port), 0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the server did not start in 30 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -184,7 +136,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with open(script, "w") as f:
         f.write(WRK_SCRIPT)
     nginx = NginxProcess(os.path.join(base, "nginx"), base, binary=nginx_binary)
-    server = Server(os.path.join(base, "server"), nginx.url)
+    server = ServerProcess(base, "server", extra=(f"--public-url={nginx.url}",))
+    server.start_blocking()
     nginx.root = server.data
     nginx.launch()
     try:
@@ -210,7 +163,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         client.close()
 
         origins = {
-            "builtin": (server.url, lambda: [server.process.pid]),
+            "builtin": (server.http, lambda: [server.pid]),
             "nginx": (nginx.url, lambda: process_tree(nginx.process.pid)),  # type: ignore[union-attr]
         }
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -225,7 +178,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     results.setdefault((name, origin), []).append(result)
     finally:
         nginx.stop()
-        server.stop()
+        server.stop_blocking()
         shutil.rmtree(base, ignore_errors=True)
 
     figures = []

@@ -69,8 +69,9 @@ from koboldfs.metadata import store_from_url  # noqa: E402
 from koboldfs.replicator import Replicator  # noqa: E402
 from koboldfs.service import Node, ServerConfig  # noqa: E402
 from koboldfs.storage import Storage  # noqa: E402
-from koboldfs.test.cluster import ServerProcess, free_port, sleep  # noqa: E402
+from koboldfs.test.cluster import ServerProcess  # noqa: E402
 from koboldfs.test.pgcluster import create_database, drop_database, query  # noqa: E402
+from koboldfs.test.support import free_port, sleep  # noqa: E402
 
 NAMESPACE = "bench"
 #: A namespace of the default settings: its puts are forwarded.

@@ -27,7 +27,7 @@ sys.path.insert(0, CHECKOUT)
 
 import transaction  # noqa: E402
 
-from benchmarks.client_choice import Server  # noqa: E402
+from benchmarks.client_choice import start_server  # noqa: E402
 from koboldfs.blocking import ClientPool  # noqa: E402
 from koboldfs.client import TransactionalClientPool  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="koboldfs-bench-txn-")
-    server = Server(base)
+    server = start_server(base)
     bodies = [os.urandom(args.size) for _ in range(args.files)]
     workloads = {
         "plain put (baseline)": plain,
@@ -82,7 +82,7 @@ def main() -> None:
                 workload(server.address, f"r{run}w{n}", bodies)
                 results.setdefault(name, []).append(args.files / (time.perf_counter() - started))
     finally:
-        server.stop()
+        server.stop_blocking()
         shutil.rmtree(base, ignore_errors=True)
     baseline = statistics.median(results["plain put (baseline)"])
     print(f"{'workload':<48} {'files/s':>9} {'ratio':>6}")

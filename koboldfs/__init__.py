@@ -10,7 +10,7 @@ does not import Twisted: C{Client} is loaded on first use.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.4.0.dev0"
+from koboldfs.version import __version__
 
 __all__ = ["Client", "__version__"]
 

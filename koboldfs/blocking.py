@@ -19,7 +19,8 @@ from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
 from twisted.python import threadable
 
-from koboldfs.client import DeferredClient, Stat
+from koboldfs.deferredclient import DeferredClient, Stat
+from koboldfs.pool import ClientPool as DeferredClientPool
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -124,8 +125,4 @@ class ClientPool(Client):
     C{down_for}, and those of L{DeferredClient}.
     """
 
-    @property
-    def _factory(self) -> Any:  # type: ignore[override]
-        from koboldfs.pool import ClientPool as DeferredClientPool
-
-        return DeferredClientPool
+    _factory = DeferredClientPool

@@ -27,7 +27,7 @@ from twisted.internet.ssl import (
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from koboldfs import __version__
+from koboldfs.version import __version__
 from koboldfs.auth import Credentials
 from koboldfs.errors import (
     AuthRequired,

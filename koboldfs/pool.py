@@ -1,8 +1,9 @@
 """
-Client pools: a bounded, health-checked set of connections per server.
+Client pools: clients whose connections are bounded and health-checked per
+server.
 
 L{ClientPool} is a L{DeferredClient} whose connections are held in a
-L{BoundedPool}: at most C{max_connections} per server at once (further
+L{ConnectionLimiter}: at most C{max_connections} per server at once (further
 requests wait their turn instead of opening more), idle connections reused
 and pinged before reuse once they have been idle for C{check_after}
 seconds, and servers that refused a connection put at the back of the
@@ -17,17 +18,18 @@ from typing import Any
 
 from twisted.internet import defer
 
-from koboldfs.client import DeferredClient
+from koboldfs.deferredclient import DeferredClient
 from koboldfs.connection import ClientProtocol, ConnectionCache
 from koboldfs.errors import ConnectionFailed, KoboldError
 from koboldfs.protocol import Op
 
 
-class BoundedPool:
+class ConnectionLimiter:
     """
-    Wraps a L{ConnectionCache} (which makes and keeps the connections) with
-    a limit per server, a liveness check of stale idle connections, and a
-    record of which servers are unreachable.
+    The connections of a L{ClientPool}: wraps a L{ConnectionCache} (which
+    makes and keeps the connections) with a limit per server, a liveness
+    check of stale idle connections, and a record of which servers are
+    unreachable.  Not a pool of clients: L{ClientPool} is that.
 
     A slot is taken by L{acquire} and given back by L{release}, or when a
     checked-out connection is lost (a request that fails mid-stream closes
@@ -196,7 +198,7 @@ class ClientPool(DeferredClient):
         **options: Any,
     ) -> None:
         super().__init__(namespace, servers, reactor, **options)
-        self._pool = BoundedPool(  # type: ignore[assignment]
+        self._pool = ConnectionLimiter(  # type: ignore[assignment]
             self._pool,
             self._reactor,
             max_connections=max_connections,
@@ -205,9 +207,9 @@ class ClientPool(DeferredClient):
         )
 
     @property
-    def connections(self) -> BoundedPool:
+    def connections(self) -> ConnectionLimiter:
         """
-        The pool of connections, for introspection (slots in use, health).
+        The pool's connections, for introspection (slots in use, health).
         """
         return self._pool  # type: ignore[return-value]
 

@@ -17,30 +17,14 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 
 import koboldfs
+from koboldfs.test.support import free_port, sleep
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(koboldfs.__file__)))
 
 #: Where a test finds PostgreSQL: set by .ci/run (see .ci/postgres.sh).
 POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
-
-
-def free_port() -> int:
-    """
-    A loopback port nobody listens on now.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    """
-    Let the reactor run for a while: for polling real processes only.
-    """
-    return deferLater(reactor, seconds, lambda: None)
 
 
 class ServerProcess:

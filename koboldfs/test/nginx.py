@@ -18,7 +18,8 @@ import signal
 import socket
 import subprocess
 
-from koboldfs.test.cluster import CHECKOUT, free_port
+from koboldfs.test.cluster import CHECKOUT
+from koboldfs.test.support import free_port
 
 #: The nginx binary to test with: set by .ci/run.
 NGINX = os.environ.get("KOBOLDFS_TEST_NGINX")

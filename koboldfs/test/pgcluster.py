@@ -39,7 +39,7 @@ from twisted.internet import defer, reactor, utils
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from koboldfs.test.cluster import free_port, sleep
+from koboldfs.test.support import free_port, sleep
 
 #: The shared test cluster, as .ci/postgres.sh exports it.
 POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")

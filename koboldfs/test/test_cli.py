@@ -25,8 +25,8 @@ from twisted.trial.unittest import TestCase
 
 from koboldfs import cli
 from koboldfs.client import DeferredClient
-from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess, free_port
-from koboldfs.test.test_end_to_end import eventually
+from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess
+from koboldfs.test.support import eventually, free_port
 
 
 @dataclass

@@ -19,9 +19,10 @@ from twisted.trial.unittest import TestCase
 
 from koboldfs.client import DeferredClient
 from koboldfs.errors import Unavailable
-from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess, sleep
+from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess
 from koboldfs.test.pgcluster import PostgresMixin, query
-from koboldfs.test.test_end_to_end import eventually, files_on_disk
+from koboldfs.test.test_end_to_end import files_on_disk
+from koboldfs.test.support import eventually, sleep
 
 #: No replication pass during a test: only the put can make a copy.
 SLOW = ("--replicate-interval=300",)

@@ -21,7 +21,8 @@ from koboldfs.client import DeferredClient
 from koboldfs.errors import ChecksumMismatch, InvalidKey, InvalidNamespace
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
 from koboldfs.test.pgcluster import create_database, drop_database
-from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess, free_port, sleep
+from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess
+from koboldfs.test.support import eventually, free_port
 
 
 def files_on_disk(server: ServerProcess, area: str = "files") -> list[str]:
@@ -43,17 +44,6 @@ def raw_connection(server: ServerProcess) -> socket.socket:
         frames = decoder.feed(sock.recv(65536))
     assert frames[0].op is Op.WELCOME, frames
     return sock
-
-
-async def eventually(check, timeout: float = 20.0, what: str = "condition") -> None:
-    """
-    Poll a real process's state until C{check()} holds, with a deadline.
-    """
-    deadline = reactor.seconds() + timeout
-    while not await defer.maybeDeferred(check):
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.1)
 
 
 class SampleTests(ClusterMixin, TestCase):

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from koboldfs.client import DeferredClient
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.protocol import CHUNK_SIZE
-from koboldfs.test.cluster import ClusterMixin, ServerProcess, sleep
+from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.nginx import (
     EXAMPLE,
     EXAMPLE_HMAC,
@@ -28,6 +28,7 @@ from koboldfs.test.nginx import (
     NginxProcess,
 )
 from koboldfs.urls import nginx_key, signed_url
+from koboldfs.test.support import sleep
 
 
 def fetch(

@@ -5,9 +5,8 @@ Tests for the metadata stores: one suite, run against every database.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
-from typing import Any, Callable, Generator, TypeVar
+from typing import Any, Callable, Generator
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
@@ -15,7 +14,6 @@ from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.engine import make_url
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -35,11 +33,11 @@ from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, replicas, schema_
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.test import pgcluster
 from koboldfs.test.pgcluster import PostgresCluster, PostgresMixin
+from koboldfs.test.support import free_port, sleep, until_available
 
 SHA = "ab" * 32
 T0 = 1_700_000_000.25
 
-T = TypeVar("T")
 InlineTest = Generator[Deferred[Any], Any, None]
 
 
@@ -976,28 +974,6 @@ class ListenersTests(unittest.TestCase):
 _POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def eventually(
-    call: Callable[[], Deferred[T]], timeout: float = 30.0
-) -> Generator[Deferred[Any], Any, T]:
-    """
-    Fire with C{call()}'s result, calling again while it fails with
-    L{Unavailable}: a store reconnects on its own schedule.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        try:
-            return (yield call())
-        except Unavailable:
-            if reactor.seconds() > deadline:
-                raise
-            yield sleep(0.1)
-
-
 @inlineCallbacks
 def waitFor(
     condition: Callable[[], bool],
@@ -1012,21 +988,12 @@ def waitFor(
     deadline = reactor.seconds() + timeout
     while reactor.seconds() < deadline:
         if poke is not None:
-            yield eventually(poke)
+            yield until_available(poke)
         for _ in range(20):
             if condition():
                 return
             yield sleep(0.05)
     raise AssertionError(f"still waiting after {timeout} s")
-
-
-def closedPort() -> int:
-    """
-    A loopback port that nothing listens on (for an instant at least).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # type: ignore[no-any-return]
 
 
 def blocked(connection: Any) -> int:
@@ -1137,7 +1104,7 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         A database that cannot be reached fails start with the retryable
         L{Unavailable}, naming the cause, and leaves nothing open.
         """
-        url = f"postgresql://postgres@127.0.0.1:{closedPort()}/koboldfs_test"
+        url = f"postgresql://postgres@127.0.0.1:{free_port()}/koboldfs_test"
         store = self.makeStore(url)
         error = yield self.assertFailure(store.start(), Unavailable)
         self.assertTrue(error.retryable)
@@ -1152,7 +1119,7 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         """
         params = parse_dsn(libpq_dsn(self.url))
         url = (
-            f"postgresql://{params['user']}@127.0.0.1:{closedPort()},"
+            f"postgresql://{params['user']}@127.0.0.1:{free_port()},"
             f"{params['host']}:{params['port']}/{params['dbname']}"
             "?target_session_attrs=read-write"
         )
@@ -1261,10 +1228,10 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         yield self.assertFailure(self.addFile(two, "down"), Unavailable)
 
         yield ensureDeferred(cluster.start())
-        added = yield eventually(lambda: self.addFile(two, "after"))
-        self.assertEqual((yield eventually(lambda: one.lookup("ns", "after"))), added)
+        added = yield until_available(lambda: self.addFile(two, "after"))
+        self.assertEqual((yield until_available(lambda: one.lookup("ns", "after"))), added)
         self.assertEqual(
-            (yield eventually(lambda: one.list_keys("ns", "", None, 10))),
+            (yield until_available(lambda: one.list_keys("ns", "", None, 10))),
             ["after", "before"],
         )
         # Notifications sent before one's LISTEN is back are lost: keep

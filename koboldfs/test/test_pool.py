@@ -1,7 +1,7 @@
 """
-Tests of L{koboldfs.pool}: the bounded pool in memory against a real
-server's request handling, and the blocking pool shared by threads against
-a real server process.
+Tests of L{koboldfs.pool}: the Deferred pool and its connection limiter in
+memory against a real server's request handling, and the blocking pool
+shared by threads against a real server process.
 """
 
 from __future__ import annotations
@@ -10,19 +10,24 @@ import io
 import os
 import threading
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from koboldfs.blocking import ClientPool as BlockingClientPool
 from koboldfs.client import ClientPool as ClientPoolByName
+from koboldfs.connection import ClientProtocol, parse_address
 from koboldfs.errors import ConnectionFailed
 from koboldfs.pool import ClientPool
-from koboldfs.test.cluster import ClusterMixin, free_port
+from koboldfs.test.cluster import ClusterMixin
 from koboldfs.testing import InlineThreadPool, MemoryServer, _MemoryEndpoint
+from koboldfs.test.support import free_port
 
 
-class BoundedPoolTests(SynchronousTestCase):
+class ConnectionLimiterTests(SynchronousTestCase):
     """
     The pool in memory: limits, reuse and the order of servers.
     """
@@ -149,10 +154,18 @@ class BlockingPoolTests(ClusterMixin, TestCase):
         """
         server = await self.startServer("a")
         dead = f"127.0.0.1:{free_port()}"
+        dials = _CountingDialer()
 
         def work() -> list[str]:
             errors: list[str] = []
-            pool = BlockingClientPool("demo", [dead, server.address], max_connections=2, retries=1)
+            pool = BlockingClientPool(
+                "demo",
+                [dead, server.address],
+                max_connections=2,
+                retries=1,
+                down_for=600,
+                endpoint_factory=dials.endpoint,
+            )
 
             def worker(n: int) -> None:
                 try:
@@ -170,9 +183,60 @@ class BlockingPoolTests(ClusterMixin, TestCase):
                 t.start()
             for t in threads:
                 t.join(60)
-            self.assertLessEqual(pool._client.connections.in_use(server.address), 2)
+            self.assertEqual(pool._client.connections.in_use(server.address), 0)
             self.assertEqual(len(pool.list("t")), 40)
             pool.close()
             return errors
 
         self.assertEqual(await deferToThread(work), [])
+        # Never more than two connections open to the server at once...
+        self.assertIn(dials.most_open.get(server.address), (1, 2))
+        # ...and the dead server tried at most once by each thread, before
+        # its first refusal came back: not by each of the 81 requests.
+        self.assertGreaterEqual(dials.attempts[dead], 1)
+        self.assertLessEqual(dials.attempts[dead], 8)
+
+
+class _CountingDialer:
+    """
+    Real TCP connections, counted: how many times each address was dialled
+    and the most connections open to it at any one time.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.most_open: dict[str, int] = {}
+        self._open: dict[str, int] = {}
+
+    def endpoint(self, address: str) -> _CountedEndpoint:
+        host, port = parse_address(address)
+        return _CountedEndpoint(self, address, HostnameEndpoint(reactor, host, port, timeout=5))
+
+    def dialled(self, address: str) -> None:
+        self.attempts[address] = self.attempts.get(address, 0) + 1
+
+    def opened(self, address: str, conn: ClientProtocol) -> None:
+        self._open[address] = self._open.get(address, 0) + 1
+        self.most_open[address] = max(self.most_open.get(address, 0), self._open[address])
+        conn.lost.addCallback(lambda _: self._closed(address))
+
+    def _closed(self, address: str) -> None:
+        self._open[address] -= 1
+
+
+@implementer(IStreamClientEndpoint)
+class _CountedEndpoint:
+    def __init__(self, dialer: _CountingDialer, address: str, inner: HostnameEndpoint) -> None:
+        self._dialer = dialer
+        self._address = address
+        self._inner = inner
+
+    def connect(self, factory: object) -> defer.Deferred[ClientProtocol]:
+        self._dialer.dialled(self._address)
+        d = self._inner.connect(factory)
+
+        def opened(conn: ClientProtocol) -> ClientProtocol:
+            self._dialer.opened(self._address, conn)
+            return conn
+
+        return d.addCallback(opened)

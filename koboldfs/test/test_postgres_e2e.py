@@ -29,8 +29,9 @@ from twisted.trial.unittest import TestCase
 from koboldfs.client import DeferredClient
 from koboldfs.errors import KoboldError
 from koboldfs.protocol import CHUNK_SIZE
-from koboldfs.test.cluster import ClusterMixin, ServerProcess, sleep
+from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.pgcluster import SKIP, PostgresMixin, create_database
+from koboldfs.test.support import sleep
 
 log = Logger()
 

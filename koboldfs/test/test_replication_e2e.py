@@ -39,7 +39,8 @@ from koboldfs.metadata import store_from_url
 from koboldfs.protocol import Data, FrameDecoder, Op, encode_message
 from koboldfs.test.cluster import POSTGRES_URL, ClusterMixin, ServerProcess
 from koboldfs.test.pgcluster import PostgresMixin, query
-from koboldfs.test.test_end_to_end import eventually, files_on_disk, raw_connection
+from koboldfs.test.test_end_to_end import files_on_disk, raw_connection
+from koboldfs.test.support import eventually
 
 #: Short passes, so that what SQLite does not notify is seen quickly.
 FAST = ("--replicate-interval=0.5",)

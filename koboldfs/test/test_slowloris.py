@@ -16,7 +16,8 @@ from twisted.trial.unittest import TestCase
 
 from koboldfs.errors import ErrorCode
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_message
-from koboldfs.test.cluster import ClusterMixin, ServerProcess, sleep
+from koboldfs.test.cluster import ClusterMixin, ServerProcess
+from koboldfs.test.support import sleep
 
 HELLO = encode_message(Op.HELLO, {"versions": [VERSION]})
 PING = encode_message(Op.PING)

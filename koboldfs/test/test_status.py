@@ -30,7 +30,7 @@ from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.status import POLL, SPACING, Status
 from koboldfs.testing import MemoryServer
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
-from koboldfs.test.test_end_to_end import eventually
+from koboldfs.test.support import eventually
 
 #: Debian's chromium, which .ci/run installs when missing.
 CHROMIUM = os.environ.get("KOBOLDFS_TEST_CHROMIUM") or shutil.which("chromium")

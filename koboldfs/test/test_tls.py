@@ -17,9 +17,9 @@ from twisted.trial.unittest import TestCase
 from koboldfs.client import DeferredClient
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
-from koboldfs.test.cluster import ServerProcess, sleep
+from koboldfs.test.cluster import ServerProcess
 from koboldfs.test.certs import TestCA
-from koboldfs.test.test_end_to_end import eventually
+from koboldfs.test.support import eventually
 
 
 class TLSTests(TestCase):
@@ -131,10 +131,16 @@ class TLSTests(TestCase):
             on_b = self.client(b, tls=True, ca=self.ca.ca, key=key)
             self.assertTrue(await on_b.get("k.bin", out))
             self.assertEqual(out.getvalue(), body)
-            # Several of c's passes later, still no copy on c: refused.
-            await sleep(3)
+
+            # c's replicator asks a and b for the file, pass after pass, and
+            # each refuses it: after several refusals, still no copy on c.
+            def refusals() -> int:
+                return sum(
+                    "requires authentication" in line for line in c.tail(10_000).splitlines()
+                )
+
+            await eventually(lambda: refusals() >= 4, timeout=30, what="c refused by a and b")
             self.assertEqual((await client.stat("k.bin")).servers, ("a", "b"))
-            self.assertIn("requires authentication", c.tail(200))
             # c asked for the file relays it from a peer, which refuses c.
             on_c = self.client(c, tls=True, ca=self.ca.ca, key=key, retries=0)
             with self.assertRaises(Unavailable) as caught:

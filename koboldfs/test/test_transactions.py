@@ -25,7 +25,7 @@ from koboldfs.service import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
 from koboldfs.txnserver import TransactionSweeper, sweep_interval
-from koboldfs.transactions import DeferredTransaction, TransactionalClientPool, _DataManager
+from koboldfs.txnclient import DeferredTransaction, TransactionalClientPool, _DataManager
 
 
 class TransactionTests(SynchronousTestCase):

@@ -25,7 +25,8 @@ from koboldfs.client import TransactionalClientPool
 from koboldfs.errors import TransactionError
 from koboldfs.test.cluster import CHECKOUT, POSTGRES_URL, ClusterMixin, ServerProcess
 from koboldfs.test.pgcluster import create_database, drop_database
-from koboldfs.test.test_end_to_end import eventually, files_on_disk
+from koboldfs.test.test_end_to_end import files_on_disk
+from koboldfs.test.support import eventually
 
 
 class _KillOnVote:

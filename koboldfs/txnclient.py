@@ -12,7 +12,6 @@ guarantees are in docs/transactions.md.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import transaction as transaction_package
@@ -21,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from koboldfs.blocking import ClientPool as BlockingClientPool
-from koboldfs.client import DeferredClient, Stat, _request, _stat
+from koboldfs.deferredclient import DeferredClient, Stat
 from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.names import check_key
 from koboldfs.protocol import Message, Op
@@ -59,7 +58,7 @@ class DeferredTransaction:
 
         async def begin() -> DeferredTransaction:
             fields = {"ns": client.namespace}
-            reply = await client._call("begin", partial(_request, Op.BEGIN, fields))
+            reply = await client.request(Op.BEGIN, fields)
             return cls(client, reply["txn"])
 
         return defer.ensureDeferred(begin())
@@ -84,7 +83,7 @@ class DeferredTransaction:
         self._open()
 
         async def put() -> bool:
-            _, address = await self.client._put(key, source, {"txn": self.id})
+            _, address = await self.client.upload(key, source, {"txn": self.id})
             self._keys[key] = address
             return True
 
@@ -99,9 +98,7 @@ class DeferredTransaction:
         self._open()
 
         async def delete() -> bool:
-            reply = await self.client._maybe(
-                "delete", partial(_request, Op.DELETE, self._fields(key))
-            )
+            reply = await self.client.request_or_none(Op.DELETE, self._fields(key))
             self._keys[key] = None
             return reply is not None
 
@@ -112,7 +109,7 @@ class DeferredTransaction:
     def get(self, key: str, output: Any) -> defer.Deferred[bool]:
         key = check_key(key)
         extra = {"txn": self.id} if key in self._keys else None
-        return defer.ensureDeferred(self.client._get(key, output, extra))
+        return self.client.download(key, output, extra)
 
     def stat(self, key: str) -> defer.Deferred[Stat | None]:
         key = check_key(key)
@@ -120,8 +117,8 @@ class DeferredTransaction:
             return self.client.stat(key)
 
         async def stat() -> Stat | None:
-            reply = await self.client._maybe("stat", partial(_request, Op.STAT, self._fields(key)))
-            return None if reply is None else _stat(reply)
+            reply = await self.client.request_or_none(Op.STAT, self._fields(key))
+            return None if reply is None else Stat.from_reply(reply)
 
         return defer.ensureDeferred(stat())
 
@@ -171,11 +168,11 @@ class DeferredTransaction:
         holders = sorted({a for a in self._keys.values() if a is not None})
         reply: Message | None = None
         for address in holders:
-            reply = await self._on(address, Op.PREPARE, fields)
+            reply = await self.client.request_on(address, Op.PREPARE, fields)
         if twophase:
             if reply is None:
                 # Deletes only: any server records the prepared state.
-                reply = await self.client._call("prepare", partial(_request, Op.PREPARE, fields))
+                reply = await self.client.request(Op.PREPARE, fields)
             if reply["state"] not in ("prepared", "committed"):
                 raise TransactionError(
                     ErrorCode.TXN_STATE,
@@ -183,17 +180,6 @@ class DeferredTransaction:
                     "were not vouched for by the servers holding them",
                 )
             self.state = "prepared"
-
-    async def _on(self, address: str, op: Op, fields: dict[str, Any]) -> Message:
-        """
-        One request to the server at C{address}, and no other.
-        """
-        pool = self.client._pool
-        conn = await pool.acquire(address)
-        try:
-            return await conn.request(op, fields)
-        finally:
-            pool.release(address, conn)
 
     def commit(self, twophase: bool = False) -> defer.Deferred[None]:
         """
@@ -205,8 +191,8 @@ class DeferredTransaction:
 
         async def commit() -> None:
             fields = {"txn": self.id, "prepared": twophase}
-            retries = max(self.client._retries, COMMIT_RETRIES)
-            await self.client._call("commit", partial(_request, Op.COMMIT, fields), retries)
+            retries = max(self.client.retries, COMMIT_RETRIES)
+            await self.client.request(Op.COMMIT, fields, retries=retries)
             self.state = "committed"
 
         return defer.ensureDeferred(commit())
@@ -217,7 +203,7 @@ class DeferredTransaction:
         """
 
         async def abort() -> None:
-            await self.client._call("abort", partial(_request, Op.ABORT, {"txn": self.id}))
+            await self.client.request(Op.ABORT, {"txn": self.id})
             self.state = "aborted"
 
         return defer.ensureDeferred(abort())
