@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, KoboldError, ServerError, Unavailable
-from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo, ServerState
 from koboldfs.protocol import Message
 from koboldfs.replicator import placement_weight
 from koboldfs.storage import relpath_for
@@ -62,7 +62,8 @@ def live_hosts(
     """
     hosts = {my_host}
     for server in servers.values():
-        if server.state == "alive" and server.name != me and server.is_up(now, down_after):
+        up = server.is_up(now, down_after)
+        if server.state == ServerState.ALIVE and server.name != me and up:
             hosts.add(server.host)
     return hosts
 
@@ -118,7 +119,10 @@ def forward_targets(
     candidates = [
         s
         for s in servers.values()
-        if s.name != me and s.host != my_host and s.state == "alive" and s.is_up(now, down_after)
+        if s.name != me
+        and s.host != my_host
+        and s.state == ServerState.ALIVE
+        and s.is_up(now, down_after)
     ]
     candidates.sort(key=lambda s: placement_weight(fid, s.name))
     return candidates

@@ -8,15 +8,27 @@ metadata store, so callers on the reactor thread never touch a connection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 from zope.interface import Attribute, Interface
 
-#: Server states.  A server in ``alive`` takes reads and new files;
-#: ``readonly`` serves but takes none; ``drain`` has its files copied
-#: elsewhere; ``dead`` is forgotten.  ``down`` is not stored: it is what an
-#: ``alive`` server whose heartbeat is too old is taken to be.
-SERVER_STATES = ("alive", "readonly", "drain", "dead")
+
+class ServerState(StrEnum):
+    """
+    The states an operator sets a server to (C{koboldfs admin set-state}),
+    stored as their values.  ``down`` is not one: it is what a server whose
+    heartbeat is too old is taken to be, whatever its state.
+    """
+
+    #: Serves reads and takes new files.
+    ALIVE = "alive"
+    #: Serves reads, takes no new files.
+    READONLY = "readonly"
+    #: Its files are copied elsewhere; its copies no longer count.
+    DRAIN = "drain"
+    #: Forgotten: never asked, its copies forgotten.
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class ServerInfo:
     host: str
     address: str
     public_url: str
-    state: str = "alive"
+    state: str = ServerState.ALIVE
     heartbeat: float = 0.0
     disk_free: int = 0
     disk_total: int = 0
@@ -43,7 +55,7 @@ class ServerInfo:
         Whether this server can be asked for files: not dead, and heard from
         within C{timeout} seconds.
         """
-        return self.state != "dead" and now - self.heartbeat <= timeout
+        return self.state != ServerState.DEAD and now - self.heartbeat <= timeout
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ class IMetadataStore(Interface):
 
     def set_server_state(name, state):
         """
-        Set a server's state (one of L{SERVER_STATES}); fire with False if
+        Set a server's state (a L{ServerState}); fire with False if
         there is no such server.
         """
 

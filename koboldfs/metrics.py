@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 
+from koboldfs.interfaces import ServerState
+
 #: The namespace of the per-request log events, to filter them by.
 REQUEST_LOG_NAMESPACE = "koboldfs.requests"
 
@@ -284,7 +286,7 @@ class _StateCollector:
         servers = gauge("koboldfs_servers", "Servers registered, by state", labels=["state"])
         counts: dict[str, int] = {}
         for s in snap["servers"]:
-            state = "down" if not s["up"] and s["state"] != "dead" else s["state"]
+            state = "down" if not s["up"] and s["state"] != ServerState.DEAD else s["state"]
             counts[state] = counts.get(state, 0) + 1
         for state, n in sorted(counts.items()):
             servers.add_metric([state], n)

@@ -43,7 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from koboldfs.errors import CorruptReplica, KoboldError, NotFound
-from koboldfs.interfaces import FileInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, ServerInfo, ServerState
 from koboldfs.metadata import FILE_ADDED, SERVER_CHANGED
 from koboldfs.protocol import CHUNK_SIZE
 
@@ -68,10 +68,10 @@ DEFER_INTERVALS = 3
 #: States whose copies count towards a namespace's replica count: a
 #: draining server's copies are to be made elsewhere, a dead one's are
 #: forgotten.
-COUNTED_STATES = ("alive", "readonly")
+COUNTED_STATES = (ServerState.ALIVE, ServerState.READONLY)
 #: States that make the whole cluster look again from the first id: their
 #: servers' copies stopped counting.
-UNCOUNTED_STATES = ("drain", "dead")
+UNCOUNTED_STATES = (ServerState.DRAIN, ServerState.DEAD)
 
 
 class Decision(Enum):
@@ -136,7 +136,7 @@ def choose(
         s
         for s in servers.values()
         if s.name not in info.replicas
-        and s.state == "alive"
+        and s.state == ServerState.ALIVE
         and (s.name == me or s.is_up(now, down_after))
     ]
 

@@ -47,7 +47,7 @@ from koboldfs.errors import (
     ProtocolError,
     ServerError,
 )
-from koboldfs.interfaces import FileInfo, IMetadataStore, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, IMetadataStore, NamespaceInfo, ServerInfo, ServerState
 from koboldfs.metadata import store_from_url
 from koboldfs.metrics import Metrics
 from koboldfs.names import check_key, check_namespace
@@ -264,7 +264,7 @@ class Node:
     @property
     def readonly(self) -> bool:
         me = self._servers.get(self.name)
-        return me is not None and me.state != "alive"
+        return me is not None and me.state != ServerState.ALIVE
 
     # -- requests
 

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from koboldfs import __version__
 from koboldfs.errors import KoboldError
+from koboldfs.interfaces import ServerState
 from koboldfs import humanize
 from koboldfs.metadata.health import Health
 
@@ -134,7 +135,7 @@ class Status:
                     "files": self.held.get(s.name, 0),
                 }
             )
-        down = [s["name"] for s in servers if not s["up"] and s["state"] != "dead"]
+        down = [s["name"] for s in servers if not s["up"] and s["state"] != ServerState.DEAD]
         me = next((s for s in servers if s["name"] == node.name), None) or {
             "name": node.name,
             "disk_free": 0,
@@ -207,8 +208,9 @@ def render_html(snap: dict[str, Any]) -> bytes:
     e = html.escape
     rows = []
     for s in snap["servers"]:
-        state = s["state"] if s["up"] or s["state"] == "dead" else f"{s['state']}, down"
-        cls = "bad" if "down" in state or s["state"] == "dead" else "ok"
+        dead = s["state"] == ServerState.DEAD
+        state = s["state"] if s["up"] or dead else f"{s['state']}, down"
+        cls = "bad" if "down" in state or dead else "ok"
         rows.append(
             "<tr>"
             f"<td>{e(s['name'])}</td><td>{e(s['host'])}</td>"
