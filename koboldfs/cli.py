@@ -32,6 +32,7 @@ from koboldfs.errors import ConnectionFailed, InvalidName, KoboldError
 from koboldfs.interfaces import ServerState
 from koboldfs import humanize
 from koboldfs.names import check_key, check_namespace
+from koboldfs.placement import missing_copies, wanted_copies
 
 #: Exit statuses.  C{EXIT_NOT_FOUND} is also C{admin status}'s "degraded".
 EXIT_OK = 0
@@ -57,9 +58,6 @@ STAT_CONCURRENCY = 8
 #: Copies C{admin fsck} verifies at once, and files it reads per query.
 FSCK_CONCURRENCY = 4
 FSCK_PAGE = 500
-
-#: Server states whose copies count towards a namespace's replica count.
-_COUNTED = (ServerState.ALIVE, ServerState.READONLY)
 
 SERVERS_HINT = "is `twistd koboldfs` running there? set --servers or KOBOLDFS_SERVERS"
 DB_HINT = "set --db or KOBOLDFS_DB to the servers' --db"
@@ -1112,7 +1110,6 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     if namespace is not None and namespace not in namespaces:
         raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
     now = reactor.seconds()
-    alive = sum(1 for s in servers.values() if s.state == ServerState.ALIVE)
     pool = ConnectionCache(reactor, 60.0, 5.0)
     limit = defer.DeferredSemaphore(args.concurrency)
     problems: list[str] = []
@@ -1184,16 +1181,17 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
             for info in page:
                 counts["files"] += 1
                 ns = namespaces.get(info.namespace)
-                wanted = ns.replicas if ns is not None and ns.replicas is not None else alive
-                counted = [
-                    n for n in info.replicas if n in servers and servers[n].state in _COUNTED
-                ]
+                wanted = wanted_copies(None if ns is None else ns.replicas, servers)
+                missing = missing_copies(info, servers, wanted)
+                if missing:
+                    # Short, as the status page and the replicators count it:
+                    # a file with no good copy left is short too.
+                    counts["short"] += 1
                 if not info.replicas:
                     problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
-                elif len(counted) < wanted:
-                    counts["short"] += 1
+                elif missing:
                     problem(
-                        f"{info.namespace}/{info.key} (file {info.id}): {len(counted)} of "
+                        f"{info.namespace}/{info.key} (file {info.id}): {wanted - missing} of "
                         f"{wanted} copies ({', '.join(info.replicas)}); the replicators make "
                         "the rest"
                     )

@@ -25,10 +25,8 @@ See docs/replication.md.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from twisted.internet.defer import (
     CancelledError,
@@ -43,8 +41,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from koboldfs.errors import CorruptReplica, KoboldError, NotFound
-from koboldfs.interfaces import FileInfo, ServerInfo, ServerState
+from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata import FILE_ADDED, SERVER_CHANGED
+from koboldfs.placement import UNCOUNTED_STATES, Decision, choose
 from koboldfs.protocol import CHUNK_SIZE
 
 if TYPE_CHECKING:
@@ -65,91 +64,6 @@ RESCAN = 3600.0
 #: Intervals a server not chosen for a copy waits before it looks again
 #: (and copies anyway if the chosen ones have not).
 DEFER_INTERVALS = 3
-#: States whose copies count towards a namespace's replica count: a
-#: draining server's copies are to be made elsewhere, a dead one's are
-#: forgotten.
-COUNTED_STATES = (ServerState.ALIVE, ServerState.READONLY)
-#: States that make the whole cluster look again from the first id: their
-#: servers' copies stopped counting.
-UNCOUNTED_STATES = (ServerState.DRAIN, ServerState.DEAD)
-
-
-class Decision(Enum):
-    """
-    What a server does about a file it lacks.
-    """
-
-    COPY = "copy"
-    ENOUGH = "enough"  # the namespace's count is met: nothing to do
-    DEFER = "defer"  # other servers are to copy it first
-
-
-def counted_copies(info: FileInfo, servers: Mapping[str, ServerInfo]) -> list[str]:
-    """
-    The servers whose copies of C{info} count: those neither draining nor
-    dead (a server the metadata does not list yet counts).  A down server's
-    copy counts: it is expected back, and its absence alone makes no copy.
-    """
-    return [
-        name
-        for name in info.replicas
-        if name not in servers or servers[name].state in COUNTED_STATES
-    ]
-
-
-def placement_weight(fid: str, server: str) -> bytes:
-    """
-    Where C{server} ranks for a copy of file C{fid}, lowest first:
-    rendezvous hashing, which every server computes alike.
-    """
-    return hashlib.sha256(f"{fid}/{server}".encode()).digest()
-
-
-def choose(
-    info: FileInfo,
-    me: str,
-    servers: Mapping[str, ServerInfo],
-    wanted: int | None,
-    now: float,
-    down_after: float,
-) -> Decision:
-    """
-    Whether server C{me} copies C{info} now, given every server's state
-    and a namespace count of C{wanted} copies (None: every server).
-
-    While fewer than C{wanted} copies count, the servers that are to make
-    the rest are picked, without any coordination, in an order every
-    server computes alike: servers that are alive and up and lack a copy,
-    those on a C{--host} holding no copy yet (counting the ones already
-    picked) first, then by a hash of the file's and the server's names
-    (rendezvous hashing: spreads files evenly, and moves few when servers
-    come and go).  A server not among them defers.
-    """
-    if wanted is None:
-        return Decision.COPY
-    counted = counted_copies(info, servers)
-    need = wanted - len(counted)
-    if need <= 0:
-        return Decision.ENOUGH
-    hosts = {servers[name].host for name in counted if name in servers}
-    candidates = [
-        s
-        for s in servers.values()
-        if s.name not in info.replicas
-        and s.state == ServerState.ALIVE
-        and (s.name == me or s.is_up(now, down_after))
-    ]
-
-    candidates.sort(key=lambda s: placement_weight(info.fid, s.name))
-    for _ in range(need):
-        if not candidates:
-            break
-        best = min(candidates, key=lambda s: s.host in hosts)
-        if best.name == me:
-            return Decision.COPY
-        candidates.remove(best)
-        hosts.add(best.host)
-    return Decision.DEFER
 
 
 class CopyFailed(KoboldError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, bindparam, case, func, literal_column, or_, select, update
 
 from koboldfs.interfaces import FileInfo, ServerState
+from koboldfs.placement import COUNTED_STATES
 from koboldfs.metadata.queries import (
     _LIVE,
     Query,
@@ -26,9 +27,8 @@ from koboldfs.metadata.queries import (
 )
 from koboldfs.metadata.schema import files, namespaces, replicas, servers
 
-#: Server states whose copies count towards a namespace's replica count
-#: (as L{koboldfs.replicator.COUNTED_STATES}).
-_COUNTED = (ServerState.ALIVE, ServerState.READONLY)
+#: Server states whose copies count towards a namespace's replica count.
+_COUNTED = COUNTED_STATES
 
 
 @dataclass(frozen=True)
