@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Awaitable, Callable
 
@@ -36,6 +36,7 @@ from koboldfs.auth import (
     is_local_endpoint,
     new_nonce,
 )
+from koboldfs.config import ServerConfig
 from koboldfs.connection import ConnectionCache
 from koboldfs.errors import (
     Busy,
@@ -87,50 +88,6 @@ ABORT_AFTER = 5.0
 
 #: Most keys one LIST reply carries, whatever the client asks.
 MAX_LIST = 1000
-
-
-@dataclass
-class ServerConfig:
-    """
-    Everything a server is told at start; see docs/server.md.
-    """
-
-    name: str
-    host: str
-    data: str
-    listen: str = "tcp:9876:interface=127.0.0.1"
-    http: str = "tcp:9877:interface=127.0.0.1"
-    public_url: str | None = None
-    db: str | None = None
-    heartbeat: float = 5.0
-    down_after: float = 30.0
-    idle_timeout: float = 300.0
-    peer_timeout: float = 30.0
-    max_file_size: int | None = None
-    replicate_interval: float = 10.0
-    scrub_rate: float = 10 * 1024 * 1024
-    #: "keys": every client proves a namespace key, every peer the cluster
-    #: secret; "open": nobody does; "auto": open when C{listen} is local
-    #: only (loopback or a Unix socket), else keys (docs/security.md).
-    auth: str = "auto"
-    #: Cluster secrets: the first is proved to peers, all are accepted.
-    cluster_secrets: tuple[bytes, ...] = field(default=(), repr=False)
-    #: Peers speak TLS, trusting the certificates in this PEM file.
-    tls_ca: str | None = None
-    # Limits (docs/security.md); each refusal is an ERROR frame saying which.
-    max_frame_size: int = MAX_PAYLOAD
-    max_connections: int = 1024
-    max_connections_per_ip: int = 128
-    max_uploads: int = 64
-    #: Seconds from connecting to the end of HELLO (and AUTH).
-    handshake_timeout: float = 10.0
-    #: Seconds a frame may take to arrive once begun, and between the
-    #: frames of a PUT body.
-    frame_timeout: float = 30.0
-    #: Seconds after its last request that an open transaction is aborted.
-    pending_timeout: float = 3600.0
-    #: Seconds a prepared transaction waits for its commit before abort.
-    prepared_timeout: float = 7 * 86400.0
 
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:

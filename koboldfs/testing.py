@@ -28,7 +28,8 @@ from koboldfs.client import DeferredClient
 from koboldfs.connection import ConnectionCache
 from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
-from koboldfs.service import Node, ServerConfig, ServerProtocol
+from koboldfs.config import ServerConfig
+from koboldfs.service import Node, ServerProtocol
 from koboldfs.storage import Storage
 from koboldfs.web import make_site
 

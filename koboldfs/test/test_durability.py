@@ -21,7 +21,8 @@ from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, Serve
 from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
 from koboldfs.placement import forward_targets
-from koboldfs.service import PendingPut, ServerConfig, ServerProtocol
+from koboldfs.config import ServerConfig
+from koboldfs.service import PendingPut, ServerProtocol
 from koboldfs.storage import relpath_for
 from koboldfs.testing import MemoryCluster
 

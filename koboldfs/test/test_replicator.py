@@ -23,7 +23,7 @@ from koboldfs.replicator import (
     Replicator,
     Scrubber,
 )
-from koboldfs.service import ServerConfig
+from koboldfs.config import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster
 

@@ -21,7 +21,7 @@ from koboldfs.errors import ErrorCode, TransactionError, Unavailable
 from koboldfs.pool import ClientPool
 from koboldfs.protocol import Op, check_fields
 from koboldfs.replicator import Replicator
-from koboldfs.service import ServerConfig
+from koboldfs.config import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
 from koboldfs.txnserver import TransactionSweeper, sweep_interval
