@@ -6,7 +6,7 @@ Two kinds are left behind by crashes and failures:
   - a stored file (C{files/...}, C{private/...}) that no file row names:
     the server crashed between renaming it into place and committing its
     row, or it is a peer's copy of a put that was never committed
-    (L{koboldfs.durability}), or the row was purged while a copy was made;
+    (L{koboldfs.forwarding}), or the row was purged while a copy was made;
   - a file in C{tmp/} that no upload of this process has open: an upload
     whose clean-up never ran.
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
-from koboldfs import durability
+from koboldfs import forwarding
 from koboldfs.auth import (
     OPEN,
     Credentials,
@@ -70,7 +70,7 @@ from koboldfs.orphans import OrphanSweeper
 from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.status import Status
 from koboldfs.storage import Storage, Upload, new_fid, relpath_for, relpath_names
-from koboldfs.txnserver import TransactionHandler, TransactionSweeper, sweep_interval
+from koboldfs.txnhandler import TransactionHandler, TransactionSweeper, sweep_interval
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, fill_template, signed_url
 
 log = Logger()
@@ -134,7 +134,7 @@ class Node:
         self.connections: dict[str, int] = {}
         self.uploads = 0
 
-        #: Client transactions (koboldfs/txnserver.py).
+        #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
 
     # -- limits
@@ -305,7 +305,7 @@ class Node:
         namespace = await self.place(put)
         if put.forward is None:
             try:
-                durability.check_alone(namespace, put.ns)
+                forwarding.check_alone(namespace, put.ns)
             except BaseException:
                 await put.upload.abort()
                 raise
@@ -372,7 +372,7 @@ class Node:
 
     def begin_replica(self, fid: str, path: str, size: int | None) -> PendingPut:
         """
-        A peer's REPLICA_PUT (koboldfs.durability): the bytes of a put
+        A peer's REPLICA_PUT (koboldfs.forwarding): the bytes of a put
         another server is taking, written at the path it gave; recorded by
         that server, not here.
         """
@@ -418,7 +418,7 @@ class PendingPut:
     size: int | None
     upload: Upload
     #: Its copies on the way to peers, if the cluster has several hosts.
-    forward: durability.Forward | None = None
+    forward: forwarding.Forward | None = None
     #: A peer's copy (REPLICA_PUT): stored, not recorded.
     replica: bool = False
     #: The client transaction this upload is part of, if any.
@@ -880,7 +880,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         self._rearm()
         # A put in a client transaction is not forwarded: it is published at
         # the commit, and copied by the replicators then.
-        if not put.replica and put.txn is None and durability.several_hosts(node):
+        if not put.replica and put.txn is None and forwarding.several_hosts(node):
             self._forward_put(put)
         else:
             put.upload.registerProducer(self.transport, True)
@@ -890,7 +890,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         Stream this put's body to peers as it arrives too (write
         durability); the client is paused while the disk or a peer lags.
         """
-        gate = durability.Gate(self.transport)
+        gate = forwarding.Gate(self.transport)
         put.upload.registerProducer(gate.side("disk"), True)
 
         def failed(error: KoboldError) -> None:
@@ -898,7 +898,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 self._abort_put()
                 self._refuse_put(error)
 
-        put.forward = durability.Forward(self.node, put, gate, failed)
+        put.forward = forwarding.Forward(self.node, put, gate, failed)
         put.forward.start()
 
     def _bodyFrame(self, frame: Frame) -> None:

@@ -413,7 +413,7 @@ def add_file(
 ) -> Txn[FileInfo]:
     """
     Publish a new live version of C{key} held by C{server}, and by the
-    servers C{also} (copies made while it was put: koboldfs.durability),
+    servers C{also} (copies made while it was put: koboldfs.forwarding),
     retiring the previous one.  Concurrent writers of one key queue on the live version's
     row lock (see L{_retire}); the rare two that still collide on
     files_live_key are retried by the driver, so the last writer wins and

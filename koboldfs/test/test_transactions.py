@@ -24,7 +24,7 @@ from koboldfs.replicator import Replicator
 from koboldfs.config import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
-from koboldfs.txnserver import TransactionSweeper, sweep_interval
+from koboldfs.txnhandler import TransactionSweeper, sweep_interval
 from koboldfs.transactions import DeferredTransaction, TransactionalClientPool, _DataManager
 
 

@@ -1,6 +1,7 @@
 """
-Write durability: a put is acknowledged only once its file is durable on
-C{min_copies} distinct C{--host}s.
+Put forwarding, for write durability: a put is acknowledged only once its
+file is durable on C{min_copies} distinct C{--host}s (how many, and which
+peers, is L{koboldfs.placement}'s to say).
 
 The server receiving a put (the origin) streams the body, as it arrives,
 to its own disk and to peers on other hosts, over the server-to-server

@@ -1,5 +1,5 @@
 """
-The server's side of client transactions (docs/transactions.md).
+The server's handling of client transactions (docs/transactions.md).
 
 L{TransactionHandler} answers BEGIN, PREPARE, COMMIT and ABORT and the
 transactional forms of PUT, GET, STAT and DELETE (those with a C{txn}

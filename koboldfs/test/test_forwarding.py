@@ -1,5 +1,5 @@
 """
-Tests of write durability (L{koboldfs.durability}): the rules, with plain
+Tests of write durability (L{koboldfs.forwarding}): the rules, with plain
 records, and puts forwarded between the servers of a L{MemoryCluster}
 (real storage, metadata and protocol, connected in memory).
 """
@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.durability import SETUP_TIMEOUT, Forward, Gate
+from koboldfs.forwarding import SETUP_TIMEOUT, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
