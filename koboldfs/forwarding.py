@@ -41,7 +41,8 @@ from koboldfs.storage import relpath_for
 
 if TYPE_CHECKING:
     from koboldfs.connection import ClientProtocol
-    from koboldfs.service import Node, PendingPut
+    from koboldfs.interfaces import INode
+    from koboldfs.storage import PendingPut
 
 log = Logger()
 
@@ -74,7 +75,7 @@ def check_alone(namespace: NamespaceInfo | None, name: str) -> None:
         raise too_few_hosts(name, required, 1)
 
 
-def several_hosts(node: Node) -> bool:
+def several_hosts(node: INode) -> bool:
     """
     Whether a put to C{node} may have to be forwarded: more than one host
     is alive.  With one, puts run exactly as they would without this
@@ -199,7 +200,7 @@ class Forward:
     """
 
     def __init__(
-        self, node: Node, put: PendingPut, gate: Gate, failed: Callable[[KoboldError], None]
+        self, node: INode, put: PendingPut, gate: Gate, failed: Callable[[KoboldError], None]
     ) -> None:
         self._node = node
         self._put = put
@@ -386,7 +387,7 @@ class Forward:
                 peer.released = True
                 peer.conn.close()
 
-    async def finish(self, sha256: str) -> FileInfo:
+    async def finish(self, sha256: str | None) -> FileInfo:
         """
         The client's END: make every copy durable, then commit the file
         with all of them, and return it.  Raises (having published
@@ -400,7 +401,7 @@ class Forward:
         if not self.peers:
             # One copy is enough for this namespace, or the only one left.
             self.abort()
-            return await node.finish_upload(put, sha256)
+            return await node.finish_upload(put, sha256, alone=False)
         self._ending = True
         for peer in self._peers:
             if not peer.dropped:

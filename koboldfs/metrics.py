@@ -39,12 +39,19 @@ class Metrics:
     A server's request counters and the gauges read from its state.
 
     @ivar registry: this server's own C{CollectorRegistry}.
-    @ivar snapshot: called at each scrape for the state-derived figures (a
-        L{koboldfs.status.Status} sets it): a dict as L{Status.snapshot
-        <koboldfs.status.Status.snapshot>} returns.
     """
 
-    def __init__(self, server: str = "", clock: Any = None) -> None:
+    def __init__(
+        self,
+        server: str = "",
+        clock: Any = None,
+        snapshot: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """
+        @param snapshot: called at each scrape for the state-derived
+            figures: a dict as L{Status.snapshot
+            <koboldfs.status.Status.snapshot>} returns, or None for none.
+        """
         self.server = server
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
@@ -86,7 +93,7 @@ class Metrics:
             ["protocol"],
             registry=r,
         )
-        self.snapshot: Callable[[], dict[str, Any] | None] = lambda: None
+        self.snapshot: Callable[[], dict[str, Any] | None] = snapshot or (lambda: None)
         r.register(_StateCollector(self))
 
     def connection(self) -> RequestTracker:

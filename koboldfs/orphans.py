@@ -34,7 +34,7 @@ from koboldfs.errors import KoboldError
 from koboldfs.storage import relpath_names
 
 if TYPE_CHECKING:
-    from koboldfs.service import Node
+    from koboldfs.interfaces import INode
 
 log = Logger()
 
@@ -55,7 +55,7 @@ class OrphanSweeper:
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         interval: float = INTERVAL,
         grace: float = GRACE,

@@ -47,7 +47,7 @@ from koboldfs.placement import UNCOUNTED_STATES, Decision, choose
 from koboldfs.protocol import CHUNK_SIZE
 
 if TYPE_CHECKING:
-    from koboldfs.service import Node
+    from koboldfs.interfaces import INode
     from koboldfs.storage import Upload
 
 log = Logger()
@@ -114,7 +114,7 @@ class Replicator:
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         interval: float,
         batch: int = BATCH,
@@ -142,6 +142,7 @@ class Replicator:
         self._waiters: list[Deferred[None]] = []
         self._stopping = False
         self._unsubscribe: Callable[[], None] | None = None
+        self._unlisten: Callable[[], None] | None = None
         # Servers whose copies did not count at the last pass.
         self._uncounted: set[str] = set()
 
@@ -152,7 +153,7 @@ class Replicator:
         """
         self._stopping = False
         self._unsubscribe = self._node.store.subscribe(self._heard)
-        self._node.on_replica_lost = self.repair
+        self._unlisten = self._node.replica_lost.add(self.repair)
         self._loop.start(self._interval, now=True)
 
     def repair(self, info: FileInfo) -> None:
@@ -170,8 +171,9 @@ class Replicator:
         the peer connections ends copies in progress sooner.
         """
         self._stopping = True
-        if self._node.on_replica_lost == self.repair:
-            self._node.on_replica_lost = None
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -466,8 +468,8 @@ class Scrubber:
     """
     One server's background scrub: re-reads every copy it holds, by file
     id, at most C{rate} bytes a second, verifying each against its size
-    and SHA-256; a bad or missing one is set aside (L{Node.replica_failed
-    <koboldfs.service.Node.replica_failed>}), which makes the replicator
+    and SHA-256; a bad or missing one is set aside (L{INode.replica_failed
+    <koboldfs.interfaces.INode.replica_failed>}), which makes the replicator
     copy it again from a good one.
 
     Reads run in the thread pool (L{Reader <koboldfs.storage.Reader>});
@@ -483,7 +485,7 @@ class Scrubber:
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         rate: float,
         rest: float,

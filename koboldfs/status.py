@@ -28,8 +28,8 @@ from koboldfs import humanize
 from koboldfs.metadata.health import Health
 
 if TYPE_CHECKING:
+    from koboldfs.interfaces import INode
     from koboldfs.replicator import Replicator, Scrubber
-    from koboldfs.service import Node
 
 log = Logger()
 
@@ -49,7 +49,7 @@ class Status:
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         replicator: Replicator | None,
         scrubber: Scrubber | None,
         clock: Any,

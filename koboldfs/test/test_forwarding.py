@@ -22,7 +22,8 @@ from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
 from koboldfs.placement import forward_targets
 from koboldfs.config import ServerConfig
-from koboldfs.service import PendingPut, ServerProtocol
+from koboldfs.binaryserver import ServerProtocol
+from koboldfs.storage import PendingPut
 from koboldfs.storage import relpath_for
 from koboldfs.testing import MemoryCluster
 
@@ -373,7 +374,7 @@ class ReplicaPutTests(SynchronousTestCase):
         self.server = self.cluster.servers["b"]
 
     def request(self, fields: dict, body: bytes = b"", sha256: str | None = None) -> list:
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         decoder = FrameDecoder()

@@ -24,7 +24,7 @@ from koboldfs.protocol import (
     encode_data,
     encode_message,
 )
-from koboldfs.service import ServerProtocol
+from koboldfs.binaryserver import ServerProtocol
 from koboldfs.testing import MemoryServer
 
 
@@ -41,7 +41,7 @@ class ServerProtocolTests(_ServerMixin, SynchronousTestCase):
     """
 
     def connect(self, hello: bool = True) -> tuple[ServerProtocol, StringTransport]:
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.decoder = FrameDecoder()

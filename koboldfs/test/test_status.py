@@ -278,7 +278,7 @@ class SentBytesTests(SynchronousTestCase):
         self.assertTrue(server.flush(client.get("big", out)))
         server.flush(client.close())
         self.assertEqual(out.data, body)
-        text = server.node.metrics.exposition().decode()
+        text = server.metrics.exposition().decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
         [sent] = [
             s.value
