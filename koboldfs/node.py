@@ -708,16 +708,28 @@ class _Local(Body):
 
     async def send(self, sink: IBodySink) -> None:
         reader, frame = self._reader, sink.frame
+        # Reads are asked for exactly up to the end, not one more to find
+        # it: the body ends with its last byte (a client that has them all
+        # may close at once).
+        left = self.length
+
+        def read() -> defer.Deferred[bytes] | None:
+            nonlocal left
+            if left <= 0:
+                return None
+            n = min(CHUNK_SIZE, left)
+            left -= n
+            return reader.read(n, frame)
+
         try:
             sink.begin()
-            reading: defer.Deferred[bytes] | None = reader.read(CHUNK_SIZE, frame)
+            reading = read()
             try:
-                while not sink.gone:
-                    assert reading is not None
+                while reading is not None and not sink.gone:
                     chunk, reading = await reading, None
                     if not chunk:
                         break
-                    reading = reader.read(CHUNK_SIZE, frame)
+                    reading = read()
                     await _wrote(sink.write(chunk))
             except CorruptReplica as e:
                 sink.abort()
@@ -727,7 +739,11 @@ class _Local(Body):
                 if reading is not None:
                     reading.addErrback(lambda _: None)
         finally:
-            await self.close()
+            # Not waited for: the front end ends its body at once (an HTTP
+            # request is finished, and logged, before the next one comes).
+            self._reader.close().addErrback(
+                lambda f: log.failure("closing {path} failed", f, path=self.info.path)
+            )
 
     async def close(self) -> None:
         await defer.maybeDeferred(self._reader.close)
