@@ -9,26 +9,28 @@ heartbeat) into one L{KoboldService}.  Nothing here handles a request.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Sequence
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from koboldfs.auth import Credentials
 from koboldfs.binaryserver import ServerFactory
 from koboldfs.config import ServerConfig
 from koboldfs.connection import ConnectionCache
-from koboldfs.errors import KoboldError
 from koboldfs.events import Listeners
-from koboldfs.interfaces import FileInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
 from koboldfs.metadata import store_from_url
 from koboldfs.metrics import Metrics
 from koboldfs.node import Node
 from koboldfs.orphans import OrphanSweeper
+from koboldfs.periodic import Periodic
 from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.status import Status
 from koboldfs.storage import Storage
@@ -45,6 +47,7 @@ class _ThreadPoolService(Service):
 
     def __init__(self, pool: ThreadPool) -> None:
         self.pool = pool
+        self.setName("threads")
 
     def startService(self) -> None:
         super().startService()
@@ -53,6 +56,91 @@ class _ThreadPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class _DataService(Service):
+    """
+    The data directory and the metadata store: L{started} fires once both
+    are ready (the store connected, its schema made); stopping closes the
+    store.
+    """
+
+    def __init__(self, storage: Storage, store: Any) -> None:
+        self.storage = storage
+        self.store = store
+        self.setName("data")
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        defer.ensureDeferred(self._start()).chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        await self.storage.start()
+        await self.store.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.maybeDeferred(self.store.stop)
+
+
+class _PeersService(Service):
+    """
+    The connection cache to other servers: stopping closes every
+    connection, which ends the replicator's copies in progress.
+    """
+
+    def __init__(self, peers: ConnectionCache) -> None:
+        self.peers = peers
+        self.setName("peers")
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.maybeDeferred(self.peers.close)
+
+
+@implementer(IStreamServerEndpoint)
+class _Listening:
+    """
+    An endpoint that says when it listens, with its port: the server must
+    know its addresses to register them.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+        self.port: defer.Deferred[Any] = defer.Deferred()
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        d = self._endpoint.listen(factory)
+
+        def listened(port: Any) -> Any:
+            self.port.callback(port)
+            return port
+
+        def failed(failure: Any) -> Any:
+            self.port.errback(failure)
+            return failure
+
+        return d.addCallbacks(listened, failed)
+
+
+def _listener(name: str, reactor: Any, description: str, factory: Any) -> _Listener:
+    endpoint = _Listening(serverFromString(reactor, description))
+    service = _Listener(endpoint, factory)
+    service.listening = endpoint.port
+    service.setName(name)
+    return service
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    A listener whose L{listening} fires with its port.
+    """
+
+    listening: defer.Deferred[Any]
+    # A failure to listen is raised by startService, which the server
+    # reports as its failure to start, rather than logged here too.
+    _raiseSynchronously = True
 
 
 def advertised_address(port: Any) -> str:
@@ -68,23 +156,42 @@ def advertised_address(port: Any) -> str:
 
 class KoboldService(MultiService):
     """
-    A whole server: thread pool, storage, metadata, listeners, heartbeat.
+    A whole server, as a tree of services: its children are the thread
+    pool, the data (storage and metadata store), the peer connections, the
+    listeners (binary protocol, HTTP), the heartbeat and the background
+    parts (replicator, scrubber, orphan sweep, status poll, transaction
+    sweep), each with its own C{startService} and C{stopService}.
 
-    Starting needs the database, so it is asynchronous: L{ready} fires once
-    the server listens and is registered.  If start fails, the failure is
-    logged and C{reactor.stop} is called, since a server that cannot reach
-    its metadata or data directory cannot serve.
+    They start in an order, not all at once: the data first, since
+    starting needs the database, so it is asynchronous; then the
+    listeners, then the server registers and reads who else is
+    registered, then the heartbeat and the background parts.  L{ready}
+    fires once all that is done.  If start fails, the failure is logged and
+    C{reactor.stop} is called, since a server that cannot reach its
+    metadata or data directory cannot serve.  Stopping goes back through
+    the same stages.
     """
 
-    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        reactor: Any,
+        store: IMetadataStore | None = None,
+        threadpool: Any = None,
+    ) -> None:
+        """
+        @param store: the metadata store; by default, the one C{config.db}
+            names.
+        @param threadpool: the threads storage blocks in; by default, a
+            pool of its own.
+        """
         super().__init__()
         self.config = config
         self.reactor = reactor
-        io_pool = ThreadPool(minthreads=2, maxthreads=8, name="koboldfs-io")
-        _ThreadPoolService(io_pool).setServiceParent(self)
+        io_pool = threadpool or ThreadPool(minthreads=2, maxthreads=8, name="koboldfs-io")
         self.storage = Storage(config.data, reactor, io_pool)
         db = config.db or f"sqlite:///{config.data}/metadata.sqlite"
-        self.store = store_from_url(db, reactor)
+        self.store = store if store is not None else store_from_url(db, reactor)
         self.peers = ConnectionCache(
             reactor,
             timeout=config.peer_timeout,
@@ -106,13 +213,48 @@ class KoboldService(MultiService):
         self.txn_sweeper = TransactionSweeper(
             self.node.txns, reactor, sweep_interval(config.pending_timeout)
         )
-        self._ports: list[Any] = []
-        self._beat = LoopingCall(lambda: defer.ensureDeferred(self._heartbeat()))
-        self._beat.clock = reactor
+        self.heartbeat = Periodic(
+            f"heartbeat of {config.name}", self._heartbeat, config.heartbeat, reactor, now=False
+        )
+        self.binary = _listener(
+            "binary", reactor, config.listen, ServerFactory(self.node, self.metrics)
+        )
+        self.http = _listener(
+            "http",
+            reactor,
+            config.http,
+            guarded(self.node, make_site(self.node, self.status, self.metrics)),
+        )
+        self._data = _DataService(self.storage, self.store)
+        #: The stages of start, in order; stop goes back through them.
+        self._base: list[Service] = [
+            _ThreadPoolService(io_pool),
+            self._data,
+            _PeersService(self.peers),
+        ]
+        self._listeners: list[_Listener] = [self.binary, self.http]
+        self._background: list[Service] = [
+            self.heartbeat,
+            self.replicator,
+            self.scrubber,
+            self.orphans,
+            self.status,
+            self.txn_sweeper,
+        ]
+        names = ("heartbeat", "replicator", "scrubber", "orphans", "status", "transactions")
+        for service, name in zip(self._background, names, strict=True):
+            service.setName(name)
+        for service in [*self._base, *self._listeners, *self._background]:
+            service.setServiceParent(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
+    def privilegedStartService(self) -> None:
+        # Not the children's: a listener must not listen before the data
+        # is ready (see startService).
+        Service.privilegedStartService(self)
+
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         d = defer.ensureDeferred(self._start())
         d.addErrback(self._startFailed)
         d.chainDeferred(self.ready)
@@ -125,16 +267,19 @@ class KoboldService(MultiService):
 
     async def _start(self) -> None:
         config = self.config
-        await self.storage.start()
-        await self.store.start()
-        port = await serverFromString(self.reactor, config.listen).listen(
-            ServerFactory(self.node, self.metrics)
-        )
-        self._ports.append(port)
-        http = await serverFromString(self.reactor, config.http).listen(
-            guarded(self.node, make_site(self.node, self.status, self.metrics))
-        )
-        self._ports.append(http)
+        for service in self._base:
+            service.startService()
+        await self._data.started
+        for service in self._listeners:
+            try:
+                service.startService()
+            except BaseException:
+                # It cannot listen: said by the raise, not again by the ports.
+                for listener in self._listeners:
+                    listener.listening.addErrback(lambda _: None)
+                raise
+        port = await self.binary.listening
+        http = await self.http.listening
         scheme = "https" if config.http.startswith("ssl:") else "http"
         public_url = config.public_url or f"{scheme}://{advertised_address(http)}"
         free, total = await self.storage.disk_usage()
@@ -150,12 +295,10 @@ class KoboldService(MultiService):
             )
         )
         await self.node.refresh_servers()
-        self._beat.start(config.heartbeat, now=False)
-        self.replicator.start()
-        self.scrubber.start()
-        self.orphans.start()
-        self.status.start()
-        self.txn_sweeper.start()
+        if not self.running:
+            return  # stopped while starting
+        for service in self._background:
+            service.startService()
         if not self.node.open and not config.cluster_secrets:
             log.warn(
                 "{name} requires keys but has no --secret-file: peers cannot copy from it",
@@ -173,35 +316,37 @@ class KoboldService(MultiService):
 
     async def _heartbeat(self) -> None:
         """
-        Tell the cluster we are alive, and learn who else is.  Errors are
-        logged, never raised: a raise would stop the LoopingCall for good.
+        Tell the cluster we are alive, and learn who else is.
         """
-        try:
-            free, total = await self.storage.disk_usage()
-            await self.store.heartbeat(self.config.name, self.reactor.seconds(), free, total)
-            await self.node.refresh_servers()
-        except KoboldError as e:
-            # The database is down: say so once a beat, without a traceback.
-            log.warn("heartbeat of {name} failed: {error}", name=self.config.name, error=e)
-        except Exception:
-            log.failure("heartbeat of {name} failed", name=self.config.name)
+        free, total = await self.storage.disk_usage()
+        await self.store.heartbeat(self.config.name, self.reactor.seconds(), free, total)
+        await self.node.refresh_servers()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        if self._beat.running:
-            self._beat.stop()
-        self.status.stop()
-        replicating = self.replicator.stop()
-        scrubbing = self.scrubber.stop()
-        yield self.txn_sweeper.stop()
-        sweeping = self.orphans.stop()
-        for port in self._ports:
-            yield port.stopListening()
-        self._ports = []
-        # Closing the peer connections ends the replicator's copies.
-        yield self.peers.close()
-        yield replicating
-        yield scrubbing
-        yield sweeping
-        yield self.store.stop()
-        yield super().stopService()
+        """
+        Stop the background parts (waiting for the transaction sweep), stop
+        listening, close the peer connections (which ends the copies in
+        progress), wait for the background parts, then close the store
+        and the thread pool.
+        """
+        Service.stopService(self)
+        stopping = {s: defer.maybeDeferred(s.stopService) for s in _running(self._background)}
+        if self.txn_sweeper in stopping:
+            yield stopping.pop(self.txn_sweeper)
+        for service in _running(self._listeners):
+            yield service.stopService()
+        base = _running(self._base)
+        threads, data, peers = self._base
+        if peers in base:
+            yield peers.stopService()
+        for d in stopping.values():
+            yield d
+        if data in base:
+            yield data.stopService()
+        if threads in base:
+            yield threads.stopService()
+
+
+def _running(services: Sequence[Service]) -> list[Service]:
+    return [s for s in services if s.running]

@@ -16,12 +16,12 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from koboldfs.errors import ErrorCode, KoboldError, NotFound, TransactionError
+from koboldfs.errors import ErrorCode, NotFound, TransactionError
 from koboldfs.interfaces import FileInfo
 from koboldfs.names import check_key, check_namespace
+from koboldfs.periodic import Periodic
 
 if TYPE_CHECKING:
     from koboldfs.interfaces import INode
@@ -214,35 +214,16 @@ def check_txn_id(txn: str) -> str:
     return txn
 
 
-class TransactionSweeper:
+class TransactionSweeper(Periodic):
     """
-    Runs L{TransactionHandler.sweep} every C{interval} seconds, logging
-    its errors (a raise would stop the loop for good).
+    Runs L{TransactionHandler.sweep} every C{interval} seconds, as a
+    service; an error is logged and the next sweep runs on time.
     """
 
     def __init__(self, handler: TransactionHandler, clock: Any, interval: float) -> None:
-        self._handler = handler
-        self._loop = LoopingCall(lambda: defer.ensureDeferred(self._sweep()))
-        self._loop.clock = clock
-        self._interval = interval
-
-    def start(self) -> None:
-        self._loop.start(self._interval, now=False)
-
-    def stop(self) -> defer.Deferred[Any]:
-        if not self._loop.running:
-            return defer.succeed(None)
-        d = self._loop.deferred
-        self._loop.stop()
-        return d  # type: ignore[no-any-return]
-
-    async def _sweep(self) -> None:
-        try:
-            await self._handler.sweep()
-        except KoboldError as e:
-            log.warn("collecting expired transactions failed: {error}", error=e)
-        except Exception:
-            log.failure("collecting expired transactions failed")
+        super().__init__(
+            "collecting expired transactions", handler.sweep, interval, clock, now=False, default=0
+        )
 
 
 def sweep_interval(pending_timeout: float) -> float:

@@ -54,8 +54,8 @@ class ReplicatorTests(SynchronousTestCase):
         server = self.cluster.servers[name]
         replicator = Replicator(server.node, self.cluster.reactor, INTERVAL, **options)
         self.replicators[name] = replicator
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         return replicator
 
@@ -114,8 +114,8 @@ class ReplicatorTests(SynchronousTestCase):
             return read(server, after, limit).addCallback(commit_late)
 
         node.store.missing_replicas = missing_replicas  # type: ignore[method-assign]
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         self.advance(INTERVAL)
         self.assertEqual(self.on_disk("b", second), b"2")
@@ -210,7 +210,7 @@ class ReplicatorTests(SynchronousTestCase):
         it comes back, and purges the row that waited for it.
         """
         info = self.put("k", b"doomed")
-        self.cluster.flush(self.replicator("b").stop())
+        self.cluster.flush(self.replicator("b").stopService())
         self.assertEqual(self.on_disk("b", info), b"doomed")
         self.cluster.flush(self.cluster.servers["a"].node.delete("test", "k"))
         self.replicator("a")
@@ -532,15 +532,15 @@ class ScrubberTests(SynchronousTestCase):
 
     def scrubber(self, name: str, rate: float) -> Scrubber:
         scrubber = Scrubber(self.cluster.servers[name].node, self.cluster.reactor, rate, INTERVAL)
-        scrubber.start()
-        self.addCleanup(lambda: self.cluster.flush(scrubber.stop()))
+        scrubber.startService()
+        self.addCleanup(lambda: self.cluster.flush(scrubber.stopService()))
         self.cluster.pump()
         return scrubber
 
     def replicate(self, name: str) -> Replicator:
         replicator = Replicator(self.cluster.servers[name].node, self.cluster.reactor, INTERVAL)
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         return replicator
 
@@ -607,7 +607,7 @@ class ScrubberTests(SynchronousTestCase):
         """
         self.put("k", os.urandom(2 * CHUNK_SIZE))
         scrubber = self.scrubber("a", CHUNK_SIZE)
-        self.cluster.flush(scrubber.stop())
+        self.cluster.flush(scrubber.stopService())
         self.assertFalse(scrubber.running)
         self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
 

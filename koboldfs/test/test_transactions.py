@@ -339,12 +339,12 @@ class SweeperTests(SynchronousTestCase):
         clock = Clock()
         handler = _FlakyHandler()
         sweeper = TransactionSweeper(handler, clock, sweep_interval(8))  # type: ignore[arg-type]
-        sweeper.start()
+        sweeper.startService()
         for _ in range(3):
             clock.advance(2)
         self.assertEqual(handler.calls, 3)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.successResultOf(sweeper.stop())
+        self.successResultOf(sweeper.stopService())
         clock.advance(10)
         self.assertEqual(handler.calls, 3)
 
