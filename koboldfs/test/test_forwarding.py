@@ -18,25 +18,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.forwarding import SETUP_TIMEOUT, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
-from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
 from koboldfs.placement import forward_targets
 from koboldfs.config import ServerConfig
 from koboldfs.binaryserver import ServerProtocol
 from koboldfs.storage import PendingPut
 from koboldfs.storage import relpath_for
+from koboldfs.test.test_placement import NOW, server
 from koboldfs.testing import MemoryCluster
-
-NOW = 1000.0
-DOWN_AFTER = 30.0
-
-
-def server(name: str, host: str, state: str = "alive", heartbeat: float = NOW) -> ServerInfo:
-    return ServerInfo(name, host, f"{name}:1", "http://x", state=state, heartbeat=heartbeat)
-
-
-def namespace(min_copies: int | None) -> NamespaceInfo:
-    return NamespaceInfo(1, "ns", 0.0, min_copies=min_copies)
 
 
 class FakeProducer:

@@ -23,26 +23,9 @@ from koboldfs.events import Listeners
 from koboldfs.interfaces import FileInfo, IBodySink, INode
 from koboldfs.node import Node
 from koboldfs.protocol import CHUNK_SIZE
+from koboldfs.test.test_forwarding import FakeProducer as Producer
 from koboldfs.testing import MemoryCluster, MemoryServer
 from koboldfs.web import _ResponseSink
-
-
-class Producer:
-    """
-    A client connection's producer side, as the core sees it.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
 
 
 @implementer(IBodySink)
