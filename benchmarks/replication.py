@@ -67,7 +67,8 @@ from koboldfs.connection import ConnectionCache  # noqa: E402
 from koboldfs.interfaces import ServerInfo  # noqa: E402
 from koboldfs.metadata import store_from_url  # noqa: E402
 from koboldfs.replicator import Replicator  # noqa: E402
-from koboldfs.service import Node, ServerConfig  # noqa: E402
+from koboldfs.config import ServerConfig  # noqa: E402
+from koboldfs.node import Node  # noqa: E402
 from koboldfs.storage import Storage  # noqa: E402
 from koboldfs.test.cluster import ServerProcess  # noqa: E402
 from koboldfs.test.pgcluster import create_database, drop_database, query  # noqa: E402

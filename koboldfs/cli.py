@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from koboldfs import __version__
 from koboldfs.errors import ConnectionFailed, InvalidName, KoboldError
+from koboldfs.interfaces import ServerState
 from koboldfs import humanize
 from koboldfs.names import check_key, check_namespace
+from koboldfs.placement import missing_copies, wanted_copies
 
 #: Exit statuses.  C{EXIT_NOT_FOUND} is also C{admin status}'s "degraded".
 EXIT_OK = 0
@@ -56,9 +58,6 @@ STAT_CONCURRENCY = 8
 #: Copies C{admin fsck} verifies at once, and files it reads per query.
 FSCK_CONCURRENCY = 4
 FSCK_PAGE = 500
-
-#: Server states whose copies count towards a namespace's replica count.
-_COUNTED = ("alive", "readonly")
 
 SERVERS_HINT = "is `twistd koboldfs` running there? set --servers or KOBOLDFS_SERVERS"
 DB_HINT = "set --db or KOBOLDFS_DB to the servers' --db"
@@ -214,7 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
         server, "set-state", "set a server's state: alive, readonly, drain or dead", admin_set_state
     )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("state", metavar="STATE", choices=("alive", "readonly", "drain", "dead"))
+    p.add_argument("state", metavar="STATE", choices=list(ServerState))
     p = admin_command(
         server,
         "forget-copies",
@@ -840,7 +839,7 @@ def _down(server: Any, now: float, down_after: float) -> bool:
     """
     Not dead, but not heard from within C{down_after}.
     """
-    return server.state != "dead" and not server.is_up(now, down_after)
+    return server.state != ServerState.DEAD and not server.is_up(now, down_after)
 
 
 async def admin_servers(store: Any, args: argparse.Namespace, reactor: Any) -> int:
@@ -851,7 +850,7 @@ async def admin_servers(store: Any, args: argparse.Namespace, reactor: Any) -> i
     for s in servers:
         state = s.state
         if _down(s, now, args.down_after):
-            state = "down" if state == "alive" else f"{state}, down"
+            state = "down" if state == ServerState.ALIVE else f"{state}, down"
         rows.append(
             (
                 s.name,
@@ -984,7 +983,7 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     server is down or none is registered, files are short of their copies,
     or copies are quarantined; they are what a monitor should page on.
     """
-    servers = [s for s in await store.servers() if s.state != "dead"]
+    servers = [s for s in await store.servers() if s.state != ServerState.DEAD]
     health = await store.health()
     now = reactor.seconds()
     down = [s for s in servers if _down(s, now, args.down_after)]
@@ -1111,7 +1110,6 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     if namespace is not None and namespace not in namespaces:
         raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
     now = reactor.seconds()
-    alive = sum(1 for s in servers.values() if s.state == "alive")
     pool = ConnectionCache(reactor, 60.0, 5.0)
     limit = defer.DeferredSemaphore(args.concurrency)
     problems: list[str] = []
@@ -1183,16 +1181,17 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
             for info in page:
                 counts["files"] += 1
                 ns = namespaces.get(info.namespace)
-                wanted = ns.replicas if ns is not None and ns.replicas is not None else alive
-                counted = [
-                    n for n in info.replicas if n in servers and servers[n].state in _COUNTED
-                ]
+                wanted = wanted_copies(None if ns is None else ns.replicas, servers)
+                missing = missing_copies(info, servers, wanted)
+                if missing:
+                    # Short, as the status page and the replicators count it:
+                    # a file with no good copy left is short too.
+                    counts["short"] += 1
                 if not info.replicas:
                     problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
-                elif len(counted) < wanted:
-                    counts["short"] += 1
+                elif missing:
                     problem(
-                        f"{info.namespace}/{info.key} (file {info.id}): {len(counted)} of "
+                        f"{info.namespace}/{info.key} (file {info.id}): {wanted - missing} of "
                         f"{wanted} copies ({', '.join(info.replicas)}); the replicators make "
                         "the rest"
                     )

@@ -148,7 +148,7 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
 
     def begin_replica_put(self, fields: dict[str, Any]) -> defer.Deferred[Message]:
         """
-        Send REPLICA_PUT (server to server: koboldfs.durability); then as
+        Send REPLICA_PUT (server to server: koboldfs.forwarding); then as
         L{begin_put}.
         """
         d = self._expect(_State.REQUEST)

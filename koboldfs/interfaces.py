@@ -8,15 +8,27 @@ metadata store, so callers on the reactor thread never touch a connection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 from zope.interface import Attribute, Interface
 
-#: Server states.  A server in ``alive`` takes reads and new files;
-#: ``readonly`` serves but takes none; ``drain`` has its files copied
-#: elsewhere; ``dead`` is forgotten.  ``down`` is not stored: it is what an
-#: ``alive`` server whose heartbeat is too old is taken to be.
-SERVER_STATES = ("alive", "readonly", "drain", "dead")
+
+class ServerState(StrEnum):
+    """
+    The states an operator sets a server to (C{koboldfs admin set-state}),
+    stored as their values.  ``down`` is not one: it is what a server whose
+    heartbeat is too old is taken to be, whatever its state.
+    """
+
+    #: Serves reads and takes new files.
+    ALIVE = "alive"
+    #: Serves reads, takes no new files.
+    READONLY = "readonly"
+    #: Its files are copied elsewhere; its copies no longer count.
+    DRAIN = "drain"
+    #: Forgotten: never asked, its copies forgotten.
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class ServerInfo:
     host: str
     address: str
     public_url: str
-    state: str = "alive"
+    state: str = ServerState.ALIVE
     heartbeat: float = 0.0
     disk_free: int = 0
     disk_total: int = 0
@@ -43,7 +55,7 @@ class ServerInfo:
         Whether this server can be asked for files: not dead, and heard from
         within C{timeout} seconds.
         """
-        return self.state != "dead" and now - self.heartbeat <= timeout
+        return self.state != ServerState.DEAD and now - self.heartbeat <= timeout
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ class IMetadataStore(Interface):
 
     def set_server_state(name, state):
         """
-        Set a server's state (one of L{SERVER_STATES}); fire with False if
+        Set a server's state (a L{ServerState}); fire with False if
         there is no such server.
         """
 
@@ -365,6 +377,239 @@ class ITransactionStore(Interface):
     def expire_txns(now, limit):
         """
         Abort transactions past their expiry; fire with the files discarded.
+        """
+
+
+class IBodySink(Interface):
+    """
+    Where a front end wants a file's bytes sent (a connection, an HTTP
+    response): what L{INode.get}'s body source writes into.
+    """
+
+    frame = Attribute(
+        "None, or a function applied to each chunk before L{write} gets it, in a "
+        "worker thread where the chunk is read from disk (framing it for the wire "
+        "then costs the reactor nothing)."
+    )
+    gone = Attribute("True once the receiver is gone: nothing more is sent.")
+
+    def begin():
+        """
+        The body is about to start, and will: called once, before the
+        first L{write}, after every check that can fail without a byte
+        sent (a front end sends its header now).
+        """
+
+    def write(data):
+        """
+        Send C{data}; return None, or a Deferred that fires when more may
+        be written (flow control).
+        """
+
+    def abort():
+        """
+        The bytes turned out bad part-way (the copy failed its checksum):
+        the receiver must not take what it got for a whole file.  Called
+        before the error is raised; a front end that cannot say so in-band
+        cuts its connection.
+        """
+
+
+class INode(Interface):
+    """
+    The server core: one server's view of the cluster and the operations
+    every front end needs, with no wire in sight.  The binary protocol
+    (L{koboldfs.binaryserver}), HTTP (L{koboldfs.web}) and any new front
+    end translate their requests into these calls; see
+    docs/architecture.md.
+
+    Requests fail with L{koboldfs.errors.KoboldError}s whose C{code} says
+    what went wrong (a front end maps it to its own error form).  C{txn},
+    where taken, is a client transaction's id: the request then sees and
+    changes what that transaction sees (docs/transactions.md).
+    """
+
+    name = Attribute("This server's name.")
+    config = Attribute("Its L{koboldfs.config.ServerConfig}.")
+    clock = Attribute("Provides IReactorTime.")
+    storage = Attribute("Its L{koboldfs.storage.Storage}.")
+    store = Attribute("The cluster's L{IMetadataStore} (and L{ITransactionStore}).")
+    peers = Attribute("The L{koboldfs.connection.ConnectionCache} to other servers.")
+    servers = Attribute("Every registered server by name, as last refreshed: L{ServerInfo}s.")
+    open = Attribute("Whether clients may do anything without a key.")
+    readonly = Attribute("Whether this server takes no new files (its state is not alive).")
+    uploads = Attribute("Puts being received now.")
+    replica_lost = Attribute(
+        "L{koboldfs.events.Listeners} told of each L{FileInfo} whose copy here was "
+        "found bad or missing and set aside."
+    )
+
+    # -- connections and the cluster
+
+    def admit(address):
+        """
+        Count a new connection from C{address}: None if it is welcome, else
+        why it is refused (and it is not counted).
+        """
+
+    def leave(address):
+        """
+        A connection L{admit} counted has closed.
+        """
+
+    def refresh_servers():
+        """
+        Read the registered servers again (a Deferred).
+        """
+
+    def up(name):
+        """
+        The L{ServerInfo} of server C{name} if it is registered and heard
+        from recently, else None.
+        """
+
+    def peers_holding(info):
+        """
+        Live servers other than this one with a good copy of C{info}, in
+        random order.
+        """
+
+    def authenticate(fields, server_nonce):
+        """
+        Check a proof (the fields of a binary AUTH) against the nonce this
+        server gave; fire with the L{koboldfs.auth.Grant} it earns.
+        """
+
+    # -- requests
+
+    def lookup(ns, key, txn=None):
+        """
+        Fire with the live L{FileInfo} of C{key} (its size, checksum,
+        replicas: a stat); L{koboldfs.errors.NotFound} if there is none.
+        """
+
+    def lookup_stored(fid, path):
+        """
+        Fire with C{(FileInfo, NamespaceInfo)} of the live file stored as
+        C{fid} at C{path} exactly, or None: how a URL names a file.
+        """
+
+    def delete(ns, key, txn=None):
+        """
+        Delete C{key}; L{koboldfs.errors.NotFound} if there was none.
+        """
+
+    def list_keys(ns, prefix, after, limit):
+        """
+        Fire with up to C{limit} (at most 1000) live keys of C{ns} that
+        start with C{prefix} and sort after C{after} (None: from the
+        first), in code-point order.
+        """
+
+    def get_url(ns, key, expires=None):
+        """
+        Fire with the URL of a copy on a live server (signed for
+        C{expires} seconds if the namespace is private).
+        """
+
+    def url_for(info, namespace, server, expires_at):
+        """
+        The URL of C{server}'s copy of C{info}, signed until C{expires_at}
+        if its namespace is private.
+        """
+
+    def url_allowed(info, namespace, expires, signature):
+        """
+        Whether a request for C{info} by URL may be served: always for a
+        public namespace, with a valid, unexpired signature for a private
+        one (C{expires}, C{signature}: the URL's, or None).
+        """
+
+    def put(ns, key, size, producer, txn=None, failed=None):
+        """
+        Begin a put of C{key} (C{size} bytes, or None if not known) and
+        return its L{koboldfs.node.PutStream}: the front end writes the
+        body into it and finishes it with the client's SHA-256, which
+        fires with the published L{FileInfo}.  C{producer} (an
+        IPushProducer: the client's connection) is paused while the disk
+        or a peer taking a copy lags.  C{failed} is called with the error
+        if the put fails while the body is still arriving (a peer's copy
+        failed), the stream then given up.  Plain, forwarded (copies made
+        at the put on other hosts) and transactional puts are one call.
+
+        @raise KoboldError: refused at once (busy, read-only, too large,
+            bad name).
+        """
+
+    def replica_put(fid, path, size, producer):
+        """
+        Begin receiving a peer's copy of a put it is taking (REPLICA_PUT):
+        stored at C{path}, not recorded; a L{koboldfs.node.CopyStream}.
+        """
+
+    def get(info, local=False, txn=None, first=0, length=None):
+        """
+        Fire with the body source (L{koboldfs.node.Body}) of C{info}'s bytes
+        C{first} to C{first + length} (None: to the end): our copy, verified
+        as it is read, or, if we hold no good one and not C{local}, relayed
+        from a live peer that does, the next tried if one fails before
+        sending.  A copy found bad here is set aside and made again.
+        """
+
+    def open_local(info, first=0, length=None, small_whole=True):
+        """
+        Fire with the body source of our own copy of C{info}, or None if we
+        hold no good one (a missing or bad one is set aside first).
+        """
+
+    def replica_failed(info, reason):
+        """
+        Our copy of C{info} is missing or bad: set it aside, stop offering
+        it, and tell L{replica_lost}.
+        """
+
+    # -- client transactions
+
+    def begin_txn(ns):
+        """
+        Open a transaction; fire with the fields a client needs (C{txn},
+        C{timeout}).
+        """
+
+    def prepare_txn(txn, record):
+        """
+        Vouch for this server's pending copies of C{txn} (and record the
+        vote if C{record}); fire with C{state} and C{remaining}.
+        """
+
+    def commit_txn(txn, prepared):
+        """
+        Publish C{txn}; fire with C{published} and C{already}.
+        """
+
+    def abort_txn(txn):
+        """
+        Discard C{txn}; fire with C{discarded}.
+        """
+
+    # -- for the parts (forwarding, transactions): publishing an upload
+
+    def place(put):
+        """
+        Look up the namespace of a L{koboldfs.storage.PendingPut} and set
+        its path where its files go; fire with the L{NamespaceInfo}.
+        """
+
+    def finish_upload(put, sha256, alone=True):
+        """
+        Make a put's upload durable and publish it with this server's copy
+        alone (C{alone}: refused if its namespace wants more copies).
+        """
+
+    def publish(put, record, lookup, not_recorded=()):
+        """
+        Record a durable upload with C{record}, removing its bytes if that
+        fails unless they may have been recorded after all.
         """
 
 

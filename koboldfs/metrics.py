@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 
+from koboldfs.interfaces import ServerState
+
 #: The namespace of the per-request log events, to filter them by.
 REQUEST_LOG_NAMESPACE = "koboldfs.requests"
 
@@ -37,12 +39,19 @@ class Metrics:
     A server's request counters and the gauges read from its state.
 
     @ivar registry: this server's own C{CollectorRegistry}.
-    @ivar snapshot: called at each scrape for the state-derived figures (a
-        L{koboldfs.status.Status} sets it): a dict as L{Status.snapshot
-        <koboldfs.status.Status.snapshot>} returns.
     """
 
-    def __init__(self, server: str = "", clock: Any = None) -> None:
+    def __init__(
+        self,
+        server: str = "",
+        clock: Any = None,
+        snapshot: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """
+        @param snapshot: called at each scrape for the state-derived
+            figures: a dict as L{Status.snapshot
+            <koboldfs.status.Status.snapshot>} returns, or None for none.
+        """
         self.server = server
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
@@ -84,7 +93,7 @@ class Metrics:
             ["protocol"],
             registry=r,
         )
-        self.snapshot: Callable[[], dict[str, Any] | None] = lambda: None
+        self.snapshot: Callable[[], dict[str, Any] | None] = snapshot or (lambda: None)
         r.register(_StateCollector(self))
 
     def connection(self) -> RequestTracker:
@@ -284,7 +293,7 @@ class _StateCollector:
         servers = gauge("koboldfs_servers", "Servers registered, by state", labels=["state"])
         counts: dict[str, int] = {}
         for s in snap["servers"]:
-            state = "down" if not s["up"] and s["state"] != "dead" else s["state"]
+            state = "down" if not s["up"] and s["state"] != ServerState.DEAD else s["state"]
             counts[state] = counts.get(state, 0) + 1
         for state, n in sorted(counts.items()):
             servers.add_metric([state], n)

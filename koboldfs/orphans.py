@@ -6,7 +6,7 @@ Two kinds are left behind by crashes and failures:
   - a stored file (C{files/...}, C{private/...}) that no file row names:
     the server crashed between renaming it into place and committing its
     row, or it is a peer's copy of a put that was never committed
-    (L{koboldfs.durability}), or the row was purged while a copy was made;
+    (L{koboldfs.forwarding}), or the row was purged while a copy was made;
   - a file in C{tmp/} that no upload of this process has open: an upload
     whose clean-up never ran.
 
@@ -26,15 +26,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from koboldfs.errors import KoboldError
+from koboldfs.periodic import Periodic
 from koboldfs.storage import relpath_names
 
 if TYPE_CHECKING:
-    from koboldfs.service import Node
+    from koboldfs.interfaces import INode
 
 log = Logger()
 
@@ -46,16 +45,16 @@ GRACE = 3600.0
 BATCH = 100
 
 
-class OrphanSweeper:
+class OrphanSweeper(Periodic):
     """
-    One server's orphan sweep; see the module's docstring.
+    One server's orphan sweep, as a service; see the module's docstring.
 
     @ivar removed: files removed since start, for a status page.
     """
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         interval: float = INTERVAL,
         grace: float = GRACE,
@@ -65,30 +64,24 @@ class OrphanSweeper:
         @param clock: provides C{IReactorTime}; its C{seconds()} must be
             wall-clock time, since it is compared with files' mtimes.
         """
+        super().__init__(f"orphan sweep on {node.name}", self._sweep, interval, clock, default=0)
         self._node = node
         self._clock = clock
         self._grace = grace
         self._batch = batch
-        self._interval = interval
-        self._loop = LoopingCall(self.sweep)
-        self._loop.clock = clock
-        self._running: Deferred[int] | None = None
         self._stopping = False
         self.removed = 0
 
-    def start(self) -> None:
+    def startService(self) -> None:
         self._stopping = False
-        self._loop.start(self._interval, now=True)
+        super().startService()
 
-    def stop(self) -> Deferred[Any]:
+    def stopService(self) -> Deferred[Any]:
         """
         Start no more sweeps; fire once the one under way stops.
         """
         self._stopping = True
-        if self._loop.running:
-            self._loop.stop()
-        running = self._running
-        return succeed(None) if running is None else _chained(running)
+        return super().stopService()
 
     def sweep(self) -> Deferred[int]:
         """
@@ -96,27 +89,7 @@ class OrphanSweeper:
         it removed.  Never fails: errors are logged, and the next sweep
         tries again.
         """
-        if self._running is None:
-            d = ensureDeferred(self._guarded())
-            if not d.called:
-                self._running = d
-
-                def done(result: int) -> int:
-                    self._running = None
-                    return result
-
-                d.addBoth(done)
-            return d
-        return _chained(self._running)
-
-    async def _guarded(self) -> int:
-        try:
-            return await self._sweep()
-        except KoboldError as e:
-            log.warn("orphan sweep on {name} failed: {error}", name=self._node.name, error=e)
-        except Exception:
-            log.failure("orphan sweep on {name} failed", name=self._node.name)
-        return 0
+        return self.run()
 
     async def _sweep(self) -> int:
         node = self._node
@@ -144,17 +117,3 @@ class OrphanSweeper:
                         removed += 1
         self.removed += removed
         return removed
-
-
-def _chained(d: Deferred[Any]) -> Deferred[Any]:
-    """
-    A new Deferred with C{d}'s result, leaving C{d}'s own chain alone.
-    """
-    out: Deferred[Any] = Deferred()
-
-    def passOn(result: Any) -> Any:
-        out.callback(result)
-        return result
-
-    d.addBoth(passOn)
-    return out

@@ -71,7 +71,7 @@ class Op(IntEnum):
     COMMIT = 0x22
     ABORT = 0x23
     #: Server to server: a copy of a put's body, streamed while the put
-    #: arrives, for write durability (koboldfs.durability).
+    #: arrives, for write durability (koboldfs.forwarding).
     REPLICA_PUT = 0x30
     DATA = 0x40
     END = 0x41

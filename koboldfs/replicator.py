@@ -25,10 +25,8 @@ See docs/replication.md.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import (
     CancelledError,
@@ -39,16 +37,18 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
-from twisted.internet.task import LoopingCall
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 from koboldfs.errors import CorruptReplica, KoboldError, NotFound
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata import FILE_ADDED, SERVER_CHANGED
+from koboldfs.periodic import Periodic, logged
+from koboldfs.placement import UNCOUNTED_STATES, Decision, choose
 from koboldfs.protocol import CHUNK_SIZE
 
 if TYPE_CHECKING:
-    from koboldfs.service import Node
+    from koboldfs.interfaces import INode
     from koboldfs.storage import Upload
 
 log = Logger()
@@ -65,91 +65,6 @@ RESCAN = 3600.0
 #: Intervals a server not chosen for a copy waits before it looks again
 #: (and copies anyway if the chosen ones have not).
 DEFER_INTERVALS = 3
-#: States whose copies count towards a namespace's replica count: a
-#: draining server's copies are to be made elsewhere, a dead one's are
-#: forgotten.
-COUNTED_STATES = ("alive", "readonly")
-#: States that make the whole cluster look again from the first id: their
-#: servers' copies stopped counting.
-UNCOUNTED_STATES = ("drain", "dead")
-
-
-class Decision(Enum):
-    """
-    What a server does about a file it lacks.
-    """
-
-    COPY = "copy"
-    ENOUGH = "enough"  # the namespace's count is met: nothing to do
-    DEFER = "defer"  # other servers are to copy it first
-
-
-def counted_copies(info: FileInfo, servers: Mapping[str, ServerInfo]) -> list[str]:
-    """
-    The servers whose copies of C{info} count: those neither draining nor
-    dead (a server the metadata does not list yet counts).  A down server's
-    copy counts: it is expected back, and its absence alone makes no copy.
-    """
-    return [
-        name
-        for name in info.replicas
-        if name not in servers or servers[name].state in COUNTED_STATES
-    ]
-
-
-def placement_weight(fid: str, server: str) -> bytes:
-    """
-    Where C{server} ranks for a copy of file C{fid}, lowest first:
-    rendezvous hashing, which every server computes alike.
-    """
-    return hashlib.sha256(f"{fid}/{server}".encode()).digest()
-
-
-def choose(
-    info: FileInfo,
-    me: str,
-    servers: Mapping[str, ServerInfo],
-    wanted: int | None,
-    now: float,
-    down_after: float,
-) -> Decision:
-    """
-    Whether server C{me} copies C{info} now, given every server's state
-    and a namespace count of C{wanted} copies (None: every server).
-
-    While fewer than C{wanted} copies count, the servers that are to make
-    the rest are picked, without any coordination, in an order every
-    server computes alike: servers that are alive and up and lack a copy,
-    those on a C{--host} holding no copy yet (counting the ones already
-    picked) first, then by a hash of the file's and the server's names
-    (rendezvous hashing: spreads files evenly, and moves few when servers
-    come and go).  A server not among them defers.
-    """
-    if wanted is None:
-        return Decision.COPY
-    counted = counted_copies(info, servers)
-    need = wanted - len(counted)
-    if need <= 0:
-        return Decision.ENOUGH
-    hosts = {servers[name].host for name in counted if name in servers}
-    candidates = [
-        s
-        for s in servers.values()
-        if s.name not in info.replicas
-        and s.state == "alive"
-        and (s.name == me or s.is_up(now, down_after))
-    ]
-
-    candidates.sort(key=lambda s: placement_weight(info.fid, s.name))
-    for _ in range(need):
-        if not candidates:
-            break
-        best = min(candidates, key=lambda s: s.host in hosts)
-        if best.name == me:
-            return Decision.COPY
-        candidates.remove(best)
-        hosts.add(best.host)
-    return Decision.DEFER
 
 
 class CopyFailed(KoboldError):
@@ -187,20 +102,18 @@ def _writer(upload: Upload) -> Callable[[bytes], Deferred[None] | None]:
     return write
 
 
-class Replicator:
+class Replicator(Service):
     """
-    One server's replication loop.
-
-    Not a child service: it must start after the server has registered
-    (peers and the metadata must know it), so L{KoboldService
-    <koboldfs.service.KoboldService>} calls L{start} and L{stop} itself.
+    One server's replication loop, as a service.  It must start after the
+    server has registered (peers and the metadata must know it): the
+    server starts it once it has.
 
     @ivar retries: failed copies by file id, waiting for their turn.
     """
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         interval: float,
         batch: int = BATCH,
@@ -215,8 +128,7 @@ class Replicator:
         self._interval = interval
         self._batch = batch
         self._copies = DeferredSemaphore(concurrency)
-        self._loop = LoopingCall(self.sweep)
-        self._loop.clock = clock
+        self._loop = Periodic(f"replication on {node.name}", self.sweep, interval, clock)
         self._cursor = 0
         # The lowest cursor a notification asked for during the pass under
         # way, which the pass's own move of the cursor must not undo.
@@ -228,18 +140,20 @@ class Replicator:
         self._waiters: list[Deferred[None]] = []
         self._stopping = False
         self._unsubscribe: Callable[[], None] | None = None
+        self._unlisten: Callable[[], None] | None = None
         # Servers whose copies did not count at the last pass.
         self._uncounted: set[str] = set()
 
-    def start(self) -> None:
+    def startService(self) -> None:
         """
         Listen for changes and run a first pass now: a server that was down
         catches up at once.
         """
+        super().startService()
         self._stopping = False
         self._unsubscribe = self._node.store.subscribe(self._heard)
-        self._node.on_replica_lost = self.repair
-        self._loop.start(self._interval, now=True)
+        self._unlisten = self._node.replica_lost.add(self.repair)
+        self._loop.startService()
 
     def repair(self, info: FileInfo) -> None:
         """
@@ -250,19 +164,21 @@ class Replicator:
         if self._loop.running:
             self.sweep()
 
-    def stop(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
         """
         Start no more work; fire once the pass under way is over.  Closing
         the peer connections ends copies in progress sooner.
         """
+        super().stopService()
         self._stopping = True
-        if self._node.on_replica_lost == self.repair:
-            self._node.on_replica_lost = None
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         if self._loop.running:
-            self._loop.stop()
+            self._loop.stopService()
         return self._whenIdle()
 
     def sweep(self) -> Deferred[None]:
@@ -319,8 +235,13 @@ class Replicator:
                 d.callback(None)
 
     async def _pass(self) -> None:
-        reclaimed = await self._guarded("reclaiming", self._reclaim)
-        copied = 0 if self._node.readonly else await self._guarded("copying", self._replicate)
+        # One step's trouble (a file that cannot be removed) does not keep
+        # the other from running.
+        name = self._node.name
+        reclaimed = await logged(f"reclaiming on {name}", self._reclaim, 0)
+        copied = 0
+        if not self._node.readonly:
+            copied = await logged(f"copying on {name}", self._replicate, 0)
         if reclaimed or copied:
             log.info(
                 "{name} copied {copied} files and reclaimed {reclaimed}",
@@ -328,21 +249,6 @@ class Replicator:
                 copied=copied,
                 reclaimed=reclaimed,
             )
-
-    async def _guarded(self, what: str, step: Callable[[], Awaitable[int]]) -> int:
-        """
-        Run one step of a pass and return its count; log its error and
-        return 0 instead of failing, so that one step's trouble (a file
-        that cannot be removed) does not keep the other from running.
-        """
-        try:
-            return await step()
-        except KoboldError as e:
-            # The metadata database is down: say so once a pass.
-            log.warn("{what} on {name} failed: {error}", what=what, name=self._node.name, error=e)
-        except Exception:
-            log.failure("{what} on {name} failed", what=what, name=self._node.name)
-        return 0
 
     # -- deletes and overwrites
 
@@ -548,18 +454,20 @@ class Replicator:
 SCRUB_FILE_COST = 64 * 1024
 
 
-class Scrubber:
+class Scrubber(Service):
     """
     One server's background scrub: re-reads every copy it holds, by file
     id, at most C{rate} bytes a second, verifying each against its size
-    and SHA-256; a bad or missing one is set aside (L{Node.replica_failed
-    <koboldfs.service.Node.replica_failed>}), which makes the replicator
+    and SHA-256; a bad or missing one is set aside (L{INode.replica_failed
+    <koboldfs.interfaces.INode.replica_failed>}), which makes the replicator
     copy it again from a good one.
 
     Reads run in the thread pool (L{Reader <koboldfs.storage.Reader>});
     the pace is kept by waiting on the clock after each chunk, so the
     reactor is never blocked.  After the last file it rests C{rest}
     seconds and starts again from the first.
+
+    A service that runs (C{running}) only while the scrub is on.
 
     Its progress, for a status page: C{cursor} (the last file id checked
     this round), C{rounds} (complete rounds), C{files_checked} and
@@ -569,7 +477,7 @@ class Scrubber:
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         clock: Any,
         rate: float,
         rest: float,
@@ -594,20 +502,18 @@ class Scrubber:
         self._done: Deferred[None] = succeed(None)
         self._wait: Deferred[None] | None = None
 
-    @property
-    def running(self) -> bool:
-        return not self._stopping
-
-    def start(self) -> None:
-        if self.rate <= 0 or not self._stopping:
+    def startService(self) -> None:
+        if self.rate <= 0 or self.running:
             return
+        super().startService()
         self._stopping = False
         self._done = ensureDeferred(self._run())
 
-    def stop(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
         """
         Stop after the chunk being read; fire once stopped.
         """
+        super().stopService()
         self._stopping = True
         wait, self._wait = self._wait, None
         if wait is not None:
@@ -616,7 +522,7 @@ class Scrubber:
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         """
-        Wait C{seconds} on the clock; L{stop} cuts the wait short.
+        Wait C{seconds} on the clock; L{stopService} cuts the wait short.
         """
         d: Deferred[None] = Deferred(lambda d: call.cancel())
         call = self._clock.callLater(seconds, d.callback, None)
@@ -627,32 +533,28 @@ class Scrubber:
         try:
             while not self._stopping:
                 try:
-                    await self._page()
+                    if not await logged(f"scrub on {self._node.name}", self._page, False):
+                        await self._sleep(self._rest)
                 except CancelledError:
                     break
-                except Exception as e:
-                    if isinstance(e, KoboldError):
-                        log.warn("scrub on {name} failed: {error}", name=self._node.name, error=e)
-                    else:
-                        log.failure("scrub on {name} failed", name=self._node.name)
-                    try:
-                        await self._sleep(self._rest)
-                    except CancelledError:
-                        break
         finally:
             self._wait = None
 
-    async def _page(self) -> None:
+    async def _page(self) -> bool:
+        """
+        Check the next page of copies; True once done (False would be a
+        failure: see L{logged}).
+        """
         node = self._node
         page = await node.store.held_files(node.name, self.cursor, self._batch)
         if not page:
             self.rounds += 1
             self.cursor = 0
             await self._sleep(self._rest)
-            return
+            return True
         for info in page:
             if self._stopping:
-                return
+                return True
             await self._check(info)
             self.cursor = info.id
             # A file costs a lookup and an open whatever its size: count a
@@ -660,6 +562,7 @@ class Scrubber:
             # would be scrubbed at thousands of files a second.
             if info.size < SCRUB_FILE_COST and not self._stopping:
                 await self._sleep((SCRUB_FILE_COST - info.size) / self.rate)
+        return True
 
     async def _check(self, info: FileInfo) -> None:
         """

@@ -18,19 +18,19 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from koboldfs import __version__
-from koboldfs.errors import KoboldError
+from koboldfs.interfaces import ServerState
 from koboldfs import humanize
 from koboldfs.metadata.health import Health
+from koboldfs.periodic import logged
 
 if TYPE_CHECKING:
+    from koboldfs.interfaces import INode
     from koboldfs.replicator import Replicator, Scrubber
-    from koboldfs.service import Node
 
-log = Logger()
 
 #: Seconds between polls of the cluster-wide counts, at least.
 POLL = 10.0
@@ -41,14 +41,15 @@ SPACING = 20
 REFRESH = 10
 
 
-class Status:
+class Status(Service):
     """
-    The status of one server, assembled on demand from what it knows.
+    The status of one server, assembled on demand from what it knows; as
+    a service, it polls the cluster-wide counts while it runs.
     """
 
     def __init__(
         self,
-        node: Node,
+        node: INode,
         replicator: Replicator | None,
         scrubber: Scrubber | None,
         clock: Any,
@@ -63,24 +64,24 @@ class Status:
         self.polled: float | None = None
         self._interval = interval
         self._call: Any = None
-        self._running = False
 
-    def start(self) -> None:
+    def startService(self) -> None:
         """
         Poll now, then again after each poll ends: every L{POLL} seconds,
-        or L{SPACING} times as long as a poll took if that is longer.
+        or L{SPACING} times as long as a poll took if that is longer (so
+        not a fixed-interval L{Periodic<koboldfs.periodic.Periodic>}).
         """
-        self._running = True
+        super().startService()
         self._schedule(0)
 
-    def stop(self) -> None:
-        self._running = False
+    def stopService(self) -> None:
+        super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
 
     def _schedule(self, delay: float) -> None:
-        if self._running:
+        if self.running:
             self._call = self.clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
@@ -97,16 +98,14 @@ class Status:
         Refresh the cluster-wide counts.  Errors are logged, never raised:
         a raise would stop the loop for good.
         """
-        try:
-            health = await self.node.store.health()
-            held = await self.node.store.files_held()
-        except KoboldError as e:
-            log.warn("status poll on {name} failed: {error}", name=self.node.name, error=e)
-            return
-        except Exception:
-            log.failure("status poll on {name} failed", name=self.node.name)
-            return
-        self.health, self.held, self.polled = health, held, self.clock.seconds()
+
+        async def read() -> tuple[Health, dict[str, int]]:
+            return await self.node.store.health(), await self.node.store.files_held()
+
+        polled = await logged(f"status poll on {self.node.name}", read, None)
+        if polled is not None:
+            self.health, self.held = polled
+            self.polled = self.clock.seconds()
 
     def snapshot(self) -> dict[str, Any]:
         """
@@ -134,7 +133,7 @@ class Status:
                     "files": self.held.get(s.name, 0),
                 }
             )
-        down = [s["name"] for s in servers if not s["up"] and s["state"] != "dead"]
+        down = [s["name"] for s in servers if not s["up"] and s["state"] != ServerState.DEAD]
         me = next((s for s in servers if s["name"] == node.name), None) or {
             "name": node.name,
             "disk_free": 0,
@@ -207,8 +206,9 @@ def render_html(snap: dict[str, Any]) -> bytes:
     e = html.escape
     rows = []
     for s in snap["servers"]:
-        state = s["state"] if s["up"] or s["state"] == "dead" else f"{s['state']}, down"
-        cls = "bad" if "down" in state or s["state"] == "dead" else "ok"
+        dead = s["state"] == ServerState.DEAD
+        state = s["state"] if s["up"] or dead else f"{s['state']}, down"
+        cls = "bad" if "down" in state or dead else "ok"
         rows.append(
             "<tr>"
             f"<td>{e(s['name'])}</td><td>{e(s['host'])}</td>"

@@ -37,6 +37,7 @@ import re
 import shutil
 import stat
 import uuid
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
@@ -898,3 +899,22 @@ class Reader:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+@dataclass
+class PendingPut:
+    """
+    An upload and where its file is to be published: what the core, put
+    forwarding and the transaction handler pass between them.
+
+    @ivar path: where the bytes go, under the data directory; set again
+        once the namespace is known (a private one's are kept apart).
+    @ivar size: as the client declared it, or None.
+    """
+
+    ns: str
+    key: str
+    fid: str
+    path: str
+    size: int | None
+    upload: Upload

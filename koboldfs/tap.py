@@ -9,40 +9,14 @@ the command line win over the file.
 from __future__ import annotations
 
 import configparser
-import os
-import re
-import socket
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
-from koboldfs.auth import read_secret_file
-from koboldfs.protocol import CHUNK_SIZE
-from koboldfs.service import KoboldService, ServerConfig
+from koboldfs.config import DEFAULTS, server_config
 
-DEFAULTS = {
-    "data": "koboldfs-data",
-    "listen": "tcp:9876:interface=127.0.0.1",
-    "http": "tcp:9877:interface=127.0.0.1",
-    "heartbeat": "5",
-    "down_after": "30",
-    "idle_timeout": "300",
-    "peer_timeout": "30",
-    "replicate_interval": "10",
-    "scrub_rate": str(10 * 1024 * 1024),
-    "auth": "auto",
-    "max_frame_size": str(4 * 1024 * 1024),
-    "max_connections": "1024",
-    "max_connections_per_ip": "128",
-    "max_uploads": "64",
-    "handshake_timeout": "10",
-    "frame_timeout": "30",
-    "pending_timeout": "3600",
-    "prepared_timeout": str(7 * 86400),
-}
-
-
-AUTH_MODES = ("auto", "keys", "open")
+if TYPE_CHECKING:
+    from koboldfs.service import KoboldService
 
 
 class Options(usage.Options):
@@ -184,9 +158,8 @@ class Options(usage.Options):
             values["auth"] = "open"
         if values["config"]:
             values = {**_read_ini(values["config"]), **{k: v for k, v in values.items() if v}}
-        values = {**DEFAULTS, **{k: v for k, v in values.items() if v is not None}}
         try:
-            self.server_config = _server_config(values)
+            self.server_config = server_config(values)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -207,83 +180,13 @@ def _read_ini(path: str) -> dict[str, str]:
     return values
 
 
-def _number(values: dict[str, str], name: str, kind: type = float) -> Any:
-    try:
-        value = kind(values[name])
-    except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')} must be a number") from None
-    if value <= 0:
-        raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    return value
-
-
-def _server_config(values: dict[str, str]) -> ServerConfig:
-    hostname = socket.gethostname()
-    port = re.search(r"^(?:tcp6?|ssl):(?:port=)?(\d+)|:port=(\d+)", values["listen"])
-    default_name = f"{hostname}:{next(g for g in port.groups() if g)}" if port else hostname
-    return ServerConfig(
-        name=values.get("name") or default_name,
-        host=values.get("host") or hostname,
-        data=os.path.abspath(values["data"]),
-        listen=values["listen"],
-        http=values["http"],
-        public_url=values.get("public_url"),
-        db=values.get("db"),
-        heartbeat=_number(values, "heartbeat"),
-        down_after=_number(values, "down_after"),
-        idle_timeout=_number(values, "idle_timeout"),
-        peer_timeout=_number(values, "peer_timeout"),
-        max_file_size=_number(values, "max_file_size", int)
-        if values.get("max_file_size")
-        else None,
-        replicate_interval=_number(values, "replicate_interval"),
-        scrub_rate=_rate(values["scrub_rate"]),
-        auth=_choice(values, "auth", AUTH_MODES),
-        max_frame_size=_at_least(values, "max_frame_size", CHUNK_SIZE),
-        max_connections=_number(values, "max_connections", int),
-        max_connections_per_ip=_number(values, "max_connections_per_ip", int),
-        max_uploads=_number(values, "max_uploads", int),
-        handshake_timeout=_number(values, "handshake_timeout"),
-        frame_timeout=_number(values, "frame_timeout"),
-        tls_ca=_readable(values.get("tls_ca")),
-        cluster_secrets=read_secret_file(values["secret_file"])
-        if values.get("secret_file")
-        else (),
-        pending_timeout=_number(values, "pending_timeout"),
-        prepared_timeout=_number(values, "prepared_timeout"),
-    )
-
-
-def _readable(path: str | None) -> str | None:
-    if path is not None and not os.access(path, os.R_OK):
-        raise ValueError(f"cannot read {path}")
-    return None if path is None else os.path.abspath(path)
-
-
-def _at_least(values: dict[str, str], name: str, least: int) -> int:
-    value: int = _number(values, name, int)
-    if value < least:
-        raise ValueError(f"--{name.replace('_', '-')} must be at least {least}")
-    return value
-
-
-def _choice(values: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
-    if values[name] not in choices:
-        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-    return values[name]
-
-
-def _rate(value: str) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        raise ValueError("--scrub-rate must be a number of bytes per second") from None
-    if not rate >= 0 or rate == float("inf"):
-        raise ValueError("--scrub-rate must be 0 (off) or a positive number of bytes per second")
-    return rate
-
-
 def makeService(options: Options) -> KoboldService:
+    """
+    The server's service, on the global reactor: the one place, with
+    C{koboldfs.tac}, that the server meets it.
+    """
     from twisted.internet import reactor
+
+    from koboldfs.service import KoboldService
 
     return KoboldService(options.server_config, reactor)

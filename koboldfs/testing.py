@@ -24,11 +24,15 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from koboldfs.binaryserver import ServerProtocol
+
 from koboldfs.client import DeferredClient
+from koboldfs.config import ServerConfig
 from koboldfs.connection import ConnectionCache
 from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
-from koboldfs.service import Node, ServerConfig, ServerProtocol
+from koboldfs.metrics import Metrics
+from koboldfs.node import Node
 from koboldfs.storage import Storage
 from koboldfs.web import make_site
 
@@ -108,7 +112,7 @@ class _MemoryEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         client = factory.buildProtocol(None)
-        server = ServerProtocol(self._server.node)
+        server = ServerProtocol(self._server.node, self._server.metrics)
         pump = iosim.connect(
             server,
             iosim.makeFakeServer(server),
@@ -136,11 +140,14 @@ class MemoryServer:
         name: str = "memory",
         reactor: SyncReactor | None = None,
         db: str | None = None,
+        peers: Callable[[str], IStreamClientEndpoint] | None = None,
     ) -> None:
         """
         @param reactor: one shared with other servers (L{MemoryCluster}).
         @param db: a metadata database shared with other servers; by
             default, a SQLite file of its own under C{root}.
+        @param peers: how it reaches a peer at an address (L{MemoryCluster}
+            gives the other servers in memory); by default, over TCP.
         """
         os.makedirs(root, exist_ok=True)
         self.reactor = reactor or SyncReactor()
@@ -152,8 +159,14 @@ class MemoryServer:
         self.store = SQLAlchemyStore(
             db or f"sqlite:///{os.path.join(root, 'metadata.sqlite')}", self.reactor, pool
         )
+        #: Its request counters (L{koboldfs.metrics}).
+        self.metrics = Metrics(name, self.reactor)
         self.node = Node(
-            self.config, self.storage, self.store, self.reactor, ConnectionCache(self.reactor)
+            self.config,
+            self.storage,
+            self.store,
+            self.reactor,
+            ConnectionCache(self.reactor, endpoint_factory=peers),
         )
 
     def start(self) -> None:
@@ -241,14 +254,17 @@ class MemoryCluster:
     def __init__(self, root: str, names: Sequence[str]) -> None:
         self.reactor = SyncReactor()
         db = f"sqlite:///{os.path.join(root, 'metadata.sqlite')}"
+        by_address: dict[str, MemoryServer] = {}
+
+        def peer(address: str) -> IStreamClientEndpoint:
+            return _MemoryEndpoint(by_address[address])
+
         self.servers = {
-            name: MemoryServer(os.path.join(root, name), name, self.reactor, db) for name in names
+            name: MemoryServer(os.path.join(root, name), name, self.reactor, db, peers=peer)
+            for name in names
         }
-        by_address = {server.address: server for server in self.servers.values()}
+        by_address.update((server.address, server) for server in self.servers.values())
         for server in self.servers.values():
-            server.node.peers = ConnectionCache(
-                self.reactor, endpoint_factory=lambda address: _MemoryEndpoint(by_address[address])
-            )
             server.start()
         self.beat()
 

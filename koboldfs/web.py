@@ -9,11 +9,14 @@ file the metadata has as live and as held here: nothing else under the
 data directory (temp uploads, quarantine, the embedded database, a deleted
 file's bytes) is ever read, and no request path becomes a file system path.
 
-Files are streamed from the thread pool with a push producer, so a slow
-client pauses the reads and no file is ever held whole in memory.  A full
-read is checked against the file's SHA-256 before its last chunk goes out:
-on a mismatch the connection is aborted (the client sees a short body, never
-a complete wrong one) and the copy is quarantined.
+A thin adapter over the server core (L{koboldfs.interfaces.INode}): the
+core finds the file and gives the body source of our copy, read in the
+thread pool and paced by the client (a slow one pauses the reads, and no
+file is ever held whole in memory).  A full read is checked against the
+file's SHA-256 before its last chunk goes out: on a mismatch the connection
+is aborted (the client sees a short body, never a complete wrong one) and
+the copy is quarantined.  What is HTTP's is here: paths, Range,
+conditional requests, caching headers, redirects to a live peer.
 """
 
 from __future__ import annotations
@@ -31,10 +34,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from koboldfs.errors import CorruptReplica, NotFound
-from koboldfs.interfaces import FileInfo, NamespaceInfo
-from koboldfs.protocol import CHUNK_SIZE
-from koboldfs.urls import check_signature
+from koboldfs.errors import CorruptReplica
+from koboldfs.interfaces import FileInfo, IBodySink, INode, NamespaceInfo
 
 log = Logger()
 
@@ -94,17 +95,36 @@ def _etag_matches(header: bytes, etag: bytes) -> bool:
     return b"*" in tags or any(tag.removeprefix(b"W/") == etag for tag in tags)
 
 
-@implementer(IPushProducer)
-class _Pacer:
+@implementer(IPushProducer, IBodySink)
+class _ResponseSink:
     """
-    Paces a response to the client: the connection pauses and resumes it,
-    and L{wait} fires when more may be written.
+    A response body the core's body source writes into, paced by the
+    client: the connection pauses and resumes it, and a write returns a
+    Deferred while it is paused.
     """
 
-    def __init__(self) -> None:
+    frame = None
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
         self.paused = False
         self.stopped = False
         self._waiting: defer.Deferred[None] | None = None
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+
+    @property
+    def gone(self) -> bool:
+        return self.stopped
+
+    def begin(self) -> None:
+        pass  # the headers are set
+
+    def write(self, data: bytes) -> defer.Deferred[None]:
+        self._request.write(data)
+        return self.wait()
+
+    def abort(self) -> None:
+        self._request.transport.abortConnection()
 
     def wait(self) -> defer.Deferred[None]:
         if not self.paused or self.stopped:
@@ -137,7 +157,7 @@ class FileResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: INode) -> None:
         super().__init__()
         self.node = node
 
@@ -165,10 +185,10 @@ class FileResource(Resource):
         match = _PATH.fullmatch(request.path)
         if match is None:
             return None
-        found = await self.node.store.lookup_fid(match.group(2).decode())
-        if found is None or found[0].path != match.group(1).decode():
-            return None
-        return found  # type: ignore[no-any-return]
+        found: tuple[FileInfo, NamespaceInfo] | None = await self.node.lookup_stored(
+            match.group(2).decode(), match.group(1).decode()
+        )
+        return found
 
     async def _serve(self, request: Request) -> None:
         found = await self._lookup(request)
@@ -176,14 +196,12 @@ class FileResource(Resource):
             _end(request, http.NOT_FOUND)
             return
         info, namespace = found
-        now = self.node.clock.seconds()
+        expires = _arg(request, b"e")
+        if not self.node.url_allowed(info, namespace, expires, _arg(request, b"s")):
+            _end(request, http.FORBIDDEN)
+            return
         if namespace.private:
-            expires = _arg(request, b"e")
-            if namespace.secret is None or not check_signature(
-                namespace.secret, info.path, expires, _arg(request, b"s"), now
-            ):
-                _end(request, http.FORBIDDEN)
-                return
+            now = self.node.clock.seconds()
             cache = b"private, max-age=%d" % (int(expires) - int(now))  # type: ignore[arg-type]
         else:
             cache = PUBLIC_CACHE
@@ -217,60 +235,34 @@ class FileResource(Resource):
             return
         first, last = wanted or (0, size - 1)
         length = last - first + 1
-        reader = self.node.storage.open_read(
-            info.path,
-            offset=first,
-            length=length,
-            # Only a full read can be checked against the file's checksum.
-            expect_sha256=None if wanted else info.sha256,
-            expect_size=size,
-        )
-        try:
-            try:
-                await reader.open()
-            except (NotFound, CorruptReplica) as e:
-                await self.node.replica_failed(info, str(e))
-                self._elsewhere(request, info, namespace)
-                return
-            if wanted:
-                request.setResponseCode(http.PARTIAL_CONTENT)
-                request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
-            request.setHeader(b"accept-ranges", b"bytes")
-            request.setHeader(b"content-type", _content_type(info.path))
-            request.setHeader(b"x-content-type-options", b"nosniff")
-            request.setHeader(b"content-length", b"%d" % length)
-            if request.method == b"HEAD":
-                if not _gone(request):
-                    request.finish()
-                return
-            await self._stream(request, reader, info, length)
-        finally:
-            await reader.close()
-
-    async def _stream(self, request: Request, reader: Any, info: FileInfo, length: int) -> None:
-        if _gone(request):
+        # Headers go before the first byte: a copy of one chunk is not
+        # read whole first (a bad one is cut short, never a whole 200).
+        body = await self.node.open_local(info, first, length, small_whole=False)
+        if body is None:
+            self._elsewhere(request, info, namespace)
             return
-        pacer = _Pacer()
-        gone = request.notifyFinish()
-        gone.addErrback(lambda _: pacer.stopProducing())
-        request.registerProducer(pacer, True)
+        if wanted:
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-type", _content_type(info.path))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-length", b"%d" % length)
+        if request.method == b"HEAD" or _gone(request):
+            await body.close()
+            if not _gone(request):
+                request.finish()
+            return
+        sink = _ResponseSink(request)
+        request.registerProducer(sink, True)
         try:
-            sent = 0
-            while sent < length and not pacer.stopped:
-                try:
-                    chunk = await reader.read(min(CHUNK_SIZE, length - sent))
-                except CorruptReplica as e:
-                    # Better a cut connection than a complete wrong body.
-                    request.transport.abortConnection()
-                    await self.node.replica_failed(info, str(e))
-                    return
-                request.write(chunk)
-                sent += len(chunk)
-                await pacer.wait()
+            await body.send(sink)
+        except CorruptReplica:
+            return  # cut already: better than a complete wrong body
         finally:
             if not _gone(request):
                 request.unregisterProducer()
-        if not pacer.stopped:
+        if not sink.stopped:
             request.finish()
 
     def _elsewhere(self, request: Request, info: FileInfo, namespace: NamespaceInfo) -> None:
@@ -363,7 +355,7 @@ class _Guard(ProtocolWrapper):
     _tail = b""
     _admitted: str | None = None
 
-    def __init__(self, factory: WrappingFactory, wrapped: Any, node: Any) -> None:
+    def __init__(self, factory: WrappingFactory, wrapped: Any, node: INode) -> None:
         super().__init__(factory, wrapped)
         self.node = node
 
@@ -419,7 +411,7 @@ class _Guard(ProtocolWrapper):
         super().connectionLost(reason)
 
 
-def guarded(node: Any, site: Site) -> WrappingFactory:
+def guarded(node: INode, site: Site) -> WrappingFactory:
     """
     C{site} held to the server's connection limits and timeouts.
     """
@@ -435,7 +427,7 @@ class ServerResource(FileResource):
     C{/status.json}, and the Prometheus metrics C{/metrics}.
     """
 
-    def __init__(self, node: Any, status: Any = None, metrics: Any = None) -> None:
+    def __init__(self, node: INode, status: Any = None, metrics: Any = None) -> None:
         super().__init__(node)
         self.status = status
         self.metrics = metrics
@@ -496,7 +488,7 @@ class _Site(Site):
             self.metrics.http(request, getattr(request, "koboldfs_started", None))
 
 
-def make_site(node: Any, status: Any = None, metrics: Any = None) -> Site:
+def make_site(node: INode, status: Any = None, metrics: Any = None) -> Site:
     """
     The HTTP site of a server: its files, and given C{status} and
     C{metrics}, its status page and metrics.

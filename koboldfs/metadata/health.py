@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, bindparam, case, func, literal_column, or_, select, update
 
-from koboldfs.interfaces import FileInfo
+from koboldfs.interfaces import FileInfo, ServerState
+from koboldfs.placement import COUNTED_STATES
 from koboldfs.metadata.queries import (
     _LIVE,
     Query,
@@ -26,9 +27,8 @@ from koboldfs.metadata.queries import (
 )
 from koboldfs.metadata.schema import files, namespaces, replicas, servers
 
-#: Server states whose copies count towards a namespace's replica count
-#: (as L{koboldfs.replicator.COUNTED_STATES}).
-_COUNTED = ("alive", "readonly")
+#: Server states whose copies count towards a namespace's replica count.
+_COUNTED = COUNTED_STATES
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ _PER_FILE = (
     .subquery("per_file")
 )
 _SHORT = _PER_FILE.c.good < _PER_FILE.c.wanted
-_ALIVE_SERVERS = select(func.count()).select_from(servers).where(servers.c.state == "alive")
+_ALIVE_SERVERS = (
+    select(func.count()).select_from(servers).where(servers.c.state == ServerState.ALIVE.value)
+)
 _LIVE_TOTALS = select(
     func.count(),
     func.coalesce(func.sum(_PER_FILE.c.size), 0),

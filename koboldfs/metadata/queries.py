@@ -48,7 +48,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
 from sqlalchemy.sql.base import Executable
 
-from koboldfs.interfaces import SERVER_STATES, FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo, ServerState
 from koboldfs.auth import KeyInfo
 from koboldfs.metadata.schema import (
     SCHEMA_VERSION,
@@ -303,8 +303,8 @@ def _list_keys_query(prefix: bool, bound: bool, after: bool) -> Select[str]:
 
 
 def _check_state(state: str) -> None:
-    if state not in SERVER_STATES:
-        raise ValueError(f"invalid server state {state!r}: use one of {', '.join(SERVER_STATES)}")
+    if state not in set(ServerState):
+        raise ValueError(f"invalid server state {state!r}: use one of {', '.join(ServerState)}")
 
 
 def schema_ddl() -> list[ExecutableDDLElement]:
@@ -413,7 +413,7 @@ def add_file(
 ) -> Txn[FileInfo]:
     """
     Publish a new live version of C{key} held by C{server}, and by the
-    servers C{also} (copies made while it was put: koboldfs.durability),
+    servers C{also} (copies made while it was put: koboldfs.forwarding),
     retiring the previous one.  Concurrent writers of one key queue on the live version's
     row lock (see L{_retire}); the rare two that still collide on
     files_live_key are retried by the driver, so the last writer wins and
@@ -532,7 +532,7 @@ def register_server(server: ServerInfo) -> Txn[ServerInfo]:
     """
     _check_state(server.state)
     out = yield Query(_SERVER_STATE, {"b_name": server.name})
-    if out.rows and out.rows[0][0] != "dead":
+    if out.rows and out.rows[0][0] != ServerState.DEAD:
         state = out.rows[0][0]
     else:
         state = server.state
@@ -562,7 +562,7 @@ def set_server_state(name: str, state: str) -> Txn[bool]:
     """
     Set server C{name}'s state; return whether it is registered.
 
-    @raise ValueError: C{state} is not one of L{SERVER_STATES}.
+    @raise ValueError: C{state} is not a L{ServerState}.
     """
     _check_state(state)
     out = yield Query(_SET_SERVER_STATE, {"b_name": name, "b_state": state})

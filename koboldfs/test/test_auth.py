@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from koboldfs import auth
 from koboldfs.errors import AuthRequired, ErrorCode, Forbidden, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
-from koboldfs.service import ServerProtocol
+from koboldfs.binaryserver import ServerProtocol
 from koboldfs.storage import relpath_for
 from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster, MemoryServer
@@ -163,7 +163,7 @@ class HandshakeTests(_KeysServer, SynchronousTestCase):
     """
 
     def connect(self) -> tuple[ServerProtocol, StringTransport, dict]:
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.decoder = FrameDecoder()
@@ -271,7 +271,7 @@ class HandshakeTests(_KeysServer, SynchronousTestCase):
         An open server says so in WELCOME and serves without AUTH.
         """
         self.server.config.auth = "open"
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.decoder = FrameDecoder()

@@ -45,7 +45,7 @@ from koboldfs.protocol import (
     encode,
     encode_message,
 )
-from koboldfs.service import ServerProtocol
+from koboldfs.binaryserver import ServerProtocol
 from koboldfs.testing import MemoryServer
 
 SCALE = max(1, int(os.environ.get("KOBOLDFS_FUZZ_SCALE", "1")))
@@ -250,7 +250,7 @@ class HandlerFuzzTests(SynchronousTestCase):
 
     def converse(self, frames: list[Message | Data], rng: random.Random, damage: bool) -> None:
         node = self.server.node
-        proto = ServerProtocol(node)
+        proto = ServerProtocol(node, self.server.metrics)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.1.1", 1))
         proto.makeConnection(transport)
         try:
@@ -308,7 +308,7 @@ class HandlerFuzzTests(SynchronousTestCase):
         self.server.config.auth = "keys" if require_keys else "open"
         for i in range(HANDLER_MUTATIONS):
             self.converse(frames, rng, damage=i > 0)
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         try:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
-from koboldfs.service import ABORT_AFTER, PREAUTH_PAYLOAD, ServerProtocol
+from koboldfs.binaryserver import ABORT_AFTER, PREAUTH_PAYLOAD, ServerProtocol
 from koboldfs.testing import MemoryServer
 from koboldfs.web import guarded, make_site
 
@@ -32,7 +32,7 @@ class LimitTests(SynchronousTestCase):
         self.config = self.server.config
 
     def connect(self, host: str = "10.0.0.1", hello: bool = True) -> tuple:
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4242))
         proto.makeConnection(transport)
         decoder = FrameDecoder()

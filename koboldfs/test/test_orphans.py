@@ -142,7 +142,7 @@ class OrphanSweeperTests(SynchronousTestCase):
         """
         sweeper = self.sweeper()
         first = self.write(relpath_for(new_fid(), "a"))
-        sweeper.start()
+        sweeper.startService()
         self.server.pump()
         self.assertFalse(os.path.exists(first))
         second = self.write(relpath_for(new_fid(), "a"))
@@ -153,7 +153,7 @@ class OrphanSweeperTests(SynchronousTestCase):
         self.server.pump()
         self.assertFalse(os.path.exists(second))
         self.assertEqual(sweeper.removed, 2)
-        self.server.flush(sweeper.stop())
+        self.server.flush(sweeper.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_database_down(self) -> None:

@@ -10,7 +10,7 @@ a new server backfilling 1,000 files.  Those where the metadata backend
 matters (notifications, the cursor) run on both backends.
 
 A put to one of several servers (on distinct C{--host}s) is forwarded to a
-second one as it arrives (L{koboldfs.durability}), so a copy found on a
+second one as it arrives (L{koboldfs.forwarding}), so a copy found on a
 second server may not be the replicator's.  Where the replicator's copy is
 the subject, the namespace sets C{min_copies=1} (L{one_copy_per_put}), or
 the copy is made by a server started after the put;

@@ -20,13 +20,10 @@ from koboldfs.replicator import (
     DEFER_INTERVALS,
     RESCAN,
     SCRUB_FILE_COST,
-    Decision,
     Replicator,
     Scrubber,
-    choose,
-    counted_copies,
 )
-from koboldfs.service import ServerConfig
+from koboldfs.config import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster
 
@@ -57,8 +54,8 @@ class ReplicatorTests(SynchronousTestCase):
         server = self.cluster.servers[name]
         replicator = Replicator(server.node, self.cluster.reactor, INTERVAL, **options)
         self.replicators[name] = replicator
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         return replicator
 
@@ -117,8 +114,8 @@ class ReplicatorTests(SynchronousTestCase):
             return read(server, after, limit).addCallback(commit_late)
 
         node.store.missing_replicas = missing_replicas  # type: ignore[method-assign]
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         self.advance(INTERVAL)
         self.assertEqual(self.on_disk("b", second), b"2")
@@ -213,7 +210,7 @@ class ReplicatorTests(SynchronousTestCase):
         it comes back, and purges the row that waited for it.
         """
         info = self.put("k", b"doomed")
-        self.cluster.flush(self.replicator("b").stop())
+        self.cluster.flush(self.replicator("b").stopService())
         self.assertEqual(self.on_disk("b", info), b"doomed")
         self.cluster.flush(self.cluster.servers["a"].node.delete("test", "k"))
         self.replicator("a")
@@ -511,58 +508,6 @@ class ReplicatorTests(SynchronousTestCase):
         self.assertEqual(self.on_disk("b", info), b"somewhere")
 
 
-class ChooseTests(SynchronousTestCase):
-    """
-    Who copies a file, computed alike by every server from the metadata.
-    """
-
-    def servers(self, *specs: tuple[str, str, str]) -> dict[str, ServerInfo]:
-        return {
-            name: ServerInfo(name, host, f"{name}:1", "http://x/", state=state, heartbeat=100.0)
-            for name, host, state in specs
-        }
-
-    def info(self, *replicas: str, fid: str = "f" * 32) -> FileInfo:
-        return FileInfo(1, fid, "ns", "k", 1, "0" * 64, 0.0, "files/x", replicas)
-
-    def test_everyServer(self) -> None:
-        """
-        With no count, every server copies every file it lacks.
-        """
-        servers = self.servers(("a", "h", "alive"), ("b", "h", "alive"))
-        self.assertIs(choose(self.info("a"), "b", servers, None, 100.0, 5.0), Decision.COPY)
-
-    def test_exactlyNeeded(self) -> None:
-        """
-        Of the servers lacking a copy, exactly as many as are missing pick
-        themselves, for any file.
-        """
-        servers = self.servers(*((n, n, "alive") for n in "abcde"))
-        for n in range(20):
-            info = self.info("a", fid=f"{n:032x}")
-            chosen = [
-                name
-                for name in "bcde"
-                if choose(info, name, servers, 3, 100.0, 5.0) is Decision.COPY
-            ]
-            self.assertEqual(len(chosen), 2)
-
-    def test_uncountedStates(self) -> None:
-        """
-        Draining and dead servers' copies do not count, readonly ones do;
-        nor do they, or down servers, get picked.
-        """
-        servers = self.servers(
-            ("a", "ha", "drain"), ("b", "hb", "dead"), ("c", "hc", "readonly"), ("d", "hd", "alive")
-        )
-        info = self.info("a", "b", "c")
-        self.assertIs(choose(info, "d", servers, 2, 100.0, 5.0), Decision.COPY)
-        self.assertIs(choose(info, "d", servers, 1, 100.0, 5.0), Decision.ENOUGH)
-        self.assertEqual(counted_copies(info, servers), ["c"])
-        servers["e"] = ServerInfo("e", "he", "e:1", "http://x/", heartbeat=0.0)
-        self.assertIs(choose(info, "d", servers, 2, 100.0, 5.0), Decision.COPY)
-
-
 class ScrubberTests(SynchronousTestCase):
     """
     The background scrub, paced on a L{task.Clock}-like reactor: it reads
@@ -587,15 +532,15 @@ class ScrubberTests(SynchronousTestCase):
 
     def scrubber(self, name: str, rate: float) -> Scrubber:
         scrubber = Scrubber(self.cluster.servers[name].node, self.cluster.reactor, rate, INTERVAL)
-        scrubber.start()
-        self.addCleanup(lambda: self.cluster.flush(scrubber.stop()))
+        scrubber.startService()
+        self.addCleanup(lambda: self.cluster.flush(scrubber.stopService()))
         self.cluster.pump()
         return scrubber
 
     def replicate(self, name: str) -> Replicator:
         replicator = Replicator(self.cluster.servers[name].node, self.cluster.reactor, INTERVAL)
-        replicator.start()
-        self.addCleanup(lambda: self.cluster.flush(replicator.stop()))
+        replicator.startService()
+        self.addCleanup(lambda: self.cluster.flush(replicator.stopService()))
         self.cluster.pump()
         return replicator
 
@@ -662,7 +607,7 @@ class ScrubberTests(SynchronousTestCase):
         """
         self.put("k", os.urandom(2 * CHUNK_SIZE))
         scrubber = self.scrubber("a", CHUNK_SIZE)
-        self.cluster.flush(scrubber.stop())
+        self.cluster.flush(scrubber.stopService())
         self.assertFalse(scrubber.running)
         self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
 

@@ -1,250 +1,107 @@
 """
-Tests of the server's connection state machine and request handling, and
-of the Deferred client against it, all in memory: L{StringTransport} for
-one side, L{koboldfs.testing.MemoryServer} (iosim) for both.
+Tests of the server's service tree (L{koboldfs.service.KoboldService}) on
+a memory reactor: its children, the order it starts them in, and a clean
+stop.  Real servers in real processes are in test_end_to_end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.errors import ErrorCode, NotFound
-from koboldfs.protocol import (
-    CHUNK_SIZE,
-    VERSION,
-    Data,
-    FrameDecoder,
-    Message,
-    Op,
-    encode_data,
-    encode_message,
-)
-from koboldfs.service import ServerProtocol
-from koboldfs.testing import MemoryServer
+from koboldfs.config import ServerConfig
+from koboldfs.metadata.sqlstore import SQLAlchemyStore
+from koboldfs.service import KoboldService, advertised_address
+from koboldfs.testing import InlineThreadPool, SyncReactor
+
+CHILDREN = {
+    "threads",
+    "data",
+    "peers",
+    "binary",
+    "http",
+    "heartbeat",
+    "replicator",
+    "scrubber",
+    "orphans",
+    "status",
+    "transactions",
+}
 
 
-class _ServerMixin:
+class KoboldServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.server = MemoryServer(os.path.abspath(self.mktemp()))
-        self.server.start()
-        self.addCleanup(self.server.stop)
-
-
-class ServerProtocolTests(_ServerMixin, SynchronousTestCase):
-    """
-    The server's side of a connection, fed bytes by hand.
-    """
-
-    def connect(self, hello: bool = True) -> tuple[ServerProtocol, StringTransport]:
-        proto = ServerProtocol(self.server.node)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        self.decoder = FrameDecoder()
-        if hello:
-            proto.dataReceived(encode_message(Op.HELLO, {"versions": [VERSION]}))
-            self.assertEqual(self.frames(transport)[0].op, Op.WELCOME)
-        return proto, transport
-
-    def frames(self, transport: StringTransport) -> list:
-        data = transport.value()
-        transport.clear()
-        return self.decoder.feed(data)
-
-    def test_request_before_hello(self) -> None:
-        """
-        Nothing is served before the handshake: a request first is a
-        protocol error, answered and closed.
-        """
-        proto, transport = self.connect(hello=False)
-        proto.dataReceived(encode_message(Op.PING))
-        [error] = self.frames(transport)
-        self.assertEqual(error["code"], ErrorCode.BAD_REQUEST)
-        self.assertTrue(transport.disconnecting)
-
-    def test_unsupported_version(self) -> None:
-        """
-        A client speaking only other versions is told so and dropped.
-        """
-        proto, transport = self.connect(hello=False)
-        proto.dataReceived(encode_message(Op.HELLO, {"versions": [VERSION + 1]}))
-        [error] = self.frames(transport)
-        self.assertEqual(error["code"], ErrorCode.BAD_VERSION)
-        self.assertTrue(transport.disconnecting)
-
-    def test_byte_at_a_time_put(self) -> None:
-        """
-        A PUT split into single bytes is stored like any other.
-        """
-        proto, transport = self.connect()
-        body = b"hello, kobold"
-        stream = (
-            encode_message(Op.PUT, {"ns": "t", "key": "k", "size": len(body)})
-            + encode_data(body)
-            + encode_message(Op.END, {"sha256": hashlib.sha256(body).hexdigest()})
+        self.reactor = SyncReactor()
+        self.reactor.advance(1000)
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.config = ServerConfig(
+            name="s1",
+            host="h1",
+            data=os.path.join(root, "data"),
+            listen="tcp:9876:interface=127.0.0.1",
+            http="tcp:9877:interface=127.0.0.1",
         )
-        for byte in stream:
-            proto.dataReceived(bytes([byte]))
-        [ok] = self.frames(transport)
-        self.assertEqual((ok.op, ok["size"], ok["servers"]), (Op.OK, len(body), ["memory"]))
-
-    def test_refused_put_discards_body(self) -> None:
-        """
-        A PUT refused at once (bad namespace) is answered before its body;
-        the body is dropped up to END, and the connection goes on.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(encode_message(Op.PUT, {"ns": "no/slash", "key": "k"}))
-        [error] = self.frames(transport)
-        self.assertEqual(error["code"], ErrorCode.BAD_NAMESPACE)
-        proto.dataReceived(encode_data(b"x" * 100) + encode_message(Op.END, {"abort": True}))
-        self.assertEqual(self.frames(transport), [])
-        proto.dataReceived(encode_message(Op.PING))
-        self.assertEqual(self.frames(transport)[0].op, Op.OK)
-        self.assertFalse(transport.disconnecting)
-
-    def test_client_abort(self) -> None:
-        """
-        A client that gives up mid-body gets one answer, nothing is stored,
-        and the temp file is gone.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(encode_message(Op.PUT, {"ns": "t", "key": "k"}) + encode_data(b"abc"))
-        proto.dataReceived(encode_message(Op.END, {"abort": True}))
-        [error] = self.frames(transport)
-        self.assertEqual(error["code"], ErrorCode.BAD_REQUEST)
-        self.assertEqual(os.listdir(os.path.join(self.server.storage.root, "tmp")), [])
-        proto.dataReceived(encode_message(Op.STAT, {"ns": "t", "key": "k"}))
-        self.assertEqual(self.frames(transport)[0]["code"], ErrorCode.NOT_FOUND)
-
-    def test_end_without_checksum(self) -> None:
-        """
-        END of a PUT must carry the checksum the client computed.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(encode_message(Op.PUT, {"ns": "t", "key": "k"}))
-        proto.dataReceived(encode_message(Op.END, {}))
-        self.assertEqual(self.frames(transport)[0]["code"], ErrorCode.BAD_REQUEST)
-        self.assertTrue(transport.disconnecting)
-
-    def test_stray_data(self) -> None:
-        """
-        DATA outside a PUT is a protocol error.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(encode_data(b"stray"))
-        self.assertEqual(self.frames(transport)[0]["code"], ErrorCode.BAD_REQUEST)
-        self.assertTrue(transport.disconnecting)
-
-    def test_oversized_frame(self) -> None:
-        """
-        A frame over the limit is refused from its header alone.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(b"\xff\xff\xff\xff\x40")
-        self.assertEqual(self.frames(transport)[0]["code"], ErrorCode.BAD_FRAME)
-        self.assertTrue(transport.disconnecting)
-
-    def test_idle_timeout(self) -> None:
-        """
-        A connection that stays silent is dropped after the idle timeout,
-        so it holds no resources forever.
-        """
-        proto, transport = self.connect()
-        self.server.reactor.advance(self.server.config.idle_timeout - 1)
-        self.assertFalse(transport.disconnecting)
-        self.server.reactor.advance(2)
-        self.assertEqual(self.frames(transport)[0]["code"], ErrorCode.TIMEOUT)
-        self.assertTrue(transport.disconnecting)
-
-    def test_disconnect_mid_upload(self) -> None:
-        """
-        A client that vanishes mid-body leaves no temp file and no row.
-        """
-        proto, transport = self.connect()
-        proto.dataReceived(encode_message(Op.PUT, {"ns": "t", "key": "k"}))
-        # Past the first flush, so the temp file exists on disk.
-        proto.dataReceived(encode_data(b"x" * CHUNK_SIZE))
-        proto.dataReceived(encode_data(b"x" * CHUNK_SIZE))
-        self.assertNotEqual(os.listdir(os.path.join(self.server.storage.root, "tmp")), [])
-        proto.connectionLost(None)
-        self.assertEqual(os.listdir(os.path.join(self.server.storage.root, "tmp")), [])
-        self.assertIsNone(self.server.flush(self.server.store.lookup("t", "k")))
-
-    def test_get_stream(self) -> None:
-        """
-        GET answers FILE, the body in DATA frames, then END.
-        """
-        proto, transport = self.connect()
-        body = os.urandom(2_500_000)
-        digest = hashlib.sha256(body).hexdigest()
-        proto.dataReceived(
-            encode_message(Op.PUT, {"ns": "t", "key": "k", "size": len(body)})
-            + encode_data(body[:2_000_000])
-            + encode_data(body[2_000_000:])
-            + encode_message(Op.END, {"sha256": digest})
+        self.store = SQLAlchemyStore(
+            f"sqlite:///{os.path.join(root, 'metadata.sqlite')}", self.reactor, InlineThreadPool()
         )
-        self.assertEqual(self.frames(transport)[0].op, Op.OK)
-        proto.dataReceived(encode_message(Op.GET, {"ns": "t", "key": "k"}))
-        frames = self.frames(transport)
-        self.assertEqual(frames[0], Message(Op.FILE, {"size": len(body), "sha256": digest}))
-        self.assertEqual(b"".join(f.payload for f in frames if isinstance(f, Data)), body)
-        self.assertEqual(frames[-1].op, Op.END)
+        self.service = KoboldService(self.config, self.reactor, self.store, InlineThreadPool())
 
+    def test_children(self) -> None:
+        """
+        Every part of a server is a child service, by name, none running
+        before the server starts.
+        """
+        children = {s.name: s for s in self.service}
+        self.assertEqual(set(children), CHILDREN)
+        self.assertFalse(any(s.running for s in children.values()))
+        self.assertIs(children["replicator"], self.service.replicator)
 
-class MemoryClientTests(_ServerMixin, SynchronousTestCase):
-    """
-    The real DeferredClient against the real server, in memory.
-    """
+    def test_start_and_stop(self) -> None:
+        """
+        Started, the server listens on both endpoints, registers with the
+        addresses it got, and runs every part; stopped, every part stops,
+        the ports close and the store is stopped.
+        """
+        self.service.privilegedStartService()
+        self.assertEqual(self.reactor.tcpServers, [])  # not before the data is ready
+        self.service.startService()
+        self.successResultOf(self.service.ready)
+        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877])
+        ports = [
+            self.successResultOf(s.listening) for s in (self.service.binary, self.service.http)
+        ]
+        [me] = self.successResultOf(self.store.servers())
+        self.assertEqual((me.name, me.host), ("s1", "h1"))
+        self.assertEqual(me.address, advertised_address(ports[0]))
+        self.assertEqual(me.public_url, f"http://{advertised_address(ports[1])}")
+        closed = []
+        for port in ports:
+            port.stopListening = lambda port=port: closed.append(port)
+        running = {s.name for s in self.service if s.running}
+        self.assertEqual(running, CHILDREN)
+        # The heartbeat beats on the clock.
+        self.reactor.advance(self.config.heartbeat)
+        [me] = self.successResultOf(self.store.servers())
+        self.assertEqual(me.heartbeat, self.reactor.seconds())
+        self.successResultOf(self.service.stopService())
+        self.assertEqual({s.name for s in self.service if s.running}, set())
+        self.assertEqual(closed, ports)
+        # The store is closed: a call now fails.
+        self.failureResultOf(self.store.servers())
 
-    def test_put_get_stat_delete(self) -> None:
+    def test_start_fails(self) -> None:
         """
-        The client surface end to end, with bytes, BytesIO and a path.
+        A server whose data directory cannot be made fails to start: the
+        failure is logged, L{ready} fails, nothing listens, and it still
+        stops cleanly.
         """
-        s = self.server
-        client = s.client()
-        body = os.urandom(3 * 1024 * 1024 + 5)
-        self.assertTrue(s.flush(client.put("a", body)))
-        self.assertTrue(s.flush(client.put("b", io.BytesIO(body))))
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(body)
-        self.assertTrue(s.flush(client.put("c", path)))
-        for key in "abc":
-            out = io.BytesIO()
-            self.assertTrue(s.flush(client.get(key, out)))
-            self.assertEqual(out.getvalue(), body)
-        stat = s.flush(client.stat("a"))
-        self.assertEqual((stat.key, stat.size), ("a", len(body)))
-        self.assertEqual(s.flush(client.list()), ["a", "b", "c"])
-        self.assertTrue(s.flush(client.delete("a")))
-        self.assertFalse(s.flush(client.delete("a")))
-        self.assertIsNone(s.flush(client.stat("a")))
-        self.assertFalse(s.flush(client.get("a", io.BytesIO())))
-        self.assertEqual(
-            s.flush(client.get_url("b")).split("/")[:4], ["http:", "", "memory", "files"]
-        )
-        s.flush(client.close())
-
-    def test_connections_reused(self) -> None:
-        """
-        Sequential requests share one connection instead of reconnecting.
-        """
-        s = self.server
-        client = s.client()
-        for i in range(5):
-            s.flush(client.put(f"k{i}", b"x"))
-            s.flush(client.stat(f"k{i}"))
-        self.assertEqual(len(s.pumps), 1)
-        s.flush(client.close())
-
-    def test_lookup_missing(self) -> None:
-        """
-        The node reports a missing key as NotFound, which the protocol
-        turns into NOT_FOUND.
-        """
-        self.assertRaises(NotFound, self.server.flush, self.server.node.lookup("t", "nope"))
+        with open(self.config.data, "w") as f:
+            f.write("a file, not a directory")
+        self.service.startService()
+        self.failureResultOf(self.service.ready)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.successResultOf(self.service.stopService())
+        self.assertEqual({s.name for s in self.service if s.running}, set())

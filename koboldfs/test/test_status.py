@@ -278,7 +278,7 @@ class SentBytesTests(SynchronousTestCase):
         self.assertTrue(server.flush(client.get("big", out)))
         server.flush(client.close())
         self.assertEqual(out.data, body)
-        text = server.node.metrics.exposition().decode()
+        text = server.metrics.exposition().decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
         [sent] = [
             s.value
@@ -386,7 +386,7 @@ class StatusPollTests(SynchronousTestCase):
         A poll starts at once; the next one POLL seconds after it ended,
         or SPACING times its length if longer; none after stop.
         """
-        self.status.start()
+        self.status.startService()
         self.clock.advance(0)
         self.assertEqual(len(self.store.calls), 1)
         self.clock.advance(2)  # a slow database: 2 s
@@ -400,7 +400,7 @@ class StatusPollTests(SynchronousTestCase):
         self.store.calls[1].callback(Health(files=8))  # fast: POLL apart
         self.clock.advance(POLL)
         self.assertEqual(len(self.store.calls), 3)
-        self.status.stop()
+        self.status.stopService()
         self.store.calls[2].callback(Health())
         self.clock.advance(POLL * 10)
         self.assertEqual(len(self.store.calls), 3)
@@ -409,7 +409,7 @@ class StatusPollTests(SynchronousTestCase):
         """
         A poll that fails keeps the last counts, and polling goes on.
         """
-        self.status.start()
+        self.status.startService()
         self.clock.advance(0)
         self.store.calls[0].callback(Health(files=7))
         self.clock.advance(POLL)
@@ -417,4 +417,4 @@ class StatusPollTests(SynchronousTestCase):
         self.assertEqual(self.status.snapshot()["cluster"]["files"], 7)
         self.clock.advance(POLL)
         self.assertEqual(len(self.store.calls), 3)
-        self.status.stop()
+        self.status.stopService()

@@ -21,11 +21,11 @@ from koboldfs.errors import ErrorCode, TransactionError, Unavailable
 from koboldfs.pool import ClientPool
 from koboldfs.protocol import Op, check_fields
 from koboldfs.replicator import Replicator
-from koboldfs.service import ServerConfig
+from koboldfs.config import ServerConfig
 from koboldfs.tap import Options
 from koboldfs.testing import InlineThreadPool, MemoryCluster, _MemoryEndpoint
-from koboldfs.txnserver import TransactionSweeper, sweep_interval
 from koboldfs.txnclient import DeferredTransaction, TransactionalClientPool, _DataManager
+from koboldfs.txnhandler import TransactionSweeper, sweep_interval
 
 
 class TransactionTests(SynchronousTestCase):
@@ -339,12 +339,12 @@ class SweeperTests(SynchronousTestCase):
         clock = Clock()
         handler = _FlakyHandler()
         sweeper = TransactionSweeper(handler, clock, sweep_interval(8))  # type: ignore[arg-type]
-        sweeper.start()
+        sweeper.startService()
         for _ in range(3):
             clock.advance(2)
         self.assertEqual(handler.calls, 3)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.successResultOf(sweeper.stop())
+        self.successResultOf(sweeper.stopService())
         clock.advance(10)
         self.assertEqual(handler.calls, 3)
 

@@ -1,5 +1,5 @@
 """
-Tests of write durability (L{koboldfs.durability}): the rules, with plain
+Tests of write durability (L{koboldfs.forwarding}): the rules, with plain
 records, and puts forwarded between the servers of a L{MemoryCluster}
 (real storage, metadata and protocol, connected in memory).
 """
@@ -16,97 +16,17 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.durability import (
-    SETUP_TIMEOUT,
-    Forward,
-    Gate,
-    forward_targets,
-    live_hosts,
-    required_copies,
-)
+from koboldfs.forwarding import SETUP_TIMEOUT, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
-from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
-from koboldfs.replicator import Decision, choose
-from koboldfs.service import PendingPut, ServerConfig, ServerProtocol
+from koboldfs.placement import forward_targets
+from koboldfs.config import ServerConfig
+from koboldfs.binaryserver import ServerProtocol
+from koboldfs.storage import PendingPut
 from koboldfs.storage import relpath_for
+from koboldfs.test.test_placement import NOW, server
 from koboldfs.testing import MemoryCluster
-
-NOW = 1000.0
-DOWN_AFTER = 30.0
-
-
-def server(name: str, host: str, state: str = "alive", heartbeat: float = NOW) -> ServerInfo:
-    return ServerInfo(name, host, f"{name}:1", "http://x", state=state, heartbeat=heartbeat)
-
-
-def namespace(min_copies: int | None) -> NamespaceInfo:
-    return NamespaceInfo(1, "ns", 0.0, min_copies=min_copies)
-
-
-class RuleTests(SynchronousTestCase):
-    """
-    How many copies a put waits for, and where they go.
-    """
-
-    def test_default(self) -> None:
-        """
-        Two copies while two hosts or more are alive, one on a single host;
-        a namespace's setting wins, even over what is possible (the put
-        then fails, see below).
-        """
-        self.assertEqual(required_copies(None, 1), 1)
-        self.assertEqual(required_copies(None, 2), 2)
-        self.assertEqual(required_copies(None, 5), 2)
-        self.assertEqual(required_copies(namespace(None), 3), 2)
-        self.assertEqual(required_copies(namespace(1), 3), 1)
-        self.assertEqual(required_copies(namespace(3), 2), 3)
-
-    def test_live_hosts(self) -> None:
-        """
-        Hosts count once, only with a server alive and up; ours counts
-        whatever the metadata says of it.
-        """
-        servers = {
-            s.name: s
-            for s in [
-                server("a", "h1"),
-                server("a2", "h1"),
-                server("b", "h2"),
-                server("c", "h3", state="readonly"),
-                server("d", "h4", state="drain"),
-                server("e", "h5", heartbeat=NOW - DOWN_AFTER - 1),
-                server("f", "h6", state="dead"),
-            ]
-        }
-        self.assertEqual(live_hosts(servers, "a", "h1", NOW, DOWN_AFTER), {"h1", "h2"})
-        self.assertEqual(live_hosts({}, "a", "h1", NOW, DOWN_AFTER), {"h1"})
-
-    def test_targets(self) -> None:
-        """
-        Peers on our host, not alive, or down are never targets; the
-        others come in the order the replica placement picks them: the
-        first is the server L{choose} picks for the second copy.
-        """
-        servers = {
-            s.name: s
-            for s in [
-                server("a", "h1"),
-                server("a2", "h1"),
-                server("c", "h3", state="readonly"),
-                server("e", "h5", heartbeat=NOW - DOWN_AFTER - 1),
-                *(server(f"p{i}", f"host{i}") for i in range(8)),
-            ]
-        }
-        for n in range(20):
-            fid = hashlib.md5(str(n).encode()).hexdigest()
-            targets = forward_targets(fid, "a", "h1", servers, NOW, DOWN_AFTER)
-            self.assertEqual({t.name for t in targets}, {f"p{i}" for i in range(8)})
-            info = FileInfo(1, fid, "ns", "k", 1, "0" * 64, 0.0, "p", replicas=("a",))
-            first = targets[0]
-            self.assertIs(choose(info, first.name, servers, 2, NOW, DOWN_AFTER), Decision.COPY, fid)
-            for other in targets[1:]:
-                self.assertIs(choose(info, other.name, servers, 2, NOW, DOWN_AFTER), Decision.DEFER)
 
 
 class FakeProducer:
@@ -444,7 +364,7 @@ class ReplicaPutTests(SynchronousTestCase):
         self.server = self.cluster.servers["b"]
 
     def request(self, fields: dict, body: bytes = b"", sha256: str | None = None) -> list:
-        proto = ServerProtocol(self.server.node)
+        proto = ServerProtocol(self.server.node, self.server.metrics)
         transport = StringTransport()
         proto.makeConnection(transport)
         decoder = FrameDecoder()

@@ -1,9 +1,9 @@
 """
-The server's side of client transactions (docs/transactions.md).
+The server's handling of client transactions (docs/transactions.md).
 
 L{TransactionHandler} answers BEGIN, PREPARE, COMMIT and ABORT and the
-transactional forms of PUT, GET, STAT and DELETE (those with a C{txn}
-field), for L{koboldfs.service.ServerProtocol}.  Everything it knows of a
+transactional forms of put, get, stat and delete, for the server core
+(L{koboldfs.node.Node}).  Everything it knows of a
 transaction is in the metadata (L{koboldfs.metadata.transactions}), never
 in memory: any server can prepare, commit or abort any transaction, and a
 server that dies loses nothing.  L{TransactionSweeper} aborts the
@@ -16,16 +16,16 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from koboldfs.errors import ErrorCode, KoboldError, NotFound, TransactionError
+from koboldfs.errors import ErrorCode, NotFound, TransactionError
 from koboldfs.interfaces import FileInfo
 from koboldfs.names import check_key, check_namespace
-from koboldfs.protocol import Message, Op
+from koboldfs.periodic import Periodic
 
 if TYPE_CHECKING:
-    from koboldfs.service import Node, PendingPut
+    from koboldfs.interfaces import INode
+    from koboldfs.storage import PendingPut
 
 log = Logger()
 
@@ -36,10 +36,10 @@ SWEEP_BATCH = 100
 class TransactionHandler:
     """
     One server's answers to transaction requests; methods raise
-    L{KoboldError}s, which become ERROR frames.
+    L{KoboldError}s.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: INode) -> None:
         self.node = node
 
     @property
@@ -52,20 +52,6 @@ class TransactionHandler:
 
     def _now(self) -> float:
         return float(self.node.clock.seconds())
-
-    async def handle(self, msg: Message) -> dict[str, Any]:
-        """
-        Answer BEGIN, PREPARE, COMMIT or ABORT: the fields of the OK reply.
-        """
-        if msg.op is Op.BEGIN:
-            return await self.begin(msg["ns"])
-        if msg.op is Op.PREPARE:
-            return await self.prepare(_txn_id(msg), bool(msg.get("record")))
-        if msg.op is Op.COMMIT:
-            return await self.commit(_txn_id(msg), bool(msg.get("prepared")))
-        if msg.op is Op.ABORT:
-            return await self.abort(_txn_id(msg))
-        raise AssertionError(f"not a transaction request: {msg.op.name}")
 
     async def begin(self, ns: str) -> dict[str, Any]:
         txn = uuid.uuid4().hex
@@ -94,7 +80,7 @@ class TransactionHandler:
 
     async def finish_upload(self, put: PendingPut, txn: str, sha256: str | None) -> FileInfo:
         """
-        Make an upload durable (as L{Node.finish_upload}), then record it
+        Make an upload durable (as L{INode.finish_upload}), then record it
         as a pending file of C{txn}: stored, checksummed, and invisible to
         every reader but the transaction until it commits.
         """
@@ -216,42 +202,28 @@ class TransactionHandler:
         return len(discarded)
 
 
-def _txn_id(msg: Message) -> str:
-    txn = msg["txn"]
-    if not (len(txn) == 32 and all(c in "0123456789abcdef" for c in txn)):
-        raise TransactionError(ErrorCode.BAD_REQUEST, f"{txn!r} is not a transaction id")
-    return txn  # type: ignore[no-any-return]
-
-
-class TransactionSweeper:
+def check_txn_id(txn: str) -> str:
     """
-    Runs L{TransactionHandler.sweep} every C{interval} seconds, logging
-    its errors (a raise would stop the loop for good).
+    Return C{txn} if it is a transaction id (as L{TransactionHandler.begin}
+    makes them).
+
+    @raise TransactionError: it is not.
+    """
+    if not (isinstance(txn, str) and len(txn) == 32 and all(c in "0123456789abcdef" for c in txn)):
+        raise TransactionError(ErrorCode.BAD_REQUEST, f"{txn!r} is not a transaction id")
+    return txn
+
+
+class TransactionSweeper(Periodic):
+    """
+    Runs L{TransactionHandler.sweep} every C{interval} seconds, as a
+    service; an error is logged and the next sweep runs on time.
     """
 
     def __init__(self, handler: TransactionHandler, clock: Any, interval: float) -> None:
-        self._handler = handler
-        self._loop = LoopingCall(lambda: defer.ensureDeferred(self._sweep()))
-        self._loop.clock = clock
-        self._interval = interval
-
-    def start(self) -> None:
-        self._loop.start(self._interval, now=False)
-
-    def stop(self) -> defer.Deferred[Any]:
-        if not self._loop.running:
-            return defer.succeed(None)
-        d = self._loop.deferred
-        self._loop.stop()
-        return d  # type: ignore[no-any-return]
-
-    async def _sweep(self) -> None:
-        try:
-            await self._handler.sweep()
-        except KoboldError as e:
-            log.warn("collecting expired transactions failed: {error}", error=e)
-        except Exception:
-            log.failure("collecting expired transactions failed")
+        super().__init__(
+            "collecting expired transactions", handler.sweep, interval, clock, now=False, default=0
+        )
 
 
 def sweep_interval(pending_timeout: float) -> float:

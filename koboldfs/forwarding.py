@@ -1,6 +1,7 @@
 """
-Write durability: a put is acknowledged only once its file is durable on
-C{min_copies} distinct C{--host}s.
+Put forwarding, for write durability: a put is acknowledged only once its
+file is durable on C{min_copies} distinct C{--host}s (how many, and which
+peers, is L{koboldfs.placement}'s to say).
 
 The server receiving a put (the origin) streams the body, as it arrives,
 to its own disk and to peers on other hosts, over the server-to-server
@@ -24,7 +25,7 @@ See docs/replication.md ("Write durability").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -35,47 +36,20 @@ from zope.interface import implementer
 from koboldfs.errors import ErrorCode, KoboldError, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
 from koboldfs.protocol import Message
-from koboldfs.replicator import placement_weight
+from koboldfs.placement import forward_targets, live_hosts, required_copies
 from koboldfs.storage import relpath_for
 
 if TYPE_CHECKING:
     from koboldfs.connection import ClientProtocol
-    from koboldfs.service import Node, PendingPut
+    from koboldfs.interfaces import INode
+    from koboldfs.storage import PendingPut
 
 log = Logger()
 
-#: Copies a put waits for while two or more hosts are alive, unless its
-#: namespace sets C{min_copies}.
-DEFAULT_MIN_COPIES = 2
 #: Seconds a peer has to accept a forwarded put (connect and handshake)
 #: before the next is tried: a hung peer must not hold every put for its
 #: connection's whole timeout until it is taken for down.
 SETUP_TIMEOUT = 10.0
-
-
-def live_hosts(
-    servers: Mapping[str, ServerInfo], me: str, my_host: str, now: float, down_after: float
-) -> set[str]:
-    """
-    The C{--host}s with a server that takes new files: C{alive} and heard
-    from within C{down_after}; ours counts whatever the metadata says.
-    """
-    hosts = {my_host}
-    for server in servers.values():
-        if server.state == "alive" and server.name != me and server.is_up(now, down_after):
-            hosts.add(server.host)
-    return hosts
-
-
-def required_copies(namespace: NamespaceInfo | None, hosts: int) -> int:
-    """
-    How many distinct hosts must hold a file before its put is
-    acknowledged: the namespace's C{min_copies}, else 2 while C{hosts}
-    (alive) are two or more, else 1.
-    """
-    if namespace is not None and namespace.min_copies is not None:
-        return namespace.min_copies
-    return min(DEFAULT_MIN_COPIES, max(hosts, 1))
 
 
 def too_few_hosts(namespace: str, required: int, hosts: int) -> Unavailable:
@@ -101,30 +75,7 @@ def check_alone(namespace: NamespaceInfo | None, name: str) -> None:
         raise too_few_hosts(name, required, 1)
 
 
-def forward_targets(
-    fid: str,
-    me: str,
-    my_host: str,
-    servers: Mapping[str, ServerInfo],
-    now: float,
-    down_after: float,
-) -> list[ServerInfo]:
-    """
-    The peers a put of C{fid} may be forwarded to, best first: alive and
-    up, on a host other than ours, in the order the replica placement
-    (L{koboldfs.replicator.choose}) would pick them, so that the copy made
-    at the put is the one the namespace's count wanted anyway.
-    """
-    candidates = [
-        s
-        for s in servers.values()
-        if s.name != me and s.host != my_host and s.state == "alive" and s.is_up(now, down_after)
-    ]
-    candidates.sort(key=lambda s: placement_weight(fid, s.name))
-    return candidates
-
-
-def several_hosts(node: Node) -> bool:
+def several_hosts(node: INode) -> bool:
     """
     Whether a put to C{node} may have to be forwarded: more than one host
     is alive.  With one, puts run exactly as they would without this
@@ -249,7 +200,7 @@ class Forward:
     """
 
     def __init__(
-        self, node: Node, put: PendingPut, gate: Gate, failed: Callable[[KoboldError], None]
+        self, node: INode, put: PendingPut, gate: Gate, failed: Callable[[KoboldError], None]
     ) -> None:
         self._node = node
         self._put = put
@@ -436,7 +387,7 @@ class Forward:
                 peer.released = True
                 peer.conn.close()
 
-    async def finish(self, sha256: str) -> FileInfo:
+    async def finish(self, sha256: str | None) -> FileInfo:
         """
         The client's END: make every copy durable, then commit the file
         with all of them, and return it.  Raises (having published
@@ -450,7 +401,7 @@ class Forward:
         if not self.peers:
             # One copy is enough for this namespace, or the only one left.
             self.abort()
-            return await node.finish_upload(put, sha256)
+            return await node.finish_upload(put, sha256, alone=False)
         self._ending = True
         for peer in self._peers:
             if not peer.dropped:
