@@ -26,12 +26,10 @@ import io
 import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import struct
 import subprocess
 import sys
@@ -42,31 +40,25 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, CHECKOUT)
-
-from koboldfs.test.cluster import ServerProcess  # noqa: E402 - needs the path above
+from loadgen import (
+    CHECKOUT,
+    MB,
+    MIB,
+    Databases,
+    Server,
+    Workload,
+    create_namespace,
+    cpu_now,
+    machine,
+    median,
+    postgres_cpu,
+    reexec_under_postgres,
+    replica_counts,
+    run_threads,
+    summarise,
+)
 
 NAMESPACE = "bench"
-MB = 1_000_000
-MIB = 1 << 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-#: Guards the re-exec under .ci/postgres.sh against a loop.
-REEXEC_ENV = "KOBOLDFS_BENCH_UNDER_POSTGRES_SH"
-
-
-@dataclass(frozen=True)
-class Workload:
-    """
-    C{count} files of C{size} bytes, C{concurrency} requests in flight.
-    """
-
-    name: str
-    size: int
-    count: int
-    concurrency: int
-
 
 WORKLOADS = {
     "small": Workload("small", 4096, 5000, 16),
@@ -96,90 +88,7 @@ CLIENTS = ("blocking", "deferred")
 ONLY_DEFAULT = "small,medium,large"
 
 
-# -- reading processes ---------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        # Fields after the command name, which may hold spaces: state is [0].
-        return f.read().rpartition(")")[2].split()
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """
-    User + system CPU of process C{pid} (all its threads); with
-    C{children}, also of its reaped children (PostgreSQL's backends).
-    """
-    fields = _stat_fields(pid)
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLK_TCK
-
-
-def status_kib(pid: int, field_name: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field_name} in /proc/{pid}/status")
-
-
-def postgres_cpu() -> float | None:
-    """
-    CPU used so far by the PostgreSQL cluster of .ci/postgres.sh (the
-    postmaster, its reaped children, and the live ones), or None.
-    """
-    pgdata = os.environ.get("KOBOLDFS_TEST_PGDATA")
-    if not pgdata:
-        return None
-    try:
-        with open(os.path.join(pgdata, "postmaster.pid")) as f:
-            master = int(f.readline())
-        total = cpu_seconds(master, children=True)
-    except (OSError, ValueError):
-        return None
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = _stat_fields(int(entry))
-                if int(fields[1]) == master:
-                    total += cpu_seconds(int(entry), children=True)
-            except (OSError, IndexError, ValueError):
-                continue
-    return total
-
-
-# -- the servers -----------------------------------------------------------------
-
-
-class Server(ServerProcess):
-    """
-    One C{twistd -n koboldfs} process, this checkout's code, started and
-    stopped without a reactor; with what it costs, from /proc.
-    """
-
-    def __init__(
-        self,
-        base: str,
-        name: str,
-        db: str | None,
-        extra: tuple[str, ...] = (),
-        host: str | None = None,
-    ) -> None:
-        # A longer --down-after than the tests': a busy 2-core host may
-        # delay a heartbeat, and a peer thought down would skew the figures.
-        super().__init__(base, name, db, host=host, extra=("--down-after=10", *extra))
-        self.start_blocking()
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def peak_rss_mib(self) -> float:
-        return status_kib(self.pid, "VmHWM") / 1024
-
-    def rss_mib(self) -> float:
-        return status_kib(self.pid, "VmRSS") / 1024
+# -- the servers (loadgen.Server) ------------------------------------------------
 
 
 class Profiler:
@@ -228,75 +137,6 @@ class Profiler:
                 process.kill()
 
 
-# -- metadata databases ------------------------------------------------------------
-
-
-class Databases:
-    """
-    Fresh metadata databases: SQLite files in the scratch directory, or
-    PostgreSQL databases created in (and dropped from) the cluster at
-    C{pg_url}.
-    """
-
-    def __init__(self, base: str, pg_url: str | None) -> None:
-        self.base = base
-        self.pg_url = pg_url
-        self.made: list[str] = []
-        self.numbers = itertools.count()
-
-    def new(self, kind: str, label: str) -> str:
-        if kind == "sqlite":
-            directory = tempfile.mkdtemp(prefix=f"db-{label}-", dir=self.base)
-            return f"sqlite:///{os.path.join(directory, 'metadata.sqlite')}"
-        if self.pg_url is None:
-            raise RuntimeError("no PostgreSQL")
-        name = f"kobold_bench_{os.getpid()}_{next(self.numbers)}_{label.replace('-', '_')}"
-        self._admin(f"CREATE DATABASE {name}")
-        self.made.append(name)
-        from urllib.parse import urlsplit
-
-        return urlsplit(self.pg_url)._replace(path="/" + name).geturl()
-
-    def drop(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1].split("?")[0]
-        if url.startswith("postgresql") and name in self.made:
-            self._admin(f"DROP DATABASE IF EXISTS {name}")
-            self.made.remove(name)
-
-    def _admin(self, sql: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(self.pg_url)
-        try:
-            conn.autocommit = True
-            conn.cursor().execute(sql)
-        finally:
-            conn.close()
-
-
-def replica_counts(url: str) -> tuple[int, dict[str, int]]:
-    """
-    Live files, and good copies of them per server, from the metadata.
-    """
-    from sqlalchemy import create_engine, text
-
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            live = conn.execute(text("SELECT count(*) FROM files WHERE state = 'live'")).scalar()
-            rows = conn.execute(
-                text(
-                    "SELECT r.server, count(*) FROM replicas r JOIN files f ON f.id = r.file_id"
-                    " WHERE f.state = 'live' AND r.state = 'ok' GROUP BY r.server"
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    return int(live or 0), {server: int(n) for server, n in rows}
-
-
 def wait_replicated(url: str, servers: list[Server], timeout: float) -> float | None:
     """
     Seconds until every server holds a good copy of every live file, or
@@ -312,37 +152,6 @@ def wait_replicated(url: str, servers: list[Server], timeout: float) -> float | 
 
 
 # -- the workers (child processes) -------------------------------------------------
-
-
-def cpu_now() -> float:
-    """
-    This process's user + system CPU so far.
-    """
-    user, system = os.times()[:2]
-    return user + system
-
-
-def summarise(
-    elapsed: float, cpu: float, latencies: list[float], errors: list[str]
-) -> dict[str, Any]:
-    """
-    What a worker measured, for the parent: C{cpu} is the CPU the timed
-    part used.
-    """
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
-
-    return {
-        "seconds": elapsed,
-        "ops": len(latencies),
-        "p50_ms": pct(0.50) if latencies else None,
-        "p99_ms": pct(0.99) if latencies else None,
-        "client_cpu_s": cpu,
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-    }
 
 
 def _bodies(spec: dict[str, Any]) -> Callable[[int], Any]:
@@ -382,7 +191,7 @@ def worker_blocking(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{spec['op']} {key} returned False")
 
     try:
-        return _threads(spec, one)
+        return run_threads(spec["count"], spec["concurrency"], one)
     finally:
         client.close()
 
@@ -531,7 +340,7 @@ def worker_raw_put(spec: dict[str, Any]) -> dict[str, Any]:
                     sock.sendall(chunk)
         _recv_exact(sock, 1, ack)
 
-    return _threads(spec, one, lambda: _connect(spec))
+    return run_threads(spec["count"], spec["concurrency"], one, lambda: _connect(spec))
 
 
 def worker_raw_sender(spec: dict[str, Any]) -> dict[str, Any]:
@@ -564,7 +373,7 @@ def worker_raw_get(spec: dict[str, Any]) -> dict[str, Any]:
                 raise ConnectionError("sender closed")
             left -= r
 
-    return _threads(spec, one, lambda: _connect(spec))
+    return run_threads(spec["count"], spec["concurrency"], one, lambda: _connect(spec))
 
 
 def worker_raw_small_put(spec: dict[str, Any]) -> dict[str, Any]:
@@ -617,46 +426,7 @@ def worker_raw_small_put(spec: dict[str, Any]) -> dict[str, Any]:
         os.rename(tmp, final)
         conn.cursor().execute(sql, (f"{spec['prefix']}/{i}", len(body), sha, final))
 
-    return _threads(spec, one, connect)
-
-
-def _threads(
-    spec: dict[str, Any],
-    one: Callable[[Any, int], None],
-    setup: Callable[[], Any] = lambda: None,
-) -> dict[str, Any]:
-    """
-    Do C{one(state, i)} for i in range(count) on C{concurrency} threads,
-    each with its own C{state} from C{setup()} (closed after, if it can
-    be), timing each call.  An error ends its thread and is reported.
-    """
-    numbers = iter(range(spec["count"]))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def work() -> None:
-        try:
-            state = setup()
-            with contextlib.closing(state) if hasattr(state, "close") else contextlib.nullcontext():
-                while True:
-                    with lock:
-                        i = next(numbers, None)
-                    if i is None:
-                        return
-                    t = time.perf_counter()
-                    one(state, i)
-                    latencies.append(time.perf_counter() - t)
-        except Exception as e:  # counted and reported
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=work) for _ in range(spec["concurrency"])]
-    start, cpu = time.perf_counter(), cpu_now()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarise(time.perf_counter() - start, cpu_now() - cpu, latencies, errors)
+    return run_threads(spec["count"], spec["concurrency"], one, connect)
 
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -930,25 +700,7 @@ class Bench:
         before a put is acknowledged, then wait until a put through each
         server succeeds (each must see the others alive first).
         """
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "koboldfs.cli",
-                "admin",
-                "namespace",
-                "create",
-                NAMESPACE,
-                "--min-copies",
-                str(copies),
-                "--db",
-                url,
-            ],
-            env={**os.environ, "PYTHONPATH": CHECKOUT},
-            stdout=subprocess.DEVNULL,
-            check=True,
-            timeout=60,
-        )
+        create_namespace(url, NAMESPACE, copies)
         deadline = time.monotonic() + 60
         for server in servers:
             while True:
@@ -1095,11 +847,6 @@ class Bench:
 # -- figures, targets, output -----------------------------------------------------------
 
 
-def median(samples: list[float] | None) -> float | None:
-    samples = [s for s in samples or [] if s is not None]
-    return statistics.median(samples) if samples else None
-
-
 def figures(bench: Bench) -> list[Figure]:
     s = bench.samples
     out: list[Figure] = []
@@ -1231,18 +978,6 @@ def smoke_problems(figs: list[Figure], args: argparse.Namespace) -> list[str]:
     ]
 
 
-def machine() -> dict[str, Any]:
-    load = os.getloadavg()
-    return {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_end": load,
-        "kernel": platform.release(),
-    }
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1304,22 +1039,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def reexec_under_postgres(args: argparse.Namespace) -> None:
-    """
-    PostgreSQL setups asked for and none given: run again inside
-    .ci/postgres.sh, which starts a throwaway cluster and deletes it after.
-    """
-    wanted = any(SETUPS[s][0] == "postgresql" for s in args.setups)
-    script = os.path.join(CHECKOUT, ".ci", "postgres.sh")
-    if not wanted or args.postgres_url or os.environ.get(REEXEC_ENV) or not os.path.exists(script):
-        return
-    bash = shutil.which("bash")
-    if bash is None:
-        return
-    env = {**os.environ, REEXEC_ENV: "1"}
-    os.execve(bash, [bash, script, sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
-
-
 def report(bench: Bench, args: argparse.Namespace, started: float) -> None:
     """
     Print the table and the JSON lines, and write C{--out}.
@@ -1352,7 +1071,9 @@ def main(argv: list[str]) -> int:
         kind, spec = args.worker
         print(json.dumps(WORKERS[kind](json.loads(spec))), flush=True)
         return 0
-    reexec_under_postgres(args)
+    if not args.postgres_url and any(SETUPS[s][0] == "postgresql" for s in args.setups):
+        # PostgreSQL setups asked for and none given: a throwaway cluster.
+        reexec_under_postgres(__file__)
     if args.postgres_url is None and any(SETUPS[s][0] == "postgresql" for s in args.setups):
         print("run.py: no PostgreSQL: skipping its setups", file=sys.stderr)
         args.setups = [s for s in args.setups if SETUPS[s][0] != "postgresql"]
