@@ -26,7 +26,8 @@ class S3Error(Exception):
     @ivar message: the message sent to the client.
     @ivar resource: the bucket or object concerned (C{/bucket/key}), or
         None.
-    @ivar extra: further elements of the error document, in order.
+    @ivar extra: further elements of the error document, in order (pass
+        names that are not identifiers as C{**{"Content-MD5": ...}}).
     """
 
     code: ClassVar[str] = "InternalError"
@@ -112,9 +113,9 @@ class RequestExpired(AccessDenied):
     default_message = "Request has expired"
 
     def __init__(self, expires_seconds: int, expires: str, server_time: str) -> None:
-        super().__init__()
-        self.extra = {"X-Amz-Expires": str(expires_seconds), "Expires": expires,
-                      "ServerTime": server_time}
+        extra = {"X-Amz-Expires": str(expires_seconds), "Expires": expires,
+                 "ServerTime": server_time}
+        super().__init__(None, **extra)
 
 
 @_register
@@ -269,6 +270,12 @@ class MalformedXML(S3Error):
 @_register
 class MaxMessageLengthExceeded(S3Error):
     code, status, default_message = "MaxMessageLengthExceeded", 400, "Your request was too big."
+
+
+@_register
+class MetadataTooLarge(S3Error):
+    code, status = "MetadataTooLarge", 400
+    default_message = "Your metadata headers exceed the maximum allowed metadata size."
 
 
 @_register

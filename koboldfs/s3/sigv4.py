@@ -449,8 +449,8 @@ class Verifier:
         parts = credential.split("/")
         if len(parts) != 5 or not parts[0] or parts[4] != "aws4_request":
             raise malformed(
-                f"Error parsing the X-Amz-Credential parameter; the Credential is mal-formed; "
-                f"expecting \"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request\"."
+                "Error parsing the X-Amz-Credential parameter; the Credential is mal-formed; "
+                "expecting \"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request\"."
             )
         access_key, date, region, service, _ = parts
         if date != amz_date[:8]:
