@@ -35,7 +35,7 @@ from koboldfs.s3.errors import (
 )
 from koboldfs.s3.headers import Headers, parse_http_date
 from koboldfs.s3.sigv4 import PayloadMode
-from koboldfs.s3.uri import decode_text, parse_query, single_param
+from koboldfs.s3.uri import decode_text, is_decimal, parse_query
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024**3
@@ -156,17 +156,20 @@ def parse_request(
     The operation a request asks for.
 
     @param host: the Host header.
-    @param raw_path: the path as received (percent-encoded).
+    @param raw_path: the path as received (percent-encoded), as latin-1
+        text of the bytes (so raw UTF-8 decodes right).
     @param domain: the S3 domain for virtual-hosted style (C{--s3-domain}).
     @raise S3Error: an invalid bucket or key, a bad query, an operation
         that does not exist (L{MethodNotAllowed}) or is not implemented.
     """
     if not raw_path.startswith("/"):
         raise InvalidArgument("The request path must begin with /")
-    params_list = parse_query(raw_query)
     params: dict[str, str] = {}
-    for name, _ in params_list:
-        params[name] = single_param(params_list, name) or ""
+    for name, value in parse_query(raw_query):
+        if name in params:
+            raise InvalidArgument(f"the query parameter {name[:64]} is given more than once",
+                                  ArgumentName=name[:64])
+        params[name] = value
     virtual = _host_bucket(host, domain)
     path = raw_path[1:]
     if virtual is not None:
@@ -257,7 +260,7 @@ def int_param(
     value = params.get(name)
     if value is None:
         return default
-    if not value.isdigit() or len(value) > 10 or not low <= int(value) <= high:
+    if not is_decimal(value, 10) or not low <= int(value) <= high:
         raise InvalidArgument(
             f"Provided {name} not an integer or within integer range {low}..{high}",
             ArgumentName=name, ArgumentValue=value[:64],
@@ -571,7 +574,7 @@ def payload_length(headers: Headers, mode: PayloadMode) -> int:
             f"You must provide the {name} HTTP header."
         )
     value = value.strip()
-    if not value.isdigit() or len(value) > 19:
+    if not is_decimal(value, 19):
         raise InvalidArgument(f"{name} is not a number", ArgumentName=name,
                               ArgumentValue=value[:40])
     return int(value)

@@ -20,7 +20,7 @@ import hmac
 
 from koboldfs.s3.errors import AccessDenied, RequestExpired, RequestTimeTooSkewed
 from koboldfs.s3.headers import Headers, format_iso8601, parse_http_date
-from koboldfs.s3.uri import single_param
+from koboldfs.s3.uri import is_decimal, single_param
 
 #: The query parameters that are part of the resource signed.
 SUBRESOURCES = frozenset(
@@ -74,7 +74,7 @@ def query_fields(params: list[tuple[str, str]], now: float) -> tuple[str, str, f
             "Query-string authentication requires the Signature, Expires and AWSAccessKeyId "
             "parameters"
         )
-    if not expires_text.isdigit() or len(expires_text) > 12:
+    if not is_decimal(expires_text, 12):
         raise AccessDenied(f"Invalid date (should be seconds since epoch): {expires_text[:40]}")
     expires = float(expires_text)
     if now > expires:

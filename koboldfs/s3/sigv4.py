@@ -47,7 +47,13 @@ from koboldfs.s3.headers import (
     parse_amz_date,
     parse_http_date,
 )
-from koboldfs.s3.uri import canonical_path, canonical_query, parse_query, single_param
+from koboldfs.s3.uri import (
+    canonical_path,
+    canonical_query,
+    is_decimal,
+    parse_query,
+    single_param,
+)
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 #: At most 15 minutes between the client's clock and ours (header auth).
@@ -405,7 +411,7 @@ class Verifier:
             raise AuthorizationQueryParametersError(
                 "X-Amz-Date must be in the ISO8601 Long Format \"yyyyMMdd'T'HHmmss'Z'\""
             ) from None
-        if not expires_text.isdigit() or len(expires_text) > 10:
+        if not is_decimal(expires_text, 10):
             raise AuthorizationQueryParametersError(
                 "X-Amz-Expires should be a number"
             )

@@ -112,3 +112,11 @@ def single_param(params: list[tuple[str, str]], name: str) -> str | None:
         raise InvalidArgument(f"the query parameter {name} is given more than once",
                               ArgumentName=name)
     return values[0] if values else None
+
+
+def is_decimal(value: str, max_digits: int) -> bool:
+    """
+    Whether C{value} is 1 to C{max_digits} ASCII digits (C{str.isdigit}
+    alone takes C{"²"}, which C{int} refuses).
+    """
+    return 0 < len(value) <= max_digits and value.isascii() and value.isdigit()

@@ -35,6 +35,7 @@ from koboldfs.s3.errors import (
     MissingRequestBodyError,
 )
 from koboldfs.s3.headers import format_iso8601
+from koboldfs.s3.uri import is_decimal
 
 NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -128,7 +129,7 @@ def parse_complete_multipart_upload(body: bytes, limit: int = MAX_BODY) -> list[
     out: list[CompletedPart] = []
     for element in parts:
         number_text = (_text(element, "PartNumber") or "").strip()
-        if not number_text.isdigit() or len(number_text) > 9:
+        if not is_decimal(number_text, 9):
             raise MalformedXML("PartNumber is not a number")
         number = int(number_text)
         if not 1 <= number <= MAX_PARTS:

@@ -222,7 +222,7 @@ class ParamTests(SynchronousTestCase):
 
     def test_part_number(self) -> None:
         self.assertEqual(part_number({"partNumber": "10000"}), 10000)
-        for bad in ("0", "10001", "-1", "1.5", ""):
+        for bad in ("0", "10001", "-1", "1.5", "", "²", "１"):
             self.assertRaises(errors.InvalidArgument, part_number, {"partNumber": bad})
 
     def test_copy_source(self) -> None:
