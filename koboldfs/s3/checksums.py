@@ -32,7 +32,7 @@ from koboldfs.s3.errors import (
     InvalidRequest,
     XAmzContentSHA256Mismatch,
 )
-from koboldfs.s3.headers import Headers
+from koboldfs.s3.headers import Headers, trailer_names
 
 
 class Hasher(Protocol):
@@ -302,11 +302,3 @@ class BodyVerifier:
                 )
             computed[algorithm] = base64.b64encode(digest).decode("ascii")
         return Digests(self.size, md5.hex(), sha256.hex() if sha256 else None, computed)
-
-
-def trailer_names(headers: Headers) -> list[str]:
-    """
-    The names in C{x-amz-trailer}, lower case.
-    """
-    value = headers.get("x-amz-trailer") or ""
-    return [name.strip().lower() for name in value.split(",") if name.strip()]

@@ -30,7 +30,8 @@ from koboldfs.s3.errors import (
     S3Error,
     SignatureDoesNotMatch,
 )
-from koboldfs.s3.sigv4 import ChunkSigner
+from koboldfs.s3.headers import Headers, trailer_names
+from koboldfs.s3.sigv4 import Authenticated, ChunkSigner, PayloadMode
 
 #: The longest chunk line or trailer line taken.
 MAX_LINE = 4096
@@ -104,6 +105,23 @@ class ChunkedDecoder:
         self._trailer_signature: str | None = None
         self._trailer_size = 0
         self._error: S3Error | None = None
+
+    @classmethod
+    def for_request(cls, auth: Authenticated, headers: Headers, length: int) -> ChunkedDecoder:
+        """
+        The decoder of a request's aws-chunked body: its chunk signer, the
+        trailers its C{x-amz-trailer} declares, signed or not as its
+        payload mode says.
+
+        @param length: its C{x-amz-decoded-content-length}
+            (L{koboldfs.s3.request.payload_length}).
+        """
+        return cls(
+            length,
+            signer=auth.chunks,
+            trailers=frozenset(trailer_names(headers)),
+            signed_trailer=auth.payload is PayloadMode.STREAMING_SIGNED_TRAILER,
+        )
 
     @property
     def buffered(self) -> int:

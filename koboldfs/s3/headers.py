@@ -71,6 +71,14 @@ class Headers:
         return f"Headers({self._values!r})"
 
 
+def trailer_names(headers: Headers) -> list[str]:
+    """
+    The trailers C{x-amz-trailer} declares, lower case.
+    """
+    value = headers.get("x-amz-trailer") or ""
+    return [name.strip().lower() for name in value.split(",") if name.strip()]
+
+
 def format_http_date(seconds: float) -> str:
     """
     The IMF-fixdate of RFC 9110 (C{Mon, 07 Dec 2026 16:49:07 GMT}), for

@@ -14,7 +14,14 @@ from koboldfs.s3 import errors
 from koboldfs.s3.checksums import Algorithm, BodyVerifier, checksum
 from koboldfs.s3.chunked import MAX_LINE, MAX_TRAILERS, ChunkedDecoder, Decoded
 from koboldfs.s3.headers import Headers
-from koboldfs.s3.sigv4 import ChunkSigner, Scope, signing_key
+from koboldfs.s3.sigv4 import (
+    Authenticated,
+    AuthScheme,
+    ChunkSigner,
+    PayloadMode,
+    Scope,
+    signing_key,
+)
 from koboldfs.test.test_s3_sigv4 import (
     AWS_CHUNKS,
     AWS_SECRET,
@@ -82,6 +89,26 @@ class SignedChunksTests(SynchronousTestCase):
             self.assertEqual(decode(decoder, pieces, self), PAYLOAD)
             self.assertTrue(decoder.done)
             self.assertEqual(decoder.finish(), Decoded(66560, 2, {}, signed=True))
+
+    def test_for_request(self) -> None:
+        """
+        The decoder of a verified request takes its signer, its declared
+        trailers and whether they are signed from the request.
+        """
+        auth = aws_verifier().verify("PUT", "/examplebucket/chunkObject.txt", "",
+                                     aws_streaming_headers())
+        assert auth is not None
+        decoder = ChunkedDecoder.for_request(auth, aws_streaming_headers(), 66560)
+        self.assertEqual(b"".join(decoder.feed(aws_body())), PAYLOAD)
+        self.assertTrue(decoder.finish().signed)
+        trailing = Authenticated("k", AuthScheme.HEADER, PayloadMode.STREAMING_SIGNED_TRAILER,
+                                 chunks=aws_signer())
+        decoder = ChunkedDecoder.for_request(
+            trailing, Headers([("x-amz-trailer", "First, second,THIRD")]), 66560)
+        tail = (b"first:1st\r\nsecond:2nd\r\nthird:3rd\r\nx-amz-trailer-signature:"
+                + AWS_TRAILER.encode() + b"\r\n\r\n")
+        decoder.feed(aws_body(tail=tail))
+        self.assertEqual(len(decoder.finish().trailers), 3)
 
     def test_changed_byte(self) -> None:
         body = bytearray(aws_body())

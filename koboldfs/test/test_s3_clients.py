@@ -34,7 +34,7 @@ from botocore.config import Config
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from koboldfs.s3 import xml as s3xml
-from koboldfs.s3.checksums import BodyVerifier, multipart_etag, trailer_names
+from koboldfs.s3.checksums import BodyVerifier, multipart_etag
 from koboldfs.s3.chunked import ChunkedDecoder
 from koboldfs.s3.errors import NoSuchKey, NoSuchUpload, S3Error
 from koboldfs.s3.headers import Headers, format_http_date
@@ -169,9 +169,7 @@ class Handler(BaseHTTPRequestHandler):
             if len(raw) != length:
                 raise S3Error("length")
             return raw, {}
-        decoder = ChunkedDecoder(length, signer=auth.chunks,
-                                 trailers=frozenset(trailer_names(headers)),
-                                 signed_trailer=mode is PayloadMode.STREAMING_SIGNED_TRAILER)
+        decoder = ChunkedDecoder.for_request(auth, headers, length)
         rng = random.Random(len(raw))
         out, i = [], 0
         while i < len(raw):

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.s3 import errors
-from koboldfs.s3.checksums import BodyVerifier, trailer_names
+from koboldfs.s3.checksums import BodyVerifier
 from koboldfs.s3.chunked import ChunkedDecoder
 from koboldfs.s3.headers import Headers
 from koboldfs.s3.request import parse_request, payload_length
@@ -314,8 +314,7 @@ def receive(vector: dict[str, Any], *, now: float | None = None, path: str | Non
     raw = base64.b64decode(vector["body"]) if body is None else body
     payload, trailers = raw, {}
     if auth.payload.streaming:
-        decoder = ChunkedDecoder(payload_length(headers, auth.payload), signer=auth.chunks,
-                                 trailers=frozenset(trailer_names(headers)))
+        decoder = ChunkedDecoder.for_request(auth, headers, payload_length(headers, auth.payload))
         payload = b"".join(decoder.feed(raw))
         trailers = decoder.finish().trailers
     elif len(raw) != payload_length(headers, auth.payload):
