@@ -394,6 +394,32 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+_COPY_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})\Z")
+
+
+def parse_copy_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """
+    UploadPartCopy's C{x-amz-copy-source-range} (C{bytes=first-last},
+    both given, inclusive) over a source of C{size} bytes; None when
+    absent (the whole source).
+
+    @raise InvalidArgument: not of that form, or not within the source.
+    """
+    if value is None:
+        return None
+    m = _COPY_RANGE.match(value.strip())
+    if not m:
+        raise InvalidArgument("The x-amz-copy-source-range value must be of the form "
+                              "bytes=first-last where first and last are the zero-based "
+                              "offsets of the first and last bytes to copy",
+                              ArgumentName="x-amz-copy-source-range")
+    first, last = int(m.group(1)), int(m.group(2))
+    if first > last or last >= size:
+        raise InvalidArgument(f"Range specified is not valid for source object of size: {size}",
+                              ArgumentName="x-amz-copy-source-range")
+    return first, last
+
+
 def content_range(start: int, end: int, size: int) -> str:
     """
     The C{Content-Range} of a partial response.

@@ -24,6 +24,7 @@ from koboldfs.s3.request import (
     list_params,
     metadata_directive,
     object_headers,
+    parse_copy_range,
     parse_copy_source,
     parse_range,
     parse_request,
@@ -309,6 +310,21 @@ class RangeTests(SynchronousTestCase):
             e = self.assertRaises(errors.InvalidRange, parse_range, value, size)
             self.assertEqual(e.status, 416)
             self.assertEqual(e.extra["ActualObjectSize"], str(size))
+
+
+    def test_copy_range(self) -> None:
+        """
+        x-amz-copy-source-range: both ends given, within the source.
+        """
+        [request] = boto3_requests([("upload_part_copy", {
+            "Bucket": "bkt", "Key": "k", "UploadId": "u", "PartNumber": 1,
+            "CopySource": "src/x", "CopySourceRange": "bytes=0-9"})])
+        value = request.headers["x-amz-copy-source-range"]
+        value = value.decode() if isinstance(value, bytes) else value
+        self.assertEqual(parse_copy_range(value, 10), (0, 9))
+        self.assertIsNone(parse_copy_range(None, 10))
+        for bad in ("bytes=0-10", "bytes=5-4", "bytes=0-", "bytes=-5", "0-9", "bytes=0-1,2-3"):
+            self.assertRaises(errors.InvalidArgument, parse_copy_range, bad, 10)
 
 
 class ConditionTests(SynchronousTestCase):
