@@ -66,7 +66,7 @@ from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import Shape, shape_for
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
 from koboldfs.metadata.keys import ClientKeysMixin
-from koboldfs.metadata.transactions import TransactionsMixin
+from koboldfs.metadata.txnstore import TransactionsMixin
 
 T = TypeVar("T")
 

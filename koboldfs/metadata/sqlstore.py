@@ -52,7 +52,7 @@ from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import shape_for
 from koboldfs.metadata.queries import Outcome, Query, Work
 from koboldfs.metadata.keys import ClientKeysMixin
-from koboldfs.metadata.transactions import TransactionsMixin
+from koboldfs.metadata.txnstore import TransactionsMixin
 
 T = TypeVar("T")
 

@@ -1,7 +1,10 @@
 """
-The metadata of client transactions (docs/transactions.md), written once
-as generator transactions like those of L{koboldfs.metadata.queries}, and
-L{TransactionsMixin}, which gives both stores the methods that run them.
+The metadata store's side of client transactions (docs/transactions.md):
+what a transaction holds, kept in the database so that any server can
+finish it.  The client's side is L{koboldfs.transactions}, the server's
+L{koboldfs.txnhandler}.  Written once as generator transactions like those
+of L{koboldfs.metadata.queries}, and L{TransactionsMixin}, which gives both
+stores the methods that run them.
 
 A transaction's uploads are files in state C{pending}: stored, replicated
 nowhere (the replicator walks only C{live} and C{deleted} files), invisible
