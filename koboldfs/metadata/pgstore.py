@@ -12,7 +12,9 @@ A committed change is told to this process's listeners and, by a
 C{pg_notify} in the same transaction, to every store listening on the
 database.  Each connection reconnects on its own after PostgreSQL restarts
 or fails over (libpq multi-host URLs); calls made while it is down fail at
-once with the retryable L{Unavailable}.
+once with the retryable L{Unavailable}.  The txpostgres classes that do so
+override txpostgres's internals, and are kept apart, in
+L{koboldfs.metadata.txpostgres_overrides}.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import psycopg2
-import psycopg2.extras
 from psycopg2.extensions import Notify, make_dsn, parse_dsn
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
@@ -36,13 +37,12 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
-from twisted.internet.error import ConnectionClosed, ConnectionLost
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
-from txpostgres.retrying import RetryingCall, simpleBackoffIterator
-from txpostgres.txpostgres import Connection, ConnectionPool, Cursor, RollbackFailed
+from txpostgres.reconnection import ConnectionDead
+from txpostgres.txpostgres import Cursor, RollbackFailed
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, Unavailable
@@ -67,6 +67,13 @@ from koboldfs.metadata.compiled import Shape, shape_for
 from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
 from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.txnstore import TransactionsMixin
+from koboldfs.metadata.txpostgres_overrides import (
+    Final,
+    PgConnection,
+    PgPool,
+    cause,
+    new_connection,
+)
 
 T = TypeVar("T")
 
@@ -74,8 +81,6 @@ T = TypeVar("T")
 #: a transaction's result makes.
 Event = tuple[str, dict[str, Any]]
 Notice = Callable[[Any], "Event | None"]
-#: The SQL and parameters of a statement to end a transaction with.
-Final = tuple[str, dict[str, Any]]
 
 _log = Logger()
 
@@ -100,15 +105,6 @@ _TRANSIENT = (
     ConnectionDead,
     ConnectionClosed,
 )
-
-
-def _reconnectDelays() -> Iterator[float]:
-    """
-    At once, then backing off to every 10 s: a restart takes seconds.
-    """
-    return simpleBackoffIterator(  # type: ignore[no-any-return]
-        initialDelay=0.5, maxDelay=10.0, factor=1.7, maxRetries=0, now=True
-    )
 
 
 #: libpq settings a URL gets unless it sets them: a host that died without
@@ -219,169 +215,8 @@ def _create_schema_locked() -> Txn[int]:
     return (yield from queries.create_schema())
 
 
-def _cause(error: BaseException) -> str:
-    """
-    What went wrong with the database, in a line for logs and errors.
-    """
-    if isinstance(error, RollbackFailed):
-        error = error.originalFailure.value
-    if isinstance(error, ConnectionDead):
-        return "the connection was lost; reconnecting"
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _unavailable(error: BaseException) -> Unavailable:
-    return Unavailable(ErrorCode.UNAVAILABLE, f"metadata database unavailable: {_cause(error)}")
-
-
-class _Detector(DeadConnectionDetector):  # type: ignore[misc]
-    """
-    Reconnects its connection after PostgreSQL restarts or fails over, until
-    stopped.  The stock detector cannot be stopped (a store that stops
-    would leave it retrying), and takes any C{OperationalError}, a deadlock
-    or a statement timeout included, for a dead connection: this one asks
-    libpq whether the connection is closed.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__(
-            deathChecker=self._isDead,
-            reconnectionIterator=_reconnectDelays,
-            reactor=reactor,
-        )
-        self._stopped = False
-        self._reconnecting: Deferred[None] | None = None
-
-    def _isDead(self, reason: Failure) -> bool:
-        if self._stopped:
-            return False
-        if reason.check(RollbackFailed):
-            # A transaction may have been left open: start afresh.
-            return True
-        raw = self.reconnectable.pollable() if self.reconnectable is not None else None
-        return raw is None or bool(raw.closed)
-
-    def startReconnecting(self, reason: Failure) -> None:
-        _log.warn(
-            "metadata database connection lost ({cause}); reconnecting",
-            cause=_cause(reason.value),
-        )
-        attempts = RetryingCall(self.reconnect)
-        attempts.reactor = self.reactor
-        self._reconnecting = d = attempts.start(
-            self.reconnectionIterator(),
-            failureTester=lambda reason: reason if self._stopped else None,
-        )
-
-        def reconnected(_: object) -> Deferred[object]:
-            self._reconnecting = None
-            _log.info("metadata database connection back")
-            return self.connectionRecovered()  # type: ignore[no-any-return]
-
-        def abandoned(reason: Failure) -> None:
-            # Only stop() ends the attempts: they are retried forever.
-            self._reconnecting = None
-
-        d.addCallbacks(reconnected, abandoned)
-
-    def stop(self) -> None:
-        """
-        Close the connection for good, abandoning any reconnection.
-        """
-        self._stopped = True
-        connection = self.reconnectable
-        if connection is not None and connection.pollable() is not None:
-            # Also fails a reconnection attempt in progress, which ends them.
-            connection.close()
-        if self._reconnecting is not None:
-            # Waiting before the next attempt.
-            self._reconnecting.cancel()
-
-
-class _Connection(Connection):  # type: ignore[misc]
-    """
-    A txpostgres connection that, when PostgreSQL closes it while idle,
-    tells its detector quietly: txpostgres raises from C{doRead}, which the
-    reactor logs as an unhandled error.  Its transactions can end with a
-    statement sent with the COMMIT, saving a round trip.
-    """
-
-    @staticmethod
-    def connectionFactory(*args: Any, **kwargs: Any) -> Any:
-        """
-        Connect as SQLAlchemy's psycopg2 dialect does, so that values come
-        back as they would through it: C{uuid} columns as L{uuid.UUID}.
-        """
-        connection = psycopg2.connect(*args, **kwargs)
-        psycopg2.extras.register_uuid(None, connection)
-        return connection
-
-    def doRead(self) -> BaseException | None:
-        """
-        Read (results, notifications) as txpostgres does, but return what
-        ends the connection, for the reactor to call C{connectionLost} with:
-        the error libpq reports, or the loss of the socket that libpq has
-        already closed (once PostgreSQL's last words are read).
-        """
-        self.reactor.removeReader(self)
-        try:
-            self.continuePolling()
-        except psycopg2.Error as e:
-            return e
-        self.checkForNotifies()
-        if self.fileno() == -1:
-            return ConnectionLost("PostgreSQL closed the connection")
-        self.reactor.addReader(self)
-        return None
-
-    def _runInteraction(
-        self, interaction: Callable[..., Deferred[tuple[T, Final | None]]], *args: Any
-    ) -> Deferred[T]:
-        """
-        Run C{interaction(cursor, *args)} in a transaction as txpostgres
-        does (this is what its C{runInteraction} calls, under the
-        connection's lock and detector), except that C{interaction} fires
-        with its result and the L{Final} statement, if any, to send with
-        the COMMIT in one round trip.
-        """
-        cursor = self.cursor()
-
-        def commit(ended: tuple[T, Final | None]) -> Deferred[T]:
-            result, final = ended
-            sql, params = ("COMMIT", None) if final is None else (f"{final[0]}; COMMIT", final[1])
-            return cursor.execute(sql, params).addCallback(lambda _: result)
-
-        def rollback(reason: Failure) -> Deferred[Failure]:
-            def failed(error: Failure) -> Failure:
-                _log.failure("metadata database rollback failed", error)
-                return Failure(RollbackFailed(self, reason))
-
-            return cursor.execute("ROLLBACK").addCallbacks(lambda _: reason, failed)
-
-        d = cursor.execute("BEGIN")
-        d.addCallback(lambda _: interaction(cursor, *args))
-        return d.addCallback(commit).addErrback(rollback)
-
-
-def _connection(reactor: Any, cooperator: Cooperator) -> _Connection:
-    return _Connection(reactor, cooperator, detector=_Detector(reactor))
-
-
-class _Pool(ConnectionPool):  # type: ignore[misc]
-    """
-    A txpostgres pool, on the store's reactor, of connections that
-    reconnect by themselves.
-    """
-
-    def __init__(self, reactor: Any, cooperator: Cooperator, dsn: str, size: int) -> None:
-        self.reactor = reactor
-        self.cooperator = cooperator
-        self.min = size
-        super().__init__(None, dsn)
-
-    def connectionFactory(self, reactor: Any, cooperator: Cooperator) -> _Connection:
-        return _connection(reactor, cooperator)
+    return Unavailable(ErrorCode.UNAVAILABLE, f"metadata database unavailable: {cause(error)}")
 
 
 @implementer(IMetadataStore, ITransactionStore)
@@ -408,8 +243,8 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         # Tells this store's notifications from other stores' in LISTEN.
         self._origin = uuid.uuid4().hex
         self._running = False
-        self._pool: _Pool | None = None
-        self._connections: list[_Connection] = []
+        self._pool: PgPool | None = None
+        self._connections: list[PgConnection] = []
         self._cooperator: Cooperator | None = None
         self._inflight: set[Deferred[None]] = set()
 
@@ -442,7 +277,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         d = ensureDeferred(self._transact(self._pool, Work(txn, args), notice))
         return d.addBoth(finished)
 
-    async def _transact(self, pool: _Pool, work: Work[T], notice: Notice | None) -> T:
+    async def _transact(self, pool: PgPool, work: Work[T], notice: Notice | None) -> T:
         """
         Run C{work} on C{pool}, again from the start when it loses a race.
 
@@ -510,8 +345,8 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         @raise Unavailable: the database cannot be reached.
         """
         cooperator = Cooperator(scheduler=lambda work: self._reactor.callLater(0, work))
-        pool = _Pool(self._reactor, cooperator, self._dsn, self._poolSize)
-        listener = _connection(self._reactor, cooperator)
+        pool = PgPool(self._reactor, cooperator, self._dsn, self._poolSize)
+        listener = new_connection(self._reactor, cooperator)
         connections = [*pool.connections, listener]
         results = await DeferredList(
             [connection.connect(self._dsn) for connection in connections],
@@ -552,7 +387,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         """
         return ensureDeferred(self._start())
 
-    async def _close(self, connections: list[_Connection], cooperator: Cooperator | None) -> None:
+    async def _close(self, connections: list[PgConnection], cooperator: Cooperator | None) -> None:
         # Closing a connection would fail its transaction in progress.
         await gatherResults(list(self._inflight))
         for connection in connections:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from importlib.metadata import version
 from typing import Any, Callable, Generator
 
 import psycopg2
@@ -31,6 +32,7 @@ from koboldfs.metadata.health import Health
 from koboldfs.metadata.queries import NewerSchema
 from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, replicas, schema_version
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
+from koboldfs.metadata.txpostgres_overrides import CHECKED_WITH
 from koboldfs.test import pgcluster
 from koboldfs.test.pgcluster import PostgresCluster, PostgresMixin
 from koboldfs.test.support import free_port, sleep, until_available
@@ -1343,3 +1345,18 @@ class PostgresURLTests(unittest.SynchronousTestCase):
         }
         for url, shown in cases.items():
             self.assertEqual(PostgresStore(url, reactor).url, shown)
+
+
+class TxpostgresOverridesTests(unittest.SynchronousTestCase):
+    """
+    Tests for L{koboldfs.metadata.txpostgres_overrides}, whose classes
+    reach into txpostgres's internals.
+    """
+
+    def test_checkedVersion(self) -> None:
+        """
+        The installed txpostgres is the one the overrides were checked
+        against: after an upgrade, read them against the new txpostgres,
+        then move L{CHECKED_WITH} on.
+        """
+        self.assertEqual(version("txpostgres"), CHECKED_WITH)
