@@ -324,7 +324,7 @@ class IMetadataStore(Interface):
 class ITransactionStore(Interface):
     """
     The metadata of client transactions (docs/transactions.md), kept by
-    every store beside L{IMetadataStore}; the generator transactions are
+    every store beside L{IMetadataStore}; the units that run them are
     in L{koboldfs.metadata.txnstore}.  Refusals fail with
     L{koboldfs.errors.TransactionError}.
     """

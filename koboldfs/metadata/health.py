@@ -1,7 +1,7 @@
 """
 The cluster's health as the metadata sees it, for operators: C{koboldfs
 admin status} and C{fsck}, and the servers' status pages.  Written as
-generator transactions like L{koboldfs.metadata.queries}, and run by every
+units like those of L{koboldfs.metadata.queries}, and run by every
 store's driver the same way.
 
 These count over every live file: for an operator's look (or a status page
@@ -19,7 +19,7 @@ from koboldfs.placement import COUNTED_STATES
 from koboldfs.metadata.queries import (
     _LIVE,
     Query,
-    Txn,
+    Unit,
     _files_page,
     _grouped,
     reader,
@@ -137,9 +137,9 @@ _QUARANTINE_SERVER = (
 
 
 @reader
-def health() -> Txn[Health]:
+def health() -> Unit[Health]:
     """
-    The counts of L{Health}, in one transaction.
+    The counts of L{Health}, in one database transaction.
     """
     out = yield Query(_ALIVE_SERVERS)
     alive = out.rows[0][0]
@@ -155,7 +155,7 @@ def health() -> Txn[Health]:
 
 
 @reader
-def live_files(namespace: str | None, after: int, limit: int) -> Txn[list[FileInfo]]:
+def live_files(namespace: str | None, after: int, limit: int) -> Unit[list[FileInfo]]:
     """
     Up to C{limit} live files with ids above C{after} (of C{namespace}
     only, unless None), by id, each with the servers holding a good copy:
@@ -170,7 +170,7 @@ def live_files(namespace: str | None, after: int, limit: int) -> Txn[list[FileIn
 
 
 @writer
-def quarantine_replica(file_id: int, server: str) -> Txn[bool]:
+def quarantine_replica(file_id: int, server: str) -> Unit[bool]:
     """
     Mark C{server}'s copy of file C{file_id} bad: it is no longer served
     nor counted, and its server's replicator makes it again (which marks
@@ -181,7 +181,7 @@ def quarantine_replica(file_id: int, server: str) -> Txn[bool]:
 
 
 @writer
-def quarantine_server(server: str) -> Txn[int]:
+def quarantine_server(server: str) -> Unit[int]:
     """
     Mark every good copy on C{server} bad, as after its disk was lost:
     its replicator makes them all again.  Return how many there were.

@@ -17,7 +17,7 @@ from koboldfs.names import check_namespace
 
 class ClientKeysMixin:
     """
-    For a store with C{_run(txn, *args)} and C{_reactor}.
+    For a store with C{_run(unit, *args)} and C{_reactor}.
     """
 
     _run: Callable[..., Deferred[Any]]

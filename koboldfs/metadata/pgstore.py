@@ -2,7 +2,7 @@
 The metadata store on PostgreSQL, asynchronous through txpostgres: no
 threads, and changes made by other processes are heard with LISTEN/NOTIFY.
 
-It runs the generator transactions of L{koboldfs.metadata.queries}, each in
+It runs the units of L{koboldfs.metadata.queries}, each in
 one PostgreSQL transaction (one C{runInteraction}), compiling their
 SQLAlchemy Core statements for psycopg2 and handing back rows as
 L{SQLAlchemyStore<koboldfs.metadata.sqlstore.SQLAlchemyStore>} does: plain
@@ -64,7 +64,7 @@ from koboldfs.metadata import (
 )
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import Shape, shape_for
-from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
+from koboldfs.metadata.queries import Outcome, Query, Unit, Work, writer
 from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.txnstore import TransactionsMixin
 from koboldfs.metadata.txpostgres_overrides import (
@@ -78,7 +78,7 @@ from koboldfs.metadata.txpostgres_overrides import (
 T = TypeVar("T")
 
 #: An event for listeners, and the function that tells which one, if any,
-#: a transaction's result makes.
+#: a unit's result makes.
 Event = tuple[str, dict[str, Any]]
 Notice = Callable[[Any], "Event | None"]
 
@@ -96,7 +96,7 @@ SCHEMA_LOCK = 0x4B4F424F4C44
 #: Connections in a store's pool, as the SQLite store's threads.
 POOL_SIZE = 4
 
-#: Errors after which the same transaction may succeed later: the database
+#: Errors after which the same unit may succeed later: the database
 #: is down, restarting, unreachable, or the connection is reconnecting.
 _TRANSIENT = (
     psycopg2.OperationalError,
@@ -167,9 +167,9 @@ def _shape(statement: Executable) -> Shape:
     return shape_for(statement, _DIALECT)
 
 
-def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
+def _drive(cursor: Cursor, unit: Unit[T]) -> Deferred[T]:
     """
-    L{queries.drive}, asynchronously: run generator transaction C{txn} on
+    L{queries.drive}, asynchronously: run unit C{unit} on
     C{cursor}, closing the generator if a statement fails.  Driven by plain
     callbacks: a coroutine per statement costs more than its round trip.
     """
@@ -178,21 +178,21 @@ def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
     def step(_: object, shape: Shape | None) -> None:
         try:
             if shape is None:
-                query = next(txn)
+                query = next(unit)
             else:
-                query = txn.send(Outcome(shape.rows(cursor), cursor.rowcount))
+                query = unit.send(Outcome(shape.rows(cursor), cursor.rowcount))
             shape = _shape(query.statement)
             executed = cursor.execute(shape.sql, shape.params(query.params))
         except StopIteration as stop:
             done.callback(stop.value)
         except BaseException:
-            txn.close()
+            unit.close()
             done.errback()
         else:
             executed.addCallbacks(step, failed, callbackArgs=(shape,))
 
     def failed(reason: Failure) -> None:
-        txn.close()
+        unit.close()
         done.errback(reason)
 
     step(None, None)
@@ -205,7 +205,7 @@ _SCHEMA_LOCKED = Query(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
 
 
 @writer
-def _create_schema_locked() -> Txn[int]:
+def _create_schema_locked() -> Unit[int]:
     """
     L{queries.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
     starting at once on an empty database create the schema one after the
@@ -249,14 +249,15 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         self._inflight: set[Deferred[None]] = set()
 
     def _run(
-        self, txn: Callable[..., Txn[T]], *args: Any, notice: Notice | None = None
+        self, unit: Callable[..., Unit[T]], *args: Any, notice: Notice | None = None
     ) -> Deferred[T]:
         """
-        Run transaction C{txn(*args)} in one PostgreSQL transaction: the one
+        Run unit C{unit(*args)} in one PostgreSQL transaction: the one
         seam through which every operation reaches the database.
 
-        @param notice: the event, if any, that C{txn}'s result is to be
-            announced with: to other stores in the same transaction, then to
+        @param notice: the event, if any, that C{unit}'s result is to be
+            announced with: to other stores in the same database
+            transaction, then to
             this store's listeners once committed.
         """
         if self._pool is None or not self._running:
@@ -274,7 +275,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
             done.callback(None)
             return result
 
-        d = ensureDeferred(self._transact(self._pool, Work(txn, args), notice))
+        d = ensureDeferred(self._transact(self._pool, Work(unit, args), notice))
         return d.addBoth(finished)
 
     async def _transact(self, pool: PgPool, work: Work[T], notice: Notice | None) -> T:
@@ -411,11 +412,12 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self._listeners.subscribe(listener)
 
-    def _runTold(self, notice: Notice, txn: Callable[..., Txn[T]], *args: Any) -> Deferred[T]:
+    def _runTold(self, notice: Notice, unit: Callable[..., Unit[T]], *args: Any) -> Deferred[T]:
         """
-        L{TransactionsMixin}'s seam: other stores hear in the transaction.
+        L{TransactionsMixin}'s seam: other stores hear in the database
+        transaction.
         """
-        return self._run(txn, *args, notice=notice)
+        return self._run(unit, *args, notice=notice)
 
     def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
         """

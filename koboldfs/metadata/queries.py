@@ -1,9 +1,11 @@
 """
-Every metadata operation, written once as a generator transaction.
+Every metadata operation, written once as a unit.
 
-A transaction is a generator that yields L{Query}s, is sent back an
-L{Outcome} for each, and returns its result (C{StopIteration.value}).  It
-does no I/O and knows no engine or dialect, so the SQLite driver
+A unit (of work) is a generator that yields L{Query}s, is sent back an
+L{Outcome} for each, and returns its result (C{StopIteration.value}); the
+store runs each in one database transaction.  The word "transaction"
+alone is kept for client transactions (L{koboldfs.metadata.txnstore}).  A
+unit does no I/O and knows no engine or dialect, so the SQLite driver
 (L{koboldfs.metadata.sqlstore}) and the PostgreSQL one run the same code.
 
 Each query is a SQLAlchemy Core statement built once, at import, with
@@ -15,20 +17,20 @@ after a column for a value to set in an INSERT or UPDATE.
 
 The driver contract:
 
-  - Run one transaction per database transaction: begin, drive the
+  - Run each unit in one database transaction: begin, drive the
     generator with L{drive} (or an asynchronous loop doing the same: first
     C{next(gen)}, then C{gen.send(outcome)} until C{StopIteration}), commit.
   - Begin writers (C{work.writes}) so that they hold the write lock from the
     start: C{BEGIN IMMEDIATE} on SQLite.
   - On an integrity error (a unique index lost a race with another writer),
-    roll back and run the whole transaction again from a fresh generator,
+    roll back and run the whole unit again from a fresh generator,
     C{work()}, up to L{ATTEMPTS} runs in all: the next run sees the
     winner's rows.  An integrity error that persists is a bug, and is let
     through.  Errors raised by the generator itself (L{ValueError},
     L{NewerSchema}) are final.
 
 Drivers are given a L{Work}: a zero-argument factory of fresh generators
-that also tells whether the transaction writes.  The transactions are
+that also tells whether the unit writes.  The units are
 L{create_schema}; L{get_namespace} and L{ensure_namespace}; L{add_file},
 L{known_fids}, L{lookup}, L{delete} and L{list_keys}; L{register_server}, L{heartbeat},
 L{set_server_state}, L{list_servers} and L{files_held}; L{list_namespaces};
@@ -66,7 +68,7 @@ from koboldfs.urls import check_template, new_secret
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Runs of a transaction that keeps losing races on a unique index before
+#: Runs of a unit that keeps losing races on a unique index before
 #: its integrity error is let through.
 ATTEMPTS = 5
 
@@ -92,8 +94,8 @@ class Outcome:
     rowcount: int
 
 
-#: A generator transaction returning a T.
-Txn = Generator[Query, Outcome, T]
+#: A unit returning a T.
+Unit = Generator[Query, Outcome, T]
 
 
 class NewerSchema(RuntimeError):
@@ -103,60 +105,60 @@ class NewerSchema(RuntimeError):
     """
 
 
-def reader(txn: Callable[..., Txn[T]]) -> Callable[..., Txn[T]]:
+def reader(unit: Callable[..., Unit[T]]) -> Callable[..., Unit[T]]:
     """
-    Mark C{txn} as a transaction that only reads.
+    Mark C{unit} as a unit that only reads.
     """
-    txn.writes = False  # type: ignore[attr-defined]
-    return txn
+    unit.writes = False  # type: ignore[attr-defined]
+    return unit
 
 
-def writer(txn: Callable[..., Txn[T]]) -> Callable[..., Txn[T]]:
+def writer(unit: Callable[..., Unit[T]]) -> Callable[..., Unit[T]]:
     """
-    Mark C{txn} as a transaction that writes, which drivers begin by taking
-    the write lock so that it never fails upgrading a read lock.
+    Mark C{unit} as a unit that writes, which drivers begin by taking the
+    write lock so that it never fails upgrading a read lock.
     """
-    txn.writes = True  # type: ignore[attr-defined]
-    return txn
+    unit.writes = True  # type: ignore[attr-defined]
+    return unit
 
 
 @dataclass(frozen=True)
 class Work(Generic[T]):
     """
-    One transaction to run with its arguments: call it for a fresh
-    generator, as many times as the driver retries.
+    One unit to run with its arguments: call it for a fresh generator, as
+    many times as the driver retries.
     """
 
-    txn: Callable[..., Txn[T]]
+    unit: Callable[..., Unit[T]]
     args: tuple[Any, ...] = ()
 
     @property
     def writes(self) -> bool:
         """
-        Whether the transaction writes (every transaction is marked with
-        L{reader} or L{writer}; an unmarked one fails here, not silently).
+        Whether the unit writes (every unit is marked with L{reader} or
+        L{writer}; an unmarked one fails here, not silently).
         """
-        return self.txn.writes  # type: ignore[attr-defined,no-any-return]
+        return self.unit.writes  # type: ignore[attr-defined,no-any-return]
 
-    def __call__(self) -> Txn[T]:
-        return self.txn(*self.args)
+    def __call__(self) -> Unit[T]:
+        return self.unit(*self.args)
 
 
-def drive(txn: Txn[T], execute: Callable[[Query], Outcome]) -> T:
+def drive(unit: Unit[T], execute: Callable[[Query], Outcome]) -> T:
     """
-    Run generator transaction C{txn} synchronously, executing each query it
-    yields with C{execute}; return its result.  If C{execute} raises, the
+    Run unit C{unit} synchronously, executing each query it yields with
+    C{execute}; return its result.  If C{execute} raises, the
     generator is closed and the error propagates, for the driver to roll
     back (and maybe retry).
     """
     try:
-        query = next(txn)
+        query = next(unit)
         while True:
-            query = txn.send(execute(query))
+            query = unit.send(execute(query))
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
-        txn.close()
+        unit.close()
 
 
 def _record(cls: type[R], columns: Iterable[Column[Any]], row: tuple) -> R:
@@ -325,7 +327,7 @@ _SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
 
 
 @writer
-def create_schema() -> Txn[int]:
+def create_schema() -> Unit[int]:
     """
     Create the schema where missing and record its version; return the
     stored version.  Idempotent, and safe when several servers start at
@@ -353,10 +355,10 @@ def create_schema() -> Txn[int]:
     return stored
 
 
-def _retire(namespace_id: int, key: str, now: float) -> Txn[int | None]:
+def _retire(namespace_id: int, key: str, now: float) -> Unit[int | None]:
     """
     Mark the live version of C{key} deleted at C{now}; return its id, or
-    None if there is none.  Not a transaction: a step of one that writes.
+    None if there is none.  Not a unit: a step of one that writes.
 
     On PostgreSQL (read committed), an UPDATE that waited for another
     writer's lock on the live version cannot see the version that writer
@@ -376,7 +378,7 @@ def _retire(namespace_id: int, key: str, now: float) -> Txn[int | None]:
 
 
 @reader
-def get_namespace(name: str) -> Txn[NamespaceInfo | None]:
+def get_namespace(name: str) -> Unit[NamespaceInfo | None]:
     """
     The namespace called C{name}, or None.
     """
@@ -387,7 +389,7 @@ def get_namespace(name: str) -> Txn[NamespaceInfo | None]:
 
 
 @writer
-def ensure_namespace(name: str, now: float) -> Txn[NamespaceInfo]:
+def ensure_namespace(name: str, now: float) -> Unit[NamespaceInfo]:
     """
     The namespace called C{name}, created at C{now} if missing.  Two servers
     creating it at once collide on its unique name; the retry finds it.
@@ -410,7 +412,7 @@ def add_file(
     created: float,
     server: str,
     also: tuple[str, ...] = (),
-) -> Txn[FileInfo]:
+) -> Unit[FileInfo]:
     """
     Publish a new live version of C{key} held by C{server}, and by the
     servers C{also} (copies made while it was put: koboldfs.forwarding),
@@ -454,7 +456,7 @@ _FID_KNOWN = select(files.c.id).where(files.c.fid == bindparam("b_fid"))
 
 
 @reader
-def known_fids(fids: tuple[str, ...]) -> Txn[set[str]]:
+def known_fids(fids: tuple[str, ...]) -> Unit[set[str]]:
     """
     Those of C{fids} that a file row names, in any state: what is left is
     bytes no metadata knows (the orphan sweep, koboldfs.orphans).  One
@@ -470,7 +472,7 @@ def known_fids(fids: tuple[str, ...]) -> Txn[set[str]]:
 
 
 @reader
-def lookup(namespace: str, key: str) -> Txn[FileInfo | None]:
+def lookup(namespace: str, key: str) -> Unit[FileInfo | None]:
     """
     The live version of C{key} with the servers holding a good copy, or
     None.  One query (a row per good copy): every get and stat asks this,
@@ -488,7 +490,7 @@ def lookup(namespace: str, key: str) -> Txn[FileInfo | None]:
 
 
 @writer
-def delete(namespace: str, key: str, now: float) -> Txn[int | None]:
+def delete(namespace: str, key: str, now: float) -> Unit[int | None]:
     """
     Mark the live version of C{key} deleted at C{now}; return its id, or
     None if there was none.
@@ -500,7 +502,7 @@ def delete(namespace: str, key: str, now: float) -> Txn[int | None]:
 
 
 @reader
-def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Txn[list[str]]:
+def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Unit[list[str]]:
     """
     Up to C{limit} live keys starting with C{prefix}, after C{after}, in
     code-point order: a range scan of files_live_key.
@@ -522,7 +524,7 @@ def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Txn
 
 
 @writer
-def register_server(server: ServerInfo) -> Txn[ServerInfo]:
+def register_server(server: ServerInfo) -> Unit[ServerInfo]:
     """
     Insert or update C{server}'s row and return it as stored.  A stored
     state other than ``dead`` is kept: an operator's ``readonly`` or
@@ -546,7 +548,7 @@ def register_server(server: ServerInfo) -> Txn[ServerInfo]:
 
 
 @writer
-def heartbeat(name: str, now: float, disk_free: int, disk_total: int) -> Txn[bool]:
+def heartbeat(name: str, now: float, disk_free: int, disk_total: int) -> Unit[bool]:
     """
     Record server C{name}'s heartbeat; return whether it is registered.
     """
@@ -558,7 +560,7 @@ def heartbeat(name: str, now: float, disk_free: int, disk_total: int) -> Txn[boo
 
 
 @writer
-def set_server_state(name: str, state: str) -> Txn[bool]:
+def set_server_state(name: str, state: str) -> Unit[bool]:
     """
     Set server C{name}'s state; return whether it is registered.
 
@@ -570,7 +572,7 @@ def set_server_state(name: str, state: str) -> Txn[bool]:
 
 
 @reader
-def list_servers() -> Txn[list[ServerInfo]]:
+def list_servers() -> Unit[list[ServerInfo]]:
     """
     Every registered server, by name.
     """
@@ -580,7 +582,7 @@ def list_servers() -> Txn[list[ServerInfo]]:
 
 
 @reader
-def files_held() -> Txn[dict[str, int]]:
+def files_held() -> Unit[dict[str, int]]:
     """
     How many live files each server holds a good copy of, by server name;
     servers holding none are left out.  One pass over the replicas: for an
@@ -591,7 +593,7 @@ def files_held() -> Txn[dict[str, int]]:
 
 
 @reader
-def list_namespaces() -> Txn[list[NamespaceInfo]]:
+def list_namespaces() -> Unit[list[NamespaceInfo]]:
     """
     Every namespace with its settings, by name (sorted here: the database's
     collation may not be code-point order).
@@ -602,7 +604,7 @@ def list_namespaces() -> Txn[list[NamespaceInfo]]:
 
 
 @writer
-def add_replica(file_id: int, server: str, now: float) -> Txn[bool]:
+def add_replica(file_id: int, server: str, now: float) -> Unit[bool]:
     """
     Record that C{server} holds a verified copy of file C{file_id}, first at
     C{now}; recording it again marks it good.  Return False if there is no
@@ -619,7 +621,7 @@ def add_replica(file_id: int, server: str, now: float) -> Txn[bool]:
 
 
 @writer
-def remove_replica(file_id: int, server: str) -> Txn[bool]:
+def remove_replica(file_id: int, server: str) -> Unit[bool]:
     """
     Forget C{server}'s copy of file C{file_id}; return whether it had one.
     """
@@ -670,7 +672,7 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
 
 
 @writer
-def set_namespace(name: str, now: float, settings: Mapping[str, Any]) -> Txn[NamespaceInfo]:
+def set_namespace(name: str, now: float, settings: Mapping[str, Any]) -> Unit[NamespaceInfo]:
     """
     Change C{settings} of namespace C{name}, created at C{now} if missing;
     return it as stored.  Making it private gives it a secret if it has
@@ -700,7 +702,7 @@ def set_namespace(name: str, now: float, settings: Mapping[str, Any]) -> Txn[Nam
 
 
 @reader
-def lookup_fid(fid: str) -> Txn[tuple[FileInfo, NamespaceInfo] | None]:
+def lookup_fid(fid: str) -> Unit[tuple[FileInfo, NamespaceInfo] | None]:
     """
     The live file stored as C{fid}, with the servers holding a good copy,
     and its namespace; None if there is no such live file.
@@ -812,7 +814,7 @@ def _grouped(rows: list[tuple]) -> list[FileInfo]:
 
 
 @reader
-def max_file_id() -> Txn[int]:
+def max_file_id() -> Unit[int]:
     """
     The highest id of a stored file, live or deleted; 0 when there is none.
     """
@@ -821,7 +823,7 @@ def max_file_id() -> Txn[int]:
 
 
 @reader
-def missing_replicas(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+def missing_replicas(server: str, after: int, limit: int) -> Unit[list[FileInfo]]:
     """
     Up to C{limit} live files with ids above C{after} of which C{server}
     holds no good copy, by id, each with the servers that do: what the
@@ -833,7 +835,7 @@ def missing_replicas(server: str, after: int, limit: int) -> Txn[list[FileInfo]]
 
 
 @reader
-def held_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+def held_files(server: str, after: int, limit: int) -> Unit[list[FileInfo]]:
     """
     Up to C{limit} live files with ids above C{after} of which C{server}
     holds a good copy, by id, each with the servers that do: what the
@@ -844,7 +846,7 @@ def held_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
 
 
 @reader
-def deleted_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
+def deleted_files(server: str, after: int, limit: int) -> Unit[list[FileInfo]]:
     """
     Up to C{limit} deleted files with ids above C{after}, by id, that
     C{server} holds a copy of or that no server but dead ones does, each
@@ -856,7 +858,7 @@ def deleted_files(server: str, after: int, limit: int) -> Txn[list[FileInfo]]:
 
 
 @writer
-def purge_file(file_id: int) -> Txn[bool]:
+def purge_file(file_id: int) -> Unit[bool]:
     """
     Forget deleted file C{file_id} once no server holds a copy; return
     whether it was forgotten.  A copy recorded meanwhile by a replicator
@@ -911,7 +913,7 @@ def _key(row: tuple) -> KeyInfo:
 @writer
 def add_key(
     namespace: str, key_id: str, stored_key: str, readonly: bool, now: float
-) -> Txn[KeyInfo]:
+) -> Unit[KeyInfo]:
     """
     Record a key of C{namespace} (created at C{now} if missing), by the
     stored form L{koboldfs.auth.new_key} made.
@@ -931,7 +933,7 @@ def add_key(
 
 
 @reader
-def find_key(namespace: str, key_id: str) -> Txn[KeyInfo | None]:
+def find_key(namespace: str, key_id: str) -> Unit[KeyInfo | None]:
     """
     Key C{key_id} of C{namespace}, or None.
     """
@@ -940,7 +942,7 @@ def find_key(namespace: str, key_id: str) -> Txn[KeyInfo | None]:
 
 
 @reader
-def namespace_keys(namespace: str) -> Txn[list[KeyInfo]]:
+def namespace_keys(namespace: str) -> Unit[list[KeyInfo]]:
     """
     The keys of C{namespace}, oldest first.
     """
@@ -949,7 +951,7 @@ def namespace_keys(namespace: str) -> Txn[list[KeyInfo]]:
 
 
 @writer
-def revoke_key(namespace: str, key_id: str) -> Txn[bool]:
+def revoke_key(namespace: str, key_id: str) -> Unit[bool]:
     """
     Forget key C{key_id} of C{namespace}; return whether it existed.
     """

@@ -56,7 +56,7 @@ from koboldfs.metadata.txnstore import TransactionsMixin
 
 T = TypeVar("T")
 
-#: Errors after which the same transaction may succeed later: the database
+#: Errors after which the same unit may succeed later: the database
 #: is locked, down, or unreachable.
 _TRANSIENT = (
     exc.OperationalError,
@@ -188,9 +188,9 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         self._listeners = Listeners()
         self._writeLock = threading.Lock()
 
-    def _run(self, txn: Callable[..., queries.Txn[T]], *args: Any) -> Deferred[T]:
+    def _run(self, unit: Callable[..., queries.Unit[T]], *args: Any) -> Deferred[T]:
         """
-        Run transaction C{txn(*args)} in a pool thread: the one seam through
+        Run unit C{unit(*args)} in a pool thread: the one seam through
         which every operation reaches the database.
         """
         if self._pool is None or not self._running:
@@ -200,7 +200,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
                     "metadata database unavailable: the store is not started",
                 )
             )
-        return deferToThreadPool(self._reactor, self._pool, self._thdRun, Work(txn, args))
+        return deferToThreadPool(self._reactor, self._pool, self._thdRun, Work(unit, args))
 
     def _thdRun(self, work: Work[T]) -> T:
         """

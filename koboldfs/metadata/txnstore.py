@@ -2,8 +2,8 @@
 The metadata store's side of client transactions (docs/transactions.md):
 what a transaction holds, kept in the database so that any server can
 finish it.  The client's side is L{koboldfs.transactions}, the server's
-L{koboldfs.txnhandler}.  Written once as generator transactions like those
-of L{koboldfs.metadata.queries}, and L{TransactionsMixin}, which gives both
+L{koboldfs.txnhandler}.  Written once as units like those of
+L{koboldfs.metadata.queries}, and L{TransactionsMixin}, which gives both
 stores the methods that run them.
 
 A transaction's uploads are files in state C{pending}: stored, replicated
@@ -35,7 +35,7 @@ from koboldfs.metadata.queries import (
     _INSERT_REPLICA,
     _LOOKUP_COLUMNS,
     Query,
-    Txn,
+    Unit,
     _retire,
     ensure_namespace,
     get_namespace,
@@ -155,16 +155,16 @@ class Commit:
     already: bool = False
 
 
-def _get(txn_id: str, lock: bool = False) -> Txn[tuple[int, str, float] | None]:
+def _get(txn_id: str, lock: bool = False) -> Unit[tuple[int, str, float] | None]:
     """
     A step: the transaction's namespace id, state and expiry, or None;
-    with C{lock}, its row locked until the end of the transaction.
+    with C{lock}, its row locked until the end of the database transaction.
     """
     out = yield Query(_LOCK_TXN if lock else _GET_TXN, {"b_txn": txn_id})
     return tuple(out.rows[0]) if out.rows else None  # type: ignore[return-value]
 
 
-def _open(txn_id: str, namespace: str, now: float) -> Txn[int]:
+def _open(txn_id: str, namespace: str, now: float) -> Unit[int]:
     """
     A step: the namespace id of open transaction C{txn_id} of C{namespace}.
 
@@ -187,7 +187,7 @@ def _open(txn_id: str, namespace: str, now: float) -> Txn[int]:
     return ns_id
 
 
-def _file(file_id: int, namespace: str) -> Txn[FileInfo | None]:
+def _file(file_id: int, namespace: str) -> Unit[FileInfo | None]:
     """
     A step: pending file C{file_id} with the servers holding it, or None.
     """
@@ -203,7 +203,7 @@ def _file(file_id: int, namespace: str) -> Txn[FileInfo | None]:
 
 def _set_key(
     txn_id: str, namespace: str, key: str, file_id: int | None, now: float
-) -> Txn[list[FileInfo]]:
+) -> Unit[list[FileInfo]]:
     """
     A step: make C{key} publish C{file_id} (None: delete it) at commit;
     return the pending file it replaces, now discarded, if any.
@@ -224,7 +224,7 @@ def _set_key(
     return discarded
 
 
-def _discard(txn_id: str, ns_id: int, now: float) -> Txn[list[FileInfo]]:
+def _discard(txn_id: str, ns_id: int, now: float) -> Unit[list[FileInfo]]:
     """
     A step: discard every pending file of C{txn_id} and forget it.
     """
@@ -244,7 +244,7 @@ def _discard(txn_id: str, ns_id: int, now: float) -> Txn[list[FileInfo]]:
 
 
 @writer
-def begin_txn(txn_id: str, namespace: str, now: float, expires: float) -> Txn[float]:
+def begin_txn(txn_id: str, namespace: str, now: float, expires: float) -> Unit[float]:
     """
     Open transaction C{txn_id} in C{namespace} (created if missing), to be
     collected at C{expires} unless used again before; return C{expires}.
@@ -269,7 +269,7 @@ def txn_put(
     now: float,
     server: str,
     expires: float,
-) -> Txn[tuple[FileInfo, list[FileInfo]]]:
+) -> Unit[tuple[FileInfo, list[FileInfo]]]:
     """
     Record a pending file uploaded to C{server} in open transaction
     C{txn_id}, to be published under C{key} at commit, and push the
@@ -310,7 +310,7 @@ def txn_put(
 @writer
 def txn_delete(
     txn_id: str, namespace: str, key: str, now: float, expires: float
-) -> Txn[tuple[bool, list[FileInfo]]]:
+) -> Unit[tuple[bool, list[FileInfo]]]:
     """
     Record that open transaction C{txn_id} deletes C{key} at commit, if
     the key exists as the transaction sees it (its own pending file, or a
@@ -332,7 +332,7 @@ def txn_delete(
 
 
 @reader
-def txn_lookup(txn_id: str, namespace: str, key: str) -> Txn[FileInfo | None]:
+def txn_lookup(txn_id: str, namespace: str, key: str) -> Unit[FileInfo | None]:
     """
     C{key} as transaction C{txn_id} sees it: its own pending file, None if
     it deleted the key, else the live version.
@@ -349,7 +349,7 @@ def txn_lookup(txn_id: str, namespace: str, key: str) -> Txn[FileInfo | None]:
 
 
 @reader
-def txn_pending(txn_id: str, now: float) -> Txn[tuple[str, list[tuple[FileInfo, str | None]]]]:
+def txn_pending(txn_id: str, now: float) -> Unit[tuple[str, list[tuple[FileInfo, str | None]]]]:
     """
     Transaction C{txn_id}'s state and pending files, each with the server
     that vouched for it, if any: what a server checks before voting.
@@ -376,7 +376,7 @@ def txn_pending(txn_id: str, now: float) -> Txn[tuple[str, list[tuple[FileInfo, 
 @writer
 def txn_vote(
     txn_id: str, server: str, file_ids: list[int], now: float, expires: float
-) -> Txn[Vote]:
+) -> Unit[Vote]:
     """
     Record that C{server} vouches for pending files C{file_ids} of
     transaction C{txn_id}; once every pending file is vouched for, the
@@ -400,7 +400,7 @@ def txn_vote(
 
 
 @writer
-def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Commit]:
+def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Unit[Commit]:
     """
     Publish every pending file of transaction C{txn_id} and delete the keys
     it deleted, retiring the versions they replace, all at once; keep the
@@ -439,7 +439,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
     return Commit(tuple(published), tuple(retired))
 
 
-def _publish(file_id: int) -> Txn[int | None]:
+def _publish(file_id: int) -> Unit[int | None]:
     """
     A step: make pending file C{file_id} live under a new id, with its
     copies; return the id, or None if there is no such pending file.
@@ -474,7 +474,7 @@ def _publish(file_id: int) -> Txn[int | None]:
 
 
 @writer
-def txn_abort(txn_id: str, now: float) -> Txn[list[FileInfo]]:
+def txn_abort(txn_id: str, now: float) -> Unit[list[FileInfo]]:
     """
     Discard transaction C{txn_id}: its pending files become deleted (for
     their bytes to be reclaimed) and its rows go.  Return the files.  An
@@ -491,7 +491,7 @@ def txn_abort(txn_id: str, now: float) -> Txn[list[FileInfo]]:
 
 
 @writer
-def expire_txns(now: float, limit: int) -> Txn[list[FileInfo]]:
+def expire_txns(now: float, limit: int) -> Unit[list[FileInfo]]:
     """
     Abort up to C{limit} transactions whose clients went silent (open or
     prepared past their expiry), and forget committed ones kept long
@@ -521,7 +521,7 @@ def _deleted(infos: list[FileInfo]) -> tuple[str, dict[str, Any]] | None:
 class TransactionsMixin:
     """
     The transaction methods of a metadata store (L{ITransactionStore}),
-    for a store with C{_run(txn, *args)} and C{_listeners}.  Changes are
+    for a store with C{_run(unit, *args)} and C{_listeners}.  Changes are
     announced as one event each (a commit as the lowest id it published,
     which moves replicators' cursors back to it).
     """
@@ -532,13 +532,13 @@ class TransactionsMixin:
     def _runTold(
         self,
         notice: Callable[[Any], tuple[str, dict[str, Any]] | None],
-        txn: Callable[..., Txn[Any]],
+        unit: Callable[..., Unit[Any]],
         *args: Any,
     ) -> Deferred[Any]:
         """
-        Run C{txn(*args)}, then tell listeners the event C{notice} makes of
+        Run C{unit(*args)}, then tell listeners the event C{notice} makes of
         its result.  PostgreSQL's store overrides this to notify other
-        processes in the same transaction.
+        processes in the same database transaction.
         """
 
         def told(result: Any) -> Any:
@@ -547,7 +547,7 @@ class TransactionsMixin:
                 self._listeners.notify(*event)
             return result
 
-        return self._run(txn, *args).addCallback(told)
+        return self._run(unit, *args).addCallback(told)
 
     def begin_txn(self, txn_id: str, namespace: str, now: float, expires: float) -> Deferred[float]:
         return self._run(begin_txn, txn_id, namespace, now, expires)
