@@ -1,18 +1,106 @@
 """
-The client-key methods of a metadata store (docs/security.md), shared by
-the SQLite and PostgreSQL stores: the statements are in
-L{koboldfs.metadata.queries}, the stores only run them.
+Client keys of namespaces (docs/security.md): the units that record, find,
+list and revoke them, and L{ClientKeysMixin}, which gives both stores the
+methods that run them.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy import delete as sql_delete
 from twisted.internet.defer import Deferred
 
 from koboldfs.auth import KeyInfo, new_key
-from koboldfs.metadata import queries
+from koboldfs.metadata.namespaces import ensure_namespace
+from koboldfs.metadata.schema import client_keys, namespaces
+from koboldfs.metadata.units import Query, Unit, reader, writer
 from koboldfs.names import check_namespace
+
+_KEY_COLUMNS = (
+    namespaces.c.name,
+    client_keys.c.key_id,
+    client_keys.c.stored_key,
+    client_keys.c.readonly,
+    client_keys.c.created,
+)
+_KEYS_OF = select(*_KEY_COLUMNS).join_from(
+    client_keys, namespaces, client_keys.c.namespace_id == namespaces.c.id
+)
+_FIND_KEY = _KEYS_OF.where(
+    namespaces.c.name == bindparam("b_name"), client_keys.c.key_id == bindparam("b_key_id")
+)
+_NAMESPACE_KEYS = _KEYS_OF.where(namespaces.c.name == bindparam("b_name")).order_by(
+    client_keys.c.created, client_keys.c.key_id
+)
+_INSERT_KEY = insert(client_keys).values(
+    key_id=bindparam("b_key_id"),
+    namespace_id=bindparam("b_namespace_id"),
+    stored_key=bindparam("b_stored_key"),
+    readonly=bindparam("b_readonly"),
+    created=bindparam("b_now"),
+)
+_DELETE_KEY = sql_delete(client_keys).where(
+    client_keys.c.key_id == bindparam("b_key_id"),
+    client_keys.c.namespace_id.in_(
+        select(namespaces.c.id).where(namespaces.c.name == bindparam("b_name"))
+    ),
+)
+
+
+def _key(row: tuple) -> KeyInfo:
+    name, key_id, stored_key, readonly, created = row
+    return KeyInfo(name, key_id, stored_key, bool(readonly), created)
+
+
+@writer
+def add_key(
+    namespace: str, key_id: str, stored_key: str, readonly: bool, now: float
+) -> Unit[KeyInfo]:
+    """
+    Record a key of C{namespace} (created at C{now} if missing), by the
+    stored form L{koboldfs.auth.new_key} made.
+    """
+    ns = yield from ensure_namespace(namespace, now)
+    yield Query(
+        _INSERT_KEY,
+        {
+            "b_key_id": key_id,
+            "b_namespace_id": ns.id,
+            "b_stored_key": stored_key,
+            "b_readonly": readonly,
+            "b_now": now,
+        },
+    )
+    return KeyInfo(namespace, key_id, stored_key, readonly, now)
+
+
+@reader
+def find_key(namespace: str, key_id: str) -> Unit[KeyInfo | None]:
+    """
+    Key C{key_id} of C{namespace}, or None.
+    """
+    out = yield Query(_FIND_KEY, {"b_name": namespace, "b_key_id": key_id})
+    return _key(out.rows[0]) if out.rows else None
+
+
+@reader
+def namespace_keys(namespace: str) -> Unit[list[KeyInfo]]:
+    """
+    The keys of C{namespace}, oldest first.
+    """
+    out = yield Query(_NAMESPACE_KEYS, {"b_name": namespace})
+    return [_key(row) for row in out.rows]
+
+
+@writer
+def revoke_key(namespace: str, key_id: str) -> Unit[bool]:
+    """
+    Forget key C{key_id} of C{namespace}; return whether it existed.
+    """
+    out = yield Query(_DELETE_KEY, {"b_name": namespace, "b_key_id": key_id})
+    return out.rowcount > 0
 
 
 class ClientKeysMixin:
@@ -30,7 +118,7 @@ class ClientKeysMixin:
         """
         made = new_key()
         d = self._run(
-            queries.add_key,
+            add_key,
             check_namespace(namespace),
             made.key_id,
             made.stored_key,
@@ -40,10 +128,10 @@ class ClientKeysMixin:
         return d.addCallback(lambda _: made.key)
 
     def find_key(self, namespace: str, key_id: str) -> Deferred[KeyInfo | None]:
-        return self._run(queries.find_key, namespace, key_id)
+        return self._run(find_key, namespace, key_id)
 
     def keys(self, namespace: str) -> Deferred[list[KeyInfo]]:
-        return self._run(queries.namespace_keys, namespace)
+        return self._run(namespace_keys, namespace)
 
     def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
-        return self._run(queries.revoke_key, namespace, key_id)
+        return self._run(revoke_key, namespace, key_id)

@@ -2,7 +2,7 @@
 The metadata store on PostgreSQL, asynchronous through txpostgres: no
 threads, and changes made by other processes are heard with LISTEN/NOTIFY.
 
-It runs the units of L{koboldfs.metadata.queries}, each in
+It runs the units (L{koboldfs.metadata.units}), each in
 one PostgreSQL transaction (one C{runInteraction}), compiling their
 SQLAlchemy Core statements for psycopg2 and handing back rows as
 L{SQLAlchemyStore<koboldfs.metadata.sqlstore.SQLAlchemyStore>} does: plain
@@ -59,12 +59,17 @@ from koboldfs.metadata import (
     FILE_DELETED,
     SERVER_CHANGED,
     Listeners,
+    files,
     health,
-    queries,
+    namespaces,
+    schema,
+    servers,
+    sweeps,
+    units,
 )
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import Shape, shape_for
-from koboldfs.metadata.queries import Outcome, Query, Unit, Work, writer
+from koboldfs.metadata.units import Outcome, Query, Unit, Work, writer
 from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.txnstore import TransactionsMixin
 from koboldfs.metadata.txpostgres_overrides import (
@@ -169,7 +174,7 @@ def _shape(statement: Executable) -> Shape:
 
 def _drive(cursor: Cursor, unit: Unit[T]) -> Deferred[T]:
     """
-    L{queries.drive}, asynchronously: run unit C{unit} on
+    L{units.drive}, asynchronously: run unit C{unit} on
     C{cursor}, closing the generator if a statement fails.  Driven by plain
     callbacks: a coroutine per statement costs more than its round trip.
     """
@@ -207,12 +212,12 @@ _SCHEMA_LOCKED = Query(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
 @writer
 def _create_schema_locked() -> Unit[int]:
     """
-    L{queries.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
+    L{schema.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
     starting at once on an empty database create the schema one after the
     other instead of racing in PostgreSQL's catalogs.
     """
     yield _SCHEMA_LOCKED
-    return (yield from queries.create_schema())
+    return (yield from schema.create_schema())
 
 
 def _unavailable(error: BaseException) -> Unavailable:
@@ -289,8 +294,8 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
             try:
                 result, event = await pool.runInteraction(self._interaction, work, notice)
             except psycopg2.IntegrityError:
-                # A race lost on a unique index: see queries.
-                if attempt == queries.ATTEMPTS:
+                # A race lost on a unique index: see units.
+                if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
             except _TRANSIENT as e:
@@ -424,7 +429,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         Fire with the server as stored (its state may be the stored one).
         """
         return self._run(
-            queries.register_server,
+            servers.register_server,
             server,
             notice=lambda stored: (SERVER_CHANGED, {"name": stored.name}),
         )
@@ -433,29 +438,29 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         """
         Fire with whether server C{name} is registered.
         """
-        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
+        return self._run(servers.heartbeat, name, now, disk_free, disk_total)
 
     def set_server_state(self, name: str, state: str) -> Deferred[bool]:
         return self._run(
-            queries.set_server_state,
+            servers.set_server_state,
             name,
             state,
             notice=lambda found: (SERVER_CHANGED, {"name": name}) if found else None,
         )
 
     def servers(self) -> Deferred[list[ServerInfo]]:
-        return self._run(queries.list_servers)
+        return self._run(servers.list_servers)
 
     def files_held(self) -> Deferred[dict[str, int]]:
-        return self._run(queries.files_held)
+        return self._run(health.files_held)
 
     def namespaces(self) -> Deferred[list[NamespaceInfo]]:
-        return self._run(queries.list_namespaces)
+        return self._run(namespaces.list_namespaces)
 
     def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
         if create:
-            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
-        return self._run(queries.get_namespace, name)
+            return self._run(namespaces.ensure_namespace, name, self._reactor.seconds())
+        return self._run(namespaces.get_namespace, name)
 
     def add_file(
         self,
@@ -470,7 +475,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         also: tuple[str, ...] = (),
     ) -> Deferred[FileInfo]:
         return self._run(
-            queries.add_file,
+            files.add_file,
             namespace,
             key,
             fid,
@@ -487,14 +492,14 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         )
 
     def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
-        return self._run(queries.known_fids, tuple(fids))
+        return self._run(files.known_fids, tuple(fids))
 
     def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(queries.lookup, namespace, key)
+        return self._run(files.lookup, namespace, key)
 
     def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
         d = self._run(
-            queries.delete,
+            files.delete,
             namespace,
             key,
             now,
@@ -509,40 +514,40 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
     def list_keys(
         self, namespace: str, prefix: str, after: str | None, limit: int
     ) -> Deferred[list[str]]:
-        return self._run(queries.list_keys, namespace, prefix, after, limit)
+        return self._run(files.list_keys, namespace, prefix, after, limit)
 
     def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
         """
         Fire with False if there is no file C{file_id}.
         """
-        return self._run(queries.add_replica, file_id, server, now)
+        return self._run(files.add_replica, file_id, server, now)
 
     def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
         """
         Fire with whether C{server} had a copy.
         """
-        return self._run(queries.remove_replica, file_id, server)
+        return self._run(files.remove_replica, file_id, server)
 
     def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
-        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
+        return self._run(namespaces.set_namespace, name, self._reactor.seconds(), settings)
 
     def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
-        return self._run(queries.lookup_fid, fid)
+        return self._run(files.lookup_fid, fid)
 
     def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.missing_replicas, server, after, limit)
+        return self._run(sweeps.missing_replicas, server, after, limit)
 
     def max_file_id(self) -> Deferred[int]:
-        return self._run(queries.max_file_id)
+        return self._run(sweeps.max_file_id)
 
     def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.held_files, server, after, limit)
+        return self._run(sweeps.held_files, server, after, limit)
 
     def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.deleted_files, server, after, limit)
+        return self._run(sweeps.deleted_files, server, after, limit)
 
     def purge_file(self, file_id: int) -> Deferred[bool]:
-        return self._run(queries.purge_file, file_id)
+        return self._run(files.purge_file, file_id)
 
     def health(self) -> Deferred[Health]:
         return self._run(health.health)
@@ -556,11 +561,11 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         replicator looks back at it and the copy is made again at once.
         """
         return self._run(
-            health.quarantine_replica,
+            files.quarantine_replica,
             file_id,
             server,
             notice=lambda done: (FILE_ADDED, {"id": file_id}) if done else None,
         )
 
     def quarantine_server(self, server: str) -> Deferred[int]:
-        return self._run(health.quarantine_server, server)
+        return self._run(files.quarantine_server, server)

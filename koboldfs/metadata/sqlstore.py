@@ -45,12 +45,17 @@ from koboldfs.metadata import (
     FILE_DELETED,
     SERVER_CHANGED,
     Listeners,
+    files,
     health,
-    queries,
+    namespaces,
+    schema,
+    servers,
+    sweeps,
+    units,
 )
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.compiled import shape_for
-from koboldfs.metadata.queries import Outcome, Query, Work
+from koboldfs.metadata.units import Outcome, Query, Work
 from koboldfs.metadata.keys import ClientKeysMixin
 from koboldfs.metadata.txnstore import TransactionsMixin
 
@@ -188,7 +193,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         self._listeners = Listeners()
         self._writeLock = threading.Lock()
 
-    def _run(self, unit: Callable[..., queries.Unit[T]], *args: Any) -> Deferred[T]:
+    def _run(self, unit: Callable[..., units.Unit[T]], *args: Any) -> Deferred[T]:
         """
         Run unit C{unit(*args)} in a pool thread: the one seam through
         which every operation reaches the database.
@@ -220,9 +225,9 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
                 with serial or contextlib.nullcontext(), self._engine.connect() as connection:
                     connection = connection.execution_options(**{_BEGIN: begin})
                     with connection.begin():
-                        return queries.drive(work(), partial(self._execute, connection))
+                        return units.drive(work(), partial(self._execute, connection))
             except (exc.IntegrityError, sqlite3.IntegrityError):
-                if attempt == queries.ATTEMPTS:
+                if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
             except _TRANSIENT as e:
@@ -239,7 +244,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
                 raise Unavailable(
                     ErrorCode.UNAVAILABLE, f"metadata database unavailable: {e}"
                 ) from e
-        return self._thdRun(Work(queries.create_schema))
+        return self._thdRun(Work(schema.create_schema))
 
     def start(self) -> Deferred[int]:
         """
@@ -284,7 +289,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         """
         Fire with the server as stored (its state may be the stored one).
         """
-        d = self._run(queries.register_server, server)
+        d = self._run(servers.register_server, server)
 
         def registered(stored: ServerInfo) -> ServerInfo:
             self._listeners.notify(SERVER_CHANGED, {"name": stored.name})
@@ -296,10 +301,10 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         """
         Fire with whether server C{name} is registered.
         """
-        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
+        return self._run(servers.heartbeat, name, now, disk_free, disk_total)
 
     def set_server_state(self, name: str, state: str) -> Deferred[bool]:
-        d = self._run(queries.set_server_state, name, state)
+        d = self._run(servers.set_server_state, name, state)
 
         def changed(found: bool) -> bool:
             if found:
@@ -309,21 +314,21 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         return d.addCallback(changed)
 
     def servers(self) -> Deferred[list[ServerInfo]]:
-        return self._run(queries.list_servers)
+        return self._run(servers.list_servers)
 
     def files_held(self) -> Deferred[dict[str, int]]:
-        return self._run(queries.files_held)
+        return self._run(health.files_held)
 
     def namespaces(self) -> Deferred[list[NamespaceInfo]]:
-        return self._run(queries.list_namespaces)
+        return self._run(namespaces.list_namespaces)
 
     def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
         if create:
-            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
-        return self._run(queries.get_namespace, name)
+            return self._run(namespaces.ensure_namespace, name, self._reactor.seconds())
+        return self._run(namespaces.get_namespace, name)
 
     def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
-        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
+        return self._run(namespaces.set_namespace, name, self._reactor.seconds(), settings)
 
     def add_file(
         self,
@@ -338,7 +343,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         also: tuple[str, ...] = (),
     ) -> Deferred[FileInfo]:
         d = self._run(
-            queries.add_file, namespace, key, fid, path, size, sha256, created, server, also
+            files.add_file, namespace, key, fid, path, size, sha256, created, server, also
         )
 
         def added(info: FileInfo) -> FileInfo:
@@ -348,16 +353,16 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         return d.addCallback(added)
 
     def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
-        return self._run(queries.known_fids, tuple(fids))
+        return self._run(files.known_fids, tuple(fids))
 
     def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(queries.lookup, namespace, key)
+        return self._run(files.lookup, namespace, key)
 
     def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
-        return self._run(queries.lookup_fid, fid)
+        return self._run(files.lookup_fid, fid)
 
     def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
-        d = self._run(queries.delete, namespace, key, now)
+        d = self._run(files.delete, namespace, key, now)
 
         def deleted(file_id: int | None) -> bool:
             if file_id is None:
@@ -372,34 +377,34 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
     def list_keys(
         self, namespace: str, prefix: str, after: str | None, limit: int
     ) -> Deferred[list[str]]:
-        return self._run(queries.list_keys, namespace, prefix, after, limit)
+        return self._run(files.list_keys, namespace, prefix, after, limit)
 
     def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
         """
         Fire with False if there is no file C{file_id}.
         """
-        return self._run(queries.add_replica, file_id, server, now)
+        return self._run(files.add_replica, file_id, server, now)
 
     def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
         """
         Fire with whether C{server} had a copy.
         """
-        return self._run(queries.remove_replica, file_id, server)
+        return self._run(files.remove_replica, file_id, server)
 
     def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.missing_replicas, server, after, limit)
+        return self._run(sweeps.missing_replicas, server, after, limit)
 
     def max_file_id(self) -> Deferred[int]:
-        return self._run(queries.max_file_id)
+        return self._run(sweeps.max_file_id)
 
     def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.held_files, server, after, limit)
+        return self._run(sweeps.held_files, server, after, limit)
 
     def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.deleted_files, server, after, limit)
+        return self._run(sweeps.deleted_files, server, after, limit)
 
     def purge_file(self, file_id: int) -> Deferred[bool]:
-        return self._run(queries.purge_file, file_id)
+        return self._run(files.purge_file, file_id)
 
     def health(self) -> Deferred[Health]:
         return self._run(health.health)
@@ -408,7 +413,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
         return self._run(health.live_files, namespace, after, limit)
 
     def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        return self._run(health.quarantine_replica, file_id, server)
+        return self._run(files.quarantine_replica, file_id, server)
 
     def quarantine_server(self, server: str) -> Deferred[int]:
-        return self._run(health.quarantine_server, server)
+        return self._run(files.quarantine_server, server)

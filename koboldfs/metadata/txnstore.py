@@ -2,8 +2,8 @@
 The metadata store's side of client transactions (docs/transactions.md):
 what a transaction holds, kept in the database so that any server can
 finish it.  The client's side is L{koboldfs.transactions}, the server's
-L{koboldfs.txnhandler}.  Written once as units like those of
-L{koboldfs.metadata.queries}, and L{TransactionsMixin}, which gives both
+L{koboldfs.txnhandler}.  Written once as units
+(L{koboldfs.metadata.units}), and L{TransactionsMixin}, which gives both
 stores the methods that run them.
 
 A transaction's uploads are files in state C{pending}: stored, replicated
@@ -27,23 +27,19 @@ from twisted.internet.defer import Deferred
 from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.interfaces import FileInfo
 from koboldfs.metadata import FILE_ADDED, FILE_DELETED
-from koboldfs.metadata.queries import (
-    _FIND_LIVE,
-    _GOOD_REPLICAS,
-    _INSERT_FILE,
+from koboldfs.metadata.files import (
+    FILE_COLUMNS,
+    FIND_LIVE,
+    GOOD_REPLICAS,
+    INSERT_FILE,
+    INSERT_REPLICA,
     insert_file,
-    _INSERT_REPLICA,
-    _LOOKUP_COLUMNS,
-    Query,
-    Unit,
-    _retire,
-    ensure_namespace,
-    get_namespace,
     lookup,
-    reader,
-    writer,
+    retire,
 )
+from koboldfs.metadata.namespaces import ensure_namespace, get_namespace
 from koboldfs.metadata.schema import files, namespaces, replicas, transactions, txn_keys
+from koboldfs.metadata.units import Query, Unit, reader, writer
 
 _TXN = bindparam("b_txn")
 _GET_TXN = select(transactions.c.namespace_id, transactions.c.state, transactions.c.expires).where(
@@ -99,7 +95,7 @@ _VOTE = (
 
 _FILE_ID = bindparam("b_file_id")
 _INSERT_PENDING = insert_file("pending")
-_PENDING_FILE = select(*_LOOKUP_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
+_PENDING_FILE = select(*FILE_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
 _DISCARD_PENDING = (
     update(files)
     .where(files.c.id == _FILE_ID, files.c.state == "pending")
@@ -194,8 +190,8 @@ def _file(file_id: int, namespace: str) -> Unit[FileInfo | None]:
     out = yield Query(_PENDING_FILE, {"b_file_id": file_id})
     if not out.rows:
         return None
-    row = dict(zip((column.key for column in _LOOKUP_COLUMNS), out.rows[0], strict=True))
-    held = yield Query(_GOOD_REPLICAS, {"b_file_id": file_id})
+    row = dict(zip((column.key for column in FILE_COLUMNS), out.rows[0], strict=True))
+    held = yield Query(GOOD_REPLICAS, {"b_file_id": file_id})
     return FileInfo(
         namespace=namespace, replicas=tuple(sorted(server for (server,) in held.rows)), **row
     )
@@ -290,7 +286,7 @@ def txn_put(
         },
     )
     file_id = out.rows[0][0]
-    yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": now})
+    yield Query(INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": now})
     discarded = yield from _set_key(txn_id, namespace, key, file_id, now)
     yield Query(_TOUCH_TXN, {"b_txn": txn_id, "b_expires": expires})
     info = FileInfo(
@@ -322,7 +318,7 @@ def txn_delete(
     if out.rows:
         found = out.rows[0][0] is not None
     else:
-        live = yield Query(_FIND_LIVE, {"b_namespace_id": ns_id, "b_key": key})
+        live = yield Query(FIND_LIVE, {"b_namespace_id": ns_id, "b_key": key})
         found = bool(live.rows)
     discarded: list[FileInfo] = []
     if found:
@@ -427,7 +423,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Unit[Com
     published, retired = [], []
     # In key order: concurrent commits lock rows in the same order.
     for key, file_id, _ in sorted(keys.rows):
-        old = yield from _retire(ns_id, key, now)
+        old = yield from retire(ns_id, key, now)
         if old is not None:
             retired.append(old)
         if file_id is not None:
@@ -456,7 +452,7 @@ def _publish(file_id: int) -> Unit[int | None]:
     yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
     yield Query(_FORGET_FILE, {"b_file_id": file_id})
     out = yield Query(
-        _INSERT_FILE,
+        INSERT_FILE,
         {
             "b_fid": fid,
             "b_namespace_id": ns_id,
@@ -469,7 +465,7 @@ def _publish(file_id: int) -> Unit[int | None]:
     )
     new = out.rows[0][0]
     for server, since in held.rows:
-        yield Query(_INSERT_REPLICA, {"b_file_id": new, "b_server": server, "b_now": since})
+        yield Query(INSERT_REPLICA, {"b_file_id": new, "b_server": server, "b_now": since})
     return new  # type: ignore[no-any-return]
 
 

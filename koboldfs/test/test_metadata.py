@@ -29,8 +29,13 @@ from koboldfs.metadata.pgstore import (
     libpq_dsn,
 )
 from koboldfs.metadata.health import Health
-from koboldfs.metadata.queries import NewerSchema
-from koboldfs.metadata.schema import SCHEMA_VERSION, metadata, replicas, schema_version
+from koboldfs.metadata.schema import (
+    SCHEMA_VERSION,
+    NewerSchema,
+    metadata,
+    replicas,
+    schema_version,
+)
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.metadata.txpostgres_overrides import CHECKED_WITH
 from koboldfs.test import pgcluster
