@@ -1,22 +1,18 @@
 """
 Client keys of namespaces (docs/security.md): the units that record, find,
-list and revoke them, and L{ClientKeysMixin}, which gives both stores the
-methods that run them.
+list and revoke them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
 
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy import delete as sql_delete
-from twisted.internet.defer import Deferred
 
-from koboldfs.auth import KeyInfo, new_key
+from koboldfs.auth import KeyInfo
 from koboldfs.metadata.namespaces import ensure_namespace
 from koboldfs.metadata.schema import client_keys, namespaces
 from koboldfs.metadata.units import Query, Unit, reader, writer
-from koboldfs.names import check_namespace
 
 _KEY_COLUMNS = (
     namespaces.c.name,
@@ -101,37 +97,3 @@ def revoke_key(namespace: str, key_id: str) -> Unit[bool]:
     """
     out = yield Query(_DELETE_KEY, {"b_name": namespace, "b_key_id": key_id})
     return out.rowcount > 0
-
-
-class ClientKeysMixin:
-    """
-    For a store with C{_run(unit, *args)} and C{_reactor}.
-    """
-
-    _run: Callable[..., Deferred[Any]]
-    _reactor: Any
-
-    def create_key(self, namespace: str, readonly: bool = False) -> Deferred[str]:
-        """
-        Make a new key of C{namespace} (created if missing) and fire with
-        it: the only time it is seen, since only a hash of it is stored.
-        """
-        made = new_key()
-        d = self._run(
-            add_key,
-            check_namespace(namespace),
-            made.key_id,
-            made.stored_key,
-            bool(readonly),
-            self._reactor.seconds(),
-        )
-        return d.addCallback(lambda _: made.key)
-
-    def find_key(self, namespace: str, key_id: str) -> Deferred[KeyInfo | None]:
-        return self._run(find_key, namespace, key_id)
-
-    def keys(self, namespace: str) -> Deferred[list[KeyInfo]]:
-        return self._run(namespace_keys, namespace)
-
-    def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
-        return self._run(revoke_key, namespace, key_id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import psycopg2
 from psycopg2.extensions import Notify, make_dsn, parse_dsn
@@ -33,7 +33,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     ensureDeferred,
-    fail,
     gatherResults,
     succeed,
 )
@@ -46,32 +45,10 @@ from txpostgres.txpostgres import Cursor, RollbackFailed
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, Unavailable
-from koboldfs.interfaces import (
-    FileInfo,
-    IMetadataStore,
-    ITransactionStore,
-    Listener,
-    NamespaceInfo,
-    ServerInfo,
-)
-from koboldfs.metadata import (
-    FILE_ADDED,
-    FILE_DELETED,
-    SERVER_CHANGED,
-    Listeners,
-    files,
-    health,
-    namespaces,
-    schema,
-    servers,
-    sweeps,
-    units,
-)
-from koboldfs.metadata.health import Health
+from koboldfs.interfaces import IMetadataStore, ITransactionStore
+from koboldfs.metadata import schema, units
 from koboldfs.metadata.compiled import Shape, shape_for
-from koboldfs.metadata.units import Outcome, Query, Unit, Work, writer
-from koboldfs.metadata.keys import ClientKeysMixin
-from koboldfs.metadata.txnstore import TransactionsMixin
+from koboldfs.metadata.store import Event, MetadataStore, Notice
 from koboldfs.metadata.txpostgres_overrides import (
     Final,
     PgConnection,
@@ -79,13 +56,9 @@ from koboldfs.metadata.txpostgres_overrides import (
     cause,
     new_connection,
 )
+from koboldfs.metadata.units import Outcome, Query, Unit, Work, writer
 
 T = TypeVar("T")
-
-#: An event for listeners, and the function that tells which one, if any,
-#: a unit's result makes.
-Event = tuple[str, dict[str, Any]]
-Notice = Callable[[Any], "Event | None"]
 
 _log = Logger()
 
@@ -225,7 +198,7 @@ def _unavailable(error: BaseException) -> Unavailable:
 
 
 @implementer(IMetadataStore, ITransactionStore)
-class PostgresStore(ClientKeysMixin, TransactionsMixin):
+class PostgresStore(MetadataStore):
     """
     The metadata in PostgreSQL, through a txpostgres pool.  Listeners hear
     of changes made by any store on the database, each change once.
@@ -240,38 +213,25 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         @param reactor: provides C{IReactorTime} and C{IReactorFDSet}.
         @raise ValueError: C{url} is not a PostgreSQL URL libpq accepts.
         """
+        super().__init__(reactor)
         self.url = hide_password(url)
         self._dsn = libpq_dsn(url)
-        self._reactor = reactor
         self._poolSize = poolSize
-        self._listeners = Listeners()
         # Tells this store's notifications from other stores' in LISTEN.
         self._origin = uuid.uuid4().hex
-        self._running = False
         self._pool: PgPool | None = None
         self._connections: list[PgConnection] = []
         self._cooperator: Cooperator | None = None
         self._inflight: set[Deferred[None]] = set()
 
-    def _run(
-        self, unit: Callable[..., Unit[T]], *args: Any, notice: Notice | None = None
-    ) -> Deferred[T]:
+    def _transact(self, work: Work[T], notice: Notice) -> Deferred[tuple[T, Event | None]]:
         """
-        Run unit C{unit(*args)} in one PostgreSQL transaction: the one
-        seam through which every operation reaches the database.
-
-        @param notice: the event, if any, that C{unit}'s result is to be
-            announced with: to other stores in the same database
-            transaction, then to
-            this store's listeners once committed.
+        Run C{work} in one PostgreSQL transaction, whose COMMIT carries the
+        C{pg_notify} of its event (L{MetadataStore._transact}).  Counted
+        in flight until it ends, for L{stop} to wait for.
         """
-        if self._pool is None or not self._running:
-            return fail(
-                Unavailable(
-                    ErrorCode.UNAVAILABLE,
-                    "metadata database unavailable: the store is not started",
-                )
-            )
+        # Set while _running, which _run checked.
+        assert self._pool is not None
         done: Deferred[None] = Deferred()
         self._inflight.add(done)
 
@@ -280,10 +240,11 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
             done.callback(None)
             return result
 
-        d = ensureDeferred(self._transact(self._pool, Work(unit, args), notice))
-        return d.addBoth(finished)
+        return ensureDeferred(self._attempts(self._pool, work, notice)).addBoth(finished)
 
-    async def _transact(self, pool: PgPool, work: Work[T], notice: Notice | None) -> T:
+    async def _attempts(
+        self, pool: PgPool, work: Work[T], notice: Notice
+    ) -> tuple[T, Event | None]:
         """
         Run C{work} on C{pool}, again from the start when it loses a race.
 
@@ -292,7 +253,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         attempt = 1
         while True:
             try:
-                result, event = await pool.runInteraction(self._interaction, work, notice)
+                return await pool.runInteraction(self._interaction, work, notice)  # type: ignore[no-any-return]
             except psycopg2.IntegrityError:
                 # A race lost on a unique index: see units.
                 if attempt == units.ATTEMPTS:
@@ -300,14 +261,9 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
                 attempt += 1
             except _TRANSIENT as e:
                 raise _unavailable(e) from e
-            else:
-                break
-        if event is not None:
-            self._listeners.notify(*event)
-        return result  # type: ignore[no-any-return]
 
     def _interaction(
-        self, cursor: Cursor, work: Work[T], notice: Notice | None
+        self, cursor: Cursor, work: Work[T], notice: Notice
     ) -> Deferred[tuple[tuple[T, Event | None], Final | None]]:
         """
         Run C{work} on C{cursor}; end with the C{pg_notify} of its event,
@@ -315,7 +271,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         """
 
         def ended(result: T) -> tuple[tuple[T, Event | None], Final | None]:
-            event = notice(result) if notice is not None else None
+            event = notice(result)
             if event is None:
                 return (result, None), None
             message = {"origin": self._origin, "event": event[0], "payload": event[1]}
@@ -413,159 +369,3 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         connections, self._connections = self._connections, []
         cooperator, self._cooperator = self._cooperator, None
         return ensureDeferred(self._close(connections, cooperator))
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
-    def _runTold(self, notice: Notice, unit: Callable[..., Unit[T]], *args: Any) -> Deferred[T]:
-        """
-        L{TransactionsMixin}'s seam: other stores hear in the database
-        transaction.
-        """
-        return self._run(unit, *args, notice=notice)
-
-    def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
-        """
-        Fire with the server as stored (its state may be the stored one).
-        """
-        return self._run(
-            servers.register_server,
-            server,
-            notice=lambda stored: (SERVER_CHANGED, {"name": stored.name}),
-        )
-
-    def heartbeat(self, name: str, now: float, disk_free: int, disk_total: int) -> Deferred[bool]:
-        """
-        Fire with whether server C{name} is registered.
-        """
-        return self._run(servers.heartbeat, name, now, disk_free, disk_total)
-
-    def set_server_state(self, name: str, state: str) -> Deferred[bool]:
-        return self._run(
-            servers.set_server_state,
-            name,
-            state,
-            notice=lambda found: (SERVER_CHANGED, {"name": name}) if found else None,
-        )
-
-    def servers(self) -> Deferred[list[ServerInfo]]:
-        return self._run(servers.list_servers)
-
-    def files_held(self) -> Deferred[dict[str, int]]:
-        return self._run(health.files_held)
-
-    def namespaces(self) -> Deferred[list[NamespaceInfo]]:
-        return self._run(namespaces.list_namespaces)
-
-    def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
-        if create:
-            return self._run(namespaces.ensure_namespace, name, self._reactor.seconds())
-        return self._run(namespaces.get_namespace, name)
-
-    def add_file(
-        self,
-        namespace: str,
-        key: str,
-        fid: str,
-        path: str,
-        size: int,
-        sha256: str,
-        created: float,
-        server: str,
-        also: tuple[str, ...] = (),
-    ) -> Deferred[FileInfo]:
-        return self._run(
-            files.add_file,
-            namespace,
-            key,
-            fid,
-            path,
-            size,
-            sha256,
-            created,
-            server,
-            tuple(also),
-            notice=lambda info: (
-                FILE_ADDED,
-                {"id": info.id, "namespace": namespace, "key": key},
-            ),
-        )
-
-    def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
-        return self._run(files.known_fids, tuple(fids))
-
-    def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(files.lookup, namespace, key)
-
-    def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
-        d = self._run(
-            files.delete,
-            namespace,
-            key,
-            now,
-            notice=lambda file_id: (
-                None
-                if file_id is None
-                else (FILE_DELETED, {"id": file_id, "namespace": namespace, "key": key})
-            ),
-        )
-        return d.addCallback(lambda file_id: file_id is not None)
-
-    def list_keys(
-        self, namespace: str, prefix: str, after: str | None, limit: int
-    ) -> Deferred[list[str]]:
-        return self._run(files.list_keys, namespace, prefix, after, limit)
-
-    def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
-        """
-        Fire with False if there is no file C{file_id}.
-        """
-        return self._run(files.add_replica, file_id, server, now)
-
-    def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        """
-        Fire with whether C{server} had a copy.
-        """
-        return self._run(files.remove_replica, file_id, server)
-
-    def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
-        return self._run(namespaces.set_namespace, name, self._reactor.seconds(), settings)
-
-    def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
-        return self._run(files.lookup_fid, fid)
-
-    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(sweeps.missing_replicas, server, after, limit)
-
-    def max_file_id(self) -> Deferred[int]:
-        return self._run(sweeps.max_file_id)
-
-    def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(sweeps.held_files, server, after, limit)
-
-    def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(sweeps.deleted_files, server, after, limit)
-
-    def purge_file(self, file_id: int) -> Deferred[bool]:
-        return self._run(files.purge_file, file_id)
-
-    def health(self) -> Deferred[Health]:
-        return self._run(health.health)
-
-    def live_files(self, namespace: str | None, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(health.live_files, namespace, after, limit)
-
-    def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        """
-        Announced as the file added again, so that every server's
-        replicator looks back at it and the copy is made again at once.
-        """
-        return self._run(
-            files.quarantine_replica,
-            file_id,
-            server,
-            notice=lambda done: (FILE_ADDED, {"id": file_id}) if done else None,
-        )
-
-    def quarantine_server(self, server: str) -> Deferred[int]:
-        return self._run(files.quarantine_server, server)

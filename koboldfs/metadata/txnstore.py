@@ -1,10 +1,10 @@
 """
 The metadata store's side of client transactions (docs/transactions.md):
 what a transaction holds, kept in the database so that any server can
-finish it.  The client's side is L{koboldfs.transactions}, the server's
+finish it.  The client's side is L{koboldfs.txnclient}, the server's
 L{koboldfs.txnhandler}.  Written once as units
-(L{koboldfs.metadata.units}), and L{TransactionsMixin}, which gives both
-stores the methods that run them.
+(L{koboldfs.metadata.units}), which both stores run through the methods of
+L{MetadataStore<koboldfs.metadata.store.MetadataStore>}.
 
 A transaction's uploads are files in state C{pending}: stored, replicated
 nowhere (the replicator walks only C{live} and C{deleted} files), invisible
@@ -18,15 +18,12 @@ bytes to be reclaimed like any deleted file's, and forget the rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import delete as sql_delete
-from twisted.internet.defer import Deferred
 
 from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.interfaces import FileInfo
-from koboldfs.metadata import FILE_ADDED, FILE_DELETED
 from koboldfs.metadata.files import (
     FILE_COLUMNS,
     FIND_LIVE,
@@ -505,84 +502,3 @@ def expire_txns(now: float, limit: int) -> Unit[list[FileInfo]]:
         else:
             discarded.extend((yield from _discard(txn_id, found[0], now)))
     return discarded
-
-
-def _deleted(infos: list[FileInfo]) -> tuple[str, dict[str, Any]] | None:
-    if not infos:
-        return None
-    first = min(infos, key=lambda info: info.id)
-    return FILE_DELETED, {"id": first.id, "namespace": first.namespace, "key": first.key}
-
-
-class TransactionsMixin:
-    """
-    The transaction methods of a metadata store (L{ITransactionStore}),
-    for a store with C{_run(unit, *args)} and C{_listeners}.  Changes are
-    announced as one event each (a commit as the lowest id it published,
-    which moves replicators' cursors back to it).
-    """
-
-    _run: Callable[..., Deferred[Any]]
-    _listeners: Any
-
-    def _runTold(
-        self,
-        notice: Callable[[Any], tuple[str, dict[str, Any]] | None],
-        unit: Callable[..., Unit[Any]],
-        *args: Any,
-    ) -> Deferred[Any]:
-        """
-        Run C{unit(*args)}, then tell listeners the event C{notice} makes of
-        its result.  PostgreSQL's store overrides this to notify other
-        processes in the same database transaction.
-        """
-
-        def told(result: Any) -> Any:
-            event = notice(result)
-            if event is not None:
-                self._listeners.notify(*event)
-            return result
-
-        return self._run(unit, *args).addCallback(told)
-
-    def begin_txn(self, txn_id: str, namespace: str, now: float, expires: float) -> Deferred[float]:
-        return self._run(begin_txn, txn_id, namespace, now, expires)
-
-    def txn_put(self, *args: Any) -> Deferred[tuple[FileInfo, list[FileInfo]]]:
-        return self._runTold(lambda result: _deleted(result[1]), txn_put, *args)
-
-    def txn_delete(
-        self, txn_id: str, namespace: str, key: str, now: float, expires: float
-    ) -> Deferred[tuple[bool, list[FileInfo]]]:
-        return self._runTold(
-            lambda result: _deleted(result[1]), txn_delete, txn_id, namespace, key, now, expires
-        )
-
-    def txn_lookup(self, txn_id: str, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(txn_lookup, txn_id, namespace, key)
-
-    def txn_pending(
-        self, txn_id: str, now: float
-    ) -> Deferred[tuple[str, list[tuple[FileInfo, str | None]]]]:
-        return self._run(txn_pending, txn_id, now)
-
-    def txn_vote(
-        self, txn_id: str, server: str, file_ids: list[int], now: float, expires: float
-    ) -> Deferred[Vote]:
-        return self._run(txn_vote, txn_id, server, file_ids, now, expires)
-
-    def txn_commit(self, txn_id: str, now: float, keep: float, prepared: bool) -> Deferred[Commit]:
-        def notice(commit: Commit) -> tuple[str, dict[str, Any]] | None:
-            if commit.published:
-                return FILE_ADDED, {"id": min(commit.published), "txn": txn_id}
-            if commit.retired:
-                return FILE_DELETED, {"id": min(commit.retired), "txn": txn_id}
-            return None
-
-        return self._runTold(notice, txn_commit, txn_id, now, keep, prepared)
-
-    def txn_abort(self, txn_id: str, now: float) -> Deferred[list[FileInfo]]:
-        return self._runTold(_deleted, txn_abort, txn_id, now)
-
-    def expire_txns(self, now: float, limit: int) -> Deferred[list[FileInfo]]:
-        return self._runTold(_deleted, expire_txns, now, limit)

@@ -523,6 +523,21 @@ class MetadataStoreTestsMixin:
         self.assertEqual(len(events), 4)
 
     @inlineCallbacks
+    def test_quarantineAnnounced(self) -> InlineTest:
+        """
+        A copy quarantined is announced as its file added again, so that
+        every replicator looks back at it and the copy is made again at
+        once; quarantining a copy that is not there announces nothing.
+        """
+        store = yield self.startedStore()
+        info = yield self.addFile(store, "k", server="s1")
+        events: list[tuple[str, dict]] = []
+        store.subscribe(lambda event, payload: events.append((event, payload)))
+        self.assertTrue((yield store.quarantine_replica(info.id, "s1")))
+        self.assertFalse((yield store.quarantine_replica(info.id, "s2")))
+        self.assertEqual(events, [("file_added", {"id": info.id})])
+
+    @inlineCallbacks
     def test_raisingListener(self) -> InlineTest:
         """
         A listener that raises is logged, and neither fails the change nor
