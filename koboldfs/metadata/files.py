@@ -3,15 +3,16 @@ Files and their replicas: the request path's lookups and listings, and
 every change to the rows of tables C{files} and C{replicas}.
 
 The units and steps here are the only code that writes those two tables
-(client transactions write them through L{retire} and the steps below
-too), so that anything to be kept with the rows in the same database
-transaction (a work queue, a counter) is written in one place.
+(client transactions too write them through the steps L{new_file},
+L{retire}, L{discard_pending} and L{forget_file}), so that anything to be
+kept with the rows in the same database transaction (a work queue, a
+counter) is written in one place.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, Iterable
 
 from sqlalchemy import Select, and_, bindparam, insert, literal_column, select, update
 from sqlalchemy import delete as sql_delete
@@ -53,7 +54,7 @@ _RETIRE = (
 FIND_LIVE = select(files.c.id).where(*_LIVE_KEY)
 
 
-def insert_file(state: str) -> Any:
+def _insert_file(state: str) -> Any:
     """
     The insert of a file row in C{state} (live, or pending in a client
     transaction), returning its id.
@@ -74,8 +75,8 @@ def insert_file(state: str) -> Any:
     )
 
 
-INSERT_FILE = insert_file("live")
-INSERT_REPLICA = insert(replicas).values(
+_INSERT_FILE = {state: _insert_file(state) for state in ("live", "pending")}
+_INSERT_REPLICA = insert(replicas).values(
     file_id=bindparam("b_file_id"),
     server=bindparam("b_server"),
     state="ok",
@@ -103,6 +104,14 @@ _REPLICA = (
 )
 _MARK_REPLICA_OK = update(replicas).where(*_REPLICA).values(state="ok")
 _DELETE_REPLICA = sql_delete(replicas).where(*_REPLICA)
+
+_DISCARD_PENDING = (
+    update(files)
+    .where(files.c.id == bindparam("b_file_id"), files.c.state == "pending")
+    .values(state="deleted", deleted=bindparam("b_now"))
+)
+_FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == bindparam("b_file_id"))
+_FORGET_FILE = sql_delete(files).where(files.c.id == bindparam("b_file_id"))
 
 _QUARANTINE = (
     update(replicas)
@@ -168,6 +177,57 @@ def retire(namespace_id: int, key: str, now: float) -> Unit[int | None]:
             return None
 
 
+def new_file(
+    state: str,
+    namespace_id: int,
+    key: str,
+    fid: str,
+    path: str,
+    size: int,
+    sha256: str,
+    created: float,
+    holders: Iterable[tuple[str, float]],
+) -> Unit[int]:
+    """
+    A step: a new row for a file in C{state} (live, or pending in a client
+    transaction), with a good copy on each of C{holders}, C{(server,
+    since)} pairs; return its id.
+    """
+    out = yield Query(
+        _INSERT_FILE[state],
+        {
+            "b_fid": fid,
+            "b_namespace_id": namespace_id,
+            "b_key": key,
+            "b_size": size,
+            "b_sha256": sha256,
+            "b_now": created,
+            "b_path": path,
+        },
+    )
+    file_id: int = out.rows[0][0]
+    for server, since in holders:
+        yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": since})
+    return file_id
+
+
+def discard_pending(file_id: int, now: float) -> Unit[None]:
+    """
+    A step: pending file C{file_id}, if it still is, deleted at C{now},
+    for its bytes to be reclaimed like any deleted file's.
+    """
+    yield Query(_DISCARD_PENDING, {"b_file_id": file_id, "b_now": now})
+
+
+def forget_file(file_id: int) -> Unit[None]:
+    """
+    A step: the rows of file C{file_id} and of its copies gone, as when a
+    pending file is published again under a new id.
+    """
+    yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
+    yield Query(_FORGET_FILE, {"b_file_id": file_id})
+
+
 @writer
 def add_file(
     namespace: str,
@@ -190,22 +250,10 @@ def add_file(
     """
     ns = yield from ensure_namespace(namespace, created)
     yield from retire(ns.id, key, created)
-    out = yield Query(
-        INSERT_FILE,
-        {
-            "b_fid": fid,
-            "b_namespace_id": ns.id,
-            "b_key": key,
-            "b_size": size,
-            "b_sha256": sha256,
-            "b_now": created,
-            "b_path": path,
-        },
-    )
-    file_id = out.rows[0][0]
     holders = (server, *(name for name in dict.fromkeys(also) if name != server))
-    for name in holders:
-        yield Query(INSERT_REPLICA, {"b_file_id": file_id, "b_server": name, "b_now": created})
+    file_id = yield from new_file(
+        "live", ns.id, key, fid, path, size, sha256, created, ((name, created) for name in holders)
+    )
     return FileInfo(
         id=file_id,
         fid=fid,
@@ -322,7 +370,7 @@ def add_replica(file_id: int, server: str, now: float) -> Unit[bool]:
     replica = {"b_file_id": file_id, "b_server": server}
     out = yield Query(_MARK_REPLICA_OK, replica)
     if out.rowcount == 0:
-        yield Query(INSERT_REPLICA, {**replica, "b_now": now})
+        yield Query(_INSERT_REPLICA, {**replica, "b_now": now})
     return True
 
 

@@ -28,10 +28,10 @@ from koboldfs.metadata.files import (
     FILE_COLUMNS,
     FIND_LIVE,
     GOOD_REPLICAS,
-    INSERT_FILE,
-    INSERT_REPLICA,
-    insert_file,
+    discard_pending,
+    forget_file,
     lookup,
+    new_file,
     retire,
 )
 from koboldfs.metadata.namespaces import ensure_namespace, get_namespace
@@ -91,13 +91,7 @@ _VOTE = (
 )
 
 _FILE_ID = bindparam("b_file_id")
-_INSERT_PENDING = insert_file("pending")
 _PENDING_FILE = select(*FILE_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
-_DISCARD_PENDING = (
-    update(files)
-    .where(files.c.id == _FILE_ID, files.c.state == "pending")
-    .values(state="deleted", deleted=bindparam("b_now"))
-)
 _PENDING_ROW = select(
     files.c.fid,
     files.c.namespace_id,
@@ -110,8 +104,6 @@ _PENDING_ROW = select(
 _REPLICAS_OF = select(replicas.c.server, replicas.c.created).where(
     replicas.c.file_id == _FILE_ID, replicas.c.state == "ok"
 )
-_FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == _FILE_ID)
-_FORGET_FILE = sql_delete(files).where(files.c.id == _FILE_ID)
 
 
 def _unknown(txn_id: str) -> TransactionError:
@@ -208,7 +200,7 @@ def _set_key(
         old = out.rows[0][0]
         if old is not None:
             info = yield from _file(old, namespace)
-            yield Query(_DISCARD_PENDING, {"b_file_id": old, "b_now": now})
+            yield from discard_pending(old, now)
             if info is not None:
                 discarded.append(info)
         yield Query(_UPDATE_TXN_KEY, params)
@@ -228,7 +220,7 @@ def _discard(txn_id: str, ns_id: int, now: float) -> Unit[list[FileInfo]]:
     for _, file_id, _ in keys.rows:
         if file_id is not None:
             info = yield from _file(file_id, namespace)
-            yield Query(_DISCARD_PENDING, {"b_file_id": file_id, "b_now": now})
+            yield from discard_pending(file_id, now)
             if info is not None:
                 discarded.append(info)
     yield Query(_DELETE_TXN_KEYS, {"b_txn": txn_id})
@@ -270,20 +262,9 @@ def txn_put(
     of the same key it replaces (discarded), if any.
     """
     ns_id = yield from _open(txn_id, namespace, now)
-    out = yield Query(
-        _INSERT_PENDING,
-        {
-            "b_fid": fid,
-            "b_namespace_id": ns_id,
-            "b_key": key,
-            "b_size": size,
-            "b_sha256": sha256,
-            "b_now": now,
-            "b_path": path,
-        },
+    file_id = yield from new_file(
+        "pending", ns_id, key, fid, path, size, sha256, now, ((server, now),)
     )
-    file_id = out.rows[0][0]
-    yield Query(INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": now})
     discarded = yield from _set_key(txn_id, namespace, key, file_id, now)
     yield Query(_TOUCH_TXN, {"b_txn": txn_id, "b_expires": expires})
     info = FileInfo(
@@ -446,24 +427,9 @@ def _publish(file_id: int) -> Unit[int | None]:
         return None
     fid, ns_id, key, size, sha256, created, path = out.rows[0]
     held = yield Query(_REPLICAS_OF, {"b_file_id": file_id})
-    yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
-    yield Query(_FORGET_FILE, {"b_file_id": file_id})
-    out = yield Query(
-        INSERT_FILE,
-        {
-            "b_fid": fid,
-            "b_namespace_id": ns_id,
-            "b_key": key,
-            "b_size": size,
-            "b_sha256": sha256,
-            "b_now": created,
-            "b_path": path,
-        },
-    )
-    new = out.rows[0][0]
-    for server, since in held.rows:
-        yield Query(INSERT_REPLICA, {"b_file_id": new, "b_server": server, "b_now": since})
-    return new  # type: ignore[no-any-return]
+    yield from forget_file(file_id)
+    new = yield from new_file("live", ns_id, key, fid, path, size, sha256, created, held.rows)
+    return new
 
 
 @writer
