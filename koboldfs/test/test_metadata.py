@@ -151,6 +151,41 @@ class MetadataStoreTestsMixin:
         self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
 
     @inlineCallbacks
+    def test_notStarted(self) -> InlineTest:
+        """
+        Calls on a store that is not (or no longer) started fail with
+        L{Unavailable} instead of waiting forever on a stopped pool.
+        """
+        store = self.makeStore()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+        yield store.start()
+        yield store.stop()
+        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
+
+    @inlineCallbacks
+    def test_restart(self) -> InlineTest:
+        """
+        A stopped store can be started again, with new connections (and,
+        on SQLite, its thread pool).
+        """
+        store = yield self.startedStore()
+        yield self.addFile(store, "k")
+        yield store.stop()
+        yield store.start()
+        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
+
+    @inlineCallbacks
+    def test_stopWaitsForCalls(self) -> InlineTest:
+        """
+        Stopping lets the calls in progress finish rather than failing them
+        by closing their connections.
+        """
+        store = yield self.startedStore()
+        added = self.addFile(store, "k")
+        yield store.stop()
+        self.assertEqual((yield added).key, "k")
+
+    @inlineCallbacks
     def test_namespace(self) -> InlineTest:
         """
         The first file of a namespace creates it, dated like the file; a
@@ -884,29 +919,6 @@ class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
         self.assertIn("unable to open database file", str(error))
 
     @inlineCallbacks
-    def test_notStarted(self) -> InlineTest:
-        """
-        Calls on a store that is not (or no longer) started fail with
-        L{Unavailable} instead of waiting forever on a stopped pool.
-        """
-        store = self.makeStore()
-        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
-        yield store.start()
-        yield store.stop()
-        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
-
-    @inlineCallbacks
-    def test_restart(self) -> InlineTest:
-        """
-        A stopped store can be started again, its thread pool included.
-        """
-        store = yield self.startedStore()
-        yield self.addFile(store, "k")
-        yield store.stop()
-        yield store.start()
-        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
-
-    @inlineCallbacks
     def test_sharedThreadPool(self) -> InlineTest:
         """
         A store given a thread pool uses it and leaves it running when it
@@ -1085,40 +1097,6 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         PostgreSQL goes to the txpostgres store.
         """
         self.assertIsInstance(self.makeStore(), PostgresStore)
-
-    @inlineCallbacks
-    def test_notStarted(self) -> InlineTest:
-        """
-        Calls on a store that is not (or no longer) started fail with
-        L{Unavailable}.
-        """
-        store = self.makeStore()
-        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
-        yield store.start()
-        yield store.stop()
-        yield self.assertFailure(store.lookup("ns", "k"), Unavailable)
-
-    @inlineCallbacks
-    def test_restartStore(self) -> InlineTest:
-        """
-        A stopped store can be started again, with new connections.
-        """
-        store = yield self.startedStore()
-        yield self.addFile(store, "k")
-        yield store.stop()
-        yield store.start()
-        self.assertEqual((yield store.list_keys("ns", "", None, 10)), ["k"])
-
-    @inlineCallbacks
-    def test_stopWaitsForCalls(self) -> InlineTest:
-        """
-        Stopping lets the calls in progress finish rather than failing them
-        by closing their connections.
-        """
-        store = yield self.startedStore()
-        added = self.addFile(store, "k")
-        yield store.stop()
-        self.assertEqual((yield added).key, "k")
 
     @inlineCallbacks
     def test_unreachable(self) -> InlineTest:
