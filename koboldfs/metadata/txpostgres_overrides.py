@@ -6,9 +6,11 @@ checked in one place.
 Checked against txpostgres 1.7.0 (L{CHECKED_WITH}; a test fails when
 another version is installed).  What each override relies on:
 
-  - L{Detector} replaces C{DeadConnectionDetector.startReconnecting} and
-    uses its C{reconnectable}, C{reactor}, C{reconnectionIterator} and
-    C{connectionRecovered}, and C{RetryingCall}'s C{reactor} attribute.
+  - L{Detector} replaces C{DeadConnectionDetector.startReconnecting},
+    wraps its C{reconnect} (one attempt, which txpostgres makes return a
+    Deferred), and uses its C{reconnectable}, C{reactor},
+    C{reconnectionIterator} and C{connectionRecovered}, and
+    C{RetryingCall}'s C{reactor} attribute.
   - L{PgConnection} replaces C{Connection.doRead} (txpostgres's
     C{_PollingMixin.doRead} and C{Connection.doRead} together, calling
     C{continuePolling} and C{checkForNotifies}) and the private
@@ -25,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg2
 import psycopg2.extras
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -83,6 +85,27 @@ class Detector(DeadConnectionDetector):  # type: ignore[misc]
         )
         self._stopped = False
         self._reconnecting: Deferred[None] | None = None
+        self._attempting = False
+
+    @property
+    def waiting(self) -> bool:
+        """
+        Whether the connection is lost and waits for its next attempt at
+        reconnecting (not making one).
+        """
+        return self._reconnecting is not None and not self._attempting
+
+    def reconnect(self) -> Deferred[object]:
+        """
+        One attempt at reconnecting, as txpostgres makes it.
+        """
+        self._attempting = True
+
+        def ended(result: object) -> object:
+            self._attempting = False
+            return result
+
+        return maybeDeferred(super().reconnect).addBoth(ended)
 
     def _isDead(self, reason: Failure) -> bool:
         if self._stopped:

@@ -1257,8 +1257,10 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         yield ensureDeferred(cluster.stop("immediate"))
         yield self.assertFailure(store.servers(), Unavailable)
         # Past the first attempts: the next one is waiting for its time.
-        yield sleep(1.0)
+        detectors = [connection.detector for connection in store._connections]
+        yield waitFor(lambda: all(detector.waiting for detector in detectors))
         yield store.stop()
+        self.assertFalse(any(detector.waiting for detector in detectors))
         # txpostgres logs failing to roll back on a connection not yet
         # known to be dead.
         self.flushLoggedErrors(psycopg2.InterfaceError)
