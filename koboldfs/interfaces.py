@@ -324,8 +324,8 @@ class IMetadataStore(Interface):
 class ITransactionStore(Interface):
     """
     The metadata of client transactions (docs/transactions.md), kept by
-    every store beside L{IMetadataStore}; the generator transactions are
-    in L{koboldfs.metadata.transactions}.  Refusals fail with
+    every store beside L{IMetadataStore}; the units that run them are
+    in L{koboldfs.metadata.txnstore}.  Refusals fail with
     L{koboldfs.errors.TransactionError}.
     """
 
@@ -360,13 +360,13 @@ class ITransactionStore(Interface):
     def txn_vote(txn_id, server, file_ids, now, expires):
         """
         Record C{server}'s vote for pending files C{file_ids}; fire with a
-        L{koboldfs.metadata.transactions.Vote}.
+        L{koboldfs.metadata.txnstore.Vote}.
         """
 
     def txn_commit(txn_id, now, keep, prepared):
         """
         Publish the transaction at once; fire with a
-        L{koboldfs.metadata.transactions.Commit}.
+        L{koboldfs.metadata.txnstore.Commit}.
         """
 
     def txn_abort(txn_id, now):

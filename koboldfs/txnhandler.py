@@ -4,7 +4,7 @@ The server's handling of client transactions (docs/transactions.md).
 L{TransactionHandler} answers BEGIN, PREPARE, COMMIT and ABORT and the
 transactional forms of put, get, stat and delete, for the server core
 (L{koboldfs.node.Node}).  Everything it knows of a
-transaction is in the metadata (L{koboldfs.metadata.transactions}), never
+transaction is in the metadata (L{koboldfs.metadata.txnstore}), never
 in memory: any server can prepare, commit or abort any transaction, and a
 server that dies loses nothing.  L{TransactionSweeper} aborts the
 transactions of clients that went silent.

@@ -2,9 +2,10 @@
 The cluster's shared metadata: namespaces, files, replicas and servers.
 
 L{store_from_url} picks the store for a database URL.  The operations
-themselves are written once in L{koboldfs.metadata.queries}; each store is
-only a driver that runs them.  L{Listeners} is the in-process notification
-that every store uses for its own changes.
+themselves are written once, as units (L{koboldfs.metadata.units}) kept
+with the tables they work on; each store is only a driver that runs them.
+L{Listeners} is the in-process notification that every store uses for its
+own changes.
 """
 
 from __future__ import annotations

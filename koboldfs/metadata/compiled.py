@@ -19,7 +19,7 @@ class Shape:
     A statement compiled for one DB-API driver (C{dialect}), with what
     running it again on that driver's cursor needs: compiling, and
     SQLAlchemy's execution around each statement, cost more than running
-    it, and queries are built once (L{queries}), so each is compiled once.
+    it, and queries are built once (L{units}), so each is compiled once.
     The dialect must use a named paramstyle (psycopg2's C{%(name)s},
     sqlite3's C{:name}).
     """

@@ -1,8 +1,8 @@
 """
 The cluster's health as the metadata sees it, for operators: C{koboldfs
 admin status} and C{fsck}, and the servers' status pages.  Written as
-generator transactions like L{koboldfs.metadata.queries}, and run by every
-store's driver the same way.
+units (L{koboldfs.metadata.units}), and run by every store the same
+way.
 
 These count over every live file: for an operator's look (or a status page
 that caches them), never for a request's path.
@@ -12,20 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, case, func, literal_column, or_, select, update
+from sqlalchemy import bindparam, case, func, literal_column, or_, select
 
 from koboldfs.interfaces import FileInfo, ServerState
-from koboldfs.placement import COUNTED_STATES
-from koboldfs.metadata.queries import (
-    _LIVE,
-    Query,
-    Txn,
-    _files_page,
-    _grouped,
-    reader,
-    writer,
-)
+from koboldfs.metadata.files import LIVE
 from koboldfs.metadata.schema import files, namespaces, replicas, servers
+from koboldfs.metadata.sweeps import files_page, grouped
+from koboldfs.metadata.units import Query, Unit, reader
+from koboldfs.placement import COUNTED_STATES
 
 #: Server states whose copies count towards a namespace's replica count.
 _COUNTED = COUNTED_STATES
@@ -87,7 +81,7 @@ _PER_FILE = (
         _ANY_GOOD.label("any_good"),
     )
     .select_from(files.join(namespaces, namespaces.c.id == files.c.namespace_id))
-    .where(_LIVE)
+    .where(LIVE)
     # Keeps SQLite from flattening the subquery back into the aggregate
     # (it renders as LIMIT -1 OFFSET 0 there; an optimisation fence on
     # PostgreSQL too).
@@ -117,29 +111,20 @@ _QUARANTINED_COUNT = (
 _NAMESPACE_IS = files.c.namespace_id == (
     select(namespaces.c.id).where(namespaces.c.name == bindparam("b_namespace")).scalar_subquery()
 )
-_LIVE_FILES = _files_page(_LIVE, good_only=True)
-_LIVE_FILES_IN = _files_page(_LIVE, _NAMESPACE_IS, good_only=True)
-_QUARANTINE = (
-    update(replicas)
-    .where(
-        and_(
-            replicas.c.file_id == bindparam("b_file_id"),
-            replicas.c.server == bindparam("b_server"),
-        )
-    )
-    .values(state="quarantined")
-)
-_QUARANTINE_SERVER = (
-    update(replicas)
-    .where(replicas.c.server == bindparam("b_server"), replicas.c.state == literal_column("'ok'"))
-    .values(state="quarantined")
+_LIVE_FILES = files_page(LIVE, good_only=True)
+_LIVE_FILES_IN = files_page(LIVE, _NAMESPACE_IS, good_only=True)
+_FILES_HELD = (
+    select(replicas.c.server, func.count())
+    .select_from(replicas.join(files, files.c.id == replicas.c.file_id))
+    .where(replicas.c.state == "ok", LIVE)
+    .group_by(replicas.c.server)
 )
 
 
 @reader
-def health() -> Txn[Health]:
+def health() -> Unit[Health]:
     """
-    The counts of L{Health}, in one transaction.
+    The counts of L{Health}, in one database transaction.
     """
     out = yield Query(_ALIVE_SERVERS)
     alive = out.rows[0][0]
@@ -155,7 +140,7 @@ def health() -> Txn[Health]:
 
 
 @reader
-def live_files(namespace: str | None, after: int, limit: int) -> Txn[list[FileInfo]]:
+def live_files(namespace: str | None, after: int, limit: int) -> Unit[list[FileInfo]]:
     """
     Up to C{limit} live files with ids above C{after} (of C{namespace}
     only, unless None), by id, each with the servers holding a good copy:
@@ -166,25 +151,15 @@ def live_files(namespace: str | None, after: int, limit: int) -> Txn[list[FileIn
         out = yield Query(_LIVE_FILES, params)
     else:
         out = yield Query(_LIVE_FILES_IN, {**params, "b_namespace": namespace})
-    return _grouped(out.rows)
+    return grouped(out.rows)
 
 
-@writer
-def quarantine_replica(file_id: int, server: str) -> Txn[bool]:
+@reader
+def files_held() -> Unit[dict[str, int]]:
     """
-    Mark C{server}'s copy of file C{file_id} bad: it is no longer served
-    nor counted, and its server's replicator makes it again (which marks
-    it good).  Return whether there was such a copy.
+    How many live files each server holds a good copy of, by server name;
+    servers holding none are left out.  One pass over the replicas: for an
+    operator's listing, not for a hot path.
     """
-    out = yield Query(_QUARANTINE, {"b_file_id": file_id, "b_server": server})
-    return out.rowcount > 0
-
-
-@writer
-def quarantine_server(server: str) -> Txn[int]:
-    """
-    Mark every good copy on C{server} bad, as after its disk was lost:
-    its replicator makes them all again.  Return how many there were.
-    """
-    out = yield Query(_QUARANTINE_SERVER, {"b_server": server})
-    return out.rowcount
+    out = yield Query(_FILES_HELD)
+    return {server: count for server, count in out.rows}

@@ -2,7 +2,7 @@
 The metadata store on PostgreSQL, asynchronous through txpostgres: no
 threads, and changes made by other processes are heard with LISTEN/NOTIFY.
 
-It runs the generator transactions of L{koboldfs.metadata.queries}, each in
+It runs the units (L{koboldfs.metadata.units}), each in
 one PostgreSQL transaction (one C{runInteraction}), compiling their
 SQLAlchemy Core statements for psycopg2 and handing back rows as
 L{SQLAlchemyStore<koboldfs.metadata.sqlstore.SQLAlchemyStore>} does: plain
@@ -12,7 +12,9 @@ A committed change is told to this process's listeners and, by a
 C{pg_notify} in the same transaction, to every store listening on the
 database.  Each connection reconnects on its own after PostgreSQL restarts
 or fails over (libpq multi-host URLs); calls made while it is down fail at
-once with the retryable L{Unavailable}.
+once with the retryable L{Unavailable}.  The txpostgres classes that do so
+override txpostgres's internals, and are kept apart, in
+L{koboldfs.metadata.txpostgres_overrides}.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import psycopg2
-import psycopg2.extras
 from psycopg2.extensions import Notify, make_dsn, parse_dsn
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
@@ -32,50 +33,32 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     ensureDeferred,
-    fail,
     gatherResults,
     succeed,
 )
-from twisted.internet.error import ConnectionClosed, ConnectionLost
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
-from txpostgres.retrying import RetryingCall, simpleBackoffIterator
-from txpostgres.txpostgres import Connection, ConnectionPool, Cursor, RollbackFailed
+from txpostgres.reconnection import ConnectionDead
+from txpostgres.txpostgres import Cursor, RollbackFailed
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, Unavailable
-from koboldfs.interfaces import (
-    FileInfo,
-    IMetadataStore,
-    ITransactionStore,
-    Listener,
-    NamespaceInfo,
-    ServerInfo,
-)
-from koboldfs.metadata import (
-    FILE_ADDED,
-    FILE_DELETED,
-    SERVER_CHANGED,
-    Listeners,
-    health,
-    queries,
-)
-from koboldfs.metadata.health import Health
+from koboldfs.interfaces import IMetadataStore, ITransactionStore
+from koboldfs.metadata import schema, units
 from koboldfs.metadata.compiled import Shape, shape_for
-from koboldfs.metadata.queries import Outcome, Query, Txn, Work, writer
-from koboldfs.metadata.keys import ClientKeysMixin
-from koboldfs.metadata.transactions import TransactionsMixin
+from koboldfs.metadata.store import Event, MetadataStore, Notice
+from koboldfs.metadata.txpostgres_overrides import (
+    Final,
+    PgConnection,
+    PgPool,
+    cause,
+    new_connection,
+)
+from koboldfs.metadata.units import Outcome, Query, Unit, Work, writer
 
 T = TypeVar("T")
-
-#: An event for listeners, and the function that tells which one, if any,
-#: a transaction's result makes.
-Event = tuple[str, dict[str, Any]]
-Notice = Callable[[Any], "Event | None"]
-#: The SQL and parameters of a statement to end a transaction with.
-Final = tuple[str, dict[str, Any]]
 
 _log = Logger()
 
@@ -91,7 +74,7 @@ SCHEMA_LOCK = 0x4B4F424F4C44
 #: Connections in a store's pool, as the SQLite store's threads.
 POOL_SIZE = 4
 
-#: Errors after which the same transaction may succeed later: the database
+#: Errors after which the same unit may succeed later: the database
 #: is down, restarting, unreachable, or the connection is reconnecting.
 _TRANSIENT = (
     psycopg2.OperationalError,
@@ -100,15 +83,6 @@ _TRANSIENT = (
     ConnectionDead,
     ConnectionClosed,
 )
-
-
-def _reconnectDelays() -> Iterator[float]:
-    """
-    At once, then backing off to every 10 s: a restart takes seconds.
-    """
-    return simpleBackoffIterator(  # type: ignore[no-any-return]
-        initialDelay=0.5, maxDelay=10.0, factor=1.7, maxRetries=0, now=True
-    )
 
 
 #: libpq settings a URL gets unless it sets them: a host that died without
@@ -171,9 +145,9 @@ def _shape(statement: Executable) -> Shape:
     return shape_for(statement, _DIALECT)
 
 
-def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
+def _drive(cursor: Cursor, unit: Unit[T]) -> Deferred[T]:
     """
-    L{queries.drive}, asynchronously: run generator transaction C{txn} on
+    L{units.drive}, asynchronously: run unit C{unit} on
     C{cursor}, closing the generator if a statement fails.  Driven by plain
     callbacks: a coroutine per statement costs more than its round trip.
     """
@@ -182,21 +156,21 @@ def _drive(cursor: Cursor, txn: Txn[T]) -> Deferred[T]:
     def step(_: object, shape: Shape | None) -> None:
         try:
             if shape is None:
-                query = next(txn)
+                query = next(unit)
             else:
-                query = txn.send(Outcome(shape.rows(cursor), cursor.rowcount))
+                query = unit.send(Outcome(shape.rows(cursor), cursor.rowcount))
             shape = _shape(query.statement)
             executed = cursor.execute(shape.sql, shape.params(query.params))
         except StopIteration as stop:
             done.callback(stop.value)
         except BaseException:
-            txn.close()
+            unit.close()
             done.errback()
         else:
             executed.addCallbacks(step, failed, callbackArgs=(shape,))
 
     def failed(reason: Failure) -> None:
-        txn.close()
+        unit.close()
         done.errback(reason)
 
     step(None, None)
@@ -209,183 +183,22 @@ _SCHEMA_LOCKED = Query(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
 
 
 @writer
-def _create_schema_locked() -> Txn[int]:
+def _create_schema_locked() -> Unit[int]:
     """
-    L{queries.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
+    L{schema.create_schema}, holding L{SCHEMA_LOCK} until commit: servers
     starting at once on an empty database create the schema one after the
     other instead of racing in PostgreSQL's catalogs.
     """
     yield _SCHEMA_LOCKED
-    return (yield from queries.create_schema())
-
-
-def _cause(error: BaseException) -> str:
-    """
-    What went wrong with the database, in a line for logs and errors.
-    """
-    if isinstance(error, RollbackFailed):
-        error = error.originalFailure.value
-    if isinstance(error, ConnectionDead):
-        return "the connection was lost; reconnecting"
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
+    return (yield from schema.create_schema())
 
 
 def _unavailable(error: BaseException) -> Unavailable:
-    return Unavailable(ErrorCode.UNAVAILABLE, f"metadata database unavailable: {_cause(error)}")
-
-
-class _Detector(DeadConnectionDetector):  # type: ignore[misc]
-    """
-    Reconnects its connection after PostgreSQL restarts or fails over, until
-    stopped.  The stock detector cannot be stopped (a store that stops
-    would leave it retrying), and takes any C{OperationalError}, a deadlock
-    or a statement timeout included, for a dead connection: this one asks
-    libpq whether the connection is closed.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__(
-            deathChecker=self._isDead,
-            reconnectionIterator=_reconnectDelays,
-            reactor=reactor,
-        )
-        self._stopped = False
-        self._reconnecting: Deferred[None] | None = None
-
-    def _isDead(self, reason: Failure) -> bool:
-        if self._stopped:
-            return False
-        if reason.check(RollbackFailed):
-            # A transaction may have been left open: start afresh.
-            return True
-        raw = self.reconnectable.pollable() if self.reconnectable is not None else None
-        return raw is None or bool(raw.closed)
-
-    def startReconnecting(self, reason: Failure) -> None:
-        _log.warn(
-            "metadata database connection lost ({cause}); reconnecting",
-            cause=_cause(reason.value),
-        )
-        attempts = RetryingCall(self.reconnect)
-        attempts.reactor = self.reactor
-        self._reconnecting = d = attempts.start(
-            self.reconnectionIterator(),
-            failureTester=lambda reason: reason if self._stopped else None,
-        )
-
-        def reconnected(_: object) -> Deferred[object]:
-            self._reconnecting = None
-            _log.info("metadata database connection back")
-            return self.connectionRecovered()  # type: ignore[no-any-return]
-
-        def abandoned(reason: Failure) -> None:
-            # Only stop() ends the attempts: they are retried forever.
-            self._reconnecting = None
-
-        d.addCallbacks(reconnected, abandoned)
-
-    def stop(self) -> None:
-        """
-        Close the connection for good, abandoning any reconnection.
-        """
-        self._stopped = True
-        connection = self.reconnectable
-        if connection is not None and connection.pollable() is not None:
-            # Also fails a reconnection attempt in progress, which ends them.
-            connection.close()
-        if self._reconnecting is not None:
-            # Waiting before the next attempt.
-            self._reconnecting.cancel()
-
-
-class _Connection(Connection):  # type: ignore[misc]
-    """
-    A txpostgres connection that, when PostgreSQL closes it while idle,
-    tells its detector quietly: txpostgres raises from C{doRead}, which the
-    reactor logs as an unhandled error.  Its transactions can end with a
-    statement sent with the COMMIT, saving a round trip.
-    """
-
-    @staticmethod
-    def connectionFactory(*args: Any, **kwargs: Any) -> Any:
-        """
-        Connect as SQLAlchemy's psycopg2 dialect does, so that values come
-        back as they would through it: C{uuid} columns as L{uuid.UUID}.
-        """
-        connection = psycopg2.connect(*args, **kwargs)
-        psycopg2.extras.register_uuid(None, connection)
-        return connection
-
-    def doRead(self) -> BaseException | None:
-        """
-        Read (results, notifications) as txpostgres does, but return what
-        ends the connection, for the reactor to call C{connectionLost} with:
-        the error libpq reports, or the loss of the socket that libpq has
-        already closed (once PostgreSQL's last words are read).
-        """
-        self.reactor.removeReader(self)
-        try:
-            self.continuePolling()
-        except psycopg2.Error as e:
-            return e
-        self.checkForNotifies()
-        if self.fileno() == -1:
-            return ConnectionLost("PostgreSQL closed the connection")
-        self.reactor.addReader(self)
-        return None
-
-    def _runInteraction(
-        self, interaction: Callable[..., Deferred[tuple[T, Final | None]]], *args: Any
-    ) -> Deferred[T]:
-        """
-        Run C{interaction(cursor, *args)} in a transaction as txpostgres
-        does (this is what its C{runInteraction} calls, under the
-        connection's lock and detector), except that C{interaction} fires
-        with its result and the L{Final} statement, if any, to send with
-        the COMMIT in one round trip.
-        """
-        cursor = self.cursor()
-
-        def commit(ended: tuple[T, Final | None]) -> Deferred[T]:
-            result, final = ended
-            sql, params = ("COMMIT", None) if final is None else (f"{final[0]}; COMMIT", final[1])
-            return cursor.execute(sql, params).addCallback(lambda _: result)
-
-        def rollback(reason: Failure) -> Deferred[Failure]:
-            def failed(error: Failure) -> Failure:
-                _log.failure("metadata database rollback failed", error)
-                return Failure(RollbackFailed(self, reason))
-
-            return cursor.execute("ROLLBACK").addCallbacks(lambda _: reason, failed)
-
-        d = cursor.execute("BEGIN")
-        d.addCallback(lambda _: interaction(cursor, *args))
-        return d.addCallback(commit).addErrback(rollback)
-
-
-def _connection(reactor: Any, cooperator: Cooperator) -> _Connection:
-    return _Connection(reactor, cooperator, detector=_Detector(reactor))
-
-
-class _Pool(ConnectionPool):  # type: ignore[misc]
-    """
-    A txpostgres pool, on the store's reactor, of connections that
-    reconnect by themselves.
-    """
-
-    def __init__(self, reactor: Any, cooperator: Cooperator, dsn: str, size: int) -> None:
-        self.reactor = reactor
-        self.cooperator = cooperator
-        self.min = size
-        super().__init__(None, dsn)
-
-    def connectionFactory(self, reactor: Any, cooperator: Cooperator) -> _Connection:
-        return _connection(reactor, cooperator)
+    return Unavailable(ErrorCode.UNAVAILABLE, f"metadata database unavailable: {cause(error)}")
 
 
 @implementer(IMetadataStore, ITransactionStore)
-class PostgresStore(ClientKeysMixin, TransactionsMixin):
+class PostgresStore(MetadataStore):
     """
     The metadata in PostgreSQL, through a txpostgres pool.  Listeners hear
     of changes made by any store on the database, each change once.
@@ -400,37 +213,25 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         @param reactor: provides C{IReactorTime} and C{IReactorFDSet}.
         @raise ValueError: C{url} is not a PostgreSQL URL libpq accepts.
         """
+        super().__init__(reactor)
         self.url = hide_password(url)
         self._dsn = libpq_dsn(url)
-        self._reactor = reactor
         self._poolSize = poolSize
-        self._listeners = Listeners()
         # Tells this store's notifications from other stores' in LISTEN.
         self._origin = uuid.uuid4().hex
-        self._running = False
-        self._pool: _Pool | None = None
-        self._connections: list[_Connection] = []
+        self._pool: PgPool | None = None
+        self._connections: list[PgConnection] = []
         self._cooperator: Cooperator | None = None
         self._inflight: set[Deferred[None]] = set()
 
-    def _run(
-        self, txn: Callable[..., Txn[T]], *args: Any, notice: Notice | None = None
-    ) -> Deferred[T]:
+    def _transact(self, work: Work[T], notice: Notice) -> Deferred[tuple[T, Event | None]]:
         """
-        Run transaction C{txn(*args)} in one PostgreSQL transaction: the one
-        seam through which every operation reaches the database.
-
-        @param notice: the event, if any, that C{txn}'s result is to be
-            announced with: to other stores in the same transaction, then to
-            this store's listeners once committed.
+        Run C{work} in one PostgreSQL transaction, whose COMMIT carries the
+        C{pg_notify} of its event (L{MetadataStore._transact}).  Counted
+        in flight until it ends, for L{stop} to wait for.
         """
-        if self._pool is None or not self._running:
-            return fail(
-                Unavailable(
-                    ErrorCode.UNAVAILABLE,
-                    "metadata database unavailable: the store is not started",
-                )
-            )
+        # Set while _running, which _run checked.
+        assert self._pool is not None
         done: Deferred[None] = Deferred()
         self._inflight.add(done)
 
@@ -439,10 +240,11 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
             done.callback(None)
             return result
 
-        d = ensureDeferred(self._transact(self._pool, Work(txn, args), notice))
-        return d.addBoth(finished)
+        return ensureDeferred(self._attempts(self._pool, work, notice)).addBoth(finished)
 
-    async def _transact(self, pool: _Pool, work: Work[T], notice: Notice | None) -> T:
+    async def _attempts(
+        self, pool: PgPool, work: Work[T], notice: Notice
+    ) -> tuple[T, Event | None]:
         """
         Run C{work} on C{pool}, again from the start when it loses a race.
 
@@ -451,22 +253,17 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         attempt = 1
         while True:
             try:
-                result, event = await pool.runInteraction(self._interaction, work, notice)
+                return await pool.runInteraction(self._interaction, work, notice)  # type: ignore[no-any-return]
             except psycopg2.IntegrityError:
-                # A race lost on a unique index: see queries.
-                if attempt == queries.ATTEMPTS:
+                # A race lost on a unique index: see units.
+                if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
             except _TRANSIENT as e:
                 raise _unavailable(e) from e
-            else:
-                break
-        if event is not None:
-            self._listeners.notify(*event)
-        return result  # type: ignore[no-any-return]
 
     def _interaction(
-        self, cursor: Cursor, work: Work[T], notice: Notice | None
+        self, cursor: Cursor, work: Work[T], notice: Notice
     ) -> Deferred[tuple[tuple[T, Event | None], Final | None]]:
         """
         Run C{work} on C{cursor}; end with the C{pg_notify} of its event,
@@ -474,7 +271,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         """
 
         def ended(result: T) -> tuple[tuple[T, Event | None], Final | None]:
-            event = notice(result) if notice is not None else None
+            event = notice(result)
             if event is None:
                 return (result, None), None
             message = {"origin": self._origin, "event": event[0], "payload": event[1]}
@@ -510,8 +307,8 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         @raise Unavailable: the database cannot be reached.
         """
         cooperator = Cooperator(scheduler=lambda work: self._reactor.callLater(0, work))
-        pool = _Pool(self._reactor, cooperator, self._dsn, self._poolSize)
-        listener = _connection(self._reactor, cooperator)
+        pool = PgPool(self._reactor, cooperator, self._dsn, self._poolSize)
+        listener = new_connection(self._reactor, cooperator)
         connections = [*pool.connections, listener]
         results = await DeferredList(
             [connection.connect(self._dsn) for connection in connections],
@@ -552,7 +349,7 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         """
         return ensureDeferred(self._start())
 
-    async def _close(self, connections: list[_Connection], cooperator: Cooperator | None) -> None:
+    async def _close(self, connections: list[PgConnection], cooperator: Cooperator | None) -> None:
         # Closing a connection would fail its transaction in progress.
         await gatherResults(list(self._inflight))
         for connection in connections:
@@ -572,158 +369,3 @@ class PostgresStore(ClientKeysMixin, TransactionsMixin):
         connections, self._connections = self._connections, []
         cooperator, self._cooperator = self._cooperator, None
         return ensureDeferred(self._close(connections, cooperator))
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
-    def _runTold(self, notice: Notice, txn: Callable[..., Txn[T]], *args: Any) -> Deferred[T]:
-        """
-        L{TransactionsMixin}'s seam: other stores hear in the transaction.
-        """
-        return self._run(txn, *args, notice=notice)
-
-    def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
-        """
-        Fire with the server as stored (its state may be the stored one).
-        """
-        return self._run(
-            queries.register_server,
-            server,
-            notice=lambda stored: (SERVER_CHANGED, {"name": stored.name}),
-        )
-
-    def heartbeat(self, name: str, now: float, disk_free: int, disk_total: int) -> Deferred[bool]:
-        """
-        Fire with whether server C{name} is registered.
-        """
-        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
-
-    def set_server_state(self, name: str, state: str) -> Deferred[bool]:
-        return self._run(
-            queries.set_server_state,
-            name,
-            state,
-            notice=lambda found: (SERVER_CHANGED, {"name": name}) if found else None,
-        )
-
-    def servers(self) -> Deferred[list[ServerInfo]]:
-        return self._run(queries.list_servers)
-
-    def files_held(self) -> Deferred[dict[str, int]]:
-        return self._run(queries.files_held)
-
-    def namespaces(self) -> Deferred[list[NamespaceInfo]]:
-        return self._run(queries.list_namespaces)
-
-    def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
-        if create:
-            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
-        return self._run(queries.get_namespace, name)
-
-    def add_file(
-        self,
-        namespace: str,
-        key: str,
-        fid: str,
-        path: str,
-        size: int,
-        sha256: str,
-        created: float,
-        server: str,
-        also: tuple[str, ...] = (),
-    ) -> Deferred[FileInfo]:
-        return self._run(
-            queries.add_file,
-            namespace,
-            key,
-            fid,
-            path,
-            size,
-            sha256,
-            created,
-            server,
-            tuple(also),
-            notice=lambda info: (
-                FILE_ADDED,
-                {"id": info.id, "namespace": namespace, "key": key},
-            ),
-        )
-
-    def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
-        return self._run(queries.known_fids, tuple(fids))
-
-    def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(queries.lookup, namespace, key)
-
-    def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
-        d = self._run(
-            queries.delete,
-            namespace,
-            key,
-            now,
-            notice=lambda file_id: (
-                None
-                if file_id is None
-                else (FILE_DELETED, {"id": file_id, "namespace": namespace, "key": key})
-            ),
-        )
-        return d.addCallback(lambda file_id: file_id is not None)
-
-    def list_keys(
-        self, namespace: str, prefix: str, after: str | None, limit: int
-    ) -> Deferred[list[str]]:
-        return self._run(queries.list_keys, namespace, prefix, after, limit)
-
-    def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
-        """
-        Fire with False if there is no file C{file_id}.
-        """
-        return self._run(queries.add_replica, file_id, server, now)
-
-    def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        """
-        Fire with whether C{server} had a copy.
-        """
-        return self._run(queries.remove_replica, file_id, server)
-
-    def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
-        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
-
-    def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
-        return self._run(queries.lookup_fid, fid)
-
-    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.missing_replicas, server, after, limit)
-
-    def max_file_id(self) -> Deferred[int]:
-        return self._run(queries.max_file_id)
-
-    def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.held_files, server, after, limit)
-
-    def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.deleted_files, server, after, limit)
-
-    def purge_file(self, file_id: int) -> Deferred[bool]:
-        return self._run(queries.purge_file, file_id)
-
-    def health(self) -> Deferred[Health]:
-        return self._run(health.health)
-
-    def live_files(self, namespace: str | None, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(health.live_files, namespace, after, limit)
-
-    def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        """
-        Announced as the file added again, so that every server's
-        replicator looks back at it and the copy is made again at once.
-        """
-        return self._run(
-            health.quarantine_replica,
-            file_id,
-            server,
-            notice=lambda done: (FILE_ADDED, {"id": file_id}) if done else None,
-        )
-
-    def quarantine_server(self, server: str) -> Deferred[int]:
-        return self._run(health.quarantine_server, server)

@@ -1,5 +1,6 @@
 """
-The metadata schema, defined once with SQLAlchemy Core for every database.
+The metadata schema, defined once with SQLAlchemy Core for every database,
+and L{create_schema}, the unit that creates or upgrades it.
 
 Times are seconds since the epoch as floats (the reactor's clock), which
 every database stores alike.  Keys sort in code-point order: SQLite's
@@ -21,7 +22,12 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    insert,
+    select,
 )
+from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
+
+from koboldfs.metadata.units import Query, Unit, writer
 
 #: Bumped with every change to the tables below; the store upgrades older
 #: schemas at start.
@@ -155,3 +161,58 @@ txn_keys = Table(
     # The server that vouched for the pending copy at PREPARE, or NULL.
     Column("voted", String(64)),
 )
+
+
+class NewerSchema(RuntimeError):
+    """
+    The database was created or upgraded by a newer KoboldFS: this code
+    does not know its tables, so it must not touch them.
+    """
+
+
+def schema_ddl() -> list[ExecutableDDLElement]:
+    """
+    The statements that create every table and index that does not exist
+    yet, tables in dependency order, each followed by its indexes.
+    """
+    ddl: list[ExecutableDDLElement] = []
+    for table in metadata.sorted_tables:
+        ddl.append(CreateTable(table, if_not_exists=True))
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            ddl.append(CreateIndex(index, if_not_exists=True))
+    return ddl
+
+
+_VERSION_TABLE = CreateTable(schema_version, if_not_exists=True)
+_SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
+_STORED_VERSION = select(schema_version.c.version)
+_INSERT_VERSION = insert(schema_version).values(version=SCHEMA_VERSION)
+
+
+@writer
+def create_schema() -> Unit[int]:
+    """
+    Create the schema where missing and record its version; return the
+    stored version.  Idempotent, and safe when several servers start at
+    once: SQLite serializes writers, and a PostgreSQL catalog race fails
+    with an integrity error, which drivers retry.
+
+    @raise NewerSchema: the database's schema is newer than this code.
+    """
+    # The version table first, so that a newer schema is refused before
+    # this code creates anything in it.
+    yield Query(_VERSION_TABLE)
+    out = yield Query(_STORED_VERSION)
+    stored = max((row[0] for row in out.rows), default=None)
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise NewerSchema(
+            f"the metadata database has schema version {stored}, but this "
+            f"KoboldFS knows only up to {SCHEMA_VERSION}: upgrade KoboldFS"
+        )
+    # Upgrades from older versions go here when SCHEMA_VERSION is bumped.
+    for query in _SCHEMA_DDL:
+        yield query
+    if stored is None:
+        yield Query(_INSERT_VERSION)
+        stored = SCHEMA_VERSION
+    return stored

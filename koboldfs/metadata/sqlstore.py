@@ -2,7 +2,8 @@
 The metadata store on any database SQLAlchemy reaches, SQLite above all,
 with blocking calls run in a thread pool.
 
-Every call into the database crosses one seam, L{SQLAlchemyStore._run}, and
+Every call into the database crosses one seam, L{SQLAlchemyStore._transact}
+(the run seam of L{MetadataStore}, which holds every operation), and
 everything that runs in a pool thread is named C{_thd...}.
 
 SQLite is set up for several server processes sharing one file: WAL (readers
@@ -21,42 +22,26 @@ import sqlite3
 import threading
 import time
 from functools import partial
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, create_engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, Unavailable
-from koboldfs.interfaces import (
-    FileInfo,
-    IMetadataStore,
-    ITransactionStore,
-    Listener,
-    NamespaceInfo,
-    ServerInfo,
-)
-from koboldfs.metadata import (
-    FILE_ADDED,
-    FILE_DELETED,
-    SERVER_CHANGED,
-    Listeners,
-    health,
-    queries,
-)
-from koboldfs.metadata.health import Health
+from koboldfs.interfaces import IMetadataStore, ITransactionStore
+from koboldfs.metadata import schema, units
 from koboldfs.metadata.compiled import shape_for
-from koboldfs.metadata.queries import Outcome, Query, Work
-from koboldfs.metadata.keys import ClientKeysMixin
-from koboldfs.metadata.transactions import TransactionsMixin
+from koboldfs.metadata.store import Event, MetadataStore, Notice
+from koboldfs.metadata.units import Outcome, Query, Work
 
 T = TypeVar("T")
 
-#: Errors after which the same transaction may succeed later: the database
+#: Errors after which the same unit may succeed later: the database
 #: is locked, down, or unreachable.
 _TRANSIENT = (
     exc.OperationalError,
@@ -155,7 +140,7 @@ def _sqlite_file(url: URL) -> str | None:
 
 
 @implementer(IMetadataStore, ITransactionStore)
-class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
+class SQLAlchemyStore(MetadataStore):
     """
     The metadata in a database reached through SQLAlchemy, from a thread
     pool.  Listeners hear of this process's own changes only.
@@ -181,26 +166,20 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
             self._sqliteFile = _sqlite_file(parsed)
             event.listen(self._engine, "connect", _thdConnectSQLite)
             event.listen(self._engine, "begin", _thdBeginSQLite)
-        self._reactor = reactor
+        super().__init__(reactor)
         self._ownPool = threadpool is None
         self._pool = threadpool
-        self._running = False
-        self._listeners = Listeners()
         self._writeLock = threading.Lock()
 
-    def _run(self, txn: Callable[..., queries.Txn[T]], *args: Any) -> Deferred[T]:
+    def _transact(self, work: Work[T], notice: Notice) -> Deferred[tuple[T, Event | None]]:
         """
-        Run transaction C{txn(*args)} in a pool thread: the one seam through
-        which every operation reaches the database.
+        Run C{work} in a pool thread (L{MetadataStore._transact}).  Other
+        processes do not hear of it: SQLite cannot tell them.
         """
-        if self._pool is None or not self._running:
-            return fail(
-                Unavailable(
-                    ErrorCode.UNAVAILABLE,
-                    "metadata database unavailable: the store is not started",
-                )
-            )
-        return deferToThreadPool(self._reactor, self._pool, self._thdRun, Work(txn, args))
+        # Set while _running, which _run checked.
+        assert self._pool is not None
+        d = deferToThreadPool(self._reactor, self._pool, self._thdRun, work)
+        return d.addCallback(lambda result: (result, notice(result)))
 
     def _thdRun(self, work: Work[T]) -> T:
         """
@@ -220,9 +199,9 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
                 with serial or contextlib.nullcontext(), self._engine.connect() as connection:
                     connection = connection.execution_options(**{_BEGIN: begin})
                     with connection.begin():
-                        return queries.drive(work(), partial(self._execute, connection))
+                        return units.drive(work(), partial(self._execute, connection))
             except (exc.IntegrityError, sqlite3.IntegrityError):
-                if attempt == queries.ATTEMPTS:
+                if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
             except _TRANSIENT as e:
@@ -239,7 +218,7 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
                 raise Unavailable(
                     ErrorCode.UNAVAILABLE, f"metadata database unavailable: {e}"
                 ) from e
-        return self._thdRun(Work(queries.create_schema))
+        return self._thdRun(Work(schema.create_schema))
 
     def start(self) -> Deferred[int]:
         """
@@ -276,139 +255,3 @@ class SQLAlchemyStore(ClientKeysMixin, TransactionsMixin):
 
             d.addBoth(stopPool)
         return d
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
-    def register_server(self, server: ServerInfo) -> Deferred[ServerInfo]:
-        """
-        Fire with the server as stored (its state may be the stored one).
-        """
-        d = self._run(queries.register_server, server)
-
-        def registered(stored: ServerInfo) -> ServerInfo:
-            self._listeners.notify(SERVER_CHANGED, {"name": stored.name})
-            return stored
-
-        return d.addCallback(registered)
-
-    def heartbeat(self, name: str, now: float, disk_free: int, disk_total: int) -> Deferred[bool]:
-        """
-        Fire with whether server C{name} is registered.
-        """
-        return self._run(queries.heartbeat, name, now, disk_free, disk_total)
-
-    def set_server_state(self, name: str, state: str) -> Deferred[bool]:
-        d = self._run(queries.set_server_state, name, state)
-
-        def changed(found: bool) -> bool:
-            if found:
-                self._listeners.notify(SERVER_CHANGED, {"name": name})
-            return found
-
-        return d.addCallback(changed)
-
-    def servers(self) -> Deferred[list[ServerInfo]]:
-        return self._run(queries.list_servers)
-
-    def files_held(self) -> Deferred[dict[str, int]]:
-        return self._run(queries.files_held)
-
-    def namespaces(self) -> Deferred[list[NamespaceInfo]]:
-        return self._run(queries.list_namespaces)
-
-    def namespace(self, name: str, create: bool = False) -> Deferred[NamespaceInfo | None]:
-        if create:
-            return self._run(queries.ensure_namespace, name, self._reactor.seconds())
-        return self._run(queries.get_namespace, name)
-
-    def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
-        return self._run(queries.set_namespace, name, self._reactor.seconds(), settings)
-
-    def add_file(
-        self,
-        namespace: str,
-        key: str,
-        fid: str,
-        path: str,
-        size: int,
-        sha256: str,
-        created: float,
-        server: str,
-        also: tuple[str, ...] = (),
-    ) -> Deferred[FileInfo]:
-        d = self._run(
-            queries.add_file, namespace, key, fid, path, size, sha256, created, server, also
-        )
-
-        def added(info: FileInfo) -> FileInfo:
-            self._listeners.notify(FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key})
-            return info
-
-        return d.addCallback(added)
-
-    def known_fids(self, fids: Iterable[str]) -> Deferred[set[str]]:
-        return self._run(queries.known_fids, tuple(fids))
-
-    def lookup(self, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(queries.lookup, namespace, key)
-
-    def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
-        return self._run(queries.lookup_fid, fid)
-
-    def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
-        d = self._run(queries.delete, namespace, key, now)
-
-        def deleted(file_id: int | None) -> bool:
-            if file_id is None:
-                return False
-            self._listeners.notify(
-                FILE_DELETED, {"id": file_id, "namespace": namespace, "key": key}
-            )
-            return True
-
-        return d.addCallback(deleted)
-
-    def list_keys(
-        self, namespace: str, prefix: str, after: str | None, limit: int
-    ) -> Deferred[list[str]]:
-        return self._run(queries.list_keys, namespace, prefix, after, limit)
-
-    def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
-        """
-        Fire with False if there is no file C{file_id}.
-        """
-        return self._run(queries.add_replica, file_id, server, now)
-
-    def remove_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        """
-        Fire with whether C{server} had a copy.
-        """
-        return self._run(queries.remove_replica, file_id, server)
-
-    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.missing_replicas, server, after, limit)
-
-    def max_file_id(self) -> Deferred[int]:
-        return self._run(queries.max_file_id)
-
-    def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.held_files, server, after, limit)
-
-    def deleted_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(queries.deleted_files, server, after, limit)
-
-    def purge_file(self, file_id: int) -> Deferred[bool]:
-        return self._run(queries.purge_file, file_id)
-
-    def health(self) -> Deferred[Health]:
-        return self._run(health.health)
-
-    def live_files(self, namespace: str | None, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(health.live_files, namespace, after, limit)
-
-    def quarantine_replica(self, file_id: int, server: str) -> Deferred[bool]:
-        return self._run(health.quarantine_replica, file_id, server)
-
-    def quarantine_server(self, server: str) -> Deferred[int]:
-        return self._run(health.quarantine_server, server)

@@ -1,7 +1,10 @@
 """
-The metadata of client transactions (docs/transactions.md), written once
-as generator transactions like those of L{koboldfs.metadata.queries}, and
-L{TransactionsMixin}, which gives both stores the methods that run them.
+The metadata store's side of client transactions (docs/transactions.md):
+what a transaction holds, kept in the database so that any server can
+finish it.  The client's side is L{koboldfs.txnclient}, the server's
+L{koboldfs.txnhandler}.  Written once as units
+(L{koboldfs.metadata.units}), which both stores run through the methods of
+L{MetadataStore<koboldfs.metadata.store.MetadataStore>}.
 
 A transaction's uploads are files in state C{pending}: stored, replicated
 nowhere (the replicator walks only C{live} and C{deleted} files), invisible
@@ -15,32 +18,25 @@ bytes to be reclaimed like any deleted file's, and forget the rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import delete as sql_delete
-from twisted.internet.defer import Deferred
 
 from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.interfaces import FileInfo
-from koboldfs.metadata import FILE_ADDED, FILE_DELETED
-from koboldfs.metadata.queries import (
-    _FIND_LIVE,
-    _GOOD_REPLICAS,
-    _INSERT_FILE,
-    insert_file,
-    _INSERT_REPLICA,
-    _LOOKUP_COLUMNS,
-    Query,
-    Txn,
-    _retire,
-    ensure_namespace,
-    get_namespace,
+from koboldfs.metadata.files import (
+    FILE_COLUMNS,
+    FIND_LIVE,
+    GOOD_REPLICAS,
+    discard_pending,
+    forget_file,
     lookup,
-    reader,
-    writer,
+    new_file,
+    retire,
 )
+from koboldfs.metadata.namespaces import ensure_namespace, get_namespace
 from koboldfs.metadata.schema import files, namespaces, replicas, transactions, txn_keys
+from koboldfs.metadata.units import Query, Unit, reader, writer
 
 _TXN = bindparam("b_txn")
 _GET_TXN = select(transactions.c.namespace_id, transactions.c.state, transactions.c.expires).where(
@@ -95,13 +91,7 @@ _VOTE = (
 )
 
 _FILE_ID = bindparam("b_file_id")
-_INSERT_PENDING = insert_file("pending")
-_PENDING_FILE = select(*_LOOKUP_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
-_DISCARD_PENDING = (
-    update(files)
-    .where(files.c.id == _FILE_ID, files.c.state == "pending")
-    .values(state="deleted", deleted=bindparam("b_now"))
-)
+_PENDING_FILE = select(*FILE_COLUMNS).where(files.c.id == _FILE_ID, files.c.state == "pending")
 _PENDING_ROW = select(
     files.c.fid,
     files.c.namespace_id,
@@ -114,8 +104,6 @@ _PENDING_ROW = select(
 _REPLICAS_OF = select(replicas.c.server, replicas.c.created).where(
     replicas.c.file_id == _FILE_ID, replicas.c.state == "ok"
 )
-_FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == _FILE_ID)
-_FORGET_FILE = sql_delete(files).where(files.c.id == _FILE_ID)
 
 
 def _unknown(txn_id: str) -> TransactionError:
@@ -152,16 +140,16 @@ class Commit:
     already: bool = False
 
 
-def _get(txn_id: str, lock: bool = False) -> Txn[tuple[int, str, float] | None]:
+def _get(txn_id: str, lock: bool = False) -> Unit[tuple[int, str, float] | None]:
     """
     A step: the transaction's namespace id, state and expiry, or None;
-    with C{lock}, its row locked until the end of the transaction.
+    with C{lock}, its row locked until the end of the database transaction.
     """
     out = yield Query(_LOCK_TXN if lock else _GET_TXN, {"b_txn": txn_id})
     return tuple(out.rows[0]) if out.rows else None  # type: ignore[return-value]
 
 
-def _open(txn_id: str, namespace: str, now: float) -> Txn[int]:
+def _open(txn_id: str, namespace: str, now: float) -> Unit[int]:
     """
     A step: the namespace id of open transaction C{txn_id} of C{namespace}.
 
@@ -184,15 +172,15 @@ def _open(txn_id: str, namespace: str, now: float) -> Txn[int]:
     return ns_id
 
 
-def _file(file_id: int, namespace: str) -> Txn[FileInfo | None]:
+def _file(file_id: int, namespace: str) -> Unit[FileInfo | None]:
     """
     A step: pending file C{file_id} with the servers holding it, or None.
     """
     out = yield Query(_PENDING_FILE, {"b_file_id": file_id})
     if not out.rows:
         return None
-    row = dict(zip((column.key for column in _LOOKUP_COLUMNS), out.rows[0], strict=True))
-    held = yield Query(_GOOD_REPLICAS, {"b_file_id": file_id})
+    row = dict(zip((column.key for column in FILE_COLUMNS), out.rows[0], strict=True))
+    held = yield Query(GOOD_REPLICAS, {"b_file_id": file_id})
     return FileInfo(
         namespace=namespace, replicas=tuple(sorted(server for (server,) in held.rows)), **row
     )
@@ -200,7 +188,7 @@ def _file(file_id: int, namespace: str) -> Txn[FileInfo | None]:
 
 def _set_key(
     txn_id: str, namespace: str, key: str, file_id: int | None, now: float
-) -> Txn[list[FileInfo]]:
+) -> Unit[list[FileInfo]]:
     """
     A step: make C{key} publish C{file_id} (None: delete it) at commit;
     return the pending file it replaces, now discarded, if any.
@@ -212,7 +200,7 @@ def _set_key(
         old = out.rows[0][0]
         if old is not None:
             info = yield from _file(old, namespace)
-            yield Query(_DISCARD_PENDING, {"b_file_id": old, "b_now": now})
+            yield from discard_pending(old, now)
             if info is not None:
                 discarded.append(info)
         yield Query(_UPDATE_TXN_KEY, params)
@@ -221,7 +209,7 @@ def _set_key(
     return discarded
 
 
-def _discard(txn_id: str, ns_id: int, now: float) -> Txn[list[FileInfo]]:
+def _discard(txn_id: str, ns_id: int, now: float) -> Unit[list[FileInfo]]:
     """
     A step: discard every pending file of C{txn_id} and forget it.
     """
@@ -232,7 +220,7 @@ def _discard(txn_id: str, ns_id: int, now: float) -> Txn[list[FileInfo]]:
     for _, file_id, _ in keys.rows:
         if file_id is not None:
             info = yield from _file(file_id, namespace)
-            yield Query(_DISCARD_PENDING, {"b_file_id": file_id, "b_now": now})
+            yield from discard_pending(file_id, now)
             if info is not None:
                 discarded.append(info)
     yield Query(_DELETE_TXN_KEYS, {"b_txn": txn_id})
@@ -241,7 +229,7 @@ def _discard(txn_id: str, ns_id: int, now: float) -> Txn[list[FileInfo]]:
 
 
 @writer
-def begin_txn(txn_id: str, namespace: str, now: float, expires: float) -> Txn[float]:
+def begin_txn(txn_id: str, namespace: str, now: float, expires: float) -> Unit[float]:
     """
     Open transaction C{txn_id} in C{namespace} (created if missing), to be
     collected at C{expires} unless used again before; return C{expires}.
@@ -266,7 +254,7 @@ def txn_put(
     now: float,
     server: str,
     expires: float,
-) -> Txn[tuple[FileInfo, list[FileInfo]]]:
+) -> Unit[tuple[FileInfo, list[FileInfo]]]:
     """
     Record a pending file uploaded to C{server} in open transaction
     C{txn_id}, to be published under C{key} at commit, and push the
@@ -274,20 +262,9 @@ def txn_put(
     of the same key it replaces (discarded), if any.
     """
     ns_id = yield from _open(txn_id, namespace, now)
-    out = yield Query(
-        _INSERT_PENDING,
-        {
-            "b_fid": fid,
-            "b_namespace_id": ns_id,
-            "b_key": key,
-            "b_size": size,
-            "b_sha256": sha256,
-            "b_now": now,
-            "b_path": path,
-        },
+    file_id = yield from new_file(
+        "pending", ns_id, key, fid, path, size, sha256, now, ((server, now),)
     )
-    file_id = out.rows[0][0]
-    yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": now})
     discarded = yield from _set_key(txn_id, namespace, key, file_id, now)
     yield Query(_TOUCH_TXN, {"b_txn": txn_id, "b_expires": expires})
     info = FileInfo(
@@ -307,7 +284,7 @@ def txn_put(
 @writer
 def txn_delete(
     txn_id: str, namespace: str, key: str, now: float, expires: float
-) -> Txn[tuple[bool, list[FileInfo]]]:
+) -> Unit[tuple[bool, list[FileInfo]]]:
     """
     Record that open transaction C{txn_id} deletes C{key} at commit, if
     the key exists as the transaction sees it (its own pending file, or a
@@ -319,7 +296,7 @@ def txn_delete(
     if out.rows:
         found = out.rows[0][0] is not None
     else:
-        live = yield Query(_FIND_LIVE, {"b_namespace_id": ns_id, "b_key": key})
+        live = yield Query(FIND_LIVE, {"b_namespace_id": ns_id, "b_key": key})
         found = bool(live.rows)
     discarded: list[FileInfo] = []
     if found:
@@ -329,7 +306,7 @@ def txn_delete(
 
 
 @reader
-def txn_lookup(txn_id: str, namespace: str, key: str) -> Txn[FileInfo | None]:
+def txn_lookup(txn_id: str, namespace: str, key: str) -> Unit[FileInfo | None]:
     """
     C{key} as transaction C{txn_id} sees it: its own pending file, None if
     it deleted the key, else the live version.
@@ -346,7 +323,7 @@ def txn_lookup(txn_id: str, namespace: str, key: str) -> Txn[FileInfo | None]:
 
 
 @reader
-def txn_pending(txn_id: str, now: float) -> Txn[tuple[str, list[tuple[FileInfo, str | None]]]]:
+def txn_pending(txn_id: str, now: float) -> Unit[tuple[str, list[tuple[FileInfo, str | None]]]]:
     """
     Transaction C{txn_id}'s state and pending files, each with the server
     that vouched for it, if any: what a server checks before voting.
@@ -373,7 +350,7 @@ def txn_pending(txn_id: str, now: float) -> Txn[tuple[str, list[tuple[FileInfo, 
 @writer
 def txn_vote(
     txn_id: str, server: str, file_ids: list[int], now: float, expires: float
-) -> Txn[Vote]:
+) -> Unit[Vote]:
     """
     Record that C{server} vouches for pending files C{file_ids} of
     transaction C{txn_id}; once every pending file is vouched for, the
@@ -397,7 +374,7 @@ def txn_vote(
 
 
 @writer
-def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Commit]:
+def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Unit[Commit]:
     """
     Publish every pending file of transaction C{txn_id} and delete the keys
     it deleted, retiring the versions they replace, all at once; keep the
@@ -424,7 +401,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
     published, retired = [], []
     # In key order: concurrent commits lock rows in the same order.
     for key, file_id, _ in sorted(keys.rows):
-        old = yield from _retire(ns_id, key, now)
+        old = yield from retire(ns_id, key, now)
         if old is not None:
             retired.append(old)
         if file_id is not None:
@@ -436,7 +413,7 @@ def txn_commit(txn_id: str, now: float, keep: float, prepared: bool) -> Txn[Comm
     return Commit(tuple(published), tuple(retired))
 
 
-def _publish(file_id: int) -> Txn[int | None]:
+def _publish(file_id: int) -> Unit[int | None]:
     """
     A step: make pending file C{file_id} live under a new id, with its
     copies; return the id, or None if there is no such pending file.
@@ -450,28 +427,13 @@ def _publish(file_id: int) -> Txn[int | None]:
         return None
     fid, ns_id, key, size, sha256, created, path = out.rows[0]
     held = yield Query(_REPLICAS_OF, {"b_file_id": file_id})
-    yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
-    yield Query(_FORGET_FILE, {"b_file_id": file_id})
-    out = yield Query(
-        _INSERT_FILE,
-        {
-            "b_fid": fid,
-            "b_namespace_id": ns_id,
-            "b_key": key,
-            "b_size": size,
-            "b_sha256": sha256,
-            "b_now": created,
-            "b_path": path,
-        },
-    )
-    new = out.rows[0][0]
-    for server, since in held.rows:
-        yield Query(_INSERT_REPLICA, {"b_file_id": new, "b_server": server, "b_now": since})
-    return new  # type: ignore[no-any-return]
+    yield from forget_file(file_id)
+    new = yield from new_file("live", ns_id, key, fid, path, size, sha256, created, held.rows)
+    return new
 
 
 @writer
-def txn_abort(txn_id: str, now: float) -> Txn[list[FileInfo]]:
+def txn_abort(txn_id: str, now: float) -> Unit[list[FileInfo]]:
     """
     Discard transaction C{txn_id}: its pending files become deleted (for
     their bytes to be reclaimed) and its rows go.  Return the files.  An
@@ -488,7 +450,7 @@ def txn_abort(txn_id: str, now: float) -> Txn[list[FileInfo]]:
 
 
 @writer
-def expire_txns(now: float, limit: int) -> Txn[list[FileInfo]]:
+def expire_txns(now: float, limit: int) -> Unit[list[FileInfo]]:
     """
     Abort up to C{limit} transactions whose clients went silent (open or
     prepared past their expiry), and forget committed ones kept long
@@ -506,84 +468,3 @@ def expire_txns(now: float, limit: int) -> Txn[list[FileInfo]]:
         else:
             discarded.extend((yield from _discard(txn_id, found[0], now)))
     return discarded
-
-
-def _deleted(infos: list[FileInfo]) -> tuple[str, dict[str, Any]] | None:
-    if not infos:
-        return None
-    first = min(infos, key=lambda info: info.id)
-    return FILE_DELETED, {"id": first.id, "namespace": first.namespace, "key": first.key}
-
-
-class TransactionsMixin:
-    """
-    The transaction methods of a metadata store (L{ITransactionStore}),
-    for a store with C{_run(txn, *args)} and C{_listeners}.  Changes are
-    announced as one event each (a commit as the lowest id it published,
-    which moves replicators' cursors back to it).
-    """
-
-    _run: Callable[..., Deferred[Any]]
-    _listeners: Any
-
-    def _runTold(
-        self,
-        notice: Callable[[Any], tuple[str, dict[str, Any]] | None],
-        txn: Callable[..., Txn[Any]],
-        *args: Any,
-    ) -> Deferred[Any]:
-        """
-        Run C{txn(*args)}, then tell listeners the event C{notice} makes of
-        its result.  PostgreSQL's store overrides this to notify other
-        processes in the same transaction.
-        """
-
-        def told(result: Any) -> Any:
-            event = notice(result)
-            if event is not None:
-                self._listeners.notify(*event)
-            return result
-
-        return self._run(txn, *args).addCallback(told)
-
-    def begin_txn(self, txn_id: str, namespace: str, now: float, expires: float) -> Deferred[float]:
-        return self._run(begin_txn, txn_id, namespace, now, expires)
-
-    def txn_put(self, *args: Any) -> Deferred[tuple[FileInfo, list[FileInfo]]]:
-        return self._runTold(lambda result: _deleted(result[1]), txn_put, *args)
-
-    def txn_delete(
-        self, txn_id: str, namespace: str, key: str, now: float, expires: float
-    ) -> Deferred[tuple[bool, list[FileInfo]]]:
-        return self._runTold(
-            lambda result: _deleted(result[1]), txn_delete, txn_id, namespace, key, now, expires
-        )
-
-    def txn_lookup(self, txn_id: str, namespace: str, key: str) -> Deferred[FileInfo | None]:
-        return self._run(txn_lookup, txn_id, namespace, key)
-
-    def txn_pending(
-        self, txn_id: str, now: float
-    ) -> Deferred[tuple[str, list[tuple[FileInfo, str | None]]]]:
-        return self._run(txn_pending, txn_id, now)
-
-    def txn_vote(
-        self, txn_id: str, server: str, file_ids: list[int], now: float, expires: float
-    ) -> Deferred[Vote]:
-        return self._run(txn_vote, txn_id, server, file_ids, now, expires)
-
-    def txn_commit(self, txn_id: str, now: float, keep: float, prepared: bool) -> Deferred[Commit]:
-        def notice(commit: Commit) -> tuple[str, dict[str, Any]] | None:
-            if commit.published:
-                return FILE_ADDED, {"id": min(commit.published), "txn": txn_id}
-            if commit.retired:
-                return FILE_DELETED, {"id": min(commit.retired), "txn": txn_id}
-            return None
-
-        return self._runTold(notice, txn_commit, txn_id, now, keep, prepared)
-
-    def txn_abort(self, txn_id: str, now: float) -> Deferred[list[FileInfo]]:
-        return self._runTold(_deleted, txn_abort, txn_id, now)
-
-    def expire_txns(self, now: float, limit: int) -> Deferred[list[FileInfo]]:
-        return self._runTold(_deleted, expire_txns, now, limit)
