@@ -171,18 +171,21 @@ class PeersMixin(NetworkMixin):
     Probe processes in the hosts of a network.
     """
 
-    def echo(self, host: netns.Host) -> subprocess.Popen[str]:
+    def serve(self, host: netns.Host, mode: str) -> subprocess.Popen[str]:
         """
-        An echo server on C{host}'s address, serving once this returns.
+        A L{PEER} server on C{host}'s address, listening once this returns.
         """
         server = host.popen(
-            [sys.executable, "-c", PEER, "echo", host.address, str(PORT)],
+            [sys.executable, "-c", PEER, mode, host.address, str(PORT)],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert server.stdout is not None
         self.assertEqual(server.stdout.readline().strip(), "listening")
         return server
+
+    def echo(self, host: netns.Host) -> subprocess.Popen[str]:
+        return self.serve(host, "echo")
 
     def call(self, src: netns.Host, dst: netns.Host, timeout: float = 2.0) -> dict:
         """
@@ -322,13 +325,7 @@ class NetworkTests(PeersMixin, SynchronousTestCase):
         namespace throttled this to 0.3 MB/s: over 50 s).
         """
         self.net.netem(self.a, delay_ms=50)
-        sink = self.b.popen(
-            [sys.executable, "-c", PEER, "drain", self.b.address, str(PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert sink.stdout is not None
-        self.assertEqual(sink.stdout.readline().strip(), "listening")
+        sink = self.serve(self.b, "drain")
         done = self.a.run([sys.executable, "-c", PEER, "stream", self.b.address, str(PORT), "16"])
         self.assertLess(float(done.stdout), 10.0)
         self.assertGreater(float(done.stdout), 0.05)
@@ -348,13 +345,8 @@ class NetworkTests(PeersMixin, SynchronousTestCase):
         """
         How many of C{n} datagrams from a reach b.
         """
-        sink = self.b.popen(
-            [sys.executable, "-c", PEER, "sink", self.b.address, str(PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        sink = self.serve(self.b, "sink")
         assert sink.stdout is not None
-        self.assertEqual(sink.stdout.readline().strip(), "listening")
         self.a.run([sys.executable, "-c", PEER, "spray", self.b.address, str(PORT), str(n)])
         count = int(sink.stdout.readline())
         sink.wait()
