@@ -157,6 +157,21 @@ SYSCTLS = {
 }
 
 
+def _bridge_to_iptables() -> None:
+    """
+    Make this namespace's bridges hand the IPv4 packets they forward to
+    iptables (br_netfilter), where the cuts and delay lines are.
+    """
+    path = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        raise NetnsError(
+            f"no {path}: the kernel needs br_netfilter (modprobe br_netfilter)"
+        ) from None
+
+
 # -- leases: which networks are alive ---------------------------------------------
 
 
@@ -503,6 +518,8 @@ class Network:
             lines += [f"-A {chain} {rule}" for rule in rules]
         if shutil.which("iptables-restore") is None:
             raise NetnsError("iptables-restore not found: install Debian's iptables (.ci/run does)")
+        if not self._hooked:
+            in_namespace(self.switch, _bridge_to_iptables)
         _command(
             ["ip", "netns", "exec", self.switch, "iptables-restore", "--noflush", "-w", "10"],
             input="\n".join([*lines, "COMMIT"]) + "\n",
