@@ -33,10 +33,10 @@ PORT = 7000
 #: (says "listening", then echoes one message per connection);
 #: C{call ADDR PORT TIMEOUT} connects, sends, reads the echo and prints
 #: how long the connect and the whole exchange took (or the error);
-#: C{sink ADDR PORT} counts UDP datagrams until a second passes without
-#: one; C{spray ADDR PORT N} sends N of them; C{drain ADDR PORT} reads
-#: one TCP stream to its end, then answers "done"; C{stream ADDR PORT N}
-#: sends it N MiB and prints how many seconds that took.
+#: C{sink ADDR PORT} counts UDP datagrams "x" until one says "end";
+#: C{spray ADDR PORT N [WHAT]} sends N of them (or of WHAT); C{drain ADDR
+#: PORT} reads one TCP stream to its end, then answers "done"; C{stream
+#: ADDR PORT N} sends it N MiB and prints how many seconds that took.
 PEER = r"""
 import json, socket, sys, time
 mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -68,20 +68,16 @@ elif mode == "sink":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((addr, port))
     print("listening", flush=True)
-    s.settimeout(10)
+    s.settimeout(30)
     n = 0
-    try:
-        while True:
-            s.recv(100)
-            n += 1
-            s.settimeout(1)
-    except OSError:
-        pass
+    while s.recv(100) == b"x":
+        n += 1
     print(n, flush=True)
 elif mode == "spray":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    what = sys.argv[5].encode() if len(sys.argv) > 5 else b"x"
     for _ in range(int(sys.argv[4])):
-        s.sendto(b"x", (addr, port))
+        s.sendto(what, (addr, port))
         time.sleep(0.001)
 elif mode == "drain":
     s = socket.socket()
@@ -343,11 +339,13 @@ class NetworkTests(PeersMixin, SynchronousTestCase):
 
     def spray(self, n: int = 500) -> int:
         """
-        How many of C{n} datagrams from a reach b.
+        How many of C{n} datagrams from a reach b.  The end is said from b
+        to itself, which no netem of a's touches.
         """
         sink = self.serve(self.b, "sink")
         assert sink.stdout is not None
         self.a.run([sys.executable, "-c", PEER, "spray", self.b.address, str(PORT), str(n)])
+        self.b.run([sys.executable, "-c", PEER, "spray", self.b.address, str(PORT), "1", "end"])
         count = int(sink.stdout.readline())
         sink.wait()
         return count
