@@ -162,7 +162,7 @@ def inodes_of(network: Network) -> set[tuple[int, int]]:
     return inodes
 
 
-class PeersMixin(NetworkMixin):
+class PeersTestCase(NetworkMixin, SynchronousTestCase):
     """
     Probe processes in the hosts of a network.
     """
@@ -202,7 +202,7 @@ class PeersMixin(NetworkMixin):
         self.assertIn("timed out", result["error"])
 
 
-class NetworkTests(PeersMixin, SynchronousTestCase):
+class NetworkTests(PeersTestCase):
     """
     Hosts, links and faults, with probe processes in the hosts.
     """
@@ -378,7 +378,7 @@ class NetworkTests(PeersMixin, SynchronousTestCase):
         self.assertEqual(self.net.cuts(), set())
 
 
-class LifecycleTests(PeersMixin, SynchronousTestCase):
+class LifecycleTests(PeersTestCase):
     """
     Networks leave nothing behind: not when closed, not when the test
     fails, not when their owner is killed; and concurrent owners never
