@@ -1,6 +1,8 @@
 """
 Real KoboldFS servers for end-to-end tests: C{twistd koboldfs} processes
-on free loopback ports, each with its own data directory.
+on free loopback ports, each with its own data directory; or, given a host
+of a L{koboldfs.test.netns.Network}, in that host's namespace on its
+address.
 
 Processes run this checkout's code (PYTHONPATH points at it, which also
 makes Twisted find the plugin in its twisted/plugins folder).
@@ -14,12 +16,15 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, reactor
 
 import koboldfs
 from koboldfs.test.support import free_port, sleep
+
+if TYPE_CHECKING:
+    from koboldfs.test.netns import Host
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(koboldfs.__file__)))
 
@@ -31,8 +36,12 @@ class ServerProcess:
     """
     One C{twistd -n koboldfs} process.
 
-    @ivar address: C{127.0.0.1:PORT} of its binary protocol.
+    @ivar address: C{INTERFACE:PORT} of its binary protocol.
     @ivar http: base URL of its HTTP server.
+    @ivar netns: the host (network namespace) it runs in, or None for this
+        machine's loopback.
+    @ivar interface: the address it listens on: C{127.0.0.1}, or its
+        host's.  Its C{--host} is the host's label unless given.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class ServerProcess:
         db: str | None = None,
         host: str | None = None,
         extra: tuple[str, ...] = (),
+        netns: Host | None = None,
     ) -> None:
         self.name = name
         self.dir = os.path.join(base, name)
@@ -49,10 +59,12 @@ class ServerProcess:
         self.data = os.path.join(self.dir, "data")
         self.port = free_port()
         self.http_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.netns = netns
+        self.interface = "127.0.0.1" if netns is None else netns.address
+        self.address = f"{self.interface}:{self.port}"
+        self.http = f"http://{self.interface}:{self.http_port}"
         self.db = db
-        self.host = host or name
+        self.host = host or (name if netns is None else netns.label)
         self.extra = extra
         self.log = os.path.join(self.dir, "twistd.log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -69,8 +81,8 @@ class ServerProcess:
             f"--name={self.name}",
             f"--host={self.host}",
             f"--data={self.data}",
-            f"--listen=tcp:{self.port}:interface=127.0.0.1",
-            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
+            f"--listen=tcp:{self.port}:interface={self.interface}",
+            f"--http=tcp:{self.http_port}:interface={self.interface}",
             "--heartbeat=1",
             "--down-after=5",
             *self.extra,
@@ -89,7 +101,8 @@ class ServerProcess:
         Start the process, without waiting for it to serve.
         """
         env = {**os.environ, "PYTHONPATH": CHECKOUT}
-        self.process = subprocess.Popen(self.argv(), cwd=self.dir, env=env)
+        prefix = [] if self.netns is None else self.netns.prefix
+        self.process = subprocess.Popen([*prefix, *self.argv()], cwd=self.dir, env=env)
 
     def _started(self) -> bool:
         """
@@ -133,9 +146,10 @@ class ServerProcess:
         Whether both ports accept connections.  The HTTP port opens after
         the database is ready, so this means the server is serving.
         """
+        connect = socket.create_connection if self.netns is None else self.netns.connect
         try:
             for port in (self.port, self.http_port):
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                connect((self.interface, port), timeout=0.5).close()
         except OSError:
             return False
         return True

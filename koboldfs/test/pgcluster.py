@@ -14,6 +14,11 @@ PostgreSQL's server tools refuse to run as root, so when the tests run as
 root every one of them goes through C{runuser -u OWNER --}, and the
 directories made here are given to that user.
 
+A throwaway cluster may run in a host of a L{koboldfs.test.netns.Network}
+(C{netns=}): it listens on that host's address, trusts the network's
+subnet in pg_hba.conf, and this process, which cannot reach that address,
+talks to it through its Unix socket (L{PostgresCluster.local_url}).
+
 Tests that stop or restart PostgreSQL should do it to a cluster of their
 own (L{PostgresMixin.throwawayCluster}), not to the shared one: CI runs
 trial with C{-j2}, and a test in the other worker may be using the shared
@@ -32,7 +37,7 @@ import pwd
 import shutil
 import tempfile
 import uuid
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, reactor, utils
@@ -40,6 +45,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from koboldfs.test.support import free_port, sleep
+
+if TYPE_CHECKING:
+    from koboldfs.test.netns import Host
 
 #: The shared test cluster, as .ci/postgres.sh exports it.
 POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
@@ -176,30 +184,49 @@ def database_url(url: str, database: str) -> str:
 
 class PostgresCluster:
     """
-    One PostgreSQL cluster on 127.0.0.1, driven with C{pg_ctl}.
+    One PostgreSQL cluster on 127.0.0.1 or in a host of a network, driven
+    with C{pg_ctl}.
 
     @ivar data: its data directory.
     @ivar port: the TCP port it listens on.
     @ivar log: the server log, where C{pg_ctl} sends its output.
     @ivar base: the directory made for it (data, log, socket), deleted by
         L{destroy}; None for the shared cluster, which is not ours to delete.
+    @ivar netns: the host it runs in, or None for this machine's loopback.
+    @ivar interface: the address it listens on.
     """
 
-    def __init__(self, data: str, port: int, log: str, base: str | None = None) -> None:
+    def __init__(
+        self, data: str, port: int, log: str, base: str | None = None, netns: Host | None = None
+    ) -> None:
         self.data = data
         self.port = port
         self.log = log
         self.base = base
+        self.netns = netns
+        self.interface = "127.0.0.1" if netns is None else netns.address
 
     def __repr__(self) -> str:
-        return f"<PostgresCluster {self.data} on 127.0.0.1:{self.port}>"
+        return f"<PostgresCluster {self.data} on {self.address}>"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.interface}:{self.port}"
 
     def url(self, database: str = "postgres") -> str:
+        """
+        The URL servers use: TCP to its address.
+        """
         return f"postgresql://postgres@{self.address}/{database}"
+
+    def local_url(self, database: str = "postgres") -> str:
+        """
+        The URL this process uses: L{url}, or for a cluster in a network
+        namespace its Unix socket (not bound to any network).
+        """
+        if self.netns is None or self.base is None:
+            return self.url(database)
+        return f"postgresql://postgres@/{database}?host={self.base}&port={self.port}"
 
     def tail(self, lines: int = 30) -> str:
         """
@@ -214,17 +241,22 @@ class PostgresCluster:
     # -- making clusters
 
     @classmethod
-    async def initdb(cls, prefix: str = "koboldfs-pgtest-") -> PostgresCluster:
+    async def initdb(
+        cls, prefix: str = "koboldfs-pgtest-", netns: Host | None = None
+    ) -> PostgresCluster:
         """
         A new, stopped cluster in a new directory, set up as .ci/postgres.sh
         sets up the shared one (trust authentication, C collation, loopback
         only), and ready to be a primary: C{wal_level=replica} and a trusted
         C{host replication} entry for 127.0.0.1, so that
         C{pg_basebackup} and a standby can connect.
+
+        @param netns: run it in this host instead, listening on the host's
+            address, trusting every address of the host's network.
         """
         base = _make_base(prefix)
         data = os.path.join(base, "data")
-        cluster = cls(data, free_port(), os.path.join(base, "postgres.log"), base)
+        cluster = cls(data, free_port(), os.path.join(base, "postgres.log"), base, netns)
         try:
             await run(
                 as_owner(
@@ -248,7 +280,7 @@ class PostgresCluster:
                 os.path.join(data, "postgresql.conf"),
                 "\n# koboldfs throwaway test cluster\n"
                 f"port = {cluster.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
+                f"listen_addresses = '{cluster.interface}'\n"
                 f"unix_socket_directories = '{base}'\n"
                 "max_connections = 100\n"
                 "wal_level = replica\n"
@@ -259,31 +291,42 @@ class PostgresCluster:
                 entries = [line.split() for line in f if not line.lstrip().startswith("#")]
             if ["host", "replication", "all", "127.0.0.1/32", "trust"] not in entries:
                 _append(hba, "host replication all 127.0.0.1/32 trust\n")
+            if netns is not None:
+                subnet = netns.network.subnet
+                _append(hba, f"host all all {subnet} trust\nhost replication all {subnet} trust\n")
         except BaseException:
             shutil.rmtree(base, ignore_errors=True)
             raise
         return cluster
 
-    async def standby(self, prefix: str = "koboldfs-pgstandby-") -> PostgresCluster:
+    async def standby(
+        self, prefix: str = "koboldfs-pgstandby-", netns: Host | None = None
+    ) -> PostgresCluster:
         """
         A streaming standby of this running cluster, on another free port,
         started, and streaming once this returns.
 
         C{pg_basebackup -R} copies the data directory and writes
         C{standby.signal} and C{primary_conninfo}; the copy keeps this
-        cluster's postgresql.conf, so its port and socket directory are
-        set again after the copied ones (the last setting wins).
+        cluster's postgresql.conf, so its port, address and socket
+        directory are set again after the copied ones (the last setting
+        wins).
+
+        @param netns: run it in this host (of the primary's network, when
+            the primary is in one), streaming over that network.
         """
         base = _make_base(prefix)
         data = os.path.join(base, "data")
-        standby = PostgresCluster(data, free_port(), os.path.join(base, "postgres.log"), base)
+        standby = PostgresCluster(
+            data, free_port(), os.path.join(base, "postgres.log"), base, netns
+        )
         try:
             await run(
-                as_owner(
+                standby._in_host(
                     [
                         tool("pg_basebackup"),
                         "-h",
-                        "127.0.0.1",
+                        self.interface,
                         "-p",
                         str(self.port),
                         "-U",
@@ -304,6 +347,7 @@ class PostgresCluster:
                 os.path.join(data, "postgresql.conf"),
                 "\n# koboldfs streaming standby\n"
                 f"port = {standby.port}\n"
+                f"listen_addresses = '{standby.interface}'\n"
                 f"unix_socket_directories = '{base}'\n",
             )
             await standby.start()
@@ -315,8 +359,15 @@ class PostgresCluster:
 
     # -- pg_ctl
 
+    def _in_host(self, argv: Sequence[str]) -> list[str]:
+        """
+        C{argv} run as the cluster owner, in the cluster's host if it has one.
+        """
+        prefix = [] if self.netns is None else self.netns.prefix
+        return [*prefix, *as_owner(argv)]
+
     def _pg_ctl(self, *args: str) -> list[str]:
-        return as_owner([tool("pg_ctl"), "-D", self.data, *args])
+        return self._in_host([tool("pg_ctl"), "-D", self.data, *args])
 
     async def start(self) -> None:
         """
@@ -391,7 +442,7 @@ class PostgresCluster:
         """
         Run one statement in autocommit mode (in a thread); its rows.
         """
-        return await query(self.url(database), sql)
+        return await query(self.local_url(database), sql)
 
     async def wait_streaming(self, timeout: float = 30.0) -> None:
         """
@@ -466,26 +517,30 @@ class PostgresMixin:
     database, then the servers that use it.
     """
 
-    def throwawayCluster(self) -> defer.Deferred[PostgresCluster]:
+    def throwawayCluster(self, netns: Host | None = None) -> defer.Deferred[PostgresCluster]:
         """
-        A new cluster of this test's own, started, destroyed at cleanup.
+        A new cluster of this test's own, started, destroyed at cleanup;
+        in host C{netns} if given.
         """
 
         async def make() -> PostgresCluster:
-            cluster = await PostgresCluster.initdb()
+            cluster = await PostgresCluster.initdb(netns=netns)
             self.addCleanup(lambda: defer.ensureDeferred(cluster.destroy()))  # type: ignore[attr-defined]
             await cluster.start()
             return cluster
 
         return defer.ensureDeferred(make())
 
-    def standbyOf(self, primary: PostgresCluster) -> defer.Deferred[PostgresCluster]:
+    def standbyOf(
+        self, primary: PostgresCluster, netns: Host | None = None
+    ) -> defer.Deferred[PostgresCluster]:
         """
-        A streaming standby of C{primary}, destroyed at cleanup.
+        A streaming standby of C{primary}, destroyed at cleanup; in host
+        C{netns} if given.
         """
 
         async def make() -> PostgresCluster:
-            standby = await primary.standby()
+            standby = await primary.standby(netns=netns)
             self.addCleanup(lambda: defer.ensureDeferred(standby.destroy()))  # type: ignore[attr-defined]
             return standby
 
