@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from koboldfs.errors import CorruptReplica, KoboldError, NotFound
 from koboldfs.interfaces import FileInfo, ServerInfo
-from koboldfs.metadata import FILE_ADDED, SERVER_CHANGED
+from koboldfs.metadata.events import FILE_ADDED, SERVER_CHANGED
 from koboldfs.periodic import Periodic, logged
 from koboldfs.placement import UNCOUNTED_STATES, Decision, choose
 from koboldfs.protocol import CHUNK_SIZE

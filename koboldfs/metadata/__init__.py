@@ -4,67 +4,14 @@ The cluster's shared metadata: namespaces, files, replicas and servers.
 L{store_from_url} picks the store for a database URL.  The operations
 themselves are written once, as units (L{koboldfs.metadata.units}) kept
 with the tables they work on; each store is only a driver that runs them.
-L{Listeners} is the in-process notification that every store uses for its
-own changes.
+What stores tell their listeners is in L{koboldfs.metadata.events}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from twisted.logger import Logger
-
-from koboldfs.interfaces import IMetadataStore, Listener
-
-#: The events passed to L{IMetadataStore.subscribe} listeners.
-FILE_ADDED = "file_added"
-FILE_DELETED = "file_deleted"
-SERVER_CHANGED = "server_changed"
-
-_log = Logger()
-
-
-class Listeners:
-    """
-    The listeners subscribed to a store, called on the reactor thread.  One
-    that raises is logged and does not keep the others from being called,
-    nor fails the change that it was told about.
-    """
-
-    def __init__(self) -> None:
-        self._listeners: list[Listener] = []
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """
-        Call C{listener(event, payload)} from now on; return a callable that
-        stops it (calling it again does nothing).
-        """
-        self._listeners.append(listener)
-        subscribed = True
-
-        def unsubscribe() -> None:
-            nonlocal subscribed
-            if subscribed:
-                subscribed = False
-                self._listeners.remove(listener)
-
-        return unsubscribe
-
-    def notify(self, event: str, payload: dict[str, Any]) -> None:
-        """
-        Tell every listener about C{event}.  Each gets its own copy of
-        C{payload}, so that one changing it cannot mislead the next.
-        """
-        for listener in list(self._listeners):
-            try:
-                listener(event, dict(payload))
-            except Exception:
-                _log.failure(
-                    "metadata listener {listener!r} failed on {event}",
-                    listener=listener,
-                    event=event,
-                )
-
+from koboldfs.interfaces import IMetadataStore
 
 def store_from_url(url: str, reactor: Any) -> IMetadataStore:
     """

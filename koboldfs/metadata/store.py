@@ -22,10 +22,6 @@ from koboldfs.auth import KeyInfo, new_key
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import FileInfo, Listener, NamespaceInfo, ServerInfo
 from koboldfs.metadata import (
-    FILE_ADDED,
-    FILE_DELETED,
-    SERVER_CHANGED,
-    Listeners,
     files,
     health,
     keys,
@@ -34,6 +30,7 @@ from koboldfs.metadata import (
     sweeps,
     txnstore,
 )
+from koboldfs.metadata.events import FILE_ADDED, FILE_DELETED, SERVER_CHANGED, StoreListeners
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.txnstore import Commit, Vote
 from koboldfs.metadata.units import Unit, Work
@@ -82,7 +79,7 @@ class MetadataStore:
             records itself (namespaces and keys created).
         """
         self._reactor = reactor
-        self._listeners = Listeners()
+        self._listeners = StoreListeners()
         self._running = False
 
     def _transact(self, work: Work[T], notice: Notice) -> Deferred[tuple[T, Event | None]]:

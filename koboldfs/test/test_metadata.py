@@ -21,7 +21,8 @@ from zope.interface.verify import verifyObject
 
 from koboldfs.errors import ErrorCode, Unavailable
 from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
-from koboldfs.metadata import Listeners, store_from_url
+from koboldfs.metadata import store_from_url
+from koboldfs.metadata.events import StoreListeners
 from koboldfs.metadata.pgstore import (
     DEAD_PEER_DEFAULTS,
     SCHEMA_LOCK,
@@ -973,14 +974,14 @@ class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
 
 class ListenersTests(unittest.TestCase):
     """
-    Tests for L{Listeners}, which every store uses for its own changes.
+    Tests for L{StoreListeners}, which every store uses for its own changes.
     """
 
     def test_payloadCopied(self) -> None:
         """
         A listener that changes its payload does not change the next one's.
         """
-        listeners = Listeners()
+        listeners = StoreListeners()
         seen: list[dict] = []
         listeners.subscribe(lambda event, payload: payload.clear())
         listeners.subscribe(lambda event, payload: seen.append(payload))
@@ -992,7 +993,7 @@ class ListenersTests(unittest.TestCase):
         A listener may unsubscribe itself when called, without making the
         next one miss the event.
         """
-        listeners = Listeners()
+        listeners = StoreListeners()
         seen: list[str] = []
 
         def once(event: str, payload: dict) -> None:

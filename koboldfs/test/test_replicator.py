@@ -14,7 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.interfaces import FileInfo, ServerInfo
-from koboldfs.metadata import FILE_ADDED
+from koboldfs.metadata.events import FILE_ADDED
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.replicator import (
     DEFER_INTERVALS,

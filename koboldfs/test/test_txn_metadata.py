@@ -15,7 +15,8 @@ from zope.interface.verify import verifyObject
 
 from koboldfs.errors import ErrorCode, TransactionError
 from koboldfs.interfaces import ITransactionStore
-from koboldfs.metadata import FILE_ADDED, store_from_url
+from koboldfs.metadata import store_from_url
+from koboldfs.metadata.events import FILE_ADDED
 from koboldfs.test.pgcluster import PostgresMixin
 
 _POSTGRES_URL = os.environ.get("KOBOLDFS_TEST_POSTGRES_URL")
