@@ -96,7 +96,7 @@ def _etag_matches(header: bytes, etag: bytes) -> bool:
 
 
 @implementer(IPushProducer, IBodySink)
-class _ResponseSink:
+class ResponseSink:
     """
     A response body the core's body source writes into, paced by the
     client: the connection pauses and resumes it, and a write returns a
@@ -253,7 +253,7 @@ class FileResource(Resource):
             if not _gone(request):
                 request.finish()
             return
-        sink = _ResponseSink(request)
+        sink = ResponseSink(request)
         request.registerProducer(sink, True)
         try:
             await body.send(sink)

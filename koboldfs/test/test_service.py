@@ -21,6 +21,7 @@ CHILDREN = {
     "peers",
     "binary",
     "http",
+    "s3",
     "heartbeat",
     "replicator",
     "scrubber",
@@ -68,7 +69,7 @@ class KoboldServiceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpServers, [])  # not before the data is ready
         self.service.startService()
         self.successResultOf(self.service.ready)
-        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877])
+        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877, 9878])
         ports = [
             self.successResultOf(s.listening) for s in (self.service.binary, self.service.http)
         ]
