@@ -637,17 +637,7 @@ class S3Credential:
 
     access_key: str
     secret: str = field(repr=False)
-    grants: tuple[S3Grant, ...] = ()
-
-    def allows(self, namespace: str | None, write: bool) -> bool:
-        """
-        Whether this credential may read (or, if C{write}, change)
-        C{namespace}; C{None} asks for a cluster-wide grant.
-        """
-        return any(
-            (g.namespace is None or g.namespace == namespace) and (g.write or not write)
-            for g in self.grants
-        )
+    grants: tuple[S3Grant, ...]
 
 
 class IS3Credentials(Interface):

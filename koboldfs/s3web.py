@@ -75,7 +75,7 @@ from koboldfs.s3.request import (
     response_overrides,
 )
 from koboldfs.s3.sigv4 import Authenticated, Verifier
-from koboldfs.s3access import access_key_of
+from koboldfs.s3access import access_key_of, allows
 from koboldfs.web import ResponseSink
 
 log = Logger()
@@ -195,8 +195,11 @@ class _BodyIn:
         self._queued = 0
         self._work: defer.Deferred[None] = defer.succeed(None)
         self.error: BaseException | None = None
+        #: Body bytes received, framing included.
+        self.received = 0
 
     def feed(self, data: bytes) -> None:
+        self.received += len(data)
         if self.error is not None:
             return
         self._batch.append(data)
@@ -311,6 +314,7 @@ class S3HTTPRequest(Request):
         self.content = io.BytesIO()  # type: ignore[assignment]
         channel: Any = self.channel
         site: S3Site = channel.site
+        self.started = site.front.node.clock.seconds()
         self._gate = Gate(channel.transport)
         expect = self.requestHeaders.getRawHeaders(b"expect")
         if expect and expect[0].lower() == b"100-continue" and channel._version == b"HTTP/1.1":
@@ -345,6 +349,8 @@ class S3HTTPRequest(Request):
 
     _received = False
     _early_error: S3Error | None = None
+    #: When its head was in (for the request log).
+    started: float | None = None
 
     def _refuse(self, error: S3Error) -> None:
         """
@@ -396,6 +402,10 @@ class S3HTTPRequest(Request):
     async def _respond(self) -> None:
         front = self.site.front
         assert self._ready is not None
+        if self._gate is not None:
+            # The body is in: nothing more to pace (the channel resumes
+            # reading when the response is done).
+            self._gate.close()
         try:
             await self._ready
         except Exception:
@@ -453,8 +463,11 @@ class S3HTTPRequest(Request):
 
     def connectionLost(self, reason: Any) -> None:
         call = self._call
-        if call is not None and call.stream is not None:
-            call.stream.abort()
+        if call is not None:
+            if call.body is not None and call.body.error is None:
+                call.body.error = IncompleteBody("The client went away")
+            if call.stream is not None:
+                call.stream.abort()
         super().connectionLost(reason)
 
 
@@ -549,9 +562,9 @@ class S3Front:
         if op.operation not in _NEEDS:
             raise NotImplementedS3(f"{op.operation} is not implemented")
         if need is None:
-            allowed = credential.allows(None, True)
+            allowed = allows(credential, None, True)
         else:
-            allowed = credential.allows(op.bucket, need)
+            allowed = allows(credential, op.bucket, need)
         if not allowed:
             raise AccessDenied()
 
@@ -625,7 +638,7 @@ class S3Front:
         assert credential is not None
         namespaces = await self.node.store.namespaces()
         buckets = [s3xml.Bucket(n.name, n.created) for n in namespaces
-                   if is_valid_bucket_name(n.name) and credential.allows(n.name, False)]
+                   if is_valid_bucket_name(n.name) and allows(credential, n.name, False)]
         request.send(200, {}, s3xml.list_buckets(OWNER, buckets))
 
     async def _CreateBucket(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
@@ -901,15 +914,19 @@ class S3Site(Site):
         call = getattr(request, "_call", None)
         op = call.op if call is not None else None
         code = request.code
+        sent = int(getattr(request, "sentLength", 0) or 0)
+        received = call.body.received if call is not None and call.body is not None else 0
+        started = getattr(request, "started", None)
         self.metrics.record(
             "s3",
             op.operation if op is not None else "unknown",
             op.bucket if op is not None else None,
             op.key if op is not None else None,
-            int(getattr(request, "sentLength", 0) or 0),
-            0.0,
+            max(sent, received),
+            self.reactor.seconds() - started if started is not None else 0.0,
             "ok" if code < 400 else f"s3_{code}",
-            bytes_out=int(getattr(request, "sentLength", 0) or 0),
+            bytes_in=received,
+            bytes_out=sent,
         )
 
 

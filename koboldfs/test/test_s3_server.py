@@ -35,6 +35,7 @@ from koboldfs.s3.sigv4 import (
     signing_key,
     string_to_sign,
 )
+from koboldfs.test.certs import TestCA
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.support import eventually
 
@@ -518,6 +519,41 @@ class S3Tests(ClusterMixin, TestCase):
                 answer = exchange(headers, body)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer)
                 self.assertIn(b"SignatureDoesNotMatch", answer)
+
+            await deferToThread(check)
+
+        return defer.ensureDeferred(run())
+
+    def test_https(self) -> defer.Deferred[None]:
+        """
+        Over HTTPS boto3 sends its uploads aws-chunked, unsigned, with a
+        trailing CRC32 inside C{Transfer-Encoding: chunked}: taken, the
+        checksum checked, the bytes stored as sent.
+        """
+
+        async def run() -> None:
+            base = os.path.abspath(self.mktemp())
+            self._clusterBase = base
+            ca = TestCA(os.path.join(base, "ca"))
+            pem = ca.server_pem("127.0.0.1")
+            server = ServerProcess(base, "s")
+            server.extra = (f"--s3-credentials={_credentials_file(base)}",
+                            f"--s3=ssl:{server.s3_port}:privateKey={pem}:interface=127.0.0.1")
+            self.addCleanup(lambda: defer.ensureDeferred(server.stop()))
+            await server.start()
+            s3 = boto3.client("s3", endpoint_url=f"https://127.0.0.1:{server.s3_port}",
+                              aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
+                              region_name=REGION, verify=ca.ca)
+            await deferToThread(s3.create_bucket, Bucket="bkt")
+            data = os.urandom(3 * 1024 * 1024 + 1)
+
+            def check() -> None:
+                s3.put_object(Bucket="bkt", Key="tls", Body=data)
+                self.assertEqual(s3.get_object(Bucket="bkt", Key="tls")["Body"].read(), data)
+                s3.put_object(Bucket="bkt", Key="tls-small", Body=b"small")
+                listed = s3.list_objects_v2(Bucket="bkt", Prefix="tls")["Contents"]
+                self.assertEqual([(o["Key"], o["Size"]) for o in listed],
+                                 [("tls", len(data)), ("tls-small", 5)])
 
             await deferToThread(check)
 
