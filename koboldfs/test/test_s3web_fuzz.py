@@ -17,6 +17,7 @@ gone, and the next client is served.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import random
@@ -34,7 +35,7 @@ from koboldfs.interfaces import S3Credential, S3Grant
 from koboldfs.s3access import StaticCredentials
 from koboldfs.s3web import make_s3_site
 from koboldfs.test.test_s3_server import ACCESS_KEY, SECRET, sign, signed_chunks
-from koboldfs.testing import MemoryServer, parse_response
+from koboldfs.testing import HTTPResponse, MemoryServer, parse_response
 
 SCALE = int(os.environ.get("KOBOLDFS_FUZZ_SCALE", "1"))
 EXAMPLES = 30 * SCALE
@@ -157,12 +158,10 @@ class FrontFuzzTests(SynchronousTestCase):
 
 
 def _md5(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
-def _responses(data: bytes) -> list:  # type: ignore[type-arg]
+def _responses(data: bytes) -> list[HTTPResponse]:
     """
     The responses written, each parsed (a 100 Continue before one).
     """
