@@ -60,15 +60,20 @@ ABORT_AFTER = 5.0
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
     """
-    A file's metadata as the fields of an OK reply to STAT and PUT.
+    A file's metadata as the fields of an OK reply to STAT and PUT, with
+    its content type if it was stored with one (through S3).
     """
-    return {
+    fields: dict[str, Any] = {
         "key": info.key,
         "size": info.size,
         "sha256": info.sha256,
         "created": info.created,
         "servers": list(info.replicas),
     }
+    content_type = (info.attributes or {}).get("content-type")
+    if content_type is not None:
+        fields["content_type"] = content_type
+    return fields
 
 
 class _State(Enum):
@@ -435,17 +440,19 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 self._abort_put()
                 self.sendError(ErrorCode.BAD_REQUEST, "upload aborted by the client")
                 self._idle()
-            elif "sha256" not in frame.fields:
+            elif "sha256" not in frame.fields and not isinstance(stream, CopyStream):
+                # A peer's copy may come without one (its client gave none,
+                # as S3 clients may not): the peer checks our digest.
                 raise ProtocolError("END of a PUT needs sha256", ErrorCode.BAD_REQUEST)
             else:
                 self._state = _State.BUSY
-                defer.ensureDeferred(self._finish_put(stream, frame["sha256"])).addErrback(
+                defer.ensureDeferred(self._finish_put(stream, frame.get("sha256"))).addErrback(
                     self._requestFailed, Op.PUT
                 )
         else:
             raise ProtocolError(f"{frame.op.name} inside a PUT body", ErrorCode.BAD_REQUEST)
 
-    async def _finish_put(self, stream: PutStream | CopyStream, sha256: str) -> None:
+    async def _finish_put(self, stream: PutStream | CopyStream, sha256: str | None) -> None:
         try:
             if isinstance(stream, CopyStream):
                 size, digest = await stream.finish(sha256)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import Callable, Mapping
 
 from zope.interface import Attribute, Interface
 
@@ -66,6 +66,8 @@ class NamespaceInfo:
     @ivar url_template: how C{get_url} builds its files' URLs, or None for
         the serving server's C{public_url} (L{koboldfs.urls}).
     @ivar private: whether its files are served only by signed URLs.
+    @ivar public_read: whether the S3 front end serves its objects to
+        anonymous GET and HEAD (nothing else is ever anonymous).
     @ivar secret: the key those URLs are signed with; kept out of reprs,
         which end up in logs.
     """
@@ -78,6 +80,7 @@ class NamespaceInfo:
     url_template: str | None = None
     private: bool = False
     secret: str | None = field(default=None, repr=False)
+    public_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,14 @@ class FileInfo:
     @ivar fid: the name the bytes are stored under on every server.
     @ivar path: where the bytes live, relative to each server's data dir.
     @ivar replicas: names of the servers that hold a verified copy.
+    @ivar md5: hex MD5 of the bytes, computed as they arrived (S3 puts);
+        for a multipart object, the MD5 of its parts' binary MD5s; None
+        for a file put without one (the binary protocol).
+    @ivar parts: how many parts a multipart object was assembled from;
+        None for any other file.
+    @ivar attributes: what a front end stored with the file (the S3
+        headers: content-type, x-amz-meta-*...; see
+        L{koboldfs.attributes}), or None.
     """
 
     id: int
@@ -100,6 +111,102 @@ class FileInfo:
     created: float
     path: str
     replicas: tuple[str, ...] = ()
+    md5: str | None = None
+    parts: int | None = None
+    attributes: Mapping[str, str] | None = field(default=None, hash=False)
+
+    @property
+    def etag(self) -> str:
+        """
+        The file's S3 entity tag, unquoted: see L{etag}.
+        """
+        return etag(self.sha256, self.md5, self.parts)
+
+
+def etag(sha256: str, md5: str | None, parts: int | None) -> str:
+    """
+    The S3 entity tag of a file, unquoted: its MD5 for a single-part
+    object, S3's C{<md5 of part md5s>-<parts>} for a multipart one, and
+    for a file put without an MD5 its SHA-256 and C{-0}: no client takes
+    that for an MD5 (it is not 32 hex digits, and it has a dash, as
+    multipart tags do) nor for a real multipart tag (no object has zero
+    parts).
+    """
+    if md5 is None:
+        return f"{sha256}-0"
+    if parts is not None:
+        return f"{md5}-{parts}"
+    return md5
+
+
+@dataclass(frozen=True)
+class Extras:
+    """
+    What a put may record with a file beyond its bytes (the S3 front end's
+    MD5 and attributes; a multipart object's number of parts), and its
+    condition: C{if_absent}, only if the key has no live version;
+    C{if_match}, only if the live version's entity tag is this one.
+    """
+
+    md5: str | None = None
+    parts: int | None = None
+    attributes: Mapping[str, str] | None = field(default=None, hash=False)
+    if_absent: bool = False
+    if_match: str | None = None
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True)
+class S3Grant:
+    """
+    What an S3 credential may use: namespace C{namespace} (None: every
+    namespace, and bucket administration: create, delete, list all),
+    read-write if C{write}, else read-only.
+    """
+
+    namespace: str | None
+    write: bool
+
+
+@dataclass(frozen=True)
+class S3CredentialInfo:
+    """
+    An S3 credential as the metadata stores it: its secret sealed under a
+    key derived from the cluster secret (L{koboldfs.auth.seal_s3_secret}).
+    """
+
+    access_key: str
+    sealed: str = field(repr=False)
+    grants: tuple[S3Grant, ...]
+    created: float
+    last_used: float | None = None
+
+
+@dataclass(frozen=True)
+class S3Credential:
+    """
+    An S3 credential opened, for checking signatures: what
+    L{IS3Credentials.lookup} gives the S3 front end.
+    """
+
+    access_key: str
+    secret: str = field(repr=False)
+    grants: tuple[S3Grant, ...]
+
+
+class IS3Credentials(Interface):
+    """
+    The S3 credentials as a server sees them (L{koboldfs.s3creds}).
+    """
+
+    def lookup(access_key):
+        """
+        Fire with the L{S3Credential} of C{access_key}, or None if there is
+        none (never made, revoked, or sealed with no secret this server
+        holds).
+        """
 
 
 class IMetadataStore(Interface):
@@ -175,13 +282,18 @@ class IMetadataStore(Interface):
         disk depend on it).
         """
 
-    def add_file(namespace, key, fid, path, size, sha256, created, server, also=()):
+    def add_file(
+        namespace, key, fid, path, size, sha256, created, server, also=(), extras=NO_EXTRAS
+    ):
         """
         Publish a new version of C{key}, held by C{server} and by the
         servers named in C{also} (copies made durable while it was put),
         creating the namespace on first use.  The previous version, if any, is marked
         deleted in the same transaction, for the replicator to reclaim.
-        Fire with the new L{FileInfo}.
+        C{extras} (an L{Extras}) are recorded with it, and its condition
+        checked in the same transaction (failing with
+        L{koboldfs.errors.PreconditionFailed}).  Fire with the new
+        L{FileInfo}.
         """
 
     def known_fids(fids):
@@ -211,6 +323,12 @@ class IMetadataStore(Interface):
         """
         Fire with up to C{limit} live keys that start with C{prefix} and sort
         after C{after} (None: from the start), in code-point order.
+        """
+
+    def list_files(namespace, prefix, after, limit):
+        """
+        As L{list_keys}, with the live L{FileInfo}s (their C{replicas}
+        left empty): what an S3 listing shows.
         """
 
     def add_replica(file_id, server, now):
@@ -318,6 +436,37 @@ class IMetadataStore(Interface):
         """
         Forget key C{key_id} of C{namespace}; fire with whether it existed.
         Connections it authenticated keep their rights until they close.
+        """
+
+
+    def create_s3_credential(grants, cluster_secret):
+        """
+        Make an S3 credential with C{grants} (L{S3Grant}s), its secret
+        sealed under C{cluster_secret} (the first of the servers'
+        C{--secret-file}), and fire with C{(access key id, secret)}: the
+        secret is shown this once.
+        """
+
+    def s3_credential(access_key):
+        """
+        Fire with the L{S3CredentialInfo} of C{access_key}, or None.
+        """
+
+    def s3_credentials():
+        """
+        Fire with every L{S3CredentialInfo}, oldest first.
+        """
+
+    def touch_s3_credential(access_key, now):
+        """
+        Record that C{access_key} was used at C{now}.
+        """
+
+    def revoke_s3_credential(access_key):
+        """
+        Forget credential C{access_key}; fire with whether it existed.
+        Announced (C{s3_credential_revoked}), so that servers caching it
+        drop it at once.
         """
 
 
@@ -439,6 +588,10 @@ class INode(Interface):
     open = Attribute("Whether clients may do anything without a key.")
     readonly = Attribute("Whether this server takes no new files (its state is not alive).")
     uploads = Attribute("Puts being received now.")
+    s3_credentials = Attribute(
+        "The L{IS3Credentials} the S3 front end checks signatures with (cached briefly, "
+        "revocations heard at once: L{koboldfs.s3creds})."
+    )
     replica_lost = Attribute(
         "L{koboldfs.events.Listeners} told of each L{FileInfo} whose copy here was "
         "found bad or missing and set aside."
@@ -506,6 +659,11 @@ class INode(Interface):
         first), in code-point order.
         """
 
+    def list_files(ns, prefix, after, limit):
+        """
+        As L{list_keys}, the live L{FileInfo}s (without their replicas).
+        """
+
     def get_url(ns, key, expires=None):
         """
         Fire with the URL of a copy on a live server (signed for
@@ -525,7 +683,7 @@ class INode(Interface):
         one (C{expires}, C{signature}: the URL's, or None).
         """
 
-    def put(ns, key, size, producer, txn=None, failed=None):
+    def put(ns, key, size, producer, txn=None, failed=None, md5=False):
         """
         Begin a put of C{key} (C{size} bytes, or None if not known) and
         return its L{koboldfs.node.PutStream}: the front end writes the
@@ -536,6 +694,10 @@ class INode(Interface):
         if the put fails while the body is still arriving (a peer's copy
         failed), the stream then given up.  Plain, forwarded (copies made
         at the put on other hosts) and transactional puts are one call.
+        With C{md5} (not in a transaction), the MD5 of the body is computed
+        as it arrives and recorded (L{FileInfo.md5}); the stream's
+        C{finish} then takes the client's MD5 to check, the attributes to
+        record and a condition (L{Extras}).
 
         @raise KoboldError: refused at once (busy, read-only, too large,
             bad name).
@@ -604,6 +766,12 @@ class INode(Interface):
         """
         Make a put's upload durable and publish it with this server's copy
         alone (C{alone}: refused if its namespace wants more copies).
+        """
+
+    def record_put(put, size, digest, also=()):
+        """
+        Publish a put durable here and on the servers C{also}, with its
+        extras: the one record every put out of a transaction ends with.
         """
 
     def publish(put, record, lookup, not_recorded=()):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from koboldfs import forwarding
+from koboldfs.attributes import check_attributes
 from koboldfs.auth import (
     Grant,
     auth_message,
@@ -52,11 +53,14 @@ from koboldfs.errors import (
     Forbidden,
     KoboldError,
     NotFound,
+    PreconditionFailed,
     ProtocolError,
     ServerError,
 )
 from koboldfs.events import Listeners
 from koboldfs.interfaces import (
+    NO_EXTRAS,
+    Extras,
     FileInfo,
     IBodySink,
     IMetadataStore,
@@ -67,6 +71,7 @@ from koboldfs.interfaces import (
 )
 from koboldfs.names import check_key, check_namespace
 from koboldfs.protocol import CHUNK_SIZE
+from koboldfs.s3creds import S3Credentials
 from koboldfs.storage import PendingPut, Reader, Storage, new_fid, relpath_for, relpath_names
 from koboldfs.txnhandler import TransactionHandler, check_txn_id
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, check_signature, fill_template, signed_url
@@ -110,6 +115,7 @@ class Node:
         self.uploads = 0
         #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
+        self.s3_credentials = S3Credentials(store, config.cluster_secrets, clock)
 
     # -- limits
 
@@ -200,7 +206,7 @@ class Node:
         found = await self.store.lookup_fid(fid)
         if found is None or found[0].path != path:
             return None
-        return found  # type: ignore[no-any-return]
+        return found
 
     async def delete(self, ns: str, key: str, txn: str | None = None) -> None:
         """
@@ -219,6 +225,11 @@ class Node:
 
     async def list_keys(self, ns: str, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.store.list_keys(check_namespace(ns), prefix, after, min(limit, MAX_LIST))
+
+    async def list_files(
+        self, ns: str, prefix: str, after: str | None, limit: int
+    ) -> list[FileInfo]:
+        return await self.store.list_files(check_namespace(ns), prefix, after, min(limit, MAX_LIST))
 
     async def get_url(self, ns: str, key: str, expires: int | None = None) -> str:
         """
@@ -277,10 +288,13 @@ class Node:
         producer: IPushProducer,
         txn: str | None = None,
         failed: Callable[[KoboldError], None] | None = None,
+        md5: bool = False,
     ) -> PutStream:
+        if md5 and txn is not None:
+            raise ServerError(ErrorCode.BAD_REQUEST, "a put in a transaction records no MD5")
         self._take_upload()
         try:
-            pending = self._begin_upload(ns, key, size)
+            pending = self._begin_upload(ns, key, size, md5)
         except BaseException:
             self.uploads -= 1
             raise
@@ -338,7 +352,7 @@ class Node:
                 ErrorCode.TOO_LARGE, f"{size} bytes is over this server's limit of {limit}"
             )
 
-    def _begin_upload(self, ns: str, key: str, size: int | None) -> PendingPut:
+    def _begin_upload(self, ns: str, key: str, size: int | None, md5: bool) -> PendingPut:
         check_namespace(ns)
         check_key(key)
         if self.readonly:
@@ -346,7 +360,7 @@ class Node:
         self._check_size(size)
         fid = new_fid()
         path = relpath_for(fid, key)
-        upload = self.storage.open_upload(path, self.config.max_file_size)
+        upload = self.storage.open_upload(path, self.config.max_file_size, md5)
         return PendingPut(ns, key, fid, path, size, upload)
 
     async def finish_upload(
@@ -362,13 +376,33 @@ class Node:
             except BaseException:
                 await put.upload.abort()
                 raise
-        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        size, digest = await put.finish(sha256)
+        return await self.record_put(put, size, digest)
+
+    async def record_put(
+        self, put: PendingPut, size: int, digest: str, also: tuple[str, ...] = ()
+    ) -> FileInfo:
+        """
+        Publish C{put}, durable here and on the servers C{also}, with its
+        extras (L{publish}): how every put that is not in a client
+        transaction is recorded.
+        """
         return await self.publish(
             put,
             lambda: self.store.add_file(
-                put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
+                put.ns,
+                put.key,
+                put.fid,
+                put.path,
+                size,
+                digest,
+                self.clock.seconds(),
+                self.name,
+                also=also,
+                extras=put.recorded(),
             ),
             lambda: self.store.lookup(put.ns, put.key),
+            not_recorded=(PreconditionFailed,),
         )
 
     async def place(self, put: PendingPut) -> NamespaceInfo | None:
@@ -609,14 +643,42 @@ class PutStream(_Incoming):
         if self._forward is not None:
             self._forward.abort()
 
-    async def finish(self, sha256: str | None) -> FileInfo:
+    async def finish(
+        self,
+        sha256: str | None,
+        md5: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> FileInfo:
         """
         The end of the body: fire with the published L{FileInfo} once the
         file is durable (on every host its namespace wants) and recorded,
         or fail, having published nothing.
+
+        @param md5: the client's MD5 of the body (hex), checked before
+            anything is published; only for a put begun with C{md5}.
+        @param attributes: recorded with the file (L{koboldfs.attributes}).
+        @param if_absent: publish only if the key has no live version, and
+        @param if_match: only if the live version's entity tag is this;
+            checked as the file is recorded (else
+            L{PreconditionFailed}).
+        @raise AttributesTooLarge: too many C{attributes} (nothing kept).
         """
-        self._finishing = True
         node, put = self._node, self.put
+        try:
+            extras = Extras(
+                attributes=check_attributes(attributes), if_absent=if_absent, if_match=if_match
+            )
+            if extras != NO_EXTRAS and self._txn is not None:
+                raise ServerError(
+                    ErrorCode.BAD_REQUEST, "a put in a transaction records no attributes"
+                )
+        except BaseException:
+            self.abort()
+            raise
+        put.md5, put.extras = md5, extras
+        self._finishing = True
         try:
             if self._txn is not None:
                 return await node.txns.finish_upload(put, self._txn, sha256)
@@ -634,9 +696,11 @@ class CopyStream(_Incoming):
     recorded (the peer records it).
     """
 
-    async def finish(self, sha256: str) -> tuple[int, str]:
+    async def finish(self, sha256: str | None) -> tuple[int, str]:
         """
-        Fire with the copy's size and SHA-256 once it is durable here.
+        Fire with the copy's size and SHA-256 once it is durable here:
+        checked against C{sha256} if the peer sent one, and by the peer
+        against its own.
         """
         self._finishing = True
         try:

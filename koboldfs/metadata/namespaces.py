@@ -61,7 +61,14 @@ def list_namespaces() -> Unit[list[NamespaceInfo]]:
 
 
 #: The settings L{set_namespace} changes: the columns after C{created}.
-_NAMESPACE_SETTINGS = ("replicas", "min_copies", "url_template", "private", "secret")
+_NAMESPACE_SETTINGS = (
+    "replicas",
+    "min_copies",
+    "url_template",
+    "private",
+    "secret",
+    "public_read",
+)
 _NAMESPACE_ID = bindparam("b_namespace_id")
 _UPDATE_NAMESPACE = (
     update(namespaces)
@@ -86,8 +93,9 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
         value = settings.get(name)
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
-    if "private" in settings and not isinstance(settings["private"], bool):
-        raise ValueError(f"private must be True or False, not {settings['private']!r}")
+    for name in ("private", "public_read"):
+        if name in settings and not isinstance(settings[name], bool):
+            raise ValueError(f"{name} must be True or False, not {settings[name]!r}")
     secret = settings.get("secret")
     if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
         raise ValueError("a namespace secret is a string of at least 16 characters")

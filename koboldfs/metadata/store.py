@@ -18,19 +18,35 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 
-from koboldfs.auth import KeyInfo, new_key
+from koboldfs.auth import KeyInfo, new_key, new_s3_credential, seal_s3_secret
 from koboldfs.errors import ErrorCode, Unavailable
-from koboldfs.interfaces import FileInfo, Listener, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import (
+    NO_EXTRAS,
+    Extras,
+    FileInfo,
+    Listener,
+    NamespaceInfo,
+    S3CredentialInfo,
+    S3Grant,
+    ServerInfo,
+)
 from koboldfs.metadata import (
     files,
     health,
     keys,
     namespaces,
+    s3creds,
     servers,
     sweeps,
     txnstore,
 )
-from koboldfs.metadata.events import FILE_ADDED, FILE_DELETED, SERVER_CHANGED, StoreListeners
+from koboldfs.metadata.events import (
+    FILE_ADDED,
+    FILE_DELETED,
+    S3_CREDENTIAL_REVOKED,
+    SERVER_CHANGED,
+    StoreListeners,
+)
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.txnstore import Commit, Vote
 from koboldfs.metadata.units import Unit, Work
@@ -177,6 +193,7 @@ class MetadataStore:
         created: float,
         server: str,
         also: Iterable[str] = (),
+        extras: Extras = NO_EXTRAS,
     ) -> Deferred[FileInfo]:
         return self._run(
             files.add_file,
@@ -190,6 +207,7 @@ class MetadataStore:
             server,
             # A tuple: a retried unit reads its arguments again.
             tuple(also),
+            extras,
             notice=lambda info: (FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key}),
         )
 
@@ -220,6 +238,11 @@ class MetadataStore:
         self, namespace: str, prefix: str, after: str | None, limit: int
     ) -> Deferred[list[str]]:
         return self._run(files.list_keys, namespace, prefix, after, limit)
+
+    def list_files(
+        self, namespace: str, prefix: str, after: str | None, limit: int
+    ) -> Deferred[list[FileInfo]]:
+        return self._run(files.list_files, namespace, prefix, after, limit)
 
     def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
         """
@@ -302,6 +325,48 @@ class MetadataStore:
 
     def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
         return self._run(keys.revoke_key, namespace, key_id)
+
+    # -- S3 credentials
+
+    def create_s3_credential(
+        self, grants: Iterable[S3Grant], cluster_secret: bytes
+    ) -> Deferred[tuple[str, str]]:
+        """
+        @raise ValueError: no grant, or a grant of a bad namespace name.
+        """
+        grants = tuple(grants)
+        try:
+            if not grants:
+                raise ValueError("an S3 credential needs a grant: a namespace or the cluster")
+            for grant in grants:
+                if grant.namespace is not None:
+                    check_namespace(grant.namespace)
+        except ValueError as e:
+            return fail(e)
+        access_key, secret = new_s3_credential()
+        sealed = seal_s3_secret(cluster_secret, access_key, secret)
+        d = self._run(
+            s3creds.add_s3_credential, access_key, sealed, grants, self._reactor.seconds()
+        )
+        return d.addCallback(lambda _: (access_key, secret))
+
+    def s3_credential(self, access_key: str) -> Deferred[S3CredentialInfo | None]:
+        return self._run(s3creds.find_s3_credential, access_key)
+
+    def s3_credentials(self) -> Deferred[list[S3CredentialInfo]]:
+        return self._run(s3creds.list_s3_credentials)
+
+    def touch_s3_credential(self, access_key: str, now: float) -> Deferred[None]:
+        return self._run(s3creds.touch_s3_credential, access_key, now)
+
+    def revoke_s3_credential(self, access_key: str) -> Deferred[bool]:
+        return self._run(
+            s3creds.revoke_s3_credential,
+            access_key,
+            notice=lambda found: (
+                (S3_CREDENTIAL_REVOKED, {"access_key": access_key}) if found else None
+            ),
+        )
 
     # -- client transactions (ITransactionStore)
 
