@@ -25,6 +25,7 @@ from koboldfs.errors import (
     ErrorCode,
     Forbidden,
     KoboldError,
+    NotFound,
     ProtocolError,
     ServerError,
 )
@@ -352,6 +353,19 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         info: FileInfo = await self.node.lookup(msg["ns"], msg["key"], msg.get("txn"))
         return info
 
+    async def _stored(self, msg: Message) -> FileInfo:
+        """
+        The stored file a peer's GET names by its fid (a part of a
+        multipart upload, which is no key's live version).
+        """
+        grant = self.grant
+        if not (self.node.open or (grant is not None and grant.peer)):
+            raise Forbidden(ErrorCode.FORBIDDEN, "only peers GET by fid")
+        info = await self.node.store.stored_file(msg["fid"])
+        if info is None or (info.namespace, info.key) != (msg["ns"], msg["key"]):
+            raise NotFound(ErrorCode.NOT_FOUND, f"no stored file {msg['fid']} of {msg['key']!r}")
+        return info
+
     async def _txn(self, msg: Message) -> None:
         node = self.node
         if msg.op is Op.BEGIN:
@@ -383,7 +397,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- GET: the core's body source, written as FILE, DATA..., END
 
     async def _get(self, msg: Message) -> None:
-        info = await self._lookup(msg)
+        if "fid" in msg.fields:
+            info = await self._stored(msg)
+        else:
+            info = await self._lookup(msg)
         body = await self.node.get(info, local=bool(msg.get("local")), txn=msg.get("txn"))
         await body.send(_FrameSink(self, info))
         if not self.closing:

@@ -159,6 +159,43 @@ NO_EXTRAS = Extras()
 
 
 @dataclass(frozen=True)
+class UploadInfo:
+    """
+    A multipart upload under way (docs/s3-store.md): to be published as
+    C{key} of C{namespace} with C{attributes}.
+    """
+
+    upload_id: str
+    namespace: str
+    key: str
+    attributes: Mapping[str, str] | None = field(hash=False)
+    created: float
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """
+    Part C{number} of a multipart upload: C{file}, a file row of its own in
+    state C{part} (invisible to readers), with its size, SHA-256, MD5 and
+    the servers holding it.
+    """
+
+    number: int
+    file: FileInfo
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def etag(self) -> str:
+        """
+        The part's S3 entity tag: its MD5.
+        """
+        return self.file.etag
+
+
+@dataclass(frozen=True)
 class S3Grant:
     """
     What an S3 credential may use: namespace C{namespace} (None: every
@@ -194,6 +231,17 @@ class S3Credential:
     access_key: str
     secret: str = field(repr=False)
     grants: tuple[S3Grant, ...]
+
+    def allows(self, namespace: str | None, write: bool) -> bool:
+        """
+        Whether a grant covers C{namespace} (None: bucket administration,
+        which only a cluster-wide grant allows), for writing if C{write}.
+        """
+        return any(
+            (grant.namespace is None or grant.namespace == namespace)
+            and (grant.write or not write)
+            for grant in self.grants
+        )
 
 
 class IS3Credentials(Interface):
@@ -311,6 +359,12 @@ class IMetadataStore(Interface):
         """
         Fire with C{(file, namespace)}, the live L{FileInfo} stored as C{fid}
         and its L{NamespaceInfo}, or None: how HTTP finds a file by its URL.
+        """
+
+    def stored_file(fid):
+        """
+        Fire with the L{FileInfo} stored as C{fid} if it is live or a part
+        of a multipart upload (what a peer relays by fid), else None.
         """
 
     def delete(namespace, key, now):
@@ -470,6 +524,69 @@ class IMetadataStore(Interface):
         """
 
 
+    def create_upload(upload_id, namespace, key, attributes):
+        """
+        Open multipart upload C{upload_id} of C{key} (the namespace created
+        if missing), to be published with C{attributes}; fire with its
+        L{UploadInfo}.
+        """
+
+    def find_upload(upload_id):
+        """
+        Fire with the L{UploadInfo} of C{upload_id}, or None.
+        """
+
+    def uploads(namespace, prefix, after, limit):
+        """
+        Fire with up to C{limit} L{UploadInfo}s of C{namespace} whose keys
+        start with C{prefix}, by key then id, after C{after} (a C{(key,
+        upload_id)} pair, or None).
+        """
+
+    def upload_parts(upload_id, after, limit):
+        """
+        Fire with up to C{limit} L{PartInfo}s of C{upload_id} numbered above
+        C{after}, by number, with the servers holding each;
+        L{koboldfs.errors.MultipartError} C{NoSuchUpload} if there is no
+        such upload.
+        """
+
+    def find_part(upload_id, number):
+        """
+        Fire with part C{number} of C{upload_id} (a L{PartInfo}), or None.
+        """
+
+    def add_part(upload_id, number, fid, path, size, sha256, md5, now, server, also=()):
+        """
+        Record part C{number}, stored as C{fid} on C{server} and C{also},
+        replacing (and discarding) a part of that number; fire with its
+        L{PartInfo}.  C{NoSuchUpload} if the upload is gone.
+        """
+
+    def complete_upload(
+        upload_id, chosen, fid, path, size, sha256, now, server, also=(), extras=NO_EXTRAS
+    ):
+        """
+        Publish the object assembled from the parts C{chosen} (C{(number,
+        file id)} pairs) as a new live version of the upload's key, with
+        C{extras} and the upload's attributes, discard every part and close
+        the upload, in one transaction; fire with the L{FileInfo}.
+        C{NoSuchUpload}, or C{InvalidPart} if a chosen part was replaced.
+        """
+
+    def abort_upload(upload_id, now):
+        """
+        Discard the upload and its parts; fire with how many parts.
+        C{NoSuchUpload} if there is none.
+        """
+
+    def expire_uploads(before, now, limit):
+        """
+        Abort up to C{limit} uploads begun before C{before}; fire with
+        their ids.
+        """
+
+
 class ITransactionStore(Interface):
     """
     The metadata of client transactions (docs/transactions.md), kept by
@@ -588,6 +705,7 @@ class INode(Interface):
     open = Attribute("Whether clients may do anything without a key.")
     readonly = Attribute("Whether this server takes no new files (its state is not alive).")
     uploads = Attribute("Puts being received now.")
+    multipart = Attribute("Its L{koboldfs.multipart.Multipart}.")
     s3_credentials = Attribute(
         "The L{IS3Credentials} the S3 front end checks signatures with (cached briefly, "
         "revocations heard at once: L{koboldfs.s3creds})."
@@ -709,13 +827,15 @@ class INode(Interface):
         stored at C{path}, not recorded; a L{koboldfs.node.CopyStream}.
         """
 
-    def get(info, local=False, txn=None, first=0, length=None):
+    def get(info, local=False, txn=None, first=0, length=None, exact=False):
         """
         Fire with the body source (L{koboldfs.node.Body}) of C{info}'s bytes
         C{first} to C{first + length} (None: to the end): our copy, verified
         as it is read, or, if we hold no good one and not C{local}, relayed
         from a live peer that does, the next tried if one fails before
         sending.  A copy found bad here is set aside and made again.
+        C{exact}: relay this very file (by its fid), not the key's live
+        version: a part of a multipart upload.
         """
 
     def open_local(info, first=0, length=None, small_whole=True):
@@ -728,6 +848,47 @@ class INode(Interface):
         """
         Our copy of C{info} is missing or bad: set it aside, stop offering
         it, and tell L{replica_lost}.
+        """
+
+    # -- S3: copies and multipart uploads (L{koboldfs.multipart})
+
+    def copy(source, ns, key, attributes=None, if_absent=False, if_match=None):
+        """
+        Fire with a new version of C{key} holding the bytes of C{source} (a
+        L{FileInfo}: a new file, its bytes streamed from a copy, checked
+        against the source's MD5 if it has one) with C{attributes} (None:
+        the source's).  S3's CopyObject, onto the same key too.
+        """
+
+    def create_upload(ns, key, attributes=None):
+        """
+        Open a multipart upload of C{key}; fire with its L{UploadInfo}.
+        """
+
+    def upload_part(upload, number, size, producer, failed=None):
+        """
+        Begin part C{number} (1 to 10,000) of C{upload} (a L{UploadInfo}):
+        a L{koboldfs.node.PutStream} as L{put}'s, its MD5 computed, whose
+        C{finish} fires with the part's file (its C{md5} the part's ETag).
+        """
+
+    def copy_part(upload, number, source, first=0, length=None):
+        """
+        Make part C{number} of C{upload} from bytes C{first} to C{first +
+        length} of C{source}; fire with its L{PartInfo}.
+        """
+
+    def complete_upload(upload_id, parts):
+        """
+        Assemble the object from C{parts} (C{(number, ETag)} pairs, in
+        ascending order) into a new file, publish it and close the upload;
+        fire with its L{FileInfo} (ETag C{<md5 of md5s>-N}).  Fails with
+        L{koboldfs.errors.MultipartError}.
+        """
+
+    def abort_upload(upload_id):
+        """
+        Discard the upload and its parts; fire with how many parts.
         """
 
     # -- client transactions

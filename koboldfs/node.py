@@ -52,6 +52,7 @@ from koboldfs.errors import (
     ErrorCode,
     Forbidden,
     KoboldError,
+    MultipartError,
     NotFound,
     PreconditionFailed,
     ProtocolError,
@@ -66,10 +67,13 @@ from koboldfs.interfaces import (
     IMetadataStore,
     INode,
     NamespaceInfo,
+    PartInfo,
     ServerInfo,
     ServerState,
+    UploadInfo,
 )
 from koboldfs.names import check_key, check_namespace
+from koboldfs.multipart import Multipart
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.s3creds import S3Credentials
 from koboldfs.storage import PendingPut, Reader, Storage, new_fid, relpath_for, relpath_names
@@ -116,6 +120,8 @@ class Node:
         #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
         self.s3_credentials = S3Credentials(store, config.cluster_secrets, clock)
+        #: S3's multipart uploads and copies (koboldfs/multipart.py).
+        self.multipart = Multipart(self)
 
     # -- limits
 
@@ -385,8 +391,51 @@ class Node:
         """
         Publish C{put}, durable here and on the servers C{also}, with its
         extras (L{publish}): how every put that is not in a client
-        transaction is recorded.
+        transaction is recorded; a part of a multipart upload, or the
+        object that completes one, as such.
         """
+        now = self.clock.seconds()
+        if put.part is not None:
+            upload_id, number = put.part
+            part = await self.publish(
+                put,
+                lambda: self.store.add_part(
+                    upload_id,
+                    number,
+                    put.fid,
+                    put.path,
+                    size,
+                    digest,
+                    put.upload.md5,
+                    now,
+                    self.name,
+                    also,
+                ).addCallback(lambda part: part.file),
+                lambda: self.store.find_part(upload_id, number).addCallback(
+                    lambda part: None if part is None else part.file
+                ),
+                not_recorded=(MultipartError,),
+            )
+            return part
+        if put.completes is not None:
+            upload_id, chosen = put.completes
+            return await self.publish(
+                put,
+                lambda: self.store.complete_upload(
+                    upload_id,
+                    chosen,
+                    put.fid,
+                    put.path,
+                    size,
+                    digest,
+                    now,
+                    self.name,
+                    also,
+                    put.recorded(),
+                ),
+                lambda: self.store.lookup(put.ns, put.key),
+                not_recorded=(MultipartError, PreconditionFailed),
+            )
         return await self.publish(
             put,
             lambda: self.store.add_file(
@@ -396,7 +445,7 @@ class Node:
                 put.path,
                 size,
                 digest,
-                self.clock.seconds(),
+                now,
                 self.name,
                 also=also,
                 extras=put.recorded(),
@@ -466,6 +515,7 @@ class Node:
         txn: str | None = None,
         first: int = 0,
         length: int | None = None,
+        exact: bool = False,
     ) -> Body:
         if self.name in info.replicas:
             body = await self.open_local(info, first, length)
@@ -473,7 +523,7 @@ class Node:
                 return body
         if local:
             raise NotFound(ErrorCode.NOT_FOUND, f"{self.name} holds no copy of {info.key!r}")
-        return _Relayed(self, info, first, _length(info, first, length), txn)
+        return _Relayed(self, info, first, _length(info, first, length), txn, exact)
 
     async def open_local(
         self,
@@ -529,6 +579,50 @@ class Node:
         await self.storage.quarantine(info.path)
         await self.store.quarantine_replica(info.id, self.name)
         self.replica_lost(info)
+
+    # -- S3: copies and multipart uploads (koboldfs/multipart.py)
+
+    async def copy(
+        self,
+        source: FileInfo,
+        ns: str,
+        key: str,
+        attributes: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> FileInfo:
+        return await self.multipart.copy(source, ns, key, attributes, if_absent, if_match)
+
+    async def create_upload(
+        self, ns: str, key: str, attributes: Mapping[str, str] | None = None
+    ) -> UploadInfo:
+        return await self.multipart.create(ns, key, attributes)
+
+    def upload_part(
+        self,
+        upload: UploadInfo,
+        number: int,
+        size: int | None,
+        producer: IPushProducer,
+        failed: Callable[[KoboldError], None] | None = None,
+    ) -> PutStream:
+        return self.multipart.upload_part(upload, number, size, producer, failed)
+
+    async def copy_part(
+        self,
+        upload: UploadInfo,
+        number: int,
+        source: FileInfo,
+        first: int = 0,
+        length: int | None = None,
+    ) -> PartInfo:
+        return await self.multipart.copy_part(upload, number, source, first, length)
+
+    async def complete_upload(self, upload_id: str, parts: list[tuple[int, str]]) -> FileInfo:
+        return await self.multipart.complete(upload_id, parts)
+
+    async def abort_upload(self, upload_id: str) -> int:
+        return await self.multipart.abort(upload_id)
 
     # -- client transactions
 
@@ -665,7 +759,6 @@ class PutStream(_Incoming):
             L{PreconditionFailed}).
         @raise AttributesTooLarge: too many C{attributes} (nothing kept).
         """
-        node, put = self._node, self.put
         try:
             extras = Extras(
                 attributes=check_attributes(attributes), if_absent=if_absent, if_match=if_match
@@ -677,6 +770,14 @@ class PutStream(_Incoming):
         except BaseException:
             self.abort()
             raise
+        return await self.finish_with(sha256, md5, extras)
+
+    async def finish_with(self, sha256: str | None, md5: str | None, extras: Extras) -> FileInfo:
+        """
+        L{finish} with C{extras} as given, unchecked: those of an object
+        the core assembles (L{koboldfs.multipart}).
+        """
+        node, put = self._node, self.put
         put.md5, put.extras = md5, extras
         self._finishing = True
         try:
@@ -821,10 +922,11 @@ class _Relayed(Body):
     """
 
     def __init__(
-        self, node: Node, info: FileInfo, first: int, length: int, txn: str | None
+        self, node: Node, info: FileInfo, first: int, length: int, txn: str | None, exact: bool
     ) -> None:
         super().__init__(node, info, first, length)
         self._txn = txn
+        self._exact = exact
 
     async def send(self, sink: IBodySink) -> None:
         node, info = self._node, self.info
@@ -857,6 +959,8 @@ class _Relayed(Body):
                 fields: dict[str, Any] = {"ns": info.namespace, "key": info.key, "local": True}
                 if self._txn is not None:
                     fields["txn"] = self._txn
+                if self._exact:
+                    fields["fid"] = info.fid
                 await conn.get(fields, forward)
             except (ServerError, ConnectionFailed) as e:
                 node.peers.release(peer.address, conn)

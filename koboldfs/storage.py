@@ -938,6 +938,11 @@ class PendingPut:
     @ivar md5: the MD5 the client declared (hex), or None.
     @ivar extras: what to record with the file (L{Extras}); its MD5 is
         the upload's own (L{Upload.md5}), once finished.
+    @ivar part: C{(upload id, number)} if the bytes are a part of a
+        multipart upload, recorded as such (L{koboldfs.multipart}).
+    @ivar completes: C{(upload id, ((number, file id), ...))} if the bytes
+        are the object assembled from those parts of that upload, whose
+        recording completes it.
     """
 
     ns: str
@@ -948,6 +953,8 @@ class PendingPut:
     upload: Upload
     md5: str | None = None
     extras: Extras = NO_EXTRAS
+    part: tuple[str, int] | None = None
+    completes: tuple[str, tuple[tuple[int, int], ...]] | None = None
 
     def finish(self, sha256: str | None) -> Deferred[tuple[int, str]]:
         """

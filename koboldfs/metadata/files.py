@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, Callable, Iterable, Mapping
 
-from sqlalchemy import Select, and_, bindparam, insert, literal_column, select, update
+from sqlalchemy import Select, and_, bindparam, insert, literal_column, or_, select, update
 from sqlalchemy import delete as sql_delete
 
 from koboldfs.errors import PreconditionFailed
@@ -109,6 +109,14 @@ _FILE_BY_FID = (
     .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
     .where(files.c.fid == bindparam("b_fid"), LIVE)
 )
+_STORED_FILE = (
+    select(*FILE_COLUMNS, namespaces.c.name)
+    .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
+    .where(
+        files.c.fid == bindparam("b_fid"),
+        or_(LIVE, files.c.state == literal_column("'part'")),
+    )
+)
 _FILE_EXISTS = select(files.c.id).where(files.c.id == bindparam("b_file_id"))
 _REPLICA = (
     replicas.c.file_id == bindparam("b_file_id"),
@@ -120,6 +128,11 @@ _DELETE_REPLICA = sql_delete(replicas).where(*_REPLICA)
 _DISCARD_PENDING = (
     update(files)
     .where(files.c.id == bindparam("b_file_id"), files.c.state == "pending")
+    .values(state="deleted", deleted=bindparam("b_now"))
+)
+_DISCARD_PART = (
+    update(files)
+    .where(files.c.id == bindparam("b_file_id"), files.c.state == "part")
     .values(state="deleted", deleted=bindparam("b_now"))
 )
 _FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == bindparam("b_file_id"))
@@ -244,6 +257,15 @@ def discard_pending(file_id: int, now: float) -> Unit[None]:
     for its bytes to be reclaimed like any deleted file's.
     """
     yield Query(_DISCARD_PENDING, {"b_file_id": file_id, "b_now": now})
+
+
+def discard_part(file_id: int, now: float) -> Unit[None]:
+    """
+    A step: file C{file_id}, a part of a multipart upload that completed,
+    was aborted or replaced, deleted at C{now}, for its bytes to be
+    reclaimed by every holder's replicator like any deleted file's.
+    """
+    yield Query(_DISCARD_PART, {"b_file_id": file_id, "b_now": now})
 
 
 def forget_file(file_id: int) -> Unit[None]:
@@ -414,6 +436,22 @@ def lookup_fid(fid: str) -> Unit[tuple[FileInfo, NamespaceInfo] | None]:
         **found,
     )
     return info, ns
+
+
+@reader
+def stored_file(fid: str) -> Unit[FileInfo | None]:
+    """
+    The file stored as C{fid} if it is live or a part of a multipart
+    upload, with the servers holding a good copy; else None.
+    """
+    out = yield Query(_STORED_FILE, {"b_fid": fid})
+    if not out.rows:
+        return None
+    *row, namespace = out.rows[0]
+    found = dict(zip((column.key for column in FILE_COLUMNS), row, strict=True))
+    held = yield Query(GOOD_REPLICAS, {"b_file_id": found["id"]})
+    servers = tuple(sorted(server for (server,) in held.rows))
+    return FileInfo(namespace=namespace, replicas=servers, **found)
 
 
 @writer

@@ -14,7 +14,7 @@ methods here, once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 
@@ -26,14 +26,17 @@ from koboldfs.interfaces import (
     FileInfo,
     Listener,
     NamespaceInfo,
+    PartInfo,
     S3CredentialInfo,
     S3Grant,
     ServerInfo,
+    UploadInfo,
 )
 from koboldfs.metadata import (
     files,
     health,
     keys,
+    multipart,
     namespaces,
     s3creds,
     servers,
@@ -77,6 +80,14 @@ def _discarded(infos: list[FileInfo]) -> Event | None:
         return None
     first = min(infos, key=lambda info: info.id)
     return FILE_DELETED, {"id": first.id, "namespace": first.namespace, "key": first.key}
+
+
+def _parts_discarded(file_ids: list[int]) -> Event | None:
+    """
+    The notice of parts discarded (an upload aborted or expired): the
+    lowest, for the replicators to reclaim them now.
+    """
+    return (FILE_DELETED, {"id": min(file_ids)}) if file_ids else None
 
 
 class MetadataStore:
@@ -219,6 +230,9 @@ class MetadataStore:
 
     def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
         return self._run(files.lookup_fid, fid)
+
+    def stored_file(self, fid: str) -> Deferred[FileInfo | None]:
+        return self._run(files.stored_file, fid)
 
     def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
         d = self._run(
@@ -367,6 +381,117 @@ class MetadataStore:
                 (S3_CREDENTIAL_REVOKED, {"access_key": access_key}) if found else None
             ),
         )
+
+    # -- multipart uploads (their parts' files are announced at completion
+    # or abort, as deleted, for the replicators to reclaim)
+
+    def create_upload(
+        self, upload_id: str, namespace: str, key: str, attributes: Mapping[str, str] | None
+    ) -> Deferred[UploadInfo]:
+        return self._run(
+            multipart.create_upload,
+            upload_id,
+            namespace,
+            key,
+            attributes,
+            self._reactor.seconds(),
+        )
+
+    def find_upload(self, upload_id: str) -> Deferred[UploadInfo | None]:
+        return self._run(multipart.find_upload, upload_id)
+
+    def uploads(
+        self, namespace: str, prefix: str, after: tuple[str, str] | None, limit: int
+    ) -> Deferred[list[UploadInfo]]:
+        return self._run(multipart.list_uploads, namespace, prefix, after, limit)
+
+    def upload_parts(self, upload_id: str, after: int, limit: int) -> Deferred[list[PartInfo]]:
+        return self._run(multipart.upload_parts, upload_id, after, limit)
+
+    def find_part(self, upload_id: str, number: int) -> Deferred[PartInfo | None]:
+        return self._run(multipart.find_part, upload_id, number)
+
+    def add_part(
+        self,
+        upload_id: str,
+        number: int,
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        md5: str,
+        now: float,
+        server: str,
+        also: Iterable[str] = (),
+    ) -> Deferred[PartInfo]:
+        return self._run(
+            multipart.add_part,
+            upload_id,
+            number,
+            fid,
+            path,
+            size,
+            sha256,
+            md5,
+            now,
+            server,
+            tuple(also),
+        )
+
+    def complete_upload(
+        self,
+        upload_id: str,
+        chosen: Iterable[tuple[int, int]],
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        now: float,
+        server: str,
+        also: Iterable[str] = (),
+        extras: Extras = NO_EXTRAS,
+    ) -> Deferred[FileInfo]:
+        """
+        Announced as the object added (its parts, deleted meanwhile, have
+        lower ids: the replicators' cursors move back over them too).
+        """
+        return self._run(
+            multipart.complete_upload,
+            upload_id,
+            tuple(chosen),
+            fid,
+            path,
+            size,
+            sha256,
+            now,
+            server,
+            tuple(also),
+            extras,
+            notice=lambda info: (
+                FILE_ADDED,
+                {"id": info.id, "namespace": info.namespace, "key": info.key},
+            ),
+        )
+
+    def abort_upload(self, upload_id: str, now: float) -> Deferred[int]:
+        """
+        Fire with how many parts were discarded.
+        """
+        d = self._run(multipart.abort_upload, upload_id, now, notice=_parts_discarded)
+        return d.addCallback(len)
+
+    def expire_uploads(self, before: float, now: float, limit: int) -> Deferred[list[str]]:
+        """
+        Fire with the ids of the uploads aborted.
+        """
+        d = self._run(
+            multipart.expire_uploads,
+            before,
+            now,
+            limit,
+            notice=lambda ended: _parts_discarded(ended[1]),
+        )
+        return d.addCallback(lambda ended: ended[0])
 
     # -- client transactions (ITransactionStore)
 

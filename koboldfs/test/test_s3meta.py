@@ -19,12 +19,13 @@ from twisted.trial import unittest
 
 from koboldfs.attributes import AttributesTooLarge, check_attributes
 from koboldfs.auth import new_s3_credential, open_s3_secret, seal_s3_secret
-from koboldfs.errors import PreconditionFailed, ServerError
+from koboldfs.errors import MultipartError, PreconditionFailed, ServerError
 from koboldfs.interfaces import (
     NO_EXTRAS,
     Extras,
     FileInfo,
     IMetadataStore,
+    PartInfo,
     S3Credential,
     S3Grant,
     etag,
@@ -442,6 +443,113 @@ class S3MetadataTestsMixin(_Mixin):
         self.assertIsNone((yield store.s3_credential(access_key)))
         r = yield admin("revoke", access_key)
         self.assertEqual(r.code, 1, r.err)
+
+    def addPart(
+        self, store: IMetadataStore, upload_id: str, number: int, size: int = 10
+    ) -> Deferred[PartInfo]:
+        self._fids += 1
+        fid = f"{self._fids:032x}"
+        return store.add_part(
+            upload_id, number, fid, f"data/{fid}", size, SHA, f"{self._fids:032x}", T0, "s1"
+        )
+
+    @inlineCallbacks
+    def test_multipart(self) -> InlineTest:
+        """
+        An upload's parts are file rows of their own, invisible to readers
+        and listed by number with their holders; a part uploaded again
+        replaces the first, whose file is discarded.  Completing publishes
+        the object with the upload's attributes and the parts' MD5 of MD5s,
+        discards every part and closes the upload.
+        """
+        store = yield self.startedStore()
+        attributes = check_attributes({"content-type": "video/mp4"})
+        upload = yield store.create_upload("u" * 32, "ns", "big.mp4", attributes)
+        self.assertEqual((yield store.find_upload(upload.upload_id)), upload)
+        one = yield self.addPart(store, upload.upload_id, 1)
+        first_two = yield self.addPart(store, upload.upload_id, 2)
+        two = yield self.addPart(store, upload.upload_id, 2)
+        parts = yield store.upload_parts(upload.upload_id, 0, 100)
+        self.assertEqual(
+            [(p.number, p.file.fid) for p in parts], [(1, one.file.fid), (2, two.file.fid)]
+        )
+        self.assertEqual(parts[0].file.replicas, ("s1",))
+        self.assertEqual(parts[1].etag, two.file.md5)
+        self.assertEqual(
+            [p.number for p in (yield store.upload_parts(upload.upload_id, 1, 100))], [2]
+        )
+        self.assertEqual((yield store.find_part(upload.upload_id, 2)), parts[1])
+        self.assertIsNone((yield store.find_part(upload.upload_id, 3)))
+        self.assertIsNone((yield store.lookup("ns", "big.mp4")))
+        self.assertEqual((yield store.list_files("ns", "", None, 10)), [])
+        deleted = yield store.deleted_files("s1", 0, 10)
+        self.assertEqual([info.fid for info in deleted], [first_two.file.fid])
+        # Completing with a part that was since replaced is refused.
+        chosen = [(1, one.file.id), (2, first_two.file.id)]
+        error = yield self.assertFailure(
+            store.complete_upload(upload.upload_id, chosen, "f" * 32, "p", 20, SHA, T0, "s1"),
+            MultipartError,
+        )
+        self.assertEqual(error.s3_code, "InvalidPart")
+        chosen = [(1, one.file.id), (2, two.file.id)]
+        extras = Extras(md5=MD5, parts=2)
+        info = yield store.complete_upload(
+            upload.upload_id, chosen, "f" * 32, "p", 20, SHA, T0, "s1", ("s2",), extras
+        )
+        self.assertEqual(
+            (info.etag, info.attributes, info.replicas), (f"{MD5}-2", attributes, ("s1", "s2"))
+        )
+        self.assertEqual((yield store.lookup("ns", "big.mp4")), info)
+        self.assertIsNone((yield store.find_upload(upload.upload_id)))
+        deleted = yield store.deleted_files("s1", 0, 10)
+        self.assertEqual(
+            sorted(i.fid for i in deleted), sorted(p.file.fid for p in (one, first_two, two))
+        )
+        error = yield self.assertFailure(
+            store.upload_parts(upload.upload_id, 0, 10), MultipartError
+        )
+        self.assertEqual(error.s3_code, "NoSuchUpload")
+        error = yield self.assertFailure(self.addPart(store, upload.upload_id, 3), MultipartError)
+        self.assertEqual(error.s3_code, "NoSuchUpload")
+
+    @inlineCallbacks
+    def test_uploadsListedAbortedExpired(self) -> InlineTest:
+        """
+        Uploads are listed by key and id, from a prefix, after a marker;
+        aborting one discards its parts; the sweep aborts those begun before
+        its bound, and only those.
+        """
+        store = yield self.startedStore()
+        made = []
+        for key, upload_id in (
+            ("b", "2" * 32),
+            ("a", "3" * 32),
+            ("b", "1" * 32),
+            ("c/x", "4" * 32),
+        ):
+            made.append((yield store.create_upload(upload_id, "ns", key, None)))
+        listed = yield store.uploads("ns", "", None, 10)
+        self.assertEqual(
+            [(u.key, u.upload_id) for u in listed],
+            [("a", "3" * 32), ("b", "1" * 32), ("b", "2" * 32), ("c/x", "4" * 32)],
+        )
+        after = yield store.uploads("ns", "", ("b", "1" * 32), 2)
+        self.assertEqual(
+            [(u.key, u.upload_id) for u in after], [("b", "2" * 32), ("c/x", "4" * 32)]
+        )
+        self.assertEqual([u.key for u in (yield store.uploads("ns", "c/", None, 10))], ["c/x"])
+        self.assertEqual((yield store.uploads("other", "", None, 10)), [])
+        part = yield self.addPart(store, "3" * 32, 1)
+        self.assertEqual((yield store.abort_upload("3" * 32, T0)), 1)
+        error = yield self.assertFailure(store.abort_upload("3" * 32, T0), MultipartError)
+        self.assertEqual(error.s3_code, "NoSuchUpload")
+        self.assertEqual([i.fid for i in (yield store.deleted_files("s1", 0, 10))], [part.file.fid])
+        # The three left were made "now" (the store's clock): a bound before
+        # them expires none, one after them all.
+        self.assertEqual((yield store.expire_uploads(made[0].created - 1, T0, 10)), [])
+        expired = yield store.expire_uploads(made[-1].created + 1, T0, 10)
+        self.assertEqual(sorted(expired), ["1" * 32, "2" * 32, "4" * 32])
+        self.assertEqual((yield store.uploads("ns", "", None, 10)), [])
 
 
 class SQLiteS3MetadataTests(S3MetadataTestsMixin, unittest.TestCase):

@@ -19,8 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from koboldfs.attributes import AttributesTooLarge
 from koboldfs.deferredclient import DeferredClient
-from koboldfs.errors import ChecksumMismatch, NotFound, PreconditionFailed
-from koboldfs.interfaces import FileInfo, INode
+from koboldfs.errors import ChecksumMismatch, MultipartError, NotFound, PreconditionFailed
+from koboldfs.interfaces import FileInfo, INode, UploadInfo
+from koboldfs.multipart import MIN_PART_SIZE
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.storage import relpath_names
 from koboldfs.tap import Options, makeService
@@ -260,3 +261,143 @@ class RealServersTests(ClusterMixin, TestCase):
         with self.assertRaises(ChecksumMismatch):
             await stream.finish(None, md5=md5(b"abd"))
         self.assertIsNone(await client.stat("bad.png"))
+
+
+class MultipartTests(SynchronousTestCase):
+    """
+    Multipart uploads and copies on a cluster of three hosts, each part
+    taken by another server, the object assembled by a third.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = MemoryCluster(os.path.abspath(self.mktemp()), ["a", "b", "c"])
+        self.addCleanup(self.cluster.stop)
+        self.nodes: dict[str, INode] = {
+            name: server.node for name, server in self.cluster.servers.items()
+        }
+
+    def wait(self, d: Any) -> Any:
+        return self.cluster.flush(d)
+
+    def part(self, node: INode, upload: UploadInfo, number: int, body: bytes) -> FileInfo:
+        stream = node.upload_part(upload, number, len(body), Producer())
+        for i in range(0, len(body), CHUNK_SIZE):
+            stream.write(body[i : i + CHUNK_SIZE])
+        info: FileInfo = self.wait(stream.finish(None, md5=md5(body)))
+        return info
+
+    def read(self, node: INode, info: FileInfo) -> bytes:
+        sink = Sink()
+        self.wait(self.wait(node.get(info)).send(sink))
+        return sink.data
+
+    def test_complete(self) -> None:
+        """
+        Parts put to different servers are assembled by a third into one
+        ordinary file with S3's multipart ETag and the upload's
+        attributes; the parts are discarded, and the upload is gone.
+        """
+        a, b = self.nodes["a"], self.nodes["b"]
+        upload = self.wait(a.create_upload("ns", "big.bin", {"content-type": "x/y"}))
+        one, two = os.urandom(MIN_PART_SIZE), os.urandom(1000)
+        p1 = self.part(a, upload, 1, one)
+        p2 = self.part(b, upload, 2, two)
+        # Each on its server and a second host (the default wants two
+        # copies when there are several hosts).
+        self.assertEqual((len(p1.replicas), len(p2.replicas)), (2, 2))
+        self.assertIn("a", p1.replicas)
+        self.assertIn("b", p2.replicas)
+        self.assertEqual((p1.md5, p2.md5), (md5(one), md5(two)))
+        # Assembled by the server that lacks part 1: it is relayed.
+        (other,) = set(self.nodes) - set(p1.replicas)
+        c = self.nodes[other]
+        info = self.wait(c.complete_upload(upload.upload_id, [(1, f'"{p1.etag}"'), (2, p2.etag)]))
+        expected = hashlib.md5(bytes.fromhex(md5(one)) + bytes.fromhex(md5(two))).hexdigest()
+        self.assertEqual(info.etag, f"{expected}-2")
+        self.assertEqual((info.size, info.sha256), (len(one) + len(two), sha(one + two)))
+        self.assertEqual(len(info.replicas), 2)
+        self.assertIn(other, info.replicas)
+        self.assertEqual(dict(info.attributes or {}), {"content-type": "x/y"})
+        self.assertEqual(self.read(a, self.wait(a.lookup("ns", "big.bin"))), one + two)
+        self.assertIsNone(self.wait(a.store.find_upload(upload.upload_id)))
+        for part in (p1, p2):
+            deleted = self.wait(a.store.deleted_files(part.replicas[0], 0, 10))
+            self.assertIn(part.fid, [i.fid for i in deleted])
+
+    def test_refused(self) -> None:
+        """
+        A completion is refused, and nothing published, for parts out of
+        order, a wrong ETag, a part under 5 MiB that is not the last, no
+        part, or an upload that is not there.
+        """
+        a = self.nodes["a"]
+        upload = self.wait(a.create_upload("ns", "k", None))
+        p1 = self.part(a, upload, 1, b"small")
+        p2 = self.part(a, upload, 2, b"last")
+        for parts, code in (
+            ([(2, p2.etag), (1, p1.etag)], "InvalidPartOrder"),
+            ([(1, p1.etag), (1, p1.etag)], "InvalidPartOrder"),
+            ([(1, p2.etag)], "InvalidPart"),
+            ([(3, p2.etag)], "InvalidPart"),
+            ([(1, p1.etag), (2, p2.etag)], "EntityTooSmall"),
+            ([], "MalformedXML"),
+        ):
+            with self.assertRaises(MultipartError) as caught:
+                self.wait(a.complete_upload(upload.upload_id, parts))
+            self.assertEqual(caught.exception.s3_code, code, parts)
+        with self.assertRaises(MultipartError) as caught:
+            self.wait(a.complete_upload("0" * 32, [(1, p1.etag)]))
+        self.assertEqual(caught.exception.s3_code, "NoSuchUpload")
+        with self.assertRaises(MultipartError):
+            a.upload_part(upload, 10_001, 1, Producer())
+        # A single small part is a whole object.
+        info = self.wait(a.complete_upload(upload.upload_id, [(1, p1.etag)]))
+        self.assertEqual(self.read(a, info), b"small")
+        self.assertEqual(a.uploads, 0)
+
+    def test_abortAndSweep(self) -> None:
+        """
+        An aborted upload's parts are discarded; a part for it is then
+        refused and its bytes not kept.  The sweep aborts uploads older
+        than the timeout.
+        """
+        a = self.nodes["a"]
+        upload = self.wait(a.create_upload("ns", "k", None))
+        part = self.part(a, upload, 1, b"x")
+        self.assertEqual(self.wait(a.abort_upload(upload.upload_id)), 1)
+        self.assertEqual([i.fid for i in self.wait(a.store.deleted_files("a", 0, 10))], [part.fid])
+        with self.assertRaises(MultipartError):
+            self.part(a, upload, 2, b"y")
+        old = self.wait(a.create_upload("ns", "old", None))
+        self.assertEqual(self.wait(a.multipart.sweep()), 0)
+        self.cluster.reactor.advance(a.config.s3_upload_timeout + 1)
+        self.assertEqual(self.wait(a.multipart.sweep()), 1)
+        self.assertIsNone(self.wait(a.store.find_upload(old.upload_id)))
+
+    def test_copy(self) -> None:
+        """
+        A copy is a new version with new attributes and the same bytes (a
+        copy onto itself too, S3's REPLACE); a file put without an MD5 gets
+        one by its copy.  A part may be copied from a range of a file.
+        """
+        a, b = self.nodes["a"], self.nodes["b"]
+        body = os.urandom(2 * CHUNK_SIZE + 7)
+        stream = a.put("ns", "src", len(body), Producer())
+        stream.write(body)
+        source = self.wait(stream.finish(sha(body)))
+        self.assertIsNone(source.md5)
+        copied = self.wait(b.copy(source, "ns", "src", {"content-type": "a/b"}))
+        self.assertNotEqual(copied.fid, source.fid)
+        self.assertEqual((copied.md5, copied.sha256), (md5(body), source.sha256))
+        self.assertEqual(dict(copied.attributes or {}), {"content-type": "a/b"})
+        self.assertEqual(self.wait(a.lookup("ns", "src")).fid, copied.fid)
+        kept = self.wait(a.copy(copied, "ns", "dst"))
+        self.assertEqual(kept.attributes, copied.attributes)
+        self.assertEqual(self.read(b, kept), body)
+        with self.assertRaises(PreconditionFailed):
+            self.wait(a.copy(copied, "ns", "dst", if_absent=True))
+        upload = self.wait(a.create_upload("ns", "parted", None))
+        part = self.wait(a.copy_part(upload, 1, kept, CHUNK_SIZE, 10))
+        self.assertEqual(part.file.md5, md5(body[CHUNK_SIZE : CHUNK_SIZE + 10]))
+        info = self.wait(a.complete_upload(upload.upload_id, [(1, part.etag)]))
+        self.assertEqual(self.read(a, info), body[CHUNK_SIZE : CHUNK_SIZE + 10])
