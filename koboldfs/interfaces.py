@@ -330,6 +330,14 @@ class IMetadataStore(Interface):
         disk depend on it).
         """
 
+    def delete_namespace(name):
+        """
+        Remove namespace C{name} if it is empty (no live, pending or part
+        file, no multipart upload, no transaction under way), with its
+        client keys; fire with C{"deleted"}, C{"not-empty"} or
+        C{"missing"}.  Its deleted files' bytes are still reclaimed.
+        """
+
     def add_file(
         namespace, key, fid, path, size, sha256, created, server, also=(), extras=NO_EXTRAS
     ):

@@ -15,6 +15,11 @@ from koboldfs.metadata.schema import files, namespaces
 from koboldfs.metadata.units import Query, Unit, reader, record, writer
 from koboldfs.urls import check_template, new_secret
 
+#: Where the rows of deleted files of removed namespaces wait
+#: (L{koboldfs.metadata.buckets}): "~" is in no namespace name
+#: (L{koboldfs.names.check_namespace}), and it is never listed.
+GRAVEYARD = "~removed"
+
 NAMESPACE_COLUMNS = tuple(namespaces.c[f.name] for f in fields(NamespaceInfo))
 _GET_NAMESPACE = select(*NAMESPACE_COLUMNS).where(namespaces.c.name == bindparam("b_name"))
 _INSERT_NAMESPACE = (
@@ -57,7 +62,10 @@ def list_namespaces() -> Unit[list[NamespaceInfo]]:
     """
     out = yield Query(_LIST_NAMESPACES)
     found = [record(NamespaceInfo, NAMESPACE_COLUMNS, row) for row in out.rows]
-    return sorted(found, key=lambda namespace: namespace.name)
+    return sorted(
+        (namespace for namespace in found if namespace.name != GRAVEYARD),
+        key=lambda namespace: namespace.name,
+    )
 
 
 #: The settings L{set_namespace} changes: the columns after C{created}.

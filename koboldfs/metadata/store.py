@@ -33,6 +33,7 @@ from koboldfs.interfaces import (
     UploadInfo,
 )
 from koboldfs.metadata import (
+    buckets,
     files,
     health,
     keys,
@@ -190,6 +191,9 @@ class MetadataStore:
 
     def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
         return self._run(namespaces.set_namespace, name, self._reactor.seconds(), settings)
+
+    def delete_namespace(self, name: str) -> Deferred[str]:
+        return self._run(buckets.delete_namespace, name, self._reactor.seconds())
 
     # -- files and their replicas
 

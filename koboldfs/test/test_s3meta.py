@@ -551,6 +551,34 @@ class S3MetadataTestsMixin(_Mixin):
         self.assertEqual(sorted(expired), ["1" * 32, "2" * 32, "4" * 32])
         self.assertEqual((yield store.uploads("ns", "", None, 10)), [])
 
+    @inlineCallbacks
+    def test_deleteNamespace(self) -> InlineTest:
+        """
+        A namespace with a live file or an upload under way is not
+        removed; once empty it is, with its keys, while its deleted
+        files stay for the replicators to reclaim.  The name may then be
+        used afresh; the hidden namespace they wait in is never listed.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.delete_namespace("nope")), "missing")
+        old = yield self.addFile(store, "k", namespace="b")
+        yield store.create_key("b")
+        self.assertEqual((yield store.delete_namespace("b")), "not-empty")
+        yield store.delete("b", "k", T0)
+        upload = yield store.create_upload("9" * 32, "b", "k", None)
+        self.assertEqual((yield store.delete_namespace("b")), "not-empty")
+        yield store.abort_upload(upload.upload_id, T0)
+        self.assertEqual((yield store.delete_namespace("b")), "deleted")
+        self.assertIsNone((yield store.namespace("b")))
+        self.assertEqual((yield store.namespaces()), [])
+        self.assertEqual([i.fid for i in (yield store.deleted_files("s1", 0, 10))], [old.fid])
+        yield store.remove_replica(old.id, "s1")
+        self.assertTrue((yield store.purge_file(old.id)))
+        again = yield self.addFile(store, "k", namespace="b")
+        self.assertEqual((yield store.lookup("b", "k")).fid, again.fid)
+        self.assertEqual([ns.name for ns in (yield store.namespaces())], ["b"])
+        self.assertEqual((yield store.keys("b")), [])
+
 
 class SQLiteS3MetadataTests(S3MetadataTestsMixin, unittest.TestCase):
     notifies = False
