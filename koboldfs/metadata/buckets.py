@@ -69,12 +69,12 @@ def delete_namespace(name: str, now: float) -> Unit[str]:
     if not out.rows:
         return "missing"
     ns = {"b_namespace_id": out.rows[0][0]}
-    for query in (_IN_USE, _UPLOADS, _OPEN_TXNS):
-        found = yield Query(query, ns)
+    for in_use in (_IN_USE, _UPLOADS, _OPEN_TXNS):
+        found = yield Query(in_use, ns)
         if found.rows:
             return "not-empty"
     graveyard = yield from ensure_namespace(GRAVEYARD, now)
     yield Query(_BURY, {**ns, "b_graveyard": graveyard.id})
-    for query in (_FORGET_TXN_KEYS, _FORGET_TXNS, _FORGET_KEYS, _FORGET):
-        yield Query(query, ns)
+    for forget in (_FORGET_TXN_KEYS, _FORGET_TXNS, _FORGET_KEYS, _FORGET):
+        yield Query(forget, ns)
     return "deleted"
