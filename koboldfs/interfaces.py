@@ -230,7 +230,7 @@ class S3Credential:
 
     access_key: str
     secret: str = field(repr=False)
-    grants: tuple[S3Grant, ...]
+    grants: tuple[S3Grant, ...] = ()
 
     def allows(self, namespace: str | None, write: bool) -> bool:
         """
