@@ -107,12 +107,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         part_size = args.part_mib * MIB
         block = os.urandom(CHUNK)
 
-        started = time.monotonic()
-        producer = Producer()
-        stream = node.put("bench", "plain", size, producer, md5=True)
-        await write_all(stream, producer, block, size)
-        await stream.finish(None)
-        plain = time.monotonic() - started
+        plain = None
+        if not args.no_plain:
+            started = time.monotonic()
+            producer = Producer()
+            stream = node.put("bench", "plain", size, producer, md5=True)
+            await write_all(stream, producer, block, size)
+            await stream.finish(None)
+            plain = time.monotonic() - started
 
         upload = await node.create_upload("bench", "parted", None)
         started = time.monotonic()
@@ -148,11 +150,11 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             "object_bytes": size,
             "parts": len(parts),
             "part_bytes": part_size,
-            "plain_put_s": round(plain, 2),
+            "plain_put_s": None if plain is None else round(plain, 2),
             "parts_put_s": round(uploading, 2),
             "complete_s": round(completing, 2),
             "complete_MBps": round(size / completing / 1e6, 1),
-            "complete_over_plain_put": round(completing / plain, 2),
+            "complete_over_plain_put": None if plain is None else round(completing / plain, 2),
             "rss_before_MiB": round(before / MIB, 1),
             "rss_peak_during_complete_MiB": round(peak / MIB, 1),
             "rss_growth_MiB": round((peak - before) / MIB, 1),
@@ -169,4 +171,7 @@ if __name__ == "__main__":
     parser.add_argument("--gib", type=int, default=1, help="object size in GiB [1]")
     parser.add_argument("--part-mib", type=int, default=64, help="part size in MiB [64]")
     parser.add_argument("--tmp", default=None, help="where the data directory goes")
+    parser.add_argument(
+        "--no-plain", action="store_true", help="skip the plain put of the same size (the baseline)"
+    )
     task.react(lambda reactor: defer.ensureDeferred(main(reactor, parser.parse_args())))
