@@ -167,7 +167,9 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         self.sendFrame(frame)
 
     def end_put(self, sha256: str | None, abort: bool = False) -> None:
-        fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
+        fields: dict[str, Any] = {"abort": True} if abort else {}
+        if sha256 is not None:
+            fields["sha256"] = sha256
         self.sendMessage(Op.END, fields)
 
     # -- frames in

@@ -51,17 +51,6 @@ def access_key_of(headers: Headers, raw_query: str) -> str | None:
     return None
 
 
-def allows(credential: S3Credential, namespace: str | None, write: bool) -> bool:
-    """
-    Whether C{credential} may read (or, if C{write}, change) C{namespace};
-    C{None} asks for a cluster-wide grant.
-    """
-    return any(
-        (g.namespace is None or g.namespace == namespace) and (g.write or not write)
-        for g in credential.grants
-    )
-
-
 @implementer(IS3Credentials)
 class StaticCredentials:
     """

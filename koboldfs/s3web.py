@@ -75,7 +75,7 @@ from koboldfs.s3.request import (
     response_overrides,
 )
 from koboldfs.s3.sigv4 import Authenticated, Verifier
-from koboldfs.s3access import access_key_of, allows
+from koboldfs.s3access import access_key_of
 from koboldfs.web import ResponseSink
 
 log = Logger()
@@ -562,9 +562,9 @@ class S3Front:
         if op.operation not in _NEEDS:
             raise NotImplementedS3(f"{op.operation} is not implemented")
         if need is None:
-            allowed = allows(credential, None, True)
+            allowed = credential.allows(None, True)
         else:
-            allowed = allows(credential, op.bucket, need)
+            allowed = credential.allows(op.bucket, need)
         if not allowed:
             raise AccessDenied()
 
@@ -638,7 +638,7 @@ class S3Front:
         assert credential is not None
         namespaces = await self.node.store.namespaces()
         buckets = [s3xml.Bucket(n.name, n.created) for n in namespaces
-                   if is_valid_bucket_name(n.name) and allows(credential, n.name, False)]
+                   if is_valid_bucket_name(n.name) and credential.allows(n.name, False)]
         request.send(200, {}, s3xml.list_buckets(OWNER, buckets))
 
     async def _CreateBucket(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
