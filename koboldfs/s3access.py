@@ -67,6 +67,27 @@ class StaticCredentials:
         return len(self._by_key)
 
 
+@implementer(IS3Credentials)
+class ChainedCredentials:
+    """
+    The first of several sources that knows an access key: the
+    credentials file, then those made with C{koboldfs admin s3}.
+    """
+
+    def __init__(self, *sources: IS3Credentials) -> None:
+        self._sources = sources
+
+    async def _lookup(self, access_key: str) -> S3Credential | None:
+        for source in self._sources:
+            found: S3Credential | None = await source.lookup(access_key)
+            if found is not None:
+                return found
+        return None
+
+    def lookup(self, access_key: str) -> defer.Deferred[S3Credential | None]:
+        return defer.ensureDeferred(self._lookup(access_key))
+
+
 def parse_grant(text: str) -> S3Grant:
     """
     C{NAMESPACE:rw}, C{NAMESPACE:ro}, or C{*:rw} / C{*:ro} for the whole
