@@ -185,8 +185,11 @@ class Multipart:
         size = sum(part.size for part in chosen)
         stream = node.put(upload.namespace, upload.key, size, pipe)
         stream.put.completes = (upload_id, tuple((part.number, part.file.id) for part in chosen))
+        sizes = {part.size for part in chosen[:-1]}
         extras = Extras(
-            md5=multipart_md5(part.file.md5 or "" for part in chosen), parts=len(chosen)
+            md5=multipart_md5(part.file.md5 or "" for part in chosen),
+            parts=len(chosen),
+            part_size=chosen[0].size if len(sizes) <= 1 else None,
         )
         return await self._fill(
             stream, pipe, [(part.file, 0, None) for part in chosen], None, extras

@@ -41,6 +41,7 @@ FILE_COLUMNS = (
     files.c.path,
     files.c.md5,
     files.c.parts,
+    files.c.part_size,
     files.c.attributes,
 )
 
@@ -81,6 +82,7 @@ def _insert_file(state: str) -> Any:
             state=state,
             md5=bindparam("b_md5"),
             parts=bindparam("b_parts"),
+            part_size=bindparam("b_part_size"),
             attributes=bindparam("b_attributes", type_=files.c.attributes.type),
         )
         .returning(files.c.id)
@@ -223,6 +225,7 @@ def new_file(
     holders: Iterable[tuple[str, float]],
     md5: str | None = None,
     parts: int | None = None,
+    part_size: int | None = None,
     attributes: Mapping[str, str] | None = None,
 ) -> Unit[int]:
     """
@@ -242,6 +245,7 @@ def new_file(
             "b_path": path,
             "b_md5": md5,
             "b_parts": parts,
+            "b_part_size": part_size,
             "b_attributes": attributes,
         },
     )
@@ -326,6 +330,7 @@ def publish(
         ((name, created) for name in holders),
         md5=extras.md5,
         parts=extras.parts,
+        part_size=extras.part_size,
         attributes=extras.attributes,
     )
     return FileInfo(
@@ -340,6 +345,7 @@ def publish(
         replicas=tuple(sorted(holders)),
         md5=extras.md5,
         parts=extras.parts,
+        part_size=extras.part_size,
         attributes=extras.attributes,
     )
 

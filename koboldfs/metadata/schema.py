@@ -107,9 +107,11 @@ files = Table(
     Column("state", String(16), nullable=False),
     Column("deleted", Float),
     # Version 2, for S3: the MD5 (of a multipart object, of its parts'
-    # MD5s), the number of parts, and the front end's attributes.
+    # MD5s), the number of parts, the size of each but the last when they
+    # are all alike (GetObject's partNumber), and the front end's attributes.
     Column("md5", String(32)),
     Column("parts", Integer),
+    Column("part_size", BigInteger),
     Column("attributes", AttributesText),
     # Ids are never reused, even after the newest file is purged: the
     # replicator's cursor walks them in order.
@@ -179,7 +181,7 @@ s3_grants = Table(
     Column("readonly", Boolean, nullable=False),
 )
 
-# Multipart uploads under way (docs/s3.md): their parts are file rows in
+# Multipart uploads under way (docs/s3-store.md): their parts are file rows in
 # state "part", kept until the upload completes, is aborted or expires.
 s3_uploads = Table(
     "s3_uploads",
@@ -290,6 +292,7 @@ UPGRADES: dict[int, tuple[Query, ...]] = {
             namespaces.c.public_read,
             files.c.md5,
             files.c.parts,
+            files.c.part_size,
             files.c.attributes,
         )
     ),
