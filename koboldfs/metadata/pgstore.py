@@ -254,8 +254,11 @@ class PostgresStore(MetadataStore):
         while True:
             try:
                 return await pool.runInteraction(self._interaction, work, notice)  # type: ignore[no-any-return]
-            except psycopg2.IntegrityError:
-                # A race lost on a unique index: see units.
+            except (psycopg2.IntegrityError, psycopg2.extensions.TransactionRollbackError):
+                # A race lost on a unique index (see units), or a deadlock
+                # or serialization failure PostgreSQL rolled back: counters'
+                # rows (schema.file_counts) are locked in the order files
+                # change, which two multi-file units may differ on.
                 if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
