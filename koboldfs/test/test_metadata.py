@@ -25,6 +25,7 @@ from koboldfs.metadata import store_from_url
 from koboldfs.metadata.events import StoreListeners
 from koboldfs.metadata.pgstore import (
     DEAD_PEER_DEFAULTS,
+    POOL_SIZE,
     SCHEMA_LOCK,
     PostgresStore,
     libpq_dsn,
@@ -1392,6 +1393,32 @@ class PostgresMetadataStoreTests(PostgresMixin, CountsTestsMixin, unittest.TestC
         yield waitFor(lambda: byOne in heardByTwo)
         self.assertEqual(heardByTwo, byTwo + [byOne])
         self.assertEqual(heardByOne, byTwo + [byOne])
+
+    @inlineCallbacks
+    def test_withoutListen(self) -> InlineTest:
+        """
+        With C{?kobold_listen=off} (a database without LISTEN/NOTIFY) a
+        store opens no listening connection and hears only its own
+        changes; another store's are found by polling its pages.
+        """
+        sep = "&" if "?" in self.url else "?"
+        polled = store_from_url(f"{self.url}{sep}kobold_listen=off", reactor)
+        self.addCleanup(polled.stop)
+        yield polled.start()
+        self.assertFalse(polled.listening)  # type: ignore[attr-defined]
+        self.assertEqual(len(polled._connections), POOL_SIZE)  # type: ignore[attr-defined]
+        other = yield self.startedStore()
+        heard: list[str] = []
+        polled.subscribe(lambda event, payload: heard.append(event))
+        for name in ("s1", "s2"):
+            yield other.register_server(ServerInfo(name, name, f"{name}:1", f"http://{name}/"))
+        info = yield self.addFile(other, "k")
+        yield self.addFile(polled, "mine")
+        self.assertEqual(heard, ["file_added"])
+        self.assertEqual([f.id for f in (yield polled.queued_files("s2", 0, 10))][:1], [info.id])
+        yield sleep(0.5)
+        self.assertEqual(heard, ["file_added"])
+        self.assertRaises(ValueError, store_from_url, f"{self.url}{sep}kobold_listen=maybe", reactor)
 
     @inlineCallbacks
     def test_postgresRestart(self) -> InlineTest:
