@@ -1418,7 +1418,8 @@ class PostgresMetadataStoreTests(PostgresMixin, CountsTestsMixin, unittest.TestC
         self.assertEqual([f.id for f in (yield polled.queued_files("s2", 0, 10))][:1], [info.id])
         yield sleep(0.5)
         self.assertEqual(heard, ["file_added"])
-        self.assertRaises(ValueError, store_from_url, f"{self.url}{sep}kobold_listen=maybe", reactor)
+        maybe = f"{self.url}{sep}kobold_listen=maybe"
+        self.assertRaises(ValueError, store_from_url, maybe, reactor)
 
     @inlineCallbacks
     def test_postgresRestart(self) -> InlineTest:
