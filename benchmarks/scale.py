@@ -12,8 +12,8 @@ The database: NAMESPACES namespaces (no replica count: a copy on every
 alive server), servers "a" and "b" alive, each holding a good copy of
 every file, as puts with one forwarded copy leave it; then, through the
 store's own units, a handful of deletes and one quarantined copy (on "a",
-of the file at id N/2).  Server "c" holds nothing and is not registered:
-its pages are those of a new server's backfill.  The rows are made by
+of the file at id N/2).  Server "c" (not registered) holds a copy of the
+first half of the files: a new server half way through its backfill.  The rows are made by
 `INSERT ... SELECT` from generate_series in chunks, and whatever the store
 keeps beside the rows (counters, work queues) by the same units the store
 runs to upgrade an older database; koboldfs/test/test_scale.py checks that
@@ -61,6 +61,8 @@ from koboldfs.replicator import WINDOW  # noqa: E402
 
 NAMESPACES = 10
 HOLDERS = ("a", "b")
+#: A new server half way through its backfill: it holds the first half of
+#: the files, copied in id order, and lacks the rest.
 NEW_SERVER = "c"
 #: Files deleted (then waiting to be reclaimed) after the load, spread out.
 DELETES = 10
@@ -213,6 +215,9 @@ def load(url: str, n: int, progress: Callable[[str], None] = lambda _: None) -> 
             db.sql(FILES_SQL, {"lo": lo, "hi": hi})
             for server in HOLDERS:
                 db.sql(REPLICAS_SQL, {"lo": lo, "hi": hi, "server": server})
+            if lo <= n // 2:
+                top = min(hi, n // 2)
+                db.sql(REPLICAS_SQL, {"lo": lo, "hi": top, "server": NEW_SERVER})
             progress(f"loaded {hi:,} files")
         db.sql("SELECT setval(pg_get_serial_sequence('files', 'id'), %(n)s)", {"n": max(n, 1)})
         for sql in MAKE_INDEXES:
@@ -396,8 +401,8 @@ class Measure:
         self.add("files_held", "periodic", health.files_held, scale_today.files_held)
         # As the replicator asks now: a window of ids at a time.
         for label, server, after in (
-            ("missing_replicas, new server, from id 0 (backfill)", new, 0),
-            ("missing_replicas, new server, mid-table (backlog)", new, mid),
+            ("missing_replicas, new server half way, from id 0", new, 0),
+            ("missing_replicas, new server half way, at its cursor mid-table (backlog)", new, mid),
         ):
             self.add(
                 label,
@@ -446,6 +451,11 @@ class Measure:
             lambda: sweeps.missing_replicas(me, mid, PAGE, mid + WINDOW),
         )
         self.add("settle (a file with its copies)", "periodic", lambda: files.settle(mid + 1))
+        self.add(
+            "add_replica (a copy recorded)",
+            "periodic",
+            lambda: files.add_replica(mid + 2, new, 2e9),
+        )
         self.add("max_file_id", "periodic", sweeps.max_file_id)
         self.add("heartbeat", "periodic", lambda: servers.heartbeat(me, 2e9, 1 << 40, 1 << 41))
         self.add("lookup", "request", lambda: files.lookup(spec["namespace"], spec["key"]))
@@ -487,25 +497,22 @@ class Measure:
         )
         self.add("delete", "request", lambda: files.delete(spec["namespace"], spec["key"], 2e9))
         self.admin_status()
-        # A new server's backfill, and a scrub round: whole passes, sampled.
+        # A new server's backfill, and a scrub round: whole passes.  The
+        # backfill's pages from id 0 to N: each page at cursor x, when the
+        # server holds the files below x; costed at the half-way page (the
+        # mean page if its cost grows linearly with x, as a plan reading the
+        # server's copies from the first one does), which is the database's
+        # state here.
         pages = -(-n // PAGE)
+        backlog = next(f for f in self.figures if f.name.endswith("mid-table (backlog)"))
+        assert backlog.today is not None and backlog.now is not None
         self.figures.append(
             Figure(
                 "backfill of a new server: missing_replicas pages, whole pass",
                 "pass",
-                self.sampled(
-                    "backfill",
-                    pages,
-                    lambda a: lambda: scale_today.missing_replicas(new, a, PAGE),
-                    "",
-                ),
-                self.sampled(
-                    "backfill",
-                    pages,
-                    lambda a: lambda: sweeps.missing_replicas(new, a, PAGE, a + WINDOW),
-                    "",
-                ),
-                f"{pages:,} pages of {PAGE}, {SAMPLES} sampled",
+                backlog.today * pages,
+                backlog.now * pages,
+                f"{pages:,} pages of {PAGE}, each costed as the half-way page",
             )
         )
         self.figures.append(
@@ -583,6 +590,38 @@ class Scratch:
         self._admin(f"DROP DATABASE IF EXISTS {name}")
 
 
+def serve(url: str, args: argparse.Namespace) -> dict[str, float]:
+    """
+    A real server (twistd koboldfs, as server "a") started on the loaded
+    database: seconds until it serves, CPU seconds over --idle seconds of
+    idling (its replicator, status poll, heartbeat and scrub running), and
+    its RSS.
+    """
+    import tempfile
+
+    from loadgen import Server
+
+    base = tempfile.mkdtemp(prefix="koboldfs-scale-", dir=args.tmp)
+    started = time.monotonic()
+    server = Server(base, HOLDERS[0], url, extra=("--scrub-rate=0",))
+    try:
+        start = time.monotonic() - started
+        before = server.cpu()
+        time.sleep(args.idle)
+        cpu = server.cpu() - before
+        figures = {
+            "start_seconds": start,
+            "idle_seconds": args.idle,
+            "idle_cpu_seconds": cpu,
+            "idle_cpu_per_minute": cpu * 60 / args.idle,
+            "rss_mib": server.rss_mib(),
+        }
+    finally:
+        server.stop_blocking()
+    print(json.dumps({"server": figures}), flush=True)
+    return figures
+
+
 def vacuum(url: str) -> None:
     """
     VACUUM ANALYZE, as autovacuum would have left a database of that age:
@@ -637,6 +676,7 @@ def measure_size(
     finally:
         if not args.smoke:
             measure.db.close()
+    server = serve(url, args) if args.server else None
     if not (args.keep_db or args.reuse_db or args.smoke):
         scratch.drop(name)
     return {
@@ -647,6 +687,7 @@ def measure_size(
         "relations": dict(relations),
         "figures": [f.__dict__ for f in figures],
         "plans": measure.plans,
+        "server": server,
     }, measure
 
 
@@ -655,8 +696,12 @@ def table(results: list[dict[str, Any]]) -> str:
     The figures as a markdown table: each query's time today and now, per size.
     """
     sizes = [r["files"] for r in results]
-    head = "| query | kind | " + " | ".join(f"{n:,} today | {n:,} now" for n in sizes) + " |"
-    lines = [head, "| --- | --- |" + " ---: | ---: |" * len(sizes)]
+    head = (
+        "| query | kind | "
+        + " | ".join(f"{n:,} today | {n:,} now | {n:,} now, fastest" for n in sizes)
+        + " |"
+    )
+    lines = [head, "| --- | --- |" + " ---: | ---: | ---: |" * len(sizes)]
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         for f in r["figures"]:
@@ -668,11 +713,13 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{t:.0f} s" if t >= 10 else f"{t * 1000:.1f} ms" if t < 1 else f"{t:.2f} s"
 
     for name, figures in by_name.items():
-        cells = " | ".join(f"{ms(f['today'])} | {ms(f['now'])}" for f in figures)
+        cells = " | ".join(
+            f"{ms(f['today'])} | {ms(f['now'])} | {ms(f.get('best'))}" for f in figures
+        )
         lines.append(f"| {name} | {figures[0]['kind']} | {cells} |")
     lines.append(
         "| database bytes per file | | "
-        + " | ".join(f"{r['bytes_per_file']:.0f} |" for r in results)
+        + " | ".join(f"{r['bytes_per_file']:.0f} | |" for r in results)
         + " |"
     )
     return "\n".join(lines)
@@ -722,8 +769,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     parser.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE periodic queries")
     parser.add_argument("--out", default="koboldfs-scale.json", help="JSON results file")
-    parser.add_argument("--tmp", default=None, help="unused; accepted as the other smoke runs")
+    parser.add_argument("--tmp", default=None, help="scratch directory parent (--server)")
     parser.add_argument("--keep-db", action="store_true", help="keep the loaded database")
+    parser.add_argument(
+        "--server", action="store_true", help="also start a real server on each database"
+    )
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds the server idles")
     parser.add_argument(
         "--reuse-db",
         default=None,

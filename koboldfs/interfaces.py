@@ -261,6 +261,12 @@ class IMetadataStore(Interface):
         may move its cursor.
         """
 
+    def max_held(server):
+        """
+        Fire with the highest id of a file C{server} has a good copy of
+        (0 when none): where its replicator's walk resumes after a restart.
+        """
+
     def held_files(server, after, limit):
         """
         Fire with up to C{limit} live L{FileInfo}s with ids above C{after},

@@ -18,7 +18,8 @@ proportion to the work waiting, not to the files stored:
     reused) in windows of L{WINDOW} ids for the live files this server has
     no good copy of: a new server's backfill, where every page is full,
     and otherwise a check, a few windows a pass, for whatever slipped by
-    (from the first id at start and every L{RESCAN} seconds).  Each copy
+    (at start from the last file this server holds, then from the first
+    id L{RESCAN} seconds after it last reached the end).  Each copy
     is streamed from a live peer holding one, written durably and verified
     against its checksum, and only then recorded.  A copy that fails waits
     in a retry queue with exponential backoff.  A notification of a file
@@ -143,8 +144,10 @@ class Replicator(Service):
         self._cursor = 0
         # Where the next page of the replication queue starts.
         self._queued = 0
-        # Whether the walk reached the last file since it last started.
+        # Whether the walk reached the last file since it last started, and
+        # whether it is yet to resume where this server's copies end.
         self._walked = False
+        self._resume = True
         # The lowest cursor a notification asked for during the pass under
         # way, which the pass's own move of the cursor must not undo.
         self._heardBelow: int | None = None
@@ -339,6 +342,12 @@ class Replicator(Service):
         # moves the cursor back (L{_heard}).
         self._heardBelow = None
         high = await node.store.max_file_id()
+        if self._resume:
+            # After a restart, not from id 0: a backfill cut short goes on
+            # where its copies end, and a server holding everything does
+            # not walk it all again at once (the hourly walk will).
+            self._resume = False
+            self._cursor = max(self._cursor, await node.store.max_held(me))
         cursor = self._cursor
         full = False
         for _ in range(WINDOWS_PER_PASS):

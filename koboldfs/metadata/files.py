@@ -20,7 +20,7 @@ from sqlalchemy import delete as sql_delete
 from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.metadata.namespaces import NAMESPACE_COLUMNS, ensure_namespace, get_namespace
 from koboldfs.metadata.schema import (
-    QUEUE_SERVER_FILES,
+    QUEUE_ALL_SERVER_FILES,
     QUEUED,
     SHORT,
     copy_queue,
@@ -450,9 +450,9 @@ def quarantine_server(server: str) -> Unit[int]:
     Mark every good copy on C{server} bad, as after its disk was lost:
     its replicator makes them all again.  Return how many there were.
     """
+    # Queued while they are still its good copies (the index's).
+    yield Query(QUEUE_ALL_SERVER_FILES, {"b_server": server})
     out = yield Query(_QUARANTINE_SERVER, {"b_server": server})
-    if out.rowcount > 0:
-        yield Query(QUEUE_SERVER_FILES, {"b_server": server})
     return out.rowcount
 
 

@@ -42,8 +42,8 @@ from koboldfs.metadata.units import Query, Unit, writer
 from koboldfs.placement import UNCOUNTED_STATES
 
 #: Bumped with every change to the tables below; the store upgrades older
-#: schemas at start.  2: file_counts and its triggers, copy_queue (issue 17:
-#: docs/scale.md).
+#: schemas at start.  2: file_counts and its triggers, copy_queue, and
+#: replicas_server_good instead of replicas_server_file (docs/scale.md).
 SCHEMA_VERSION = 2
 
 #: A 64-bit id that still autoincrements on SQLite (only INTEGER does there).
@@ -116,7 +116,19 @@ replicas = Table(
     Column("state", String(16), nullable=False),
     Column("created", Float, nullable=False),
 )
-Index("replicas_server_file", replicas.c.server, replicas.c.file_id)
+#: A good copy.  A literal, not a parameter, so that the planners see that
+#: a query's condition implies replicas_server_good's.
+GOOD = replicas.c.state == literal_column("'ok'")
+# A server's good copies, by file id: what its replicator and scrubber page
+# through and probe (index-only).  Version 1 had replicas_server_file, on
+# every copy; the copies that are not good are few, and are found by file.
+Index(
+    "replicas_server_good",
+    replicas.c.server,
+    replicas.c.file_id,
+    sqlite_where=GOOD,
+    postgresql_where=GOOD,
+)
 
 # The operators' counts, kept by triggers on files and replicas (below) in
 # the same database transaction as every change to their rows, whoever
@@ -443,20 +455,30 @@ SHORT = GOOD_COUNTED < WANTED
 # Not correlated with the copy_queue an INSERT writes into.
 QUEUED = exists().where(copy_queue.c.file_id == files.c.id).correlate_except(copy_queue)
 _FILES_IN_NAMESPACES = files.join(namespaces, namespaces.c.id == files.c.namespace_id)
-#: Every live file short of copies with a copy on server C{b_server}, not
-#: yet queued, into the queue: when the server's copies stopped counting
-#: (drain, dead) or were set aside.  In time proportional to its files.
-QUEUE_SERVER_FILES = insert(copy_queue).from_select(
-    ["file_id"],
-    select(files.c.id)
-    .select_from(_FILES_IN_NAMESPACES.join(replicas, replicas.c.file_id == files.c.id))
-    .where(
-        replicas.c.server == bindparam("b_server"),
-        files.c.state == literal_column("'live'"),
-        SHORT,
-        ~QUEUED,
-    ),
-)
+
+
+def _queue_server_files(*conditions: Any) -> Any:
+    return insert(copy_queue).from_select(
+        ["file_id"],
+        select(files.c.id)
+        .select_from(_FILES_IN_NAMESPACES.join(replicas, replicas.c.file_id == files.c.id))
+        .where(
+            replicas.c.server == bindparam("b_server"),
+            GOOD,
+            files.c.state == literal_column("'live'"),
+            ~QUEUED,
+            *conditions,
+        ),
+    )
+
+
+#: Every live file short of copies with a good copy on server C{b_server},
+#: not yet queued, into the queue: when the server's copies stopped
+#: counting (drain, dead).  In time proportional to its files.
+QUEUE_SERVER_FILES = _queue_server_files(SHORT)
+#: Every live file with a good copy on server C{b_server}, not yet queued,
+#: into the queue: before they are all set aside (quarantine_server).
+QUEUE_ALL_SERVER_FILES = _queue_server_files()
 #: Every live file short of copies, not yet queued, into the queue.
 QUEUE_SHORT = Query(
     insert(copy_queue).from_select(
@@ -493,6 +515,12 @@ _SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
 _STORED_VERSION = select(schema_version.c.version)
 _INSERT_VERSION = insert(schema_version).values(version=SCHEMA_VERSION)
 _SET_VERSION = update(schema_version).values(version=SCHEMA_VERSION)
+_DROP_V1_INDEX = Query(
+    Dialectal(
+        postgresql="DROP INDEX IF EXISTS replicas_server_file",
+        sqlite="DROP INDEX IF EXISTS replicas_server_file",
+    )
+)
 # Both databases' triggers: each runs its own (and the other's as no-ops).
 _TRIGGERS = tuple(
     Query(statement)
@@ -523,6 +551,7 @@ def create_schema() -> Unit[int]:
         )
     for query in _SCHEMA_DDL:
         yield query
+    yield _DROP_V1_INDEX
     for trigger in _TRIGGERS:
         yield trigger
     if stored is not None and stored < 2:

@@ -267,6 +267,9 @@ class MetadataStore:
     def max_file_id(self) -> Deferred[int]:
         return self._run(sweeps.max_file_id)
 
+    def max_held(self, server: str) -> Deferred[int]:
+        return self._run(sweeps.max_held, server)
+
     def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(sweeps.held_files, server, after, limit)
 

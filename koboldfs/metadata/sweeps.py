@@ -14,7 +14,7 @@ from sqlalchemy import Select, bindparam, func, select
 
 from koboldfs.interfaces import FileInfo
 from koboldfs.metadata.files import DELETED, FILE_COLUMNS, LIVE
-from koboldfs.metadata.schema import copy_queue, files, namespaces, replicas
+from koboldfs.metadata.schema import GOOD, copy_queue, files, namespaces, replicas
 from koboldfs.metadata.servers import DEAD_SERVERS
 from koboldfs.metadata.units import Query, Unit, reader
 
@@ -38,7 +38,7 @@ def _copy_of(server_is: Any, *conditions: Any) -> Any:
 
 
 _ON_SERVER = replicas.c.server == bindparam("b_server")
-_GOOD_COPY_ON_SERVER = _copy_of(_ON_SERVER, replicas.c.state == "ok")
+_GOOD_COPY_ON_SERVER = _copy_of(_ON_SERVER, GOOD)
 _HELD_BY_SERVER = _copy_of(_ON_SERVER)
 _HELD_BY_COUNTED = _copy_of(replicas.c.server.not_in(DEAD_SERVERS))
 
@@ -80,12 +80,14 @@ def files_page(*conditions: Any, good_only: bool) -> Select[Any]:
 
 
 _MAX_FILE_ID = select(func.coalesce(func.max(files.c.id), 0))
+# The end of the server's (server, file_id) index range: one index probe.
+_MAX_HELD = select(func.coalesce(func.max(replicas.c.file_id), 0)).where(_ON_SERVER, GOOD)
 _MISSING = (LIVE, ~_GOOD_COPY_ON_SERVER)
 _MISSING_REPLICAS = files_page(*_MISSING, good_only=True)
 _MISSING_REPLICAS_UPTO = files_page(
     LIVE,
     files.c.id <= _UPTO,
-    ~_copy_of(_ON_SERVER, replicas.c.state == "ok", replicas.c.file_id <= _UPTO),
+    ~_copy_of(_ON_SERVER, GOOD, replicas.c.file_id <= _UPTO),
     good_only=True,
 )
 # The scrub's page: driven from the server's own replica rows (its index
@@ -93,7 +95,7 @@ _MISSING_REPLICAS_UPTO = files_page(
 _HELD_PAGE = (
     select(replicas.c.file_id.label("id"))
     .select_from(replicas.join(files, files.c.id == replicas.c.file_id))
-    .where(_ON_SERVER, replicas.c.state == "ok", _IN_RANGE, files.c.id > _AFTER, LIVE)
+    .where(_ON_SERVER, GOOD, _IN_RANGE, files.c.id > _AFTER, LIVE)
     .order_by(replicas.c.file_id)
     .limit(bindparam("b_limit"))
     .subquery("page")
@@ -139,6 +141,17 @@ def max_file_id() -> Unit[int]:
     The highest id of a stored file, live or deleted; 0 when there is none.
     """
     out = yield Query(_MAX_FILE_ID)
+    return int(out.rows[0][0])
+
+
+@reader
+def max_held(server: str) -> Unit[int]:
+    """
+    The highest id of a file C{server} has a good copy of; 0 when none:
+    where its walk of ids resumes after a restart (a backfill copies in id
+    order; what it lacks below is queued, or found by the next full walk).
+    """
+    out = yield Query(_MAX_HELD, {"b_server": server})
     return int(out.rows[0][0])
 
 

@@ -1031,6 +1031,17 @@ class CountsTestsMixin(MetadataStoreTestsMixin, _Checked):
         return ensureDeferred(check())
 
     @inlineCallbacks
+    def test_maxHeld(self) -> InlineTest:
+        """
+        The highest file id a server has a replica row of, 0 when none.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.max_held("s1")), 0)
+        one = yield self.addFile(store, "one")
+        yield self.addFile(store, "two", server="s2")
+        self.assertEqual((yield store.max_held("s1")), one.id)
+
+    @inlineCallbacks
     def test_replicationQueue(self) -> InlineTest:
         """
         A file a change leaves short of copies is queued in the same
