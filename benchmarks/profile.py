@@ -53,6 +53,7 @@ KINDS = (
     "thread hand-offs",
     "logging",
     "metrics",
+    "background (scrub, replicator, heartbeat)",
     "load generator (benchmark)",
     "other",
 )
@@ -71,10 +72,16 @@ def storage_kind(text: str) -> str:
     return "request handling (koboldfs)"
 
 
+#: What L{read_stacks} counts the background's samples as.
+BACKGROUND_LEAF = "(background)"
+
+
 def kind_of(frame: str) -> str:
     """
     The kind of work of the innermost Python frame of a sample.
     """
+    if frame == BACKGROUND_LEAF:
+        return "background (scrub, replicator, heartbeat)"
     m = _FRAME.match(frame)
     if m is None:
         return "other"
@@ -117,9 +124,15 @@ def kind_of(frame: str) -> str:
     return "other"
 
 
+#: Modules of a server's background work: a sample with one of their
+#: frames anywhere in its stack is theirs, whatever it does.
+BACKGROUND = re.compile(r"koboldfs/(replicator|orphans|status|periodic)\.py:|_heartbeat ")
+
+
 def read_stacks(path: str) -> collections.Counter[str]:
     """
-    Innermost frames of the busy samples in py-spy's raw output, counted.
+    The busy samples in py-spy's raw output, counted by innermost frame
+    (by L{BACKGROUND} for the background's).
     """
     leaves: collections.Counter[str] = collections.Counter()
     with open(path) as f:
@@ -129,7 +142,7 @@ def read_stacks(path: str) -> collections.Counter[str]:
             leaf = frames[-1]
             if IDLE.match(leaf):
                 continue
-            leaves[leaf] += int(count)
+            leaves[BACKGROUND_LEAF if BACKGROUND.search(stack) else leaf] += int(count)
     return leaves
 
 
