@@ -603,7 +603,9 @@ class Scrubber(Service):
         """
         size, data = await reader.read_whole(step)
         if data is None:
-            raise CorruptReplica(ErrorCode.CORRUPT, f"{info.path} has {size} bytes, not {info.size}")
+            raise CorruptReplica(
+                ErrorCode.CORRUPT, f"{info.path} has {size} bytes, not {info.size}"
+            )
         self.bytes_checked += len(data)
         await self._sleep(len(data) / self.rate)
 
