@@ -275,9 +275,9 @@ class S3MetadataTestsMixin(_Mixin):
         yield self.assertFailure(store.set_namespace("b", public_read="yes"), ValueError)
 
     @inlineCallbacks
-    def test_upgradeFromVersion1(self) -> InlineTest:
+    def test_upgradeFromVersion2(self) -> InlineTest:
         """
-        A database of schema version 1 (no S3 columns) is upgraded at
+        A database of schema version 2 (no S3 columns) is upgraded at
         start, its files kept: they read with no MD5 nor attributes, and
         new files record theirs.
         """
@@ -294,7 +294,7 @@ class S3MetadataTestsMixin(_Mixin):
                     ("namespaces", "public_read"),
                 ):
                     connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-                connection.execute(update(schema_version).values(version=1))
+                connection.execute(update(schema_version).values(version=2))
                 connection.execute(
                     text("INSERT INTO namespaces (name, created, private) VALUES ('ns', 1, false)")
                 )
