@@ -97,6 +97,8 @@ class FileInfo:
         for a file put without one (the binary protocol).
     @ivar parts: how many parts a multipart object was assembled from;
         None for any other file.
+    @ivar part_size: the size of each of its parts but the last, if they
+        were all of one size (as clients make them); else None.
     @ivar attributes: what a front end stored with the file (the S3
         headers: content-type, x-amz-meta-*...; see
         L{koboldfs.attributes}), or None.
@@ -113,6 +115,7 @@ class FileInfo:
     replicas: tuple[str, ...] = ()
     md5: str | None = None
     parts: int | None = None
+    part_size: int | None = None
     attributes: Mapping[str, str] | None = field(default=None, hash=False)
 
     @property
@@ -121,6 +124,20 @@ class FileInfo:
         The file's S3 entity tag, unquoted: see L{etag}.
         """
         return etag(self.sha256, self.md5, self.parts)
+
+    def part_range(self, number: int) -> tuple[int, int] | None:
+        """
+        C{(first byte, length)} of part C{number} of a multipart object
+        whose parts but the last were of one size (S3's GetObject
+        C{partNumber}); part 1 of any other file is all of it; None for a
+        part it does not have, or whose bounds were not kept.
+        """
+        if self.parts is None:
+            return (0, self.size) if number == 1 else None
+        if self.part_size is None or not 1 <= number <= self.parts:
+            return None
+        first = (number - 1) * self.part_size
+        return first, (self.size - first if number == self.parts else self.part_size)
 
 
 def etag(sha256: str, md5: str | None, parts: int | None) -> str:
@@ -150,6 +167,7 @@ class Extras:
 
     md5: str | None = None
     parts: int | None = None
+    part_size: int | None = None
     attributes: Mapping[str, str] | None = field(default=None, hash=False)
     if_absent: bool = False
     if_match: str | None = None
@@ -412,11 +430,26 @@ class IMetadataStore(Interface):
         no-argument callable that unsubscribes.
         """
 
-    def missing_replicas(server, after, limit):
+    def missing_replicas(server, after, limit, upto=None):
         """
-        Fire with up to C{limit} live L{FileInfo}s with ids above C{after},
-        by id, of which C{server} holds no good copy; their C{replicas} are
-        the servers that do.  The replicator's cursor walks these.
+        Fire with up to C{limit} live L{FileInfo}s with ids above C{after}
+        (and at most C{upto} unless None), by id, of which C{server} holds
+        no good copy; their C{replicas} are the servers that do.  The
+        replicator's cursor walks these, in windows of ids.
+        """
+
+    def queued_files(server, after, limit):
+        """
+        Fire with up to C{limit} L{FileInfo}s of the replication queue (live
+        files a change left short of copies) with ids above C{after}, by
+        id, of which C{server} holds no good copy; their C{replicas} are
+        the servers that do.
+        """
+
+    def settle(file_id):
+        """
+        Take file C{file_id} off the replication queue unless it is still
+        a live file short of copies; fire with None.
         """
 
     def max_file_id():
@@ -424,6 +457,12 @@ class IMetadataStore(Interface):
         Fire with the highest id of a stored file, live or deleted (0 when
         there is none): how far a replicator that found nothing missing
         may move its cursor.
+        """
+
+    def max_held(server):
+        """
+        Fire with the highest id of a file C{server} has a good copy of
+        (0 when none): where its replicator's walk resumes after a restart.
         """
 
     def held_files(server, after, limit):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -28,12 +28,12 @@ from zope.interface import implementer
 
 from koboldfs.attributes import check_attributes
 from koboldfs.errors import ErrorCode, MultipartError, ServerError
-from koboldfs.interfaces import Extras, FileInfo, IBodySink, PartInfo, UploadInfo
+from koboldfs.interfaces import Extras, FileInfo, IBodySink, INode, PartInfo, UploadInfo
 from koboldfs.names import check_key, check_namespace
 from koboldfs.periodic import Periodic
 
-if TYPE_CHECKING:
-    from koboldfs.node import Node, PutStream
+#: A L{koboldfs.node.PutStream} (not imported: the core imports this).
+PutStream = Any
 
 log = Logger()
 
@@ -116,10 +116,10 @@ class _Pipe:
 
 class Multipart:
     """
-    The core's multipart uploads and copies, for one L{Node}.
+    The core's multipart uploads and copies, for one L{koboldfs.node.Node}.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: INode) -> None:
         self.node = node
 
     async def create(self, ns: str, key: str, attributes: Mapping[str, str] | None) -> UploadInfo:
@@ -185,8 +185,11 @@ class Multipart:
         size = sum(part.size for part in chosen)
         stream = node.put(upload.namespace, upload.key, size, pipe)
         stream.put.completes = (upload_id, tuple((part.number, part.file.id) for part in chosen))
+        sizes = {part.size for part in chosen[:-1]}
         extras = Extras(
-            md5=multipart_md5(part.file.md5 or "" for part in chosen), parts=len(chosen)
+            md5=multipart_md5(part.file.md5 or "" for part in chosen),
+            parts=len(chosen),
+            part_size=chosen[0].size if len(sizes) <= 1 else None,
         )
         return await self._fill(
             stream, pipe, [(part.file, 0, None) for part in chosen], None, extras

@@ -62,8 +62,21 @@ class EntityTagTests(unittest.SynchronousTestCase):
         self.assertEqual(etag(SHA, MD5, None), MD5)
         self.assertEqual(etag(SHA, MD5, 3), f"{MD5}-3")
         self.assertEqual(etag(SHA, None, None), f"{SHA}-0")
-        info = FileInfo(1, "f" * 32, "ns", "k", 0, SHA, T0, "p")
+        info = FileInfo(1, "f" * 32, "ns", "k", 10, SHA, T0, "p")
         self.assertEqual(info.etag, f"{SHA}-0")
+        self.assertEqual((info.part_range(1), info.part_range(2)), ((0, 10), None))
+
+    def test_partRanges(self) -> None:
+        """
+        A multipart object's parts are found by number when all but the
+        last were of one size; not when their bounds were not kept.
+        """
+        info = FileInfo(1, "f" * 32, "ns", "k", 25, SHA, T0, "p", md5=MD5, parts=3, part_size=10)
+        self.assertEqual(
+            [info.part_range(n) for n in range(5)], [None, (0, 10), (10, 10), (20, 5), None]
+        )
+        unknown = FileInfo(1, "f" * 32, "ns", "k", 25, SHA, T0, "p", md5=MD5, parts=3)
+        self.assertIsNone(unknown.part_range(1))
 
 
 class AttributesTests(unittest.SynchronousTestCase):
@@ -194,7 +207,9 @@ class S3MetadataTestsMixin(_Mixin):
         store = yield self.startedStore()
         attributes = check_attributes({"content-type": "text/plain", "x-amz-meta-a": "\u00e9"})
         added = yield self.addFile(store, "a", Extras(md5=MD5, attributes=attributes))
-        yield self.addFile(store, "b", Extras(md5=MD5, parts=2))
+        multipart = yield self.addFile(store, "b", Extras(md5=MD5, parts=2, part_size=7))
+        self.assertEqual((yield store.lookup("ns", "b")).part_size, 7)
+        self.assertEqual(multipart.part_size, 7)
         yield self.addFile(store, "c")
         found = yield store.lookup("ns", "a")
         self.assertEqual(found, added)
@@ -260,9 +275,9 @@ class S3MetadataTestsMixin(_Mixin):
         yield self.assertFailure(store.set_namespace("b", public_read="yes"), ValueError)
 
     @inlineCallbacks
-    def test_upgradeFromVersion1(self) -> InlineTest:
+    def test_upgradeFromVersion2(self) -> InlineTest:
         """
-        A database of schema version 1 (no S3 columns) is upgraded at
+        A database of schema version 2 (no S3 columns) is upgraded at
         start, its files kept: they read with no MD5 nor attributes, and
         new files record theirs.
         """
@@ -274,11 +289,12 @@ class S3MetadataTestsMixin(_Mixin):
                 for table, column in (
                     ("files", "md5"),
                     ("files", "parts"),
+                    ("files", "part_size"),
                     ("files", "attributes"),
                     ("namespaces", "public_read"),
                 ):
                     connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-                connection.execute(update(schema_version).values(version=1))
+                connection.execute(update(schema_version).values(version=2))
                 connection.execute(
                     text("INSERT INTO namespaces (name, created, private) VALUES ('ns', 1, false)")
                 )

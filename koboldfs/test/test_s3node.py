@@ -315,6 +315,9 @@ class MultipartTests(SynchronousTestCase):
         expected = hashlib.md5(bytes.fromhex(md5(one)) + bytes.fromhex(md5(two))).hexdigest()
         self.assertEqual(info.etag, f"{expected}-2")
         self.assertEqual((info.size, info.sha256), (len(one) + len(two), sha(one + two)))
+        self.assertEqual(
+            (info.part_range(1), info.part_range(2)), ((0, len(one)), (len(one), 1000))
+        )
         self.assertEqual(len(info.replicas), 2)
         self.assertIn(other, info.replicas)
         self.assertEqual(dict(info.attributes or {}), {"content-type": "x/y"})
