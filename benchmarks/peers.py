@@ -179,7 +179,9 @@ class KoboldPair:
     once a put through each server is on both.
     """
 
-    def __init__(self, base: str, pg_url: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base: str, pg_url: str, timeout: float = 60.0, extra: tuple[str, ...] = ()
+    ) -> None:
         self.dbs = Databases(base, pg_url)
         self.servers: list[Server] = []
         self.url = self.dbs.new("postgresql", "peers")
@@ -187,7 +189,9 @@ class KoboldPair:
             for i in range(COPIES):
                 # Each on a --host of its own: a put is forwarded only to a
                 # peer on another host (docs/replication.md).
-                self.servers.append(Server(base, f"kfs-s{i}", self.url, host=f"kfs-h{i}"))
+                self.servers.append(
+                    Server(base, f"kfs-s{i}", self.url, extra=extra, host=f"kfs-h{i}")
+                )
             create_namespace(self.url, NAMESPACE, COPIES, replicas=COPIES)
             self._ready(timeout)
         except BaseException:
