@@ -97,7 +97,7 @@ def measure(store: Any, w: Workload, prefix: str, bodies: Bodies) -> dict[str, f
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--postgres-url", default=os.environ.get("KOBOLDFS_TEST_POSTGRES"))
+    parser.add_argument("--postgres-url", default=os.environ.get("KOBOLDFS_TEST_POSTGRES_URL"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args(argv)
