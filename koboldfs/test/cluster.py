@@ -42,6 +42,8 @@ class ServerProcess:
         machine's loopback.
     @ivar interface: the address it listens on: C{127.0.0.1}, or its
         host's.  Its C{--host} is the host's label unless given.
+    @ivar checkout: the code it runs (this checkout's unless given: a
+        benchmark compares another's beside it).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class ServerProcess:
         host: str | None = None,
         extra: tuple[str, ...] = (),
         netns: Host | None = None,
+        checkout: str = CHECKOUT,
     ) -> None:
         self.name = name
+        self.checkout = checkout
         self.dir = os.path.join(base, name)
         os.makedirs(self.dir, exist_ok=True)
         self.data = os.path.join(self.dir, "data")
@@ -103,7 +107,7 @@ class ServerProcess:
         """
         Start the process, without waiting for it to serve.
         """
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
+        env = {**os.environ, "PYTHONPATH": self.checkout}
         prefix = [] if self.netns is None else self.netns.prefix
         self.process = subprocess.Popen([*prefix, *self.argv()], cwd=self.dir, env=env)
 
