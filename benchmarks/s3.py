@@ -99,7 +99,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--postgres-url", default=os.environ.get("KOBOLDFS_TEST_POSTGRES_URL"))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--tmp", default=None)
+    parser.add_argument("--tmp", default=None, help="scratch directory parent")
+    parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     exit_on_signals()
     if not args.postgres_url:
@@ -151,9 +152,15 @@ def main(argv: list[str]) -> int:
             print(f"| {w.name}: {KOBOLD_S3} / {other} | {r[KOBOLD_S3]['put'] / r[other]['put']:.2f}"
                   f" | {r[KOBOLD_S3]['get'] / r[other]['get']:.2f} |")
     print(f"\ncopies missing on KoboldFS after the run (min_copies=2): {missing}")
-    for w in SMOKE if args.smoke else WORKLOADS:
-        for name, r in results[w.name].items():
-            print(json.dumps({"workload": w.name, "store": name, **r}))
+    figures = [{"workload": w.name, "count": w.count, "threads": w.concurrency, "store": name, **r}
+               for w in (SMOKE if args.smoke else WORKLOADS)
+               for name, r in results[w.name].items()]
+    for figure in figures:
+        print(json.dumps(figure))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine(), "figures": figures, "missing_copies": missing}, f,
+                      indent=1)
     return 0
 
 
