@@ -38,6 +38,7 @@ from koboldfs.s3.sigv4 import (
 from koboldfs.test.certs import TestCA
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.support import eventually
+from koboldfs.test.test_cli import Result, run_process
 
 ACCESS_KEY = "AKIDKOBOLDTEST"
 SECRET = "kobold/test+secret/EXAMPLEKEY0123456789"
@@ -559,6 +560,59 @@ class S3Tests(ClusterMixin, TestCase):
 
             await deferToThread(check)
             self.assertEqual(len(self.stored(server)), len(kept) + 1)  # "r" alone
+
+        return defer.ensureDeferred(run())
+
+    def test_admin_credentials(self) -> defer.Deferred[None]:
+        """
+        A credential made with C{koboldfs admin s3 credential create} signs
+        requests to a real server (which opens its sealed secret with the
+        cluster secret), its grants hold, and once revoked it is refused.
+        """
+
+        async def run() -> None:
+            base = os.path.abspath(self.mktemp())
+            self._clusterBase = base
+            os.makedirs(base)
+            secret_file = os.path.join(base, "cluster-secret")
+            with open(secret_file, "w") as f:
+                f.write("a cluster secret of some length for S3\n")
+            db = f"sqlite:///{os.path.join(base, 'shared.sqlite')}"
+            server = await self.server(db=db, extra=(f"--secret-file={secret_file}",))
+
+            def admin(*argv: str) -> Result:
+                return run_process(["admin", "--db", db, "s3", "credential", *argv])
+
+            def check() -> None:
+                made = admin("create", "--ns", "bkt:ro", "--secret-file", secret_file)
+                self.assertEqual(made.code, 0, made.err)
+                fields = dict(line.split(":", 1) for line in made.out.decode().splitlines())
+                key = fields["access key id"].strip()
+                secret = fields["secret access key"].strip()
+                self.s3.put_object(Bucket="bkt", Key="k", Body=b"made by admin")
+                client = boto(server.s3, key=key, secret=secret)
+                self.assertEqual(client.get_object(Bucket="bkt", Key="k")["Body"].read(),
+                                 b"made by admin")
+                self.assertEqual(status_of(lambda: client.put_object(
+                    Bucket="bkt", Key="k", Body=b"no")), (403, "AccessDenied"))
+                wrong = boto(server.s3, key=key, secret=secret[::-1])
+                self.assertEqual(status_of(lambda: wrong.list_buckets()),
+                                 (403, "SignatureDoesNotMatch"))
+                revoked = admin("revoke", key)
+                self.assertEqual(revoked.code, 0, revoked.err)
+                deadline = time.monotonic() + 30
+                while True:  # the server's cache forgets it within its TTL (5 s)
+                    try:
+                        client.head_object(Bucket="bkt", Key="k")
+                    except ClientError as e:
+                        self.assertEqual(e.response["Error"]["Code"], "403")
+                        break
+                    self.assertLess(time.monotonic(), deadline, "still accepted")
+                    time.sleep(0.5)
+                self.assertEqual(status_of(lambda: client.list_buckets()),
+                                 (403, "InvalidAccessKeyId"))
+
+            await deferToThread(check)
 
         return defer.ensureDeferred(run())
 
