@@ -608,20 +608,43 @@ def _add_column(element: AddColumn, compiler: DDLCompiler, **kw: Any) -> str:
     return f"ALTER TABLE {table} ADD COLUMN {compiler.get_column_specification(column)}"
 
 
-#: What upgrades a schema of each version to the next, where columns are
-#: added: the statements run before the missing tables are created.
-UPGRADES: dict[int, tuple[Query, ...]] = {
-    2: tuple(
-        Query(AddColumn(column))
-        for column in (
-            namespaces.c.public_read,
-            files.c.md5,
-            files.c.parts,
-            files.c.part_size,
-            files.c.attributes,
+#: The columns schema version 3 added to tables that existed before.
+ADDED_IN_3 = (
+    namespaces.c.public_read,
+    files.c.md5,
+    files.c.parts,
+    files.c.part_size,
+    files.c.attributes,
+)
+_ADD_COLUMN = {column: Query(AddColumn(column)) for column in ADDED_IN_3}
+_COLUMNS_OF = {
+    table.name: Query(
+        Dialectal(
+            postgresql="SELECT column_name FROM information_schema.columns WHERE "
+            f"table_schema = current_schema() AND table_name = '{table.name}'",
+            sqlite=f"SELECT name FROM pragma_table_info('{table.name}')",
         )
-    ),
+    )
+    for table in {column.table for column in ADDED_IN_3}
 }
+
+
+def add_missing_columns(columns: tuple[Column[Any], ...]) -> Unit[None]:
+    """
+    A step: give existing tables those of C{columns} they lack (an older
+    schema's), asking each database which it has, so that running it
+    again (a version set back, a rerun upgrade) adds nothing twice.
+    """
+    by_table: dict[str, list[Column[Any]]] = {}
+    for column in columns:
+        by_table.setdefault(column.table.name, []).append(column)
+    for table, wanted in by_table.items():
+        out = yield _COLUMNS_OF[table]
+        have = {row[0] for row in out.rows}
+        for column in wanted:
+            if column.name not in have:
+                yield _ADD_COLUMN[column]
+
 
 _VERSION_TABLE = CreateTable(schema_version, if_not_exists=True)
 _SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
@@ -662,10 +685,8 @@ def create_schema() -> Unit[int]:
             f"the metadata database has schema version {stored}, but this "
             f"KoboldFS knows only up to {SCHEMA_VERSION}: upgrade KoboldFS"
         )
-    if stored is not None:
-        for version in range(stored, SCHEMA_VERSION):
-            for query in UPGRADES.get(version, ()):
-                yield query
+    if stored is not None and stored < 3:
+        yield from add_missing_columns(ADDED_IN_3)
     for query in _SCHEMA_DDL:
         yield query
     yield _DROP_V1_INDEX
