@@ -273,6 +273,37 @@ def make_parser() -> argparse.ArgumentParser:
             const="",
             help="back to the servers' --public-url",
         )
+    p = sub.add_parser(
+        "key",
+        help="make, list and revoke namespace keys",
+        description="Make, list and revoke the keys clients prove to servers that "
+        "require them (docs/security.md).",
+    )
+    key = p.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
+    p = admin_command(
+        key,
+        "create",
+        "make a key of namespace NS (created if missing) and print it: it is shown "
+        "this once, and only a hash of it is stored",
+        admin_key_create,
+    )
+    p.add_argument("namespace", metavar="NS")
+    p.add_argument(
+        "--readonly",
+        action="store_true",
+        help="a key that may get, stat, list and get URLs, but not put or delete",
+    )
+    p = admin_command(key, "list", "the keys of NS (of every namespace if none)", admin_key_list)
+    p.add_argument("namespace", metavar="NS", nargs="?")
+    p = admin_command(
+        key,
+        "revoke",
+        "revoke key KEY_ID of NS: refused on new connections at once, and open "
+        "connections with it are ended within the servers' --key-check-interval",
+        admin_key_revoke,
+    )
+    p.add_argument("namespace", metavar="NS")
+    p.add_argument("key_id", metavar="KEY_ID", help="the id `key list` shows, or the whole key")
     p = admin_command(
         sub,
         "status",
@@ -975,6 +1006,68 @@ def _admin_namespace(name: str) -> str:
         return check_namespace(name)
     except InvalidName as e:
         raise CommandError(str(e), EXIT_USAGE) from None
+
+
+async def admin_key_create(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    name = _admin_namespace(args.namespace)
+    created = await store.namespace(name) is None
+    key = await store.create_key(name, readonly=args.readonly)
+    if created:
+        _say(f"namespace {name!r} did not exist: created with the default settings")
+    _say(
+        f"a {'read-only' if args.readonly else 'read-write'} key of namespace {name!r}; "
+        "store it now, it is not shown again:"
+    )
+    print(key)
+    return EXIT_OK
+
+
+async def admin_key_list(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if args.namespace is None:
+        names = [ns.name for ns in await store.namespaces()]
+    else:
+        names = [_admin_namespace(args.namespace)]
+        if await store.namespace(names[0]) is None:
+            raise CommandError(
+                f"no namespace {names[0]!r}: see `koboldfs admin namespaces`", EXIT_NOT_FOUND
+            )
+    rows = [
+        (
+            key.key_id,
+            key.namespace,
+            "read-only" if key.readonly else "read-write",
+            _utc(key.created),
+        )
+        for name in names
+        for key in await store.keys(name)
+    ]
+    if not rows:
+        _say("no key yet: make one with `koboldfs admin key create NS`")
+        return EXIT_OK
+    print(_table(("KEY ID", "NAMESPACE", "ACCESS", "CREATED"), rows))
+    return EXIT_OK
+
+
+async def admin_key_revoke(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    from koboldfs.auth import parse_key
+
+    name = _admin_namespace(args.namespace)
+    key_id = args.key_id
+    if key_id.startswith("kfs1."):
+        try:
+            key_id = parse_key(key_id)[0]
+        except InvalidName as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+    if not await store.revoke_key(name, key_id):
+        raise CommandError(
+            f"no key {key_id!r} in namespace {name!r}: see `koboldfs admin key list {name}`",
+            EXIT_NOT_FOUND,
+        )
+    print(
+        f"{name}/{key_id}: revoked; new connections with it are refused, open ones end "
+        "within the servers' --key-check-interval (10 s by default)"
+    )
+    return EXIT_OK
 
 
 async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> int:

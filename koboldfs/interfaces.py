@@ -480,6 +480,12 @@ class INode(Interface):
         server gave; fire with the L{koboldfs.auth.Grant} it earns.
         """
 
+    def revoked(grants):
+        """
+        Fire with the set of those L{koboldfs.auth.Grant}s whose key has
+        been revoked since they were earned (docs/security.md).
+        """
+
     # -- requests
 
     def lookup(ns, key, txn=None):
