@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
 from koboldfs import auth, cli
@@ -19,8 +19,9 @@ from koboldfs.client import DeferredClient
 from koboldfs.connection import ConnectionCache
 from koboldfs.errors import Forbidden
 from koboldfs.protocol import encode_data
+from koboldfs.test.certs import TestCA
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
-from koboldfs.test.test_cli import Result, _Stream
+from koboldfs.test.test_cli import Result, _Stream, run_process
 
 #: How often the servers of these tests look for revoked keys.
 KEY_CHECK = 1.0
@@ -154,3 +155,126 @@ class KeyCommandTests(KeysMixin, TestCase):
         self.addCleanup(client.close)
         self.assertIsNone(await client.stat("slow"))
         self.assertTrue(await client.put("after", b"x"))
+
+
+class CredentialTests(KeysMixin, TestCase):
+    """
+    The file commands' key and TLS settings, from options, the environment
+    and the client config file, and what they say when those are wrong:
+    against a real server on TLS whose certificate names C{localhost}
+    only, and one without TLS.
+    """
+
+    async def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        self.ca = TestCA(os.path.join(base, "ca"))
+        pem = self.ca.server_pem("localhost")
+        self.server = await self.keyed()
+        self.plain = self.server  # requires keys, no TLS
+        tls = ServerProcess(base, "t", db=self.db)
+        ssl = f"privateKey={pem}:interface=127.0.0.1"
+        tls.extra = (
+            "--auth=keys",
+            f"--listen=ssl:{tls.port}:{ssl}",
+            f"--http=ssl:{tls.http_port}:{ssl}",
+        )
+        self.addCleanup(lambda: defer.ensureDeferred(tls.stop()))
+        await tls.start()
+        self.tls = tls
+        self.by_name = f"localhost:{tls.port}"
+        self.key = await self.new_key()
+        self.home = os.path.join(base, "home")
+        os.makedirs(self.home)
+        # No config file of the user running the tests is read.
+        self.env = {"HOME": self.home, "XDG_CONFIG_HOME": "", "KOBOLDFS_CONFIG": ""}
+
+    def koboldfs(self, *argv: str, stdin: bytes = b"", **env: str) -> defer.Deferred[Result]:
+        """
+        The command as its own process, with no config file but the
+        test's.
+        """
+        return threads.deferToThread(run_process, list(argv), stdin, {**self.env, **env})
+
+    async def test_options(self) -> None:
+        """
+        C{--key} with C{--ca} (which implies TLS) puts and gets through the
+        server's name; the key from C{KOBOLDFS_KEY} and C{--key-file} too.
+        """
+        common = ("-n", "demo", "-s", self.by_name, "--ca", self.ca.ca)
+        r = await self.koboldfs(*common, "--key", self.key, "put", "k", "-", stdin=b"hello")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.koboldfs(*common, "cat", "k", KOBOLDFS_KEY=self.key)
+        self.assertEqual((r.code, r.out), (0, b"hello"), r.err)
+        path = os.path.join(self.home, "demo.key")
+        with open(path, "w") as f:
+            f.write(f"# the demo key\n{self.key}\n")
+        r = await self.koboldfs(*common, "--key-file", path, "ls")
+        self.assertEqual((r.code, r.out), (0, b"k\n"), r.err)
+        r = await self.koboldfs(*common, "ping", KOBOLDFS_KEY=self.key)
+        self.assertIn(f"{self.by_name}: answered in", r.out.decode())
+
+    async def test_configFile(self) -> None:
+        """
+        The client config file in the user's config directory sets the
+        servers, namespace, key file and CA, relative paths from its own
+        directory; C{KOBOLDFS_CONFIG} names another; options win over it.
+        """
+        directory = os.path.join(self.home, ".config", "koboldfs")
+        os.makedirs(directory)
+        with open(os.path.join(directory, "demo.key"), "w") as f:
+            f.write(self.key + "\n")
+        with open(os.path.join(directory, "client.ini"), "w") as f:
+            f.write(
+                "[koboldfs]\n"
+                f"servers = {self.by_name}\n"
+                "namespace = demo\n"
+                "key_file = demo.key\n"
+                f"ca = {self.ca.ca}\n"
+            )
+        r = await self.koboldfs("put", "conf", "-", stdin=b"from the config")
+        self.assertEqual(r.code, 0, r.err)
+        r = await self.koboldfs("cat", "conf")
+        self.assertEqual((r.code, r.out), (0, b"from the config"), r.err)
+        r = await self.koboldfs("-n", "other", "ls")  # the option wins: not demo's key
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE)
+        self.assertIn("refused the key", r.err)
+
+        other = os.path.join(self.home, "other.ini")
+        with open(other, "w") as f:
+            f.write("[koboldfs]\nservers = 127.0.0.1:1\nbogus = 1\n")
+        r = await self.koboldfs("ls", KOBOLDFS_CONFIG=other)
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        self.assertIn("unknown setting(s) bogus", r.err)
+        r = await self.koboldfs("ls", KOBOLDFS_CONFIG=other + ".missing")
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        self.assertIn("no config file", r.err)
+
+    async def test_errors(self) -> None:
+        """
+        Each way of getting the credentials wrong is said as such, with
+        what to do, and exits 3 (2 for a malformed key).
+        """
+        ca = ("--ca", self.ca.ca)
+        key = ("--key", self.key)
+        wrong = f"kfs1.{auth.parse_key(self.key)[0]}.{auth.parse_key(auth.new_key().key)[1]}"
+        cases = [
+            # (argv, exit status, what stderr says)
+            ((self.by_name, *ca), 3, "require a key of namespace 'demo'"),
+            ((self.by_name, *ca, "--key", wrong), 3, "refused the key"),
+            ((self.by_name, *ca, "--key", "kfs1.bad"), 2, "--key: not a KoboldFS key"),
+            ((self.by_name, *key), 3, "if the servers listen with TLS (ssl:), give --tls"),
+            ((self.by_name, "--tls", *key), 3, "not signed by a CA you trust: give --ca"),
+            ((self.tls.address, *ca, *key), 3, "does not name the host given in --servers"),
+            ((self.plain.address, *ca, *key), 3, "do not speak TLS there: drop --tls"),
+        ]
+        results = await defer.gatherResults(
+            [self.koboldfs("-n", "demo", "-s", *argv, "ls") for argv, _, _ in cases]
+        )
+        for (argv, code, said), r in zip(cases, results, strict=True):
+            self.assertEqual(r.code, code, (argv, r.err))
+            self.assertIn(said, r.err, argv)
+            self.assertNotIn("Traceback", r.err, argv)
+        self.assertNotIn(auth.parse_key(self.key)[1], "".join(r.err for r in results))
+        # Without TLS, the key alone works on the server that has none.
+        r = await self.koboldfs("-n", "demo", "-s", self.plain.address, *key, "ls")
+        self.assertEqual(r.code, 0, r.err)
