@@ -37,10 +37,18 @@ class KeysMixin(ClusterMixin):
         base = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
         os.makedirs(base)
         self.db = f"sqlite:///{base}/shared.sqlite"
+        self.secret = os.path.join(base, "cluster-secret")
+        with open(self.secret, "w") as f:
+            f.write("# the cluster secret\na cluster secret of some length\n")
         return await self.startServer(
             "a",
             db=self.db,
-            extra=("--auth=keys", f"--key-check-interval={KEY_CHECK:g}", *extra),
+            extra=(
+                "--auth=keys",
+                f"--key-check-interval={KEY_CHECK:g}",
+                f"--secret-file={self.secret}",
+                *extra,
+            ),
         )
 
     async def admin(self, *argv: str) -> Result:
@@ -119,6 +127,26 @@ class KeyCommandTests(KeysMixin, TestCase):
         self.assertEqual((await self.admin("key", "list", "nosuch")).code, 1)
         self.assertEqual((await self.admin("key", "create", "bad/name")).code, 2)
         self.assertNotIn(key_id, (await self.admin("key", "list", "demo")).out.decode())
+
+    async def test_fsckAsPeer(self) -> None:
+        """
+        C{admin fsck} against servers that require keys checks their copies
+        when given the cluster secret; without it, it says once that the
+        server refused it and what to give, instead of a line per copy.
+        """
+        server = await self.keyed()
+        client = DeferredClient("demo", [server.address], reactor, key=await self.new_key())
+        self.addCleanup(client.close)
+        for i in range(3):
+            await client.put(f"f{i}", b"x" * i)
+        r = await self.admin("fsck")
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE, r.err)
+        self.assertIn("refused fsck", r.err)
+        self.assertIn("--secret-file", r.err)
+        self.assertNotIn("PROBLEM", r.out.decode())
+        r = await self.admin("fsck", "--secret-file", self.secret)
+        self.assertEqual(r.code, 0, r.out + r.err.encode())
+        self.assertIn("3 files, 3 copies: 3 good, 0 bad", r.out.decode())
 
     async def test_revokedWhileOpen(self) -> None:
         """
