@@ -317,9 +317,16 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 else:
                     self.sendError(e.code, str(e.args[0]))
                 return
-        if msg.op is Op.REPLICA_PUT and not (self.node.open or self.grant.peer):
+        peer = self.node.open or (self.grant is not None and self.grant.peer)
+        if msg.op is Op.REPLICA_PUT and not peer:
             self._refuse_put(
                 Forbidden(ErrorCode.FORBIDDEN, "REPLICA_PUT is for the cluster's servers only")
+            )
+            return
+        if msg.op is Op.CLUSTER_STATUS and not peer:
+            self.sendError(
+                ErrorCode.FORBIDDEN,
+                "CLUSTER_STATUS is for holders of the cluster secret (--secret-file)",
             )
             return
         if msg.op is Op.PUT or msg.op is Op.REPLICA_PUT:
@@ -333,6 +340,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             Op.DELETE: self._delete,
             Op.STAT: self._stat,
             Op.LIST: self._list,
+            Op.CLUSTER_STATUS: self._cluster_status,
             Op.BEGIN: self._txn,
             Op.PREPARE: self._txn,
             Op.COMMIT: self._txn,
@@ -390,6 +398,9 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _get_url(self, msg: Message) -> None:
         self._reply({"url": await self.node.get_url(msg["ns"], msg["key"], msg.get("expires"))})
+
+    async def _cluster_status(self, msg: Message) -> None:
+        self._reply(await self.node.cluster_status(bool(msg.get("held"))))
 
     async def _list(self, msg: Message) -> None:
         keys = await self.node.list_keys(

@@ -1056,6 +1056,10 @@ async def admin(reactor: Any, argv: Sequence[str]) -> int:
 
 async def _admin(reactor: Any, args: argparse.Namespace) -> int:
     try:
+        if args.admin_func in (admin_status, admin_servers) and _through_servers(args):
+            view = await _ask_servers(reactor, args, held=args.admin_func is admin_servers)
+            result: int = await args.admin_func(view, args, reactor)
+            return result
         return await _with_store(reactor, args)
     except CommandError as e:
         _say(e.message)
@@ -1108,6 +1112,88 @@ async def _with_store(reactor: Any, args: argparse.Namespace) -> int:
         raise CommandError(str(e), EXIT_USAGE) from None
     finally:
         await store.stop()
+
+
+def _through_servers(args: argparse.Namespace) -> bool:
+    """
+    Whether C{admin status} and C{servers} ask a server rather than the
+    database: when no database is named (C{--db}, C{KOBOLDFS_DB}, C{db} in
+    the config file) and a cluster secret or servers are.
+    """
+    return _setting(args, "db", "KOBOLDFS_DB") is None and (
+        _setting(args, "secret_file", "KOBOLDFS_SECRET_FILE") is not None
+        or _setting(args, "servers", "KOBOLDFS_SERVERS") is not None
+    )
+
+
+class _ServerView:
+    """
+    What C{admin status} and C{admin servers} read of the metadata, as a
+    server answered CLUSTER_STATUS: the same methods as the store's.
+    Heartbeats are moved onto our clock, so that a workstation whose
+    clock is off still sees who is down as the servers do.
+    """
+
+    def __init__(self, reply: Any, address: str, now: float) -> None:
+        from koboldfs.interfaces import ServerInfo
+        from koboldfs.metadata.health import Health
+
+        skew = now - reply["now"]
+        self.url = f"server {reply.get('server', address)} at {address}"
+        self._servers = [
+            ServerInfo(**{**s, "heartbeat": s["heartbeat"] + skew if s["heartbeat"] else 0.0})
+            for s in reply["servers"]
+        ]
+        self._health = Health(**reply["health"])
+        self._held = reply["held"] or {}
+
+    async def servers(self) -> list[Any]:
+        return self._servers
+
+    async def health(self) -> Any:
+        return self._health
+
+    async def files_held(self) -> dict[str, int]:
+        return dict(self._held)
+
+
+async def _ask_servers(reactor: Any, args: argparse.Namespace, held: bool) -> _ServerView:
+    """
+    Ask the listed servers, in turn, for CLUSTER_STATUS, as a peer.
+    """
+    from koboldfs.connection import ConnectionCache
+    from koboldfs.errors import AuthRequired, Forbidden
+    from koboldfs.protocol import Op
+
+    servers = _servers(args)
+    pool = ConnectionCache(reactor, 30.0, 5.0, **_peer_options(args, needed=True))
+    errors = []
+    try:
+        for address in servers:
+            try:
+                conn = await pool.acquire(address)
+                try:
+                    reply = await conn.request(Op.CLUSTER_STATUS, {"held": held})
+                finally:
+                    pool.release(address, conn)
+            except (AuthRequired, Forbidden) as e:
+                raise CommandError(
+                    f"{address} refused the cluster secret: {e}; give the servers' own "
+                    "--secret-file",
+                    EXIT_UNAVAILABLE,
+                ) from None
+            except KoboldError as e:
+                errors.append(f"{address}: {e}")
+                continue
+            fields = {**reply.fields, "server": conn.server}
+            return _ServerView(fields, address, reactor.seconds())
+    finally:
+        await pool.close()
+    raise CommandError(
+        f"no server answered CLUSTER_STATUS ({'; '.join(errors)}): {SERVERS_HINT} "
+        "(or give --db to read the metadata database directly)",
+        EXIT_UNAVAILABLE,
+    )
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: str = "") -> str:
@@ -1359,8 +1445,9 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
         from twisted.internet import defer
 
         up = [s for s in servers if not _down(s, now, args.down_after)]
+        ca = _tls(args)["ca"]
         pages = await defer.gatherResults(
-            [defer.ensureDeferred(_status_page(reactor, s)) for s in up]
+            [defer.ensureDeferred(_status_page(reactor, s, ca)) for s in up]
         )
         for s, page in zip(up, pages, strict=True):
             print(f"  {s.name}: {page}")
@@ -1382,12 +1469,15 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     return EXIT_OK
 
 
-async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
+async def _status_page(
+    reactor: Any, server: Any, ca: str | None = None, timeout: float = 5.0
+) -> str:
     """
     A server's own figures from its status page (C{/status.json} under its
-    public URL), in a line: its scrub's progress and its copies waiting
-    for a retry.  Never fails: a server whose public URL is another web
-    server (nginx, a CDN) has no status page there.
+    public URL; over HTTPS trusting C{ca}, or the system's certificates),
+    in a line: its scrub's progress and its copies waiting for a retry.
+    Never fails: a server whose public URL is another web server (nginx,
+    a CDN) has no status page there.
     """
     import json
 
@@ -1413,7 +1503,14 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
 
     url = server.public_url.rstrip("/") + "/status.json"
     pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
+    options: dict[str, Any] = {}
+    if ca is not None:
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        from koboldfs.connection import trust_root
+
+        options["contextFactory"] = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca))
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool, **options)
     try:
         d = agent.request(b"GET", url.encode())
         d.addTimeout(timeout, reactor)

@@ -486,6 +486,13 @@ class INode(Interface):
         been revoked since they were earned (docs/security.md).
         """
 
+    def cluster_status(held=False):
+        """
+        Fire with the fields of the OK reply to CLUSTER_STATUS
+        (docs/protocol.md): the servers and health as the metadata has
+        them, this server's clock, and each server's files if C{held}.
+        """
+
     # -- requests
 
     def lookup(ns, key, txn=None):

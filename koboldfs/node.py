@@ -25,6 +25,7 @@ error form.  See docs/architecture.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Any, Awaitable, Callable, Iterable
@@ -200,6 +201,21 @@ class Node:
             current = {key.key_id for key in await self.store.keys(ns)}
             gone.update(grant for grant in held if grant.key_id not in current)
         return gone
+
+    async def cluster_status(self, held: bool = False) -> dict[str, Any]:
+        """
+        The registered servers and the cluster's health, as the metadata
+        has them now, with this server's clock (C{now}) to read the
+        heartbeats against; and, if C{held}, how many live files each
+        server holds (a count over every copy).
+        """
+        store = self.store
+        return {
+            "now": self.clock.seconds(),
+            "servers": [dataclasses.asdict(s) for s in await store.servers()],
+            "health": dataclasses.asdict(await store.health()),
+            "held": await store.files_held() if held else None,
+        }
 
     # -- requests
 

@@ -250,6 +250,36 @@ class HandshakeTests(_KeysServer, SynchronousTestCase):
         data = os.path.join(self.server.config.data, "files")
         self.assertEqual([f for _, _, fs in os.walk(data) for f in fs], [])
 
+    def test_clusterStatusForPeersOnly(self) -> None:
+        """
+        CLUSTER_STATUS tells the cluster's layout to holders of the cluster
+        secret, not to a client with a namespace key, whose connection
+        goes on.
+        """
+        proto, transport, welcome = self.connect()
+        creds = auth.Credentials("ns", self.rw)
+        proto.dataReceived(
+            encode_message(Op.AUTH, creds.fields(welcome["nonce"], welcome["server"]))
+        )
+        self.assertEqual(self.frames(transport)[0].op, Op.OK)
+        proto.dataReceived(encode_message(Op.CLUSTER_STATUS, {}))
+        [error] = self.frames(transport)
+        self.assertEqual(error["code"], ErrorCode.FORBIDDEN)
+        self.assertIn("cluster secret", error["message"])
+        self.server.config.cluster_secrets = (b"s" * 20,)
+        proto, transport, welcome = self.connect()
+        creds = auth.Credentials(cluster_secret=b"s" * 20, name="admin")
+        proto.dataReceived(
+            encode_message(Op.AUTH, creds.fields(welcome["nonce"], welcome["server"]))
+        )
+        self.assertEqual(self.frames(transport)[0].op, Op.OK)
+        proto.dataReceived(encode_message(Op.CLUSTER_STATUS, {"held": True}))
+        self.server.pump()
+        [ok] = self.frames(transport)
+        self.assertEqual(ok.op, Op.OK)
+        self.assertEqual(set(ok.fields), {"now", "servers", "health", "held"})
+        self.assertEqual(ok["health"]["files"], 0)
+
     def test_badAuthFrames(self) -> None:
         """
         Malformed AUTH frames are refused and close the connection.

@@ -61,6 +61,20 @@ class KeysMixin(ClusterMixin):
         code = await cli.admin(reactor, ["--db", self.db, *argv])
         return Result(code, out.bytes(), err.bytes().decode())
 
+    async def admin_remote(self, *argv: str) -> Result:
+        """
+        C{koboldfs admin ARGV} in-process with no database named and no
+        client config file.
+        """
+        config = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("KOBOLDFS_")}
+        self.patch(os, "environ", {**environ, "XDG_CONFIG_HOME": config})  # type: ignore[attr-defined]
+        out, err = _Stream(), _Stream()
+        self.patch(sys, "stdout", out)  # type: ignore[attr-defined]
+        self.patch(sys, "stderr", err)  # type: ignore[attr-defined]
+        code = await cli.admin(reactor, list(argv))
+        return Result(code, out.bytes(), err.bytes().decode())
+
     async def new_key(self, namespace: str = "demo", *options: str) -> str:
         r = await self.admin("key", "create", namespace, *options)
         self.assertEqual(r.code, 0, r.err)  # type: ignore[attr-defined]
@@ -148,6 +162,53 @@ class KeyCommandTests(KeysMixin, TestCase):
         self.assertEqual(r.code, 0, r.out + r.err.encode())
         self.assertIn("3 files, 3 copies: 3 good, 0 bad", r.out.decode())
 
+    async def test_statusThroughServers(self) -> None:
+        """
+        C{admin status} and C{admin servers} with the servers' addresses and
+        the cluster secret, and no database, say what they say from the
+        database; without the secret, or with a wrong one, they say so.
+        """
+        server = await self.keyed()
+        client = DeferredClient("demo", [server.address], reactor, key=await self.new_key())
+        self.addCleanup(client.close)
+        await client.put("f", b"x")
+        via = ("-s", server.address, "--secret-file", self.secret)
+
+        def verdicts(r: Result) -> list[str]:
+            # Without the servers' scrub lines, which move on between runs.
+            return [line for line in r.out.decode().splitlines() if not line.startswith("  a:")]
+
+        remote = await self.admin_remote("status", *via)
+        self.assertEqual(remote.code, 0, remote.err)
+        local = await self.admin("status")
+        self.assertEqual(verdicts(remote), verdicts(local))
+        self.assertIn("servers: 1 (1 alive)", remote.out.decode())
+        self.assertIn("files: 1 (1 B)", remote.out.decode())
+        self.assertIn("\n  a: scrub: ", remote.out.decode())
+
+        def columns(r: Result) -> list[list[str]]:
+            # Not the heartbeat's age: a second may pass between the two.
+            return [line.split()[:4] + line.split()[-3:] for line in r.out.decode().splitlines()]
+
+        remote = await self.admin_remote("servers", *via)
+        self.assertEqual(remote.code, 0, remote.err)
+        self.assertEqual(columns(remote), columns(await self.admin("servers")))
+        self.assertIn(server.address, remote.out.decode())
+        self.assertEqual(remote.out.decode().splitlines()[1].split()[-1], "1")  # files held
+
+        r = await self.admin_remote("status", "-s", server.address)
+        self.assertEqual(r.code, cli.EXIT_USAGE)
+        self.assertIn("give the servers' cluster secret: --secret-file", r.err)
+        wrong = os.path.join(os.path.dirname(self.secret), "wrong")
+        with open(wrong, "w") as f:
+            f.write("not the secret of this cluster\n")
+        r = await self.admin_remote("status", "-s", server.address, "--secret-file", wrong)
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE)
+        self.assertIn("refused the cluster secret", r.err)
+        r = await self.admin_remote("status", "-s", "127.0.0.1:1", "--secret-file", self.secret)
+        self.assertEqual(r.code, cli.EXIT_UNAVAILABLE)
+        self.assertIn("no server answered CLUSTER_STATUS", r.err)
+
     async def test_revokedWhileOpen(self) -> None:
         """
         Connections opened with a key before it was revoked end within the
@@ -193,7 +254,10 @@ class CredentialTests(KeysMixin, TestCase):
     only, and one without TLS.
     """
 
-    async def setUp(self) -> None:
+    async def start(self) -> None:
+        """
+        The servers, the CA and a key of C{demo}; a home with no config.
+        """
         base = os.path.abspath(self.mktemp())
         self.ca = TestCA(os.path.join(base, "ca"))
         pem = self.ca.server_pem("localhost")
@@ -228,6 +292,7 @@ class CredentialTests(KeysMixin, TestCase):
         C{--key} with C{--ca} (which implies TLS) puts and gets through the
         server's name; the key from C{KOBOLDFS_KEY} and C{--key-file} too.
         """
+        await self.start()
         common = ("-n", "demo", "-s", self.by_name, "--ca", self.ca.ca)
         r = await self.koboldfs(*common, "--key", self.key, "put", "k", "-", stdin=b"hello")
         self.assertEqual(r.code, 0, r.err)
@@ -247,6 +312,7 @@ class CredentialTests(KeysMixin, TestCase):
         servers, namespace, key file and CA, relative paths from its own
         directory; C{KOBOLDFS_CONFIG} names another; options win over it.
         """
+        await self.start()
         directory = os.path.join(self.home, ".config", "koboldfs")
         os.makedirs(directory)
         with open(os.path.join(directory, "demo.key"), "w") as f:
@@ -282,6 +348,7 @@ class CredentialTests(KeysMixin, TestCase):
         Each way of getting the credentials wrong is said as such, with
         what to do, and exits 3 (2 for a malformed key).
         """
+        await self.start()
         ca = ("--ca", self.ca.ca)
         key = ("--key", self.key)
         wrong = f"kfs1.{auth.parse_key(self.key)[0]}.{auth.parse_key(auth.new_key().key)[1]}"
