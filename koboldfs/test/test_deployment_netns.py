@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
+import shutil
 import sys
 from dataclasses import dataclass
 from functools import partial
+from string import Template
 
 from twisted.internet import defer, reactor, utils
 from twisted.trial.unittest import TestCase
 
-from koboldfs.test.certs import TestCA
 from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess
 from koboldfs.test.netns import Host, NetworkMixin
 from koboldfs.test.pgcluster import SKIP as PG_SKIP
 from koboldfs.test.pgcluster import PostgresMixin
+from koboldfs.test.pgcluster import run as pg_run
 from koboldfs.test.support import eventually
 
 #: What the operator fetches a URL with: urllib, trusting only the CA.
@@ -38,6 +39,53 @@ context = ssl.create_default_context(cafile=sys.argv[2])
 with urllib.request.urlopen(sys.argv[1], context=context, timeout=20) as response:
     print(response.status, hashlib.sha256(response.read()).hexdigest())
 """
+
+
+#: The guide whose marked blocks this test runs.
+GUIDE = os.path.join(CHECKOUT, "docs", "deployment.md")
+
+
+def guide_block(name: str) -> str:
+    """
+    The code block of docs/deployment.md marked C{<!-- deployment-test:
+    NAME -->}.
+    """
+    with open(GUIDE) as f:
+        text = f.read()
+    marker = f"<!-- deployment-test: {name} -->\n```"
+    start = text.index(marker) + len(marker)
+    start = text.index("\n", start) + 1
+    return text[start : text.index("```", start)]
+
+
+class ConfiguredServer(ServerProcess):
+    """
+    A server whose options are all in its ini file, as under systemd (the
+    heartbeat and replication made quicker for the test), on the ports
+    the guide uses: each machine has its own.
+    """
+
+    def __init__(self, base: str, name: str, netns: Host, ini: str) -> None:
+        super().__init__(base, name, netns=netns)
+        self.port, self.http_port = 9876, 9877
+        self.address = f"{self.interface}:{self.port}"
+        self.http = f"https://{self.interface}:{self.http_port}"
+        self.ini = ini
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            "koboldfs",
+            f"--config={self.ini}",
+            "--heartbeat=1",
+            "--down-after=5",
+            "--replicate-interval=1",
+        ]
 
 
 @dataclass
@@ -77,15 +125,24 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         """
         The C{koboldfs} command (this checkout's) on the operator's machine.
         """
-        return await self.run_on(
-            self.op, sys.executable, "-m", "koboldfs.cli", *argv, stdin=stdin
-        )
+        return await self.run_on(self.op, "koboldfs", *argv, stdin=stdin)
 
     def logged(self, server: ServerProcess, text: str) -> bool:
         return text in server.tail()
 
     def stop(self, server: ServerProcess) -> defer.Deferred[int | None]:
         return defer.ensureDeferred(server.stop())
+
+    async def shell(self, script: str, cwd: str, **env: str) -> None:
+        """
+        Run a block of the guide with C{sh -e}, here (not in a machine).
+        """
+        code, out = await pg_run(
+            ["env", *(f"{k}={v}" for k, v in env.items()), "sh", "-e", "-c", script],
+            cwd=cwd,
+            check=False,
+        )
+        self.assertEqual(code, 0, f"{script}\n{out}")
 
     async def ok(self, *argv: str, stdin: bytes = b"") -> str:
         ran = await self.koboldfs(*argv, stdin=stdin)
@@ -104,7 +161,8 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         self.home = os.path.join(base, "operator")
         os.makedirs(os.path.join(self.home, ".config", "koboldfs"))
         self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            # The koboldfs command beside this Python (the venv's).
+            "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": self.home,
             "PYTHONPATH": CHECKOUT,
         }
@@ -115,33 +173,39 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         db = postgres.url("koboldfs")
 
         # 2. The cluster secret and the TLS certificates, one per machine,
-        # each naming the address it is reached at.
-        secret = os.path.join(base, "cluster-secret")
-        with open(secret, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        os.chmod(secret, 0o600)
-        ca = TestCA(os.path.join(base, "ca"))
+        # each naming the address it is reached at: the guide's commands.
+        await self.shell(guide_block("secret"), base)
+        await self.shell(guide_block("ca"), base)
+        secret, ca = os.path.join(base, "cluster-secret"), os.path.join(base, "ca.pem")
+        self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
 
-        # 3. Three servers, each on its machine's address, TLS for clients,
-        # HTTP and peers; no --auth: auto, so keys are required.
+        # 3. Three servers, each configured as the guide says, on its
+        # machine's address: TLS for clients, HTTP and peers; no auth
+        # setting, so keys are required.
         servers = []
         for name in ("s1", "s2", "s3"):
             host = net[name]
-            server = ServerProcess(base, name, db=db, netns=host)
-            pem = ca.server_pem(host.address)
-            tls = f"privateKey={pem}:interface={host.address}"
-            server.extra = (
-                f"--listen=ssl:{server.port}:{tls}",
-                f"--http=ssl:{server.http_port}:{tls}",
-                f"--secret-file={secret}",
-                f"--tls-ca={ca.ca}",
-                "--replicate-interval=1",
+            await self.shell(guide_block("server-cert"), base, NAME=name, ADDR=host.address)
+            etc = os.path.join(base, name, "etc")
+            os.makedirs(etc)
+            for source, target in ((f"{name}.pem", "server.pem"), ("ca.pem", "ca.pem")):
+                shutil.copy(os.path.join(base, source), os.path.join(etc, target))
+            shutil.copy(secret, os.path.join(etc, "cluster-secret"))
+            ini = os.path.join(etc, "koboldfs.ini")
+            text = Template(guide_block("server-ini")).substitute(
+                NAME=name, ADDR=host.address, DB=db
             )
-            servers.append(server)
+            with open(ini, "w") as f:
+                f.write(
+                    text.replace("/etc/koboldfs", etc).replace(
+                        "/srv/koboldfs", os.path.join(base, name)
+                    )
+                )
+            servers.append(ConfiguredServer(base, name, host, ini))
         for server in servers:
             self.addCleanup(self.stop, server)
             await server.start()
-        addresses = ",".join(s.address for s in servers)
+        addresses = ", ".join(s.address for s in servers)
         for server in servers:
             await eventually(
                 partial(self.logged, server, "keys required"),
@@ -151,38 +215,39 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         # 4. The operator: a key, then a client config file that holds
         # what every command needs.
         async def registered() -> bool:
-            ran = await self.koboldfs("admin", "--db", db, "servers")
+            ran = await self.koboldfs("admin", "servers", "--db", db)
             return ran.code == 0 and ran.out.count(" alive ") == 3
 
         await eventually(registered, timeout=60, what="three servers registered and alive")
-        ran = await self.koboldfs("admin", "--db", db, "key", "create", "demo")
+        config = os.path.join(self.home, ".config", "koboldfs")
+        create = f"koboldfs admin key create demo --db '{db}' > ~/.config/koboldfs/demo.key"
+        ran = await self.run_on(self.op, "sh", "-c", create)
         self.assertEqual(ran.code, 0, ran.err)
         self.assertIn("not shown again", ran.err)
-        key = ran.out.strip()
-        key_file = os.path.join(self.home, ".config", "koboldfs", "demo.key")
-        with open(key_file, "w") as f:
-            f.write(key + "\n")
-        with open(os.path.join(self.home, ".config", "koboldfs", "client.ini"), "w") as f:
+        with open(os.path.join(config, "demo.key")) as f:
+            key = f.read().strip()
+        with open(os.path.join(config, "client.ini"), "w") as f:
             f.write(
-                "[koboldfs]\n"
-                f"servers = {addresses}\n"
-                "namespace = demo\n"
-                "key_file = demo.key\n"
-                f"ca = {ca.ca}\n"
-                f"secret_file = {secret}\n"
+                Template(guide_block("client-ini")).substitute(
+                    SERVERS=addresses, CA=ca, SECRET=secret
+                )
             )
-        listed = await self.ok("admin", "--db", db, "key", "list")
+        listed = await self.ok("admin", "key", "list", "--db", db)
         key_id = key.split(".")[1]
         self.assertIn(key_id, listed)
         self.assertNotIn(key.split(".")[2], listed)
+        pinged = await self.ok("ping")
+        self.assertEqual(pinged.count("answered in"), 3, pinged)
 
         # 5. Files in and out, from the workstation.
         body = os.urandom(3 << 20) + b"end"
-        await self.ok("put", "photos/cat.jpg", "-", stdin=body)
+        with open(os.path.join(self.home, "cat.jpg"), "wb") as original:
+            original.write(body)
         await self.ok("put", "notes.txt", "-", stdin=b"hello from the operator\n")
+        await self.ok("put", "photos/cat.jpg", "cat.jpg")
         got = await self.koboldfs("cat", "photos/cat.jpg")
         self.assertEqual(got.code, 0, got.err)
-        copy = os.path.join(self.home, "cat.jpg")
+        copy = os.path.join(self.home, "copy.jpg")
         await self.ok("get", "photos/cat.jpg", copy)
         with open(copy, "rb") as copied:
             self.assertEqual(copied.read(), body)
@@ -192,7 +257,7 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         self.assertIn(f"size:      {len(body)}", stat)
         url = (await self.ok("url", "photos/cat.jpg")).strip()
         self.assertTrue(url.startswith("https://"), url)
-        fetched = await self.run_on(self.op, sys.executable, "-c", FETCH, url, ca.ca)
+        fetched = await self.run_on(self.op, sys.executable, "-c", FETCH, url, ca)
         self.assertEqual(fetched.code, 0, fetched.err)
         self.assertEqual(fetched.out.split(), ["200", hashlib.sha256(body).hexdigest()])
 
@@ -208,7 +273,7 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         self.assertIn("files: 2 (", status)
         self.assertIn("  s1: scrub: ", status)  # its status page, over HTTPS
         self.assertIn(servers[0].address, await self.ok("admin", "servers"))
-        fsck = await self.ok("admin", "--db", db, "fsck")
+        fsck = await self.ok("admin", "fsck", "--db", db)
         self.assertIn("2 files, 6 copies: 6 good, 0 bad, 0 not checked", fsck)
 
         await self.ok("rm", "notes.txt")
@@ -216,7 +281,7 @@ class DeploymentTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         self.assertEqual((await self.koboldfs("stat", "notes.txt")).code, 1)
 
         # 7. The key revoked: refused, and said so.
-        await self.ok("admin", "--db", db, "key", "revoke", "demo", key_id)
+        await self.ok("admin", "key", "revoke", "demo", key_id, "--db", db)
         refused = await self.koboldfs("ls")
         self.assertEqual(refused.code, 3, refused.out)
         self.assertIn("refused the key", refused.err)

@@ -27,6 +27,7 @@ CHILDREN = {
     "orphans",
     "status",
     "transactions",
+    "key check",
 }
 
 
