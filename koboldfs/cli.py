@@ -84,6 +84,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     it, they default to nothing (SUPPRESS), so as not to undo one given
     before it.
     """
+    from koboldfs.connection import CONNECT_TIMEOUT, REPLY_TIMEOUT
+
     default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     parser.add_argument(
         "-s",
@@ -106,6 +108,22 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--quiet",
         action="store_true",
         help="no progress bar (there is none unless stderr is a terminal)",
+        **default,
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a server has to take a connection (TCP, TLS and handshake) before "
+        f"the next is tried [default {CONNECT_TIMEOUT:g}]",
+        **default,
+    )
+    parser.add_argument(
+        "--reply-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a server has to begin its reply before the next is tried "
+        f"[default {REPLY_TIMEOUT:g}]",
         **default,
     )
     credentials = parser.add_mutually_exclusive_group()
@@ -607,6 +625,20 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"key": _client_key(args), **_tls(args)}
 
 
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    """
+    The client's deadlines the options set (docs/clients.md).
+    """
+    options = {}
+    for name in ("connect_timeout", "reply_timeout"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value <= 0:
+                raise CommandError(f"--{name.replace('_', '-')} must be positive", EXIT_USAGE)
+            options[name] = value
+    return options
+
+
 def _key(key: str) -> str:
     try:
         return check_key(key)
@@ -630,7 +662,9 @@ class _Session:
         settings = _client_options(args)
         self.tls = settings["tls"]
         try:
-            self.client = Client(self.namespace, self.servers, **settings, **options)
+            self.client = Client(
+                self.namespace, self.servers, **settings, **_timeouts(args), **options
+            )
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
 
@@ -965,7 +999,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     answered = 0
     for address in servers:
         try:
-            client = Client(namespace, [address], retries=0, **options)
+            client = Client(namespace, [address], retries=0, **options, **_timeouts(args))
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
         from koboldfs.protocol import Op

@@ -46,12 +46,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: Seconds a peer has to accept a forwarded put (connect and handshake)
-#: before the next is tried: a hung peer must not hold every put for its
-#: connection's whole timeout until it is taken for down.
-SETUP_TIMEOUT = 10.0
-
-
 def too_few_hosts(namespace: str, required: int, hosts: int) -> Unavailable:
     """
     The error of a put that cannot reach its copies: retryable, since a
@@ -235,14 +229,12 @@ class Forward:
                     break
                 if server.host in used:
                     continue
-                connecting = defer.ensureDeferred(node.peers.acquire(server.address))
+                # A hung peer costs its connection's deadline
+                # (--peer-connect-timeout), then the next is tried.
                 try:
-                    conn = await connecting.addTimeout(SETUP_TIMEOUT, node.clock)
-                except KoboldError as e:  # unreachable, or it refused our cluster secret
+                    conn = await node.peers.acquire(server.address)
+                except KoboldError as e:  # unreachable, hung, or it refused our cluster secret
                     errors.append(f"{server.name}: {e}")
-                    continue
-                except defer.TimeoutError:
-                    errors.append(f"{server.name}: no answer in {SETUP_TIMEOUT:g}s")
                     continue
                 if self._done:
                     node.peers.release(server.address, conn)
