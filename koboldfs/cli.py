@@ -1175,10 +1175,10 @@ class _ServerView:
         skew = now - reply["now"]
         self.url = f"server {reply.get('server', address)} at {address}"
         self._servers = [
-            ServerInfo(**{**s, "heartbeat": s["heartbeat"] + skew if s["heartbeat"] else 0.0})
+            _known(ServerInfo, {**s, "heartbeat": s["heartbeat"] + skew if s["heartbeat"] else 0.0})
             for s in reply["servers"]
         ]
-        self._health = Health(**reply["health"])
+        self._health = _known(Health, reply["health"])
         self._held = reply["held"] or {}
 
     async def servers(self) -> list[Any]:
@@ -1189,6 +1189,15 @@ class _ServerView:
 
     async def files_held(self) -> dict[str, int]:
         return dict(self._held)
+
+
+def _known(cls: Any, fields: dict[str, Any]) -> Any:
+    """
+    A C{cls} dataclass of the C{fields} it has: a newer server may send more.
+    """
+    import dataclasses
+
+    return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 
 async def _ask_servers(reactor: Any, args: argparse.Namespace, held: bool) -> _ServerView:
