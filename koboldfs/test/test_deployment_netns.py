@@ -72,6 +72,19 @@ class ConfiguredServer(ServerProcess):
         self.http = f"https://{self.interface}:{self.http_port}"
         self.ini = ini
 
+    def listening(self) -> bool:
+        """
+        Whether its binary and HTTP ports accept connections: the guide's
+        configuration has no S3 front end.
+        """
+        assert self.netns is not None
+        try:
+            for port in (self.port, self.http_port):
+                self.netns.connect((self.interface, port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
     def argv(self) -> list[str]:
         return [
             sys.executable,
