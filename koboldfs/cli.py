@@ -381,12 +381,8 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every namespace, and bucket administration (create, delete, list all)",
     )
-    p.add_argument(
-        "--secret-file",
-        metavar="PATH",
-        help="the servers' --secret-file, whose first secret seals the credential's "
-        "[env KOBOLDFS_SECRET_FILE]",
-    )
+    # --secret-file (the servers' cluster secret, whose first secret seals the
+    # credential's) is one of every admin command's options.
     admin_command(credential, "list", "the credentials, their grants and use", admin_s3_list)
     p = admin_command(
         credential, "revoke", "revoke a credential: refused from now on", admin_s3_revoke
