@@ -636,3 +636,39 @@ class INode(Interface):
 
 
 Listener = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class S3Grant:
+    """
+    What an S3 credential may do: on one namespace (a bucket), or on the
+    whole cluster (C{namespace} None: every bucket, and creating and
+    deleting buckets), read-write or read-only.
+    """
+
+    namespace: str | None
+    write: bool
+
+
+@dataclass(frozen=True)
+class S3Credential:
+    """
+    An S3 access key, its secret (in the clear: only in the server's
+    memory, never logged) and its grants.
+    """
+
+    access_key: str
+    secret: str = field(repr=False)
+    grants: tuple[S3Grant, ...]
+
+
+class IS3Credentials(Interface):
+    """
+    Where the S3 front end finds the secret and grants of an access key.
+    """
+
+    def lookup(access_key):
+        """
+        Fire with the L{S3Credential} of C{access_key}, or None when there
+        is no such key (or it was revoked).
+        """

@@ -626,7 +626,7 @@ class ScrubberTests(SynchronousTestCase):
         self.cluster.reactor.advance(1)
         self.assertEqual(scrubber.bytes_checked, 3 * CHUNK_SIZE + 1)
         self.cluster.reactor.advance(1)
-        self.assertEqual((scrubber.files_checked, scrubber.rounds, scrubber.bad), (1, 1, 0))
+        self.assertEqual((scrubber.files_checked, scrubber.bad), (1, 0))
         self.cluster.reactor.advance(INTERVAL)
         self.assertEqual(scrubber.bytes_checked, 4 * CHUNK_SIZE + 1)
 
@@ -705,6 +705,42 @@ class ScrubberTests(SynchronousTestCase):
         os.unlink(self.path("b", info))
         scrubber = self.scrubber("b", CHUNK_SIZE)
         self.assertEqual((scrubber.bad, scrubber.last_bad.endswith("missing from disk")), (1, True))
+        with open(self.path("b", info), "rb") as f:
+            self.assertEqual(f.read(), b"precious bytes")
+
+    def test_smallFileOneJob(self) -> None:
+        """
+        A file of one step is checked in one thread job (open, read,
+        verify, close), not one for each.
+        """
+        self.put("k", b"small and good")
+        storage = self.cluster.servers["a"].node.storage
+        jobs = []
+        defer_job = storage._defer
+
+        def counting(f: Any, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(f.__name__)
+            return defer_job(f, *args, **kwargs)
+
+        storage._defer = counting  # type: ignore[method-assign]
+        scrubber = self.scrubber("a", CHUNK_SIZE)
+        self.cluster.reactor.advance(0.5)
+        self.assertEqual((scrubber.files_checked, scrubber.bad), (1, 0))
+        self.assertEqual(jobs, ["_thdReadWhole"])
+
+    def test_wrongSizeRepaired(self) -> None:
+        """
+        A small copy of the wrong size is set aside as bad, saying so, and
+        made again.
+        """
+        info = self.put("k", b"precious bytes")
+        self.replicate("b")
+        with open(self.path("b", info), "ab") as f:
+            f.write(b"!")
+        scrubber = self.scrubber("b", CHUNK_SIZE)
+        self.cluster.reactor.advance(0.5)
+        self.assertEqual(scrubber.bad, 1)
+        self.assertIn(f"{info.path} has 15 bytes, not 14", scrubber.last_bad)
         with open(self.path("b", info), "rb") as f:
             self.assertEqual(f.read(), b"precious bytes")
 
