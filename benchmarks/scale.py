@@ -222,6 +222,10 @@ def load(url: str, n: int, progress: Callable[[str], None] = lambda _: None) -> 
         db.sql("SELECT setval(pg_get_serial_sequence('files', 'id'), %(n)s)", {"n": max(n, 1)})
         for sql in MAKE_INDEXES:
             db.sql(sql)
+        # Statistics first, as a database that has been in use has them:
+        # without them the queue's fill may pick a plan that reads every
+        # replica row per file.
+        db.sql("ANALYZE")
         progress("indexed")
         for table, trigger in COUNT_TRIGGERS:
             db.sql(f"ALTER TABLE {table} ENABLE TRIGGER {trigger}")
