@@ -233,8 +233,14 @@ class KoboldService(MultiService):
         self.heartbeat = Periodic(
             f"heartbeat of {config.name}", self._heartbeat, config.heartbeat, reactor, now=False
         )
-        self.binary = _listener(
-            "binary", reactor, config.listen, ServerFactory(self.node, self.metrics)
+        self.connections = ServerFactory(self.node, self.metrics)
+        self.binary = _listener("binary", reactor, config.listen, self.connections)
+        self.key_check = Periodic(
+            f"key check of {config.name}",
+            self.connections.check_keys,
+            config.key_check_interval,
+            reactor,
+            now=False,
         )
         self.http = _listener(
             "http",
@@ -270,6 +276,7 @@ class KoboldService(MultiService):
             self.status,
             self.txn_sweeper,
             self.upload_sweeper,
+            self.key_check,
         ]
         names = (
             "heartbeat",
@@ -279,6 +286,7 @@ class KoboldService(MultiService):
             "status",
             "transactions",
             "uploads",
+            "key check",
         )
         for service, name in zip(self._background, names, strict=True):
             service.setName(name)

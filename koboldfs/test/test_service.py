@@ -32,6 +32,7 @@ CHILDREN = {
     "status",
     "transactions",
     "uploads",
+    "key check",
 }
 
 
