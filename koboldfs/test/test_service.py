@@ -31,6 +31,7 @@ CHILDREN = {
     "orphans",
     "status",
     "transactions",
+    "uploads",
     "key check",
 }
 
