@@ -381,8 +381,6 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every namespace, and bucket administration (create, delete, list all)",
     )
-    # --secret-file (the servers' cluster secret, whose first secret seals the
-    # credential's) is one of every admin command's options.
     admin_command(credential, "list", "the credentials, their grants and use", admin_s3_list)
     p = admin_command(
         credential, "revoke", "revoke a credential: refused from now on", admin_s3_revoke
@@ -1473,7 +1471,9 @@ async def admin_s3_create(store: Any, args: argparse.Namespace, reactor: Any) ->
     from koboldfs.auth import read_secret_file
 
     grants = _s3_grants(args)
-    path = args.secret_file or os.environ.get("KOBOLDFS_SECRET_FILE")
+    # The admin commands' --secret-file: its first secret seals the
+    # credential's.
+    path = _setting(args, "secret_file", "KOBOLDFS_SECRET_FILE")
     if not path:
         raise CommandError(
             "give --secret-file (or KOBOLDFS_SECRET_FILE): the servers' secret file, "
