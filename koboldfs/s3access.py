@@ -51,17 +51,6 @@ def access_key_of(headers: Headers, raw_query: str) -> str | None:
     return None
 
 
-def allows(credential: S3Credential, namespace: str | None, write: bool) -> bool:
-    """
-    Whether C{credential} may read (or, if C{write}, change) C{namespace};
-    C{None} asks for a cluster-wide grant.
-    """
-    return any(
-        (g.namespace is None or g.namespace == namespace) and (g.write or not write)
-        for g in credential.grants
-    )
-
-
 @implementer(IS3Credentials)
 class StaticCredentials:
     """
@@ -76,6 +65,27 @@ class StaticCredentials:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+
+@implementer(IS3Credentials)
+class ChainedCredentials:
+    """
+    The first of several sources that knows an access key: the
+    credentials file, then those made with C{koboldfs admin s3}.
+    """
+
+    def __init__(self, *sources: IS3Credentials) -> None:
+        self._sources = sources
+
+    async def _lookup(self, access_key: str) -> S3Credential | None:
+        for source in self._sources:
+            found: S3Credential | None = await source.lookup(access_key)
+            if found is not None:
+                return found
+        return None
+
+    def lookup(self, access_key: str) -> defer.Deferred[S3Credential | None]:
+        return defer.ensureDeferred(self._lookup(access_key))
 
 
 def parse_grant(text: str) -> S3Grant:

@@ -32,11 +32,20 @@ from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers as HTTPHeaders
 from twisted.web.server import Request, Site
 
-from koboldfs.errors import ErrorCode, KoboldError
+from koboldfs.attributes import AttributesTooLarge, check_attributes
+from koboldfs.errors import ErrorCode, KoboldError, MultipartError
 from koboldfs.forwarding import Gate
-from koboldfs.interfaces import FileInfo, INode, IS3Credentials, NamespaceInfo, S3Credential
+from koboldfs.interfaces import (
+    FileInfo,
+    INode,
+    IS3Credentials,
+    NamespaceInfo,
+    S3Credential,
+    UploadInfo,
+)
 from koboldfs.s3 import xml as s3xml
 from koboldfs.s3.checksums import BodyVerifier, Digests
 from koboldfs.s3.chunked import ChunkedDecoder
@@ -50,14 +59,18 @@ from koboldfs.s3.errors import (
     InvalidArgument,
     InvalidBucketName,
     InvalidLocationConstraint,
-    InvalidRange,
+    InvalidRequest,
     MaxMessageLengthExceeded,
+    MetadataTooLarge,
     NoSuchBucket,
     NoSuchKey,
+    NoSuchUpload,
     NotImplementedS3,
+    PreconditionFailed,
     S3Error,
     ServiceUnavailable,
     SlowDown,
+    error_class,
 )
 from koboldfs.s3.headers import Headers, format_http_date
 from koboldfs.s3.request import (
@@ -69,13 +82,18 @@ from koboldfs.s3.request import (
     int_param,
     is_valid_bucket_name,
     list_params,
+    metadata_directive,
+    object_headers,
+    parse_copy_range,
+    parse_copy_source,
     parse_range,
     parse_request,
+    part_number,
     payload_length,
     response_overrides,
 )
 from koboldfs.s3.sigv4 import Authenticated, Verifier
-from koboldfs.s3access import access_key_of, allows
+from koboldfs.s3access import access_key_of
 from koboldfs.web import ResponseSink
 
 log = Logger()
@@ -90,7 +108,7 @@ BATCH = 1024 * 1024
 #: Body bytes queued for hashing at most before the client is paused.
 QUEUED = 4 * BATCH
 #: Operations whose body is an object's bytes, streamed into the core.
-UPLOADS = frozenset({"PutObject"})
+UPLOADS = frozenset({"PutObject", "UploadPart"})
 #: The XML bodies (DeleteObjects, CreateBucket ...) are read whole, up to this.
 MAX_XML = s3xml.MAX_BODY
 #: The largest key sorted last: listing past a common prefix skips it.
@@ -106,6 +124,12 @@ def s3_error(error: KoboldError, key: str | None = None) -> S3Error:
     The S3 error a core refusal is sent as.
     """
     code, message = error.code, str(error)
+    if isinstance(error, MultipartError):
+        return error_class(error.s3_code)(message)
+    if isinstance(error, AttributesTooLarge):
+        return MetadataTooLarge(message)
+    if code == ErrorCode.PRECONDITION:
+        return PreconditionFailed(message)
     if code == ErrorCode.NOT_FOUND:
         return NoSuchKey(Key=key) if key is not None else NoSuchKey()
     if code == ErrorCode.BAD_NAMESPACE:
@@ -123,22 +147,42 @@ def s3_error(error: KoboldError, key: str | None = None) -> S3Error:
         return AccessDenied(message)
     if code == ErrorCode.SIZE_MISMATCH:
         return IncompleteBody(message)
+    if code == ErrorCode.BAD_REQUEST:
+        return InvalidArgument(message)
     return InternalError()
 
 
 def etag_of(info: FileInfo) -> str:
     """
-    An object's ETag, unquoted: the MD5 of its bytes when it was put
-    through S3 in one part; else its SHA-256 (64 hex digits, which no
-    client takes for an MD5).
+    An object's ETag, unquoted (L{FileInfo.etag}: docs/s3.md).
     """
-    attributes: dict[str, str] = getattr(info, "attributes", None) or {}
-    return attributes.get("etag") or attributes.get("md5") or info.sha256
+    return info.etag
 
 
-def _content_type(info: FileInfo) -> str:
-    attributes: dict[str, str] = getattr(info, "attributes", None) or {}
-    return attributes.get("content-type") or "binary/octet-stream"
+#: The attribute a checksum of the object is stored as: C{checksum-crc32} ...
+CHECKSUM_PREFIX = "checksum-"
+
+
+def _checksum_attributes(digests: Digests) -> dict[str, str]:
+    return {CHECKSUM_PREFIX + a.header[len("x-amz-checksum-"):]: value
+            for a, value in digests.checksums.items()}
+
+
+def _attributes(headers: Headers) -> dict[str, str]:
+    """
+    What a PutObject (CreateMultipartUpload, CopyObject with REPLACE)
+    stores with the object: its standard headers and user metadata.
+
+    @raise S3Error: too much user metadata.
+    """
+    attributes = object_headers(headers)
+    try:
+        check_attributes(attributes)
+    except AttributesTooLarge as e:
+        raise MetadataTooLarge(str(e)) from None
+    except KoboldError as e:
+        raise InvalidArgument(str(e)) from None
+    return attributes
 
 
 class _Collect:
@@ -292,6 +336,25 @@ class Call:
     body: _BodyIn | None = None
     stream: Any = None
     collected: _Collect | None = None
+    upload: UploadInfo | None = None
+    attributes: dict[str, str] | None = None
+
+
+class _Headers(HTTPHeaders):
+    """
+    Response headers that keep user metadata's names as stored, in lower
+    case, as S3 sends them: clients (botocore) take the names after
+    C{x-amz-meta-} as they come, and Twisted capitalizes every name.
+    """
+
+    def setRawHeaders(self, name: str | bytes, values: Any) -> None:
+        raw = name.encode("latin-1") if isinstance(name, str) else name
+        if raw.lower().startswith(b"x-amz-meta-"):
+            self._rawHeaders[raw.lower()] = [
+                v.encode("utf-8") if isinstance(v, str) else v for v in values
+            ]
+            return
+        super().setRawHeaders(name, values)
 
 
 class S3HTTPRequest(Request):
@@ -308,6 +371,10 @@ class S3HTTPRequest(Request):
     _gate: Gate | None = None
     _expecting = False
     _refused = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.responseHeaders = _Headers()
 
     def gotLength(self, length: int | None) -> None:
         # Nothing is spooled: the body goes where the operation says.
@@ -482,8 +549,13 @@ _NEEDS: dict[str, bool | None] = {
     "GetObject": False, "HeadObject": False, "ListObjects": False, "ListObjectsV2": False,
     "ListObjectVersions": False, "HeadBucket": False, "GetBucketLocation": False,
     "PutObject": True, "DeleteObject": True, "DeleteObjects": True, "CreateBucket": True,
-    "CopyObject": True, "DeleteBucket": None,
+    "CopyObject": True, "DeleteBucket": None, "CreateMultipartUpload": True,
+    "UploadPart": True, "UploadPartCopy": True, "CompleteMultipartUpload": True,
+    "AbortMultipartUpload": True, "ListParts": False, "ListMultipartUploads": False,
 }
+#: Operations that need their bucket to exist before the body comes.
+_IN_BUCKET = frozenset({"PutObject", "UploadPart", "CopyObject", "CreateMultipartUpload",
+                        "UploadPartCopy"})
 _ANONYMOUS = frozenset({"GetObject", "HeadObject"})
 
 
@@ -539,8 +611,10 @@ class S3Front:
         if op.bucket is not None:
             call.namespace = await self.node.store.namespace(op.bucket)
         self._authorize(call)
-        if op.operation in ("PutObject",) and call.namespace is None:
+        if op.operation in _IN_BUCKET and call.namespace is None:
             raise NoSuchBucket(BucketName=op.bucket)
+        if "uploadId" in op.params and op.operation != "ListMultipartUploads":
+            call.upload = await self._find_upload(op)
         if length == 0 and not headers.get("x-amz-decoded-content-length"):
             if op.operation not in UPLOADS:
                 return
@@ -550,7 +624,7 @@ class S3Front:
         op = call.op
         assert op is not None
         if call.auth is None:
-            public = call.namespace is not None and getattr(call.namespace, "public_read", False)
+            public = call.namespace is not None and call.namespace.public_read
             if op.operation in _ANONYMOUS and public:
                 return
             raise AccessDenied("Anonymous access is not allowed here: sign your requests")
@@ -562,9 +636,9 @@ class S3Front:
         if op.operation not in _NEEDS:
             raise NotImplementedS3(f"{op.operation} is not implemented")
         if need is None:
-            allowed = allows(credential, None, True)
+            allowed = credential.allows(None, True)
         else:
-            allowed = allows(credential, op.bucket, need)
+            allowed = credential.allows(op.bucket, need)
         if not allowed:
             raise AccessDenied()
 
@@ -574,7 +648,8 @@ class S3Front:
         mode = auth.payload if auth is not None else None
         streaming = mode is not None and mode.streaming
         declared = payload_length(headers, mode) if mode is not None else length or 0
-        if op.operation in UPLOADS:
+        if op.operation == "PutObject":
+            call.attributes = _attributes(headers)
             await self._check_write_conditions(call)
         verifier = BodyVerifier.for_request(
             headers, auth.content_sha256 if auth is not None else None, sha256=True
@@ -582,10 +657,16 @@ class S3Front:
         decoder = (ChunkedDecoder.for_request(auth, headers, declared)
                    if streaming and auth is not None else None)
         sink: Any
-        if op.operation in UPLOADS:
+        if op.operation == "PutObject":
             assert op.bucket is not None and op.key is not None
             stream = self.node.put(op.bucket, op.key, declared, request._gate.side("core"),
-                                   failed=lambda e: _stop(call, e))
+                                   failed=lambda e: _stop(call, e), md5=True)
+            call.stream = sink = stream
+        elif op.operation == "UploadPart":
+            assert call.upload is not None
+            stream = self.node.upload_part(call.upload, part_number(op.params), declared,
+                                           request._gate.side("core"),
+                                           failed=lambda e: _stop(call, e))
             call.stream = sink = stream
         else:
             call.collected = sink = _Collect(MAX_XML)
@@ -600,6 +681,12 @@ class S3Front:
         existing = await self._lookup(op.bucket, op.key, missing_ok=True)
         check_conditions(headers, etag_of(existing) if existing else None,
                          existing.created if existing else None, write=True)
+
+    async def _find_upload(self, op: Operation) -> UploadInfo:
+        upload: UploadInfo | None = await self.node.store.find_upload(op.params["uploadId"])
+        if upload is None or (upload.namespace, upload.key) != (op.bucket, op.key):
+            raise NoSuchUpload(UploadId=op.params["uploadId"][:128])
+        return upload
 
     async def _lookup(self, bucket: str, key: str, missing_ok: bool = False) -> FileInfo | None:
         try:
@@ -638,7 +725,7 @@ class S3Front:
         assert credential is not None
         namespaces = await self.node.store.namespaces()
         buckets = [s3xml.Bucket(n.name, n.created) for n in namespaces
-                   if is_valid_bucket_name(n.name) and allows(credential, n.name, False)]
+                   if is_valid_bucket_name(n.name) and credential.allows(n.name, False)]
         request.send(200, {}, s3xml.list_buckets(OWNER, buckets))
 
     async def _CreateBucket(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
@@ -665,39 +752,46 @@ class S3Front:
 
     async def _DeleteBucket(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
         namespace = self._need_bucket(call)
-        if await self.node.list_keys(namespace.name, "", None, 1):
+        result = await self.node.store.delete_namespace(namespace.name)
+        if result == "not-empty":
             raise BucketNotEmpty(BucketName=namespace.name)
-        delete = getattr(self.node.store, "delete_namespace", None)
-        if delete is None:
-            raise NotImplementedS3("Deleting a bucket needs a metadata store that can")
-        await delete(namespace.name)
+        if result == "missing":
+            raise NoSuchBucket(BucketName=namespace.name)
         request.send(204, {})
 
     # objects
 
     def _object_headers(self, info: FileInfo) -> dict[str, str]:
-        attributes: dict[str, str] = getattr(info, "attributes", None) or {}
+        attributes = info.attributes or {}
         out = {"ETag": s3xml.quote_etag(etag_of(info)),
                "Last-Modified": format_http_date(info.created),
                "Accept-Ranges": "bytes",
-               "Content-Type": _content_type(info)}
+               "Content-Type": attributes.get("content-type") or "binary/octet-stream"}
         for name, value in attributes.items():
             if name.startswith("x-amz-meta-") or name in (
                 "content-encoding", "content-disposition", "content-language",
                 "cache-control", "expires",
             ):
                 out[name] = value
+        if info.parts:
+            out["x-amz-mp-parts-count"] = str(info.parts)
         return out
 
     async def _PutObject(self, request: S3HTTPRequest, call: Call, digests: Digests) -> None:
         stream = call.stream
         assert stream is not None
-        info = await stream.finish(digests.sha256)
+        if_match = call.headers.get("if-match")
+        info = await stream.finish(
+            digests.sha256,
+            md5=digests.md5,
+            attributes={**(call.attributes or {}), **_checksum_attributes(digests)},
+            if_absent=(call.headers.get("if-none-match") or "").strip() == "*",
+            if_match=if_match.strip().strip('"') if if_match else None,
+        )
         call.stream = None
-        headers = {"ETag": s3xml.quote_etag(digests.md5)}
+        headers = {"ETag": s3xml.quote_etag(info.etag)}
         for algorithm, value in digests.checksums.items():
             headers[algorithm.header] = value
-        del info
         request.send(200, headers)
 
     async def _GetObject(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
@@ -715,16 +809,20 @@ class S3Front:
                     request.setHeader(name.encode(), headers[name].encode())
             raise
         part = int_param(op.params, "partNumber", 0, 0, 10000)
-        if part > 1:
-            raise InvalidRange("The requested partnumber is not satisfiable", PartNumber=part)
+        if part > 1 or (part and info.parts and info.parts > 1):
+            raise NotImplementedS3("GetObject of one part of a multipart object is not "
+                                   "implemented: ask for its bytes with a Range")
         span = parse_range(call.headers.get("range"), info.size) if not part else None
         headers.update(response_overrides(op.params, anonymous=call.auth is None))
         first, length, status = 0, info.size, 200
         if span is not None:
             first, length, status = span[0], span[1] - span[0] + 1, 206
             headers["Content-Range"] = content_range(span[0], span[1], info.size)
-        elif part:
-            headers["x-amz-mp-parts-count"] = "1"
+        elif (call.headers.get("x-amz-checksum-mode") or "").upper() == "ENABLED":
+            # Only for the whole object, which the stored checksum is of.
+            for name, value in (info.attributes or {}).items():
+                if name.startswith(CHECKSUM_PREFIX):
+                    headers["x-amz-checksum-" + name[len(CHECKSUM_PREFIX):]] = value
         headers["x-amz-request-id"] = call.request_id
         for name, value in headers.items():
             request.setHeader(name.encode("latin-1"), value.encode("latin-1", "replace"))
@@ -792,40 +890,38 @@ class S3Front:
         Up to C{limit} objects and common prefixes after C{after}; whether
         more follow, and the last one given (where the next page starts).
         """
-        keys: list[str] = []
+        entries: list[s3xml.ObjectEntry] = []
         prefixes: list[str] = []
         last: str | None = None
         truncated = False
         cursor = after
         while True:
-            page = await self.node.list_keys(bucket, prefix, cursor, 1000)
-            for key in page:
-                cursor = key
+            page = await self.node.list_files(bucket, prefix, cursor, 1000)
+            for info in page:
+                key = cursor = info.key
                 if prefixes and key.startswith(prefixes[-1]):
                     continue
                 rest = key[len(prefix):]
+                common = None
                 if delimiter and delimiter in rest:
                     common = prefix + rest[: rest.index(delimiter) + len(delimiter)]
                     if after is not None and common <= after:
                         continue
-                    item, is_prefix = common, True
-                else:
-                    item, is_prefix = key, False
-                if len(keys) + len(prefixes) >= limit:
+                if len(entries) + len(prefixes) >= limit:
                     truncated = True
                     break
-                (prefixes if is_prefix else keys).append(item)
-                last = item
+                if common is not None:
+                    prefixes.append(common)
+                    last = common
+                else:
+                    entries.append(s3xml.ObjectEntry(key, info.created, etag_of(info),
+                                                     info.size, owner=OWNER))
+                    last = key
             else:
                 if len(page) < 1000:
                     break
                 continue
             break
-        infos = await defer.gatherResults(
-            [defer.ensureDeferred(self._lookup(bucket, key, missing_ok=True)) for key in keys]
-        )
-        entries = [s3xml.ObjectEntry(i.key, i.created, etag_of(i), i.size, owner=OWNER)
-                   for i in infos if i is not None]
         return entries, prefixes, truncated, last
 
     async def _ListObjectsV2(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
@@ -869,6 +965,131 @@ class S3Front:
         request.send(200, {}, s3xml.list_object_versions(
             listing, key_marker=marker, version_id_marker=op.params.get("version-id-marker", ""),
             next_key_marker=last, next_version_id_marker="null" if truncated else None))
+
+
+    # copies
+
+    async def _copy_source(self, call: Call) -> FileInfo:
+        """
+        The object C{x-amz-copy-source} names, readable by the caller,
+        its conditions (C{x-amz-copy-source-if-*}) holding.
+        """
+        source = parse_copy_source(call.headers.get("x-amz-copy-source") or "")
+        if source.version_id not in (None, "null"):
+            raise NoSuchKey("No such version", Key=source.key)
+        credential = call.credential
+        assert credential is not None
+        if not credential.allows(source.bucket, False):
+            raise AccessDenied()
+        if await self.node.store.namespace(source.bucket) is None:
+            raise NoSuchBucket(BucketName=source.bucket)
+        info = await self._lookup(source.bucket, source.key)
+        assert info is not None
+        check_conditions(call.headers, etag_of(info), info.created,
+                         prefix="x-amz-copy-source-")
+        return info
+
+    async def _CopyObject(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and op.bucket is not None and op.key is not None
+        source = await self._copy_source(call)
+        replace = metadata_directive(call.headers) == "REPLACE"
+        if (source.namespace, source.key) == (op.bucket, op.key) and not replace:
+            raise InvalidRequest(
+                "This copy request is illegal because it is trying to copy an object to itself "
+                "without changing the object's metadata, storage class, website redirect "
+                "location or encryption attributes."
+            )
+        attributes = None
+        if replace:
+            kept = {k: v for k, v in (source.attributes or {}).items()
+                    if k.startswith(CHECKSUM_PREFIX)}
+            attributes = {**kept, **_attributes(call.headers)}
+        await self._check_write_conditions(call)
+        if_match = call.headers.get("if-match")
+        info = await self.node.copy(
+            source, op.bucket, op.key, attributes,
+            if_absent=(call.headers.get("if-none-match") or "").strip() == "*",
+            if_match=if_match.strip().strip('"') if if_match else None,
+        )
+        request.send(200, {}, s3xml.copy_object(etag_of(info), info.created))
+
+    # multipart uploads
+
+    async def _CreateMultipartUpload(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and op.bucket is not None and op.key is not None
+        upload = await self.node.create_upload(op.bucket, op.key, _attributes(call.headers))
+        request.send(200, {}, s3xml.initiate_multipart_upload(op.bucket, op.key,
+                                                              upload.upload_id))
+
+    async def _UploadPart(self, request: S3HTTPRequest, call: Call, digests: Digests) -> None:
+        stream = call.stream
+        assert stream is not None
+        part = await stream.finish(digests.sha256, md5=digests.md5)
+        call.stream = None
+        headers = {"ETag": s3xml.quote_etag(part.md5 or digests.md5)}
+        for algorithm, value in digests.checksums.items():
+            headers[algorithm.header] = value
+        request.send(200, headers)
+
+    async def _UploadPartCopy(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and call.upload is not None
+        source = await self._copy_source(call)
+        span = parse_copy_range(call.headers.get("x-amz-copy-source-range"), source.size)
+        first, length = (span[0], span[1] - span[0] + 1) if span else (0, None)
+        part = await self.node.copy_part(call.upload, part_number(op.params), source,
+                                         first, length)
+        request.send(200, {}, s3xml.copy_part(part.etag, part.file.created))
+
+    async def _CompleteMultipartUpload(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and op.bucket is not None and op.key is not None
+        assert call.upload is not None
+        parts = s3xml.parse_complete_multipart_upload(self._body(call))
+        info = await self.node.complete_upload(
+            call.upload.upload_id, [(p.number, p.etag.strip('"')) for p in parts])
+        location = f"/{op.bucket}/{op.key}"
+        request.send(200, {}, s3xml.complete_multipart_upload(location, op.bucket, op.key,
+                                                              etag_of(info)))
+
+    async def _AbortMultipartUpload(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        assert call.upload is not None
+        await self.node.abort_upload(call.upload.upload_id)
+        request.send(204, {})
+
+    async def _ListParts(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and op.bucket is not None and op.key is not None
+        assert call.upload is not None
+        marker = int_param(op.params, "part-number-marker", 0, 0, 10000)
+        most = min(int_param(op.params, "max-parts", 1000, 0), 1000)
+        parts = await self.node.store.upload_parts(call.upload.upload_id, marker, most + 1)
+        truncated = len(parts) > most
+        parts = parts[:most]
+        entries = [s3xml.PartEntry(p.number, p.file.created, p.etag, p.size) for p in parts]
+        request.send(200, {}, s3xml.list_parts(
+            op.bucket, op.key, call.upload.upload_id, entries, owner=OWNER,
+            part_number_marker=marker, max_parts=most, truncated=truncated))
+
+    async def _ListMultipartUploads(self, request: S3HTTPRequest, call: Call, _: Any) -> None:
+        op = call.op
+        assert op is not None and op.bucket is not None
+        self._need_bucket(call)
+        prefix = op.params.get("prefix", "")
+        key_marker = op.params.get("key-marker", "")
+        id_marker = op.params.get("upload-id-marker", "")
+        most = min(int_param(op.params, "max-uploads", 1000, 0), 1000)
+        after = (key_marker, id_marker) if key_marker else None
+        uploads = await self.node.store.uploads(op.bucket, prefix, after, most + 1)
+        truncated = len(uploads) > most
+        uploads = uploads[:most]
+        entries = [s3xml.UploadEntry(u.key, u.upload_id, u.created) for u in uploads]
+        request.send(200, {}, s3xml.list_multipart_uploads(
+            op.bucket, entries, owner=OWNER, prefix=prefix or None, key_marker=key_marker,
+            upload_id_marker=id_marker, max_uploads=most, truncated=truncated,
+            url="encoding-type" in op.params))
 
 
 def _stop(call: Call, error: KoboldError) -> None:

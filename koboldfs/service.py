@@ -36,7 +36,7 @@ from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.status import Status
 from koboldfs.storage import Storage
 from koboldfs.txnhandler import TransactionSweeper, sweep_interval
-from koboldfs.s3access import StaticCredentials, read_credentials_file
+from koboldfs.s3access import ChainedCredentials, StaticCredentials, read_credentials_file
 from koboldfs.s3web import make_s3_site
 from koboldfs.web import guarded, make_site
 
@@ -251,10 +251,11 @@ class KoboldService(MultiService):
         self._listeners: list[_Listener] = [self.binary, self.http]
         self.s3: _Listener | None = None
         if config.s3 != "none":
-            credentials = (
+            credentials = ChainedCredentials(
                 read_credentials_file(config.s3_credentials)
                 if config.s3_credentials
-                else StaticCredentials()
+                else StaticCredentials(),
+                self.node.s3_credentials,
             )
             site = make_s3_site(
                 self.node, credentials, config.s3_region, config.s3_domain, self.metrics

@@ -38,6 +38,7 @@ from koboldfs.s3.sigv4 import (
 from koboldfs.test.certs import TestCA
 from koboldfs.test.cluster import ClusterMixin, ServerProcess
 from koboldfs.test.support import eventually
+from koboldfs.test.test_cli import Result, run_process
 
 ACCESS_KEY = "AKIDKOBOLDTEST"
 SECRET = "kobold/test+secret/EXAMPLEKEY0123456789"
@@ -247,6 +248,176 @@ class S3Tests(ClusterMixin, TestCase):
 
         return defer.ensureDeferred(run())
 
+    def test_metadata_and_copies(self) -> defer.Deferred[None]:
+        """
+        Content-Type, user metadata and the other stored headers come back;
+        the ETag is the MD5 everywhere (put, head, listing); conditional
+        puts; CopyObject with COPY and REPLACE, onto itself, with source
+        conditions; the CRC32 a client sent is returned when it asks.
+        """
+
+        async def run() -> None:
+            await self.server()
+            s3 = self.s3
+            data = os.urandom(100000)
+            md5 = f'"{hashlib.md5(data).hexdigest()}"'
+
+            def check() -> None:
+                put = s3.put_object(Bucket="bkt", Key="doc", Body=data, ContentType="text/x-doc",
+                                    Metadata={"Owner": "kobold", "n": "1"},
+                                    CacheControl="max-age=60", ContentDisposition="inline",
+                                    ChecksumAlgorithm="CRC32")
+                self.assertEqual(put["ETag"], md5)
+                head = s3.head_object(Bucket="bkt", Key="doc", ChecksumMode="ENABLED")
+                self.assertEqual(head["ETag"], md5)
+                self.assertEqual(head["ContentType"], "text/x-doc")
+                self.assertEqual(head["Metadata"], {"owner": "kobold", "n": "1"})
+                self.assertEqual((head["CacheControl"], head["ContentDisposition"]),
+                                 ("max-age=60", "inline"))
+                self.assertEqual(head["ChecksumCRC32"], put["ChecksumCRC32"])
+                [listed] = s3.list_objects_v2(Bucket="bkt", Prefix="doc")["Contents"]
+                self.assertEqual(listed["ETag"], md5)
+                self.assertEqual(status_of(lambda: s3.put_object(
+                    Bucket="bkt", Key="doc", Body=b"x", IfNoneMatch="*")),
+                    (412, "PreconditionFailed"))
+                s3.put_object(Bucket="bkt", Key="once", Body=b"first", IfNoneMatch="*")
+                self.assertEqual(status_of(lambda: s3.put_object(
+                    Bucket="bkt", Key="once", Body=b"second", IfNoneMatch="*")),
+                    (412, "PreconditionFailed"))
+                self.assertEqual(s3.get_object(Bucket="bkt", Key="once")["Body"].read(), b"first")
+                other = '"' + "0" * 32 + '"'
+                self.assertEqual(status_of(lambda: s3.put_object(
+                    Bucket="bkt", Key="doc", Body=b"x", IfMatch=other)),
+                    (412, "PreconditionFailed"))
+                copied = s3.copy_object(Bucket="bkt", Key="copy", CopySource="bkt/doc")
+                self.assertEqual(copied["CopyObjectResult"]["ETag"], md5)
+                same = s3.head_object(Bucket="bkt", Key="copy")
+                self.assertEqual((same["ContentType"], same["Metadata"]),
+                                 ("text/x-doc", {"owner": "kobold", "n": "1"}))
+                self.assertEqual(s3.get_object(Bucket="bkt", Key="copy")["Body"].read(), data)
+                s3.copy_object(Bucket="bkt", Key="copy", CopySource={"Bucket": "bkt",
+                                                                     "Key": "doc"},
+                               MetadataDirective="REPLACE", ContentType="text/plain",
+                               Metadata={"new": "yes"})
+                replaced = s3.head_object(Bucket="bkt", Key="copy")
+                self.assertEqual((replaced["ContentType"], replaced["Metadata"]),
+                                 ("text/plain", {"new": "yes"}))
+                self.assertEqual(status_of(lambda: s3.copy_object(
+                    Bucket="bkt", Key="doc", CopySource="bkt/doc")), (400, "InvalidRequest"))
+                s3.copy_object(Bucket="bkt", Key="doc", CopySource="bkt/doc",
+                               MetadataDirective="REPLACE", Metadata={"again": "1"})
+                self.assertEqual(s3.head_object(Bucket="bkt", Key="doc")["Metadata"],
+                                 {"again": "1"})
+                self.assertEqual(status_of(lambda: s3.copy_object(
+                    Bucket="bkt", Key="c2", CopySource="bkt/doc",
+                    CopySourceIfMatch='"0000"')), (412, "PreconditionFailed"))
+                self.assertEqual(status_of(lambda: s3.copy_object(
+                    Bucket="bkt", Key="c2", CopySource="bkt/missing")), (404, "NoSuchKey"))
+
+            await deferToThread(check)
+
+        return defer.ensureDeferred(run())
+
+    def test_multipart(self) -> defer.Deferred[None]:
+        """
+        boto3's upload_file and download_file of 100 MiB with the transfer
+        manager's defaults (8 MiB parts, sent concurrently), byte-exact,
+        with S3's multipart ETag; the multipart calls one by one: list,
+        abort, parts too small, a part copied.
+        """
+
+        async def run() -> None:
+            server = await self.server()
+            s3 = self.s3
+            work = os.path.join(self._clusterBase, "work")
+            os.makedirs(work)
+            big = os.path.join(work, "big.bin")
+            with open(big, "wb") as f:
+                for _ in range(100):
+                    f.write(os.urandom(1024 * 1024))
+            del server
+
+            def check() -> None:
+                s3.upload_file(big, "bkt", "big.bin")
+                back = os.path.join(work, "back.bin")
+                s3.download_file("bkt", "big.bin", back)
+                with open(big, "rb") as a, open(back, "rb") as b:
+                    self.assertEqual(hashlib.sha256(a.read()).digest(),
+                                     hashlib.sha256(b.read()).digest())
+                head = s3.head_object(Bucket="bkt", Key="big.bin")
+                self.assertEqual(head["ContentLength"], 100 * 1024 * 1024)
+                self.assertRegex(head["ETag"], r'^"[0-9a-f]{32}-13"$')
+                upload = s3.create_multipart_upload(Bucket="bkt", Key="parts",
+                                                    ContentType="text/x-parts")["UploadId"]
+                listed = s3.list_multipart_uploads(Bucket="bkt")["Uploads"]
+                self.assertEqual([(u["Key"], u["UploadId"]) for u in listed], [("parts", upload)])
+                one = s3.upload_part(Bucket="bkt", Key="parts", UploadId=upload, PartNumber=1,
+                                     Body=b"a" * 1000)
+                two = s3.upload_part_copy(Bucket="bkt", Key="parts", UploadId=upload,
+                                          PartNumber=2, CopySource="bkt/big.bin",
+                                          CopySourceRange="bytes=0-999")
+                parts = s3.list_parts(Bucket="bkt", Key="parts", UploadId=upload)["Parts"]
+                self.assertEqual([(p["PartNumber"], p["Size"]) for p in parts],
+                                 [(1, 1000), (2, 1000)])
+                small = [{"PartNumber": 1, "ETag": one["ETag"]},
+                         {"PartNumber": 2, "ETag": two["CopyPartResult"]["ETag"]}]
+                self.assertEqual(status_of(lambda: s3.complete_multipart_upload(
+                    Bucket="bkt", Key="parts", UploadId=upload,
+                    MultipartUpload={"Parts": small})), (400, "EntityTooSmall"))
+                s3.abort_multipart_upload(Bucket="bkt", Key="parts", UploadId=upload)
+                self.assertEqual(status_of(lambda: s3.list_parts(
+                    Bucket="bkt", Key="parts", UploadId=upload)), (404, "NoSuchUpload"))
+                self.assertNotIn("Uploads", s3.list_multipart_uploads(Bucket="bkt"))
+                upload = s3.create_multipart_upload(Bucket="bkt", Key="two")["UploadId"]
+                first = os.urandom(5 * 1024 * 1024)
+                p1 = s3.upload_part(Bucket="bkt", Key="two", UploadId=upload, PartNumber=1,
+                                    Body=first)
+                p2 = s3.upload_part(Bucket="bkt", Key="two", UploadId=upload, PartNumber=2,
+                                    Body=b"tail")
+                done = s3.complete_multipart_upload(
+                    Bucket="bkt", Key="two", UploadId=upload, MultipartUpload={"Parts": [
+                        {"PartNumber": 1, "ETag": p1["ETag"]},
+                        {"PartNumber": 2, "ETag": p2["ETag"]}]})
+                self.assertRegex(done["ETag"], r'^"[0-9a-f]{32}-2"$')
+                self.assertEqual(s3.get_object(Bucket="bkt", Key="two")["Body"].read(),
+                                 first + b"tail")
+
+            await deferToThread(check)
+
+        return defer.ensureDeferred(run())
+
+    def test_public_read_and_delete_bucket(self) -> defer.Deferred[None]:
+        """
+        A namespace marked public-read serves anonymous GET and HEAD of
+        its objects, and nothing else; an empty bucket is deleted.
+        """
+
+        async def run() -> None:
+            server = await self.server()
+            s3 = self.s3
+            await deferToThread(s3.put_object, Bucket="bkt", Key="open", Body=b"for all")
+            db = os.path.join(server.data, "metadata.sqlite")
+            with sqlite3.connect(db) as conn:
+                conn.execute("UPDATE namespaces SET public_read = 1 WHERE name = 'bkt'")
+
+            def check() -> None:
+                url = server.s3 + "/bkt/open"
+                self.assertEqual(urllib.request.urlopen(url, timeout=30).read(), b"for all")
+                for method, target in (("PUT", "/bkt/x"), ("GET", "/bkt"), ("DELETE", "/bkt/open")):
+                    with self.assertRaises(urllib.error.HTTPError) as e:
+                        urllib.request.urlopen(urllib.request.Request(
+                            server.s3 + target, method=method, data=b"" if method == "PUT"
+                            else None), timeout=30)
+                    self.assertEqual(e.exception.code, 403)
+                s3.create_bucket(Bucket="gone")
+                s3.delete_bucket(Bucket="gone")
+                self.assertEqual(status_of(lambda: s3.head_bucket(Bucket="gone"))[0], 404)
+                self.assertEqual([b["Name"] for b in s3.list_buckets()["Buckets"]], ["bkt"])
+
+            await deferToThread(check)
+
+        return defer.ensureDeferred(run())
+
     def test_listings(self) -> defer.Deferred[None]:
         """
         ListObjectsV2 (prefix, delimiter, max-keys and continuation,
@@ -389,6 +560,59 @@ class S3Tests(ClusterMixin, TestCase):
 
             await deferToThread(check)
             self.assertEqual(len(self.stored(server)), len(kept) + 1)  # "r" alone
+
+        return defer.ensureDeferred(run())
+
+    def test_admin_credentials(self) -> defer.Deferred[None]:
+        """
+        A credential made with C{koboldfs admin s3 credential create} signs
+        requests to a real server (which opens its sealed secret with the
+        cluster secret), its grants hold, and once revoked it is refused.
+        """
+
+        async def run() -> None:
+            base = os.path.abspath(self.mktemp())
+            self._clusterBase = base
+            os.makedirs(base)
+            secret_file = os.path.join(base, "cluster-secret")
+            with open(secret_file, "w") as f:
+                f.write("a cluster secret of some length for S3\n")
+            db = f"sqlite:///{os.path.join(base, 'shared.sqlite')}"
+            server = await self.server(db=db, extra=(f"--secret-file={secret_file}",))
+
+            def admin(*argv: str) -> Result:
+                return run_process(["admin", "--db", db, "s3", "credential", *argv])
+
+            def check() -> None:
+                made = admin("create", "--ns", "bkt:ro", "--secret-file", secret_file)
+                self.assertEqual(made.code, 0, made.err)
+                fields = dict(line.split(":", 1) for line in made.out.decode().splitlines())
+                key = fields["access key id"].strip()
+                secret = fields["secret access key"].strip()
+                self.s3.put_object(Bucket="bkt", Key="k", Body=b"made by admin")
+                client = boto(server.s3, key=key, secret=secret)
+                self.assertEqual(client.get_object(Bucket="bkt", Key="k")["Body"].read(),
+                                 b"made by admin")
+                self.assertEqual(status_of(lambda: client.put_object(
+                    Bucket="bkt", Key="k", Body=b"no")), (403, "AccessDenied"))
+                wrong = boto(server.s3, key=key, secret=secret[::-1])
+                self.assertEqual(status_of(lambda: wrong.list_buckets()),
+                                 (403, "SignatureDoesNotMatch"))
+                revoked = admin("revoke", key)
+                self.assertEqual(revoked.code, 0, revoked.err)
+                deadline = time.monotonic() + 30
+                while True:  # the server's cache forgets it within its TTL (5 s)
+                    try:
+                        client.head_object(Bucket="bkt", Key="k")
+                    except ClientError as e:
+                        self.assertEqual(e.response["Error"]["Code"], "403")
+                        break
+                    self.assertLess(time.monotonic(), deadline, "still accepted")
+                    time.sleep(0.5)
+                self.assertEqual(status_of(lambda: client.list_buckets()),
+                                 (403, "InvalidAccessKeyId"))
+
+            await deferToThread(check)
 
         return defer.ensureDeferred(run())
 

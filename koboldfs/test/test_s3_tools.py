@@ -6,6 +6,7 @@ C{Other}) and s3fs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -96,6 +97,17 @@ class ToolTests(ClusterMixin, TestCase):
                 aws("s3", "cp", "s3://bkt/cp/medium.bin", back)
                 with open(back, "rb") as f:
                     self.assertEqual(f.read(), files["medium.bin"])
+                # 100 MiB: multipart up (8 MiB parts, concurrent), ranged GETs down.
+                big = os.path.join(self.tmp, "big.bin")
+                with open(big, "wb") as f:
+                    for _ in range(100):
+                        f.write(os.urandom(1024 * 1024))
+                aws("s3", "cp", big, "s3://bkt/cp/big.bin")
+                aws("s3", "cp", "s3://bkt/cp/big.bin", back)
+                with open(big, "rb") as a, open(back, "rb") as b:
+                    self.assertEqual(hashlib.sha256(a.read()).digest(),
+                                     hashlib.sha256(b.read()).digest())
+                aws("s3", "rm", "s3://bkt/cp/big.bin")
                 first = aws("s3", "sync", local, "s3://bkt/synced")
                 self.assertEqual(first.count("upload:"), len(files))
                 self.assertEqual(self.keys("synced/"), files)
@@ -156,6 +168,9 @@ class ToolTests(ClusterMixin, TestCase):
                 checked = ok("check", local, "k:bkt/tree")
                 self.assertIn("0 differences found", checked)
                 self.assertIn(f"{len(files)} matching files", checked)
+                # The MD5s were compared, not only the sizes.
+                self.assertNotIn("could not be checked", checked)
+                self.assertNotIn("no common hash", checked.lower())
                 self.assertEqual(sorted(ok("lsf", "-R", "--files-only", "k:bkt/tree")
                                         .splitlines()), sorted(files))
                 os.remove(os.path.join(local, "sub", "one.bin"))
@@ -165,8 +180,9 @@ class ToolTests(ClusterMixin, TestCase):
                 expected = {k: v for k, v in files.items() if k != "sub/one.bin"}
                 expected["new.txt"] = b"new\n"
                 self.assertEqual(self.keys("tree/"), expected)
+                # Same size, other bytes: only the MD5 tells.
                 with open(os.path.join(local, "small.txt"), "wb") as f:
-                    f.write(b"changed\n")
+                    f.write(b"HELLO\n")
                 self.assertNotEqual(run_rclone("check", local, "k:bkt/tree").returncode, 0)
                 ok("delete", "k:bkt/tree")
                 self.assertEqual(self.keys("tree/"), {})
