@@ -38,6 +38,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 19  # a bug: the server logged a traceback
     TXN_UNKNOWN = 20  # no such transaction: never begun, aborted, or expired
     TXN_STATE = 21  # the transaction cannot do that now (e.g. a put after prepare)
+    DATA_LOST = 22  # no good copy of the file is left anywhere: not retryable
 
 
 #: Codes after which the same request may succeed on another server or later.
@@ -121,6 +122,16 @@ class ChecksumMismatch(ServerError):
     pass
 
 
+class DataLost(ChecksumMismatch):
+    """
+    Every copy of the file failed its checksum or is missing from its disk:
+    no server has its bytes (the bad copies are kept in the servers'
+    C{quarantine/}).  Unlike L{Unavailable}, trying again will not help.
+    """
+
+    code = ErrorCode.DATA_LOST
+
+
 class Unavailable(ServerError):
     """
     No server could complete the request: all were down or failing.
@@ -139,6 +150,7 @@ _BY_CODE: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.NOT_FOUND: NotFound,
     ErrorCode.CHECKSUM_MISMATCH: ChecksumMismatch,
     ErrorCode.UNAVAILABLE: Unavailable,
+    ErrorCode.DATA_LOST: DataLost,
 }
 
 

@@ -48,6 +48,7 @@ from koboldfs.errors import (
     Busy,
     ConnectionFailed,
     CorruptReplica,
+    DataLost,
     ErrorCode,
     Forbidden,
     KoboldError,
@@ -231,6 +232,8 @@ class Node:
                 ErrorCode.BAD_REQUEST, f"expires must be 1 to {MAX_EXPIRES} seconds, not {expires}"
             )
         info = await self.lookup(ns, key)
+        if not info.replicas:
+            raise data_lost(info)
         live = [s for s in map(self.up, info.replicas) if s is not None]
         namespace = await self.store.namespace(info.namespace)
         if not live or namespace is None:
@@ -433,10 +436,21 @@ class Node:
         first: int = 0,
         length: int | None = None,
     ) -> Body:
+        # With no other copy, ours going bad is the file's loss.
+        last = list(info.replicas) == [self.name] and not local
+        if not info.replicas and not local:
+            raise data_lost(info)
         if self.name in info.replicas:
-            body = await self.open_local(info, first, length)
+            try:
+                body = await self.open_local(info, first, length)
+            except CorruptReplica:
+                if last:
+                    raise data_lost(info) from None
+                raise
             if body is not None:
                 return body
+            if last:
+                raise data_lost(info)
         if local:
             raise NotFound(ErrorCode.NOT_FOUND, f"{self.name} holds no copy of {info.key!r}")
         return _Relayed(self, info, first, _length(info, first, length), txn)
@@ -509,6 +523,17 @@ class Node:
 
     async def abort_txn(self, txn: str) -> dict[str, Any]:
         return await self.txns.abort(check_txn_id(txn))
+
+
+def data_lost(info: FileInfo) -> DataLost:
+    """
+    The error for a file none of whose copies is good any more.
+    """
+    return DataLost(
+        ErrorCode.DATA_LOST,
+        f"no good copy of {info.key!r} is left: every copy failed its checksum or is "
+        "missing (bad copies are kept in the servers' quarantine/)",
+    )
 
 
 def _length(info: FileInfo, first: int, length: int | None) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -278,7 +279,9 @@ class Storage:
     def quarantine(self, relpath: str) -> Deferred[None]:
         """
         Move a bad replica out of the served tree, keeping it for a post
-        mortem under C{quarantine/<fid><ext>}.  No error if it is absent.
+        mortem under C{quarantine/<fid><ext>}; a copy of the same file set
+        aside before is kept too (the later ones are C{<fid><ext>.1},
+        C{.2}...).  No error if it is absent.
         """
         path = self.abspath(relpath)
         target = os.path.join(self.root, QUARANTINE, os.path.basename(path))
@@ -286,11 +289,21 @@ class Storage:
 
     @staticmethod
     def _thdQuarantine(path: str, target: str) -> None:
+        # A hard link never replaces what is there: each earlier copy stays.
+        for n in itertools.count():
+            try:
+                os.link(path, f"{target}.{n}" if n else target)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return
+            break
         try:
-            os.replace(path, target)
+            os.unlink(path)
         except FileNotFoundError:
-            return
+            pass  # set aside at the same moment by another request
         fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(target))
 
     # -- the orphan sweep (koboldfs.orphans)
 

@@ -792,6 +792,25 @@ class StorageTests(_StorageMixin, TestCase):
         await self.storage.quarantine(path)
         await self.storage.quarantine(relpath_for(new_fid(), "y"))
 
+    async def test_quarantineAgain(self) -> None:
+        """
+        A copy of the same file set aside again keeps the ones before it.
+        """
+        fid = new_fid()
+        path = relpath_for(fid, "x.txt")
+        for n, body in enumerate((b"first", b"second", b"third")):
+            upload = self.storage.open_upload(path)
+            upload.write(body)
+            await upload.finish(None)
+            await self.storage.quarantine(path)
+            self.assertEqual(len(self.listing("quarantine")), n + 1)
+        kept = {}
+        for name in ("", ".1", ".2"):
+            with open(os.path.join(self.root, "quarantine", fid + ".txt" + name), "rb") as f:
+                kept[name] = f.read()
+        self.assertEqual(kept, {"": b"first", ".1": b"second", ".2": b"third"})
+        self.assertEqual(self.listing("files"), [])
+
     def test_refusesForeignPaths(self) -> None:
         """
         File management refuses paths outside files/ before touching disk.
