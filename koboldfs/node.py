@@ -319,7 +319,7 @@ class Node:
                     ErrorCode.BAD_REQUEST, f"{path!r} is not a stored path of {fid!r}"
                 )
             self._check_size(size)
-            upload = self.storage.open_upload(path, self.config.max_file_size)
+            upload = self.storage.open_upload(path, self.config.max_file_size, size)
         except BaseException:
             self.uploads -= 1
             raise
@@ -349,7 +349,7 @@ class Node:
         self._check_size(size)
         fid = new_fid()
         path = relpath_for(fid, key)
-        upload = self.storage.open_upload(path, self.config.max_file_size)
+        upload = self.storage.open_upload(path, self.config.max_file_size, size)
         return PendingPut(ns, key, fid, path, size, upload)
 
     async def finish_upload(

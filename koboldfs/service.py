@@ -39,6 +39,10 @@ from koboldfs.web import guarded, make_site
 
 log = Logger()
 
+#: Seconds between looks at the data disk's free space (statvfs, in the
+#: thread pool): a filling disk is refused from within about this long.
+SPACE_INTERVAL = 1.0
+
 
 class _ThreadPoolService(Service):
     """
@@ -216,6 +220,14 @@ class KoboldService(MultiService):
         self.heartbeat = Periodic(
             f"heartbeat of {config.name}", self._heartbeat, config.heartbeat, reactor, now=False
         )
+        #: Looks at the disk's free space more often than heartbeats.
+        self.space = Periodic(
+            f"disk space of {config.name}",
+            self.storage.refresh_space,
+            SPACE_INTERVAL,
+            reactor,
+            now=False,
+        )
         self.binary = _listener(
             "binary", reactor, config.listen, ServerFactory(self.node, self.metrics)
         )
@@ -235,13 +247,22 @@ class KoboldService(MultiService):
         self._listeners: list[_Listener] = [self.binary, self.http]
         self._background: list[Service] = [
             self.heartbeat,
+            self.space,
             self.replicator,
             self.scrubber,
             self.orphans,
             self.status,
             self.txn_sweeper,
         ]
-        names = ("heartbeat", "replicator", "scrubber", "orphans", "status", "transactions")
+        names = (
+            "heartbeat",
+            "space",
+            "replicator",
+            "scrubber",
+            "orphans",
+            "status",
+            "transactions",
+        )
         for service, name in zip(self._background, names, strict=True):
             service.setName(name)
         for service in [*self._base, *self._listeners, *self._background]:
@@ -282,7 +303,9 @@ class KoboldService(MultiService):
         http = await self.http.listening
         scheme = "https" if config.http.startswith("ssl:") else "http"
         public_url = config.public_url or f"{scheme}://{advertised_address(http)}"
-        free, total = await self.storage.disk_usage()
+        self.storage.set_reserve(config.reserve)
+        await self.storage.refresh_space()
+        free, total = self._space()
         await self.store.register_server(
             ServerInfo(
                 name=config.name,
@@ -318,9 +341,17 @@ class KoboldService(MultiService):
         """
         Tell the cluster we are alive, and learn who else is.
         """
-        free, total = await self.storage.disk_usage()
+        await self.storage.refresh_space()
+        free, total = self._space()
         await self.store.heartbeat(self.config.name, self.reactor.seconds(), free, total)
         await self.node.refresh_servers()
+
+    def _space(self) -> tuple[int, int]:
+        """
+        What the heartbeat reports: the bytes we still take above our
+        reserve (0: full, which placement reads), and the disk's size.
+        """
+        return max(0, self.storage.room or 0), self.storage.total
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

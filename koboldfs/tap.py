@@ -113,6 +113,13 @@ class Options(usage.Options):
             f"PUTs received at once at most [default: {DEFAULTS['max_uploads']}]",
         ],
         [
+            "reserve",
+            None,
+            None,
+            "free space never filled: bytes (K, M, G, T) or a percentage of the disk"
+            f" [default: {DEFAULTS['reserve']}]",
+        ],
+        [
             "handshake-timeout",
             None,
             None,

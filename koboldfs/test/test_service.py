@@ -22,6 +22,7 @@ CHILDREN = {
     "binary",
     "http",
     "heartbeat",
+    "space",
     "replicator",
     "scrubber",
     "orphans",
