@@ -50,6 +50,9 @@ log = Logger()
 #: before the next is tried: a hung peer must not hold every put for its
 #: connection's whole timeout until it is taken for down.
 SETUP_TIMEOUT = 10.0
+#: Seconds a peer that a put could not reach is passed by: it may still
+#: heartbeat to the metadata (cut off from us alone), so it is not down.
+UNREACHABLE_FOR = 15.0
 
 
 def too_few_hosts(namespace: str, required: int, hosts: int) -> Unavailable:
@@ -252,15 +255,24 @@ class Forward:
                     break
                 if server.host in used:
                     continue
+                passed_by = node.unreachable.get(server.name, 0.0) - node.clock.seconds()
+                if passed_by > 0:
+                    errors.append(
+                        f"{server.name}: unreachable lately, passed by for {passed_by:.0f}s"
+                    )
+                    continue
                 connecting = defer.ensureDeferred(node.peers.acquire(server.address))
                 try:
                     conn = await connecting.addTimeout(SETUP_TIMEOUT, node.clock)
                 except KoboldError as e:  # unreachable, or it refused our cluster secret
                     errors.append(f"{server.name}: {e}")
+                    node.unreachable[server.name] = node.clock.seconds() + UNREACHABLE_FOR
                     continue
                 except defer.TimeoutError:
                     errors.append(f"{server.name}: no answer in {SETUP_TIMEOUT:g}s")
+                    node.unreachable[server.name] = node.clock.seconds() + UNREACHABLE_FOR
                     continue
+                node.unreachable.pop(server.name, None)
                 if self._done:
                     node.peers.release(server.address, conn)
                     break

@@ -450,6 +450,9 @@ class INode(Interface):
     storage = Attribute("Its L{koboldfs.storage.Storage}.")
     store = Attribute("The cluster's L{IMetadataStore} (and L{ITransactionStore}).")
     peers = Attribute("The L{koboldfs.connection.ConnectionCache} to other servers.")
+    unreachable = Attribute(
+        "Peers a forwarded put could not reach lately, by name: until when puts pass them by."
+    )
     servers = Attribute("Every registered server by name, as last refreshed: L{ServerInfo}s.")
     open = Attribute("Whether clients may do anything without a key.")
     readonly = Attribute("Whether this server takes no new files (its state is not alive).")

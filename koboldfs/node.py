@@ -109,6 +109,10 @@ class Node:
         #: Open client connections by peer address, and puts under way.
         self.connections: dict[str, int] = {}
         self.uploads = 0
+        #: Peers a forwarded put could not reach: until when puts pass
+        #: them by (koboldfs.forwarding), so that a peer cut off from us
+        #: but still heartbeating costs one put a setup timeout, not all.
+        self.unreachable: dict[str, float] = {}
         #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
 

@@ -172,7 +172,8 @@ class Options(usage.Options):
 
 
 def _read_ini(path: str) -> dict[str, str]:
-    parser = configparser.ConfigParser()
+    # No interpolation: a value may hold a % (reserve = 2%).
+    parser = configparser.ConfigParser(interpolation=None)
     if not parser.read(path):
         raise usage.UsageError(f"cannot read config file {path}")
     if not parser.has_section("koboldfs"):

@@ -393,6 +393,13 @@ class AdminTests(CLITestsMixin, TestCase):
         """
         a, b = await self.cluster(2)
         db = self.db
+
+        async def both_registered() -> bool:
+            # A server listens a moment before it registers.
+            r = await self.admin("--db", db, "servers")
+            return len(r.out.decode().splitlines()) == 3
+
+        await eventually(both_registered, what="both servers registered")
         r = await self.admin("--db", db, "servers")
         self.assertEqual(r.code, 0, r.err)
         lines = r.out.decode().splitlines()

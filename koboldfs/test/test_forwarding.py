@@ -10,13 +10,14 @@ import errno
 import hashlib
 import os
 import sqlite3
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.forwarding import SETUP_TIMEOUT, Forward, Gate
+from koboldfs.forwarding import SETUP_TIMEOUT, UNREACHABLE_FOR, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
@@ -497,6 +498,7 @@ class FakeNode:
         self.store = FakeStore()
         self.peers = FakePool()
         self.servers = {"a": server("a", "h1"), "b": server("b", "h2")}
+        self.unreachable: dict[str, float] = {}
 
 
 class ForwardFlowTests(SynchronousTestCase):
@@ -595,6 +597,34 @@ class ForwardFlowTests(SynchronousTestCase):
         [error] = self.failures
         self.assertIsInstance(error, Unavailable)
         self.assertIn("b: no answer in 10s", str(error))
+
+    def another_put(self, fid: str) -> None:
+        """
+        Start forwarding a second put through the same node.
+        """
+        put = PendingPut("test", fid, fid, relpath_for(fid, "k"), 10, cast(Any, None))
+        node: Any = self.node
+        Forward(node, put, Gate(cast(Any, FakeProducer())), self.failures.append).start()
+
+    def test_unreachable_passed_by(self) -> None:
+        """
+        A peer that did not answer is passed by for UNREACHABLE_FOR
+        seconds (it may still heartbeat: cut off from us alone), so the
+        next put fails at once; after that it is tried again.
+        """
+        self.forward.start()
+        first = self.node.peers.connecting["b:1"]
+        self.node.clock.advance(SETUP_TIMEOUT)
+        self.assertEqual(len(self.failures), 1)
+        self.another_put("cd" * 16)
+        self.assertEqual(len(self.failures), 2)
+        self.assertIn("b: unreachable lately, passed by for 15s", str(self.failures[1]))
+        self.assertIs(self.node.peers.connecting["b:1"], first)  # not tried
+        self.node.clock.advance(UNREACHABLE_FOR)
+        self.another_put("ef" * 16)
+        self.assertIsNot(self.node.peers.connecting["b:1"], first)
+        self.node.peers.connecting["b:1"].callback(FakeConn())
+        self.assertNotIn("b", self.node.unreachable)
 
     def test_aborted_while_connecting(self) -> None:
         """
