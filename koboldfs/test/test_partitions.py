@@ -367,14 +367,16 @@ class PartitionTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         """
         The network split in two, writers on both sides: PostgreSQL, s1, s2
         and c1 on one, s3 and c2 on the other.  c2's puts cannot be
-        acknowledged (s3 has no database) and are refused; c1's go on.
+        acknowledged during the split (s3 has no database): they are
+        refused or wait for the heal (c2 tries once per put); c1's go on.
         Healed, every acknowledged put reads back right everywhere.
         """
         net, pg, servers = await self.cluster()
         w1 = self.writer("c1", "one", CALM + FAULT + CALM, timeout=15)
-        w2 = self.writer("c2", "two", CALM + FAULT + CALM, timeout=15)
+        w2 = self.writer("c2", "two", CALM + FAULT + CALM, timeout=5, retries=0)
         await sleep(CALM)
         net.partition(["db", "s1", "s2", "c1"], ["s3", "c2"])
+        split = time.time(), time.time() + FAULT
         await sleep(FAULT)
         net.heal_all()
         healed_at = time.monotonic()
@@ -383,5 +385,18 @@ class PartitionTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         figures = await self.verify(lines)
         one = [line for line in lines if line["key"].startswith("one")]
         self.assertTrue(all(line["ok"] for line in one[-3:]), one[-3:])
-        self.summary("split in two halves", lines, {**figures, "two_copies_s": round(copies, 1)})
+        # No put of c2's begun and answered within the split was acknowledged.
+        within = [
+            line
+            for line in lines
+            if line["key"].startswith("two")
+            and split[0] < line["at"] - line["seconds"]
+            and line["at"] < split[1]
+        ]
+        self.assertEqual([line for line in within if line["ok"]], [])
+        self.summary(
+            "split in two halves",
+            lines,
+            {**figures, "minority_refused": len(within), "two_copies_s": round(copies, 1)},
+        )
 
