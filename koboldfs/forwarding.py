@@ -34,9 +34,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from koboldfs.errors import ErrorCode, KoboldError, ServerError, Unavailable
-from koboldfs.interfaces import FileInfo, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.protocol import Message
-from koboldfs.placement import forward_targets, live_hosts, required_copies
+from koboldfs.placement import forward_targets, live_hosts, required_copies, wanted_hosts
 from koboldfs.storage import relpath_for
 
 if TYPE_CHECKING:
@@ -66,31 +66,6 @@ def too_few_hosts(namespace: str, required: int, hosts: int) -> Unavailable:
         f"namespace {namespace!r} needs copies on {required} distinct hosts before a put is "
         f"acknowledged, and only {alive} alive",
     )
-
-
-def check_alone(namespace: NamespaceInfo | None, name: str) -> None:
-    """
-    For a put taken without forwarding (one host alive): refuse it if its
-    namespace asks for more than one copy.
-    """
-    required = required_copies(namespace, 1)
-    if required > 1:
-        raise too_few_hosts(name, required, 1)
-
-
-def several_hosts(node: INode) -> bool:
-    """
-    Whether a put to C{node} may have to be forwarded: more than one host
-    is alive.  With one, puts run exactly as they would without this
-    module.  Until the server has learnt who is registered (it has just
-    started), it cannot tell: the forward looks.
-    """
-    if node.name not in node.servers:
-        return True
-    hosts = live_hosts(
-        node.servers, node.name, node.config.host, node.clock.seconds(), node.config.down_after
-    )
-    return len(hosts) > 1
 
 
 @implementer(IPushProducer)
@@ -233,12 +208,20 @@ class Forward:
     async def _setup(self) -> None:
         node, put = self._node, self._put
         try:
-            if node.name not in node.servers:
-                await node.refresh_servers()
             namespace = await node.store.namespace(put.ns)
-            now = node.clock.seconds()
             my_host = node.config.host
-            hosts = live_hosts(node.servers, node.name, my_host, now, node.config.down_after)
+            hosts = live_hosts(
+                node.servers, node.name, my_host, node.clock.seconds(), node.config.down_after
+            )
+            if node.name not in node.servers or len(hosts) < wanted_hosts(namespace):
+                # Fewer hosts known than the put wants: a server may have
+                # started since our last look (at our start, or the last
+                # heartbeat), so look again rather than take one copy.
+                await node.refresh_servers()
+                hosts = live_hosts(
+                    node.servers, node.name, my_host, node.clock.seconds(), node.config.down_after
+                )
+            now = node.clock.seconds()
             required = required_copies(namespace, len(hosts))
             self._strict = namespace is not None and namespace.min_copies is not None
             if required > len(hosts):
@@ -413,7 +396,7 @@ class Forward:
         if not self.peers:
             # One copy is enough for this namespace, or the only one left.
             self.abort()
-            return await node.finish_upload(put, sha256, alone=False)
+            return await node.finish_upload(put, sha256)
         self._ending = True
         for peer in self._peers:
             if not peer.dropped:

@@ -618,10 +618,11 @@ class INode(Interface):
         its path where its files go; fire with the L{NamespaceInfo}.
         """
 
-    def finish_upload(put, sha256, alone=True):
+    def finish_upload(put, sha256):
         """
         Make a put's upload durable and publish it with this server's copy
-        alone (C{alone}: refused if its namespace wants more copies).
+        alone (its forwarding found that one copy is enough, or the only
+        one left).
         """
 
     def publish(put, record, lookup, not_recorded=()):

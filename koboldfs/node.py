@@ -293,8 +293,10 @@ class Node:
             raise
         stream = PutStream(self, pending, txn, failed)
         # A put in a client transaction is not forwarded: it is published at
-        # the commit, and copied by the replicators then.
-        if txn is None and forwarding.several_hosts(self):
+        # the commit, and copied by the replicators then.  Any other put
+        # looks for its peers first (koboldfs.forwarding), even when this
+        # server believes itself alone: it may have learnt of none yet.
+        if txn is None:
             stream._forward_to_peers(producer)
             if stream._refused is not None:
                 # Refused before the caller had the stream (it was known at
@@ -356,19 +358,12 @@ class Node:
         upload = self.storage.open_upload(path, self.config.max_file_size, size)
         return PendingPut(ns, key, fid, path, size, upload)
 
-    async def finish_upload(
-        self, put: PendingPut, sha256: str | None, alone: bool = True
-    ) -> FileInfo:
+    async def finish_upload(self, put: PendingPut, sha256: str | None) -> FileInfo:
         """
-        Make an upload durable, then publish it: only then is it visible.
+        Make an upload durable, then publish it with this server's copy
+        alone: only then is it visible.
         """
-        namespace = await self.place(put)
-        if alone:
-            try:
-                forwarding.check_alone(namespace, put.ns)
-            except BaseException:
-                await put.upload.abort()
-                raise
+        await self.place(put)
         size, digest = await put.upload.finish(sha256, put.size, put.path)
         return await self.publish(
             put,
@@ -649,9 +644,8 @@ class PutStream(_Incoming):
         try:
             if self._txn is not None:
                 return await node.txns.finish_upload(put, self._txn, sha256)
-            if self._forward is not None:
-                return await self._forward.finish(sha256)
-            return await node.finish_upload(put, sha256)
+            assert self._forward is not None  # every put outside a transaction has one
+            return await self._forward.finish(sha256)
         finally:
             put.upload.unregisterProducer()
             self._end()

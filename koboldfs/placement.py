@@ -168,6 +168,16 @@ def required_copies(namespace: NamespaceInfo | None, hosts: int) -> int:
     return min(DEFAULT_MIN_COPIES, max(hosts, 1))
 
 
+def wanted_hosts(namespace: NamespaceInfo | None) -> int:
+    """
+    How many distinct hosts a put of C{namespace} would have hold it if
+    enough were alive: its C{min_copies}, else L{DEFAULT_MIN_COPIES}.
+    """
+    if namespace is not None and namespace.min_copies is not None:
+        return namespace.min_copies
+    return DEFAULT_MIN_COPIES
+
+
 def forward_targets(
     fid: str,
     me: str,

@@ -107,10 +107,14 @@ class _PeersService(Service):
 class _Listening:
     """
     An endpoint that says when it listens, with its port: the server must
-    know its addresses to register them.
+    know its addresses to register them.  The port accepts no connection
+    until the server adds it back to the reactor's readers, once registered and knowing its
+    peers (L{KoboldService}); until then connections wait in the kernel's
+    backlog.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+    def __init__(self, reactor: Any, endpoint: IStreamServerEndpoint) -> None:
+        self._reactor = reactor
         self._endpoint = endpoint
         self.port: defer.Deferred[Any] = defer.Deferred()
 
@@ -118,6 +122,8 @@ class _Listening:
         d = self._endpoint.listen(factory)
 
         def listened(port: Any) -> Any:
+            # A port is a reader of the reactor (it reads new connections).
+            self._reactor.removeReader(port)
             self.port.callback(port)
             return port
 
@@ -129,7 +135,7 @@ class _Listening:
 
 
 def _listener(name: str, reactor: Any, description: str, factory: Any) -> _Listener:
-    endpoint = _Listening(serverFromString(reactor, description))
+    endpoint = _Listening(reactor, serverFromString(reactor, description))
     service = _Listener(endpoint, factory)
     service.listening = endpoint.port
     service.setName(name)
@@ -138,7 +144,8 @@ def _listener(name: str, reactor: Any, description: str, factory: Any) -> _Liste
 
 class _Listener(StreamServerEndpointService):
     """
-    A listener whose L{listening} fires with its port.
+    A listener whose L{listening} fires with its port (which accepts no
+    connection until its C{startReading}: see L{_Listening}).
     """
 
     listening: defer.Deferred[Any]
@@ -169,7 +176,9 @@ class KoboldService(MultiService):
     They start in an order, not all at once: the data first, since
     starting needs the database, so it is asynchronous; then the
     listeners, then the server registers and reads who else is
-    registered, then the heartbeat and the background parts.  L{ready}
+    registered, and only then do the listeners accept connections (a
+    server that answers is known to its peers and knows them); then the
+    heartbeat and the background parts.  L{ready}
     fires once all that is done.  If start fails, the failure is logged and
     C{reactor.stop} is called, since a server that cannot reach its
     metadata or data directory cannot serve.  Stopping goes back through
@@ -320,6 +329,10 @@ class KoboldService(MultiService):
         await self.node.refresh_servers()
         if not self.running:
             return  # stopped while starting
+        # Only now: a server that answers is registered, so the others'
+        # puts can find it, and knows its peers, so its own puts find them.
+        for listening in (port, http):
+            self.reactor.addReader(listening)
         for service in self._background:
             service.startService()
         if not self.node.open and not config.cluster_secrets:

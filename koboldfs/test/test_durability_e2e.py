@@ -12,7 +12,7 @@ import os
 import signal
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -33,7 +33,13 @@ def read(path: str) -> bytes:
         return f.read()
 
 
-class _DurabilityTests(ClusterMixin):
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object  # the concrete classes below are the test cases
+
+
+class _DurabilityTests(ClusterMixin, _Base):
     """
     The tests, for a metadata database given by L{database}.
     """
@@ -111,6 +117,33 @@ class _DurabilityTests(ClusterMixin):
             self.assertEqual(files_on_disk(b, "tmp"), [])
             stat = await client.stat("big.bin")
             self.assertEqual(stat.servers, ("a", "b"))
+
+        return defer.ensureDeferred(run())
+
+    def test_first_put_of_fresh_cluster(self) -> defer.Deferred[None]:
+        """
+        The very first put after a fresh start is on both hosts when it is
+        acknowledged, even on the server that started first and so saw
+        no peer at its start; heartbeats and replication passes are made
+        too rare to have told it since.
+        """
+
+        async def run() -> None:
+            db = await self.database()
+            rare = (*SLOW, "--heartbeat=300", "--down-after=900")
+            a = await self.startServer("a", db=db, host="host-a", extra=rare)
+            b = await self.startServer("b", db=db, host="host-b", extra=rare)
+            # B answers only once registered (and A would too).
+            self.assertTrue(await self.client(b).ping())
+            body = os.urandom(2 * 1024 * 1024 + 5)
+            self.assertTrue(await self.client(a, retries=0).put("first.bin", body))
+            self.assertEqual(
+                await self.replicas(db), [("first.bin", "a"), ("first.bin", "b")]
+            )
+            [copy] = files_on_disk(b)
+            self.assertEqual(read(copy), body)
+            [original] = files_on_disk(a)
+            self.assertEqual(os.path.relpath(copy, b.data), os.path.relpath(original, a.data))
 
         return defer.ensureDeferred(run())
 

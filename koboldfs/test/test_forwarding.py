@@ -161,6 +161,21 @@ class ForwardTests(_ClusterMixin, SynchronousTestCase):
         self.assertTrue(self.put("k", b"early"))
         self.assertEqual(self.lookup("k").replicas, ("a", "b"))
 
+    def test_peer_started_since(self) -> None:
+        """
+        A server whose last look found itself alone (B registered after
+        it, before its next heartbeat) looks again before taking a put
+        alone: the put is on both hosts when it returns.
+        """
+        node = self.cluster.servers["a"].node
+        node._servers = {"a": node.servers["a"]}
+        self.assertTrue(self.put("k", b"first"))
+        info = self.lookup("k")
+        assert info is not None
+        self.assertEqual(info.replicas, ("a", "b"))
+        self.assertEqual(list(self.on_disk("b").values()), [b"first"])
+        self.assertIn("b", node.servers)
+
     def test_small(self) -> None:
         """
         A body that arrives with its END before the peer is connected

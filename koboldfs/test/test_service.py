@@ -7,10 +7,13 @@ stop.  Real servers in real processes are in test_end_to_end.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.config import ServerConfig
+from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
 from koboldfs.service import KoboldService, advertised_address
 from koboldfs.testing import InlineThreadPool, SyncReactor
@@ -62,17 +65,35 @@ class KoboldServiceTests(SynchronousTestCase):
     def test_start_and_stop(self) -> None:
         """
         Started, the server listens on both endpoints, registers with the
-        addresses it got, and runs every part; stopped, every part stops,
+        addresses it got, accepts connections only then, and runs every
+        part; stopped, every part stops,
         the ports close and the store is stopped.
         """
         self.service.privilegedStartService()
         self.assertEqual(self.reactor.tcpServers, [])  # not before the data is ready
+        registered = self.store.register_server
+        accepting: list[bool] = []
+
+        def register(info: ServerInfo) -> Deferred[ServerInfo]:
+            accepting.extend(port in self.reactor.readers for port in ports)
+            return registered(info)
+
+        self.patch(self.store, "register_server", register)
+        ports: list[Any] = []
+
+        def listened(port: Any) -> Any:
+            ports.append(port)
+            return port
+
+        for listener in (self.service.binary, self.service.http):
+            listener.listening.addCallback(listened)
         self.service.startService()
         self.successResultOf(self.service.ready)
         self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877])
-        ports = [
-            self.successResultOf(s.listening) for s in (self.service.binary, self.service.http)
-        ]
+        # No connection is taken before the server is registered and knows
+        # its peers; then both ports take them.
+        self.assertEqual(accepting, [False, False])
+        self.assertTrue(all(port in self.reactor.readers for port in ports))
         [me] = self.successResultOf(self.store.servers())
         self.assertEqual((me.name, me.host), ("s1", "h1"))
         self.assertEqual(me.address, advertised_address(ports[0]))
