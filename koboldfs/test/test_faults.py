@@ -213,7 +213,9 @@ class FullDiskTests(ClusterMixin, TestCase):
             self.assertTrue(await to_a.get(key, out))
             self.assertEqual(out.getvalue(), body)
         print(
-            f"\nfull disk: {len(bodies)} x 4 MiB puts fitted; a 100 MiB put refused in "
+            f"\nfull disk: {sum(len(b) == 4 * MiB for b in bodies.values())} x 4 MiB and "
+            f"{sum(len(b) < 4 * MiB for b in bodies.values())} x 256 KiB puts fitted; "
+            "a 100 MiB put refused in "
             f"{refusal_seconds * 1000:.0f} ms after {source.read_bytes} bytes read; copies "
             f"resumed {resumed_seconds:.1f} s after deletes"
         )

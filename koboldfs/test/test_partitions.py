@@ -134,9 +134,11 @@ class _Writer:
             return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-class PartitionTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
+class FaultCluster(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
     """
-    PostgreSQL in C{db}, servers C{s1}, C{s2}, C{s3}, clients C{c1}, C{c2}.
+    The base of the fault tests (it has none itself): PostgreSQL in C{db}, servers C{s1}, C{s2},
+    C{s3}, clients C{c1}, C{c2}; writers, and the check of every
+    acknowledged put.
     """
 
     timeout = 900 if LONG else 300
@@ -255,6 +257,12 @@ class PartitionTests(NetworkMixin, PostgresMixin, ClusterMixin, TestCase):
         errors = sorted({line["code"] for line in failed})
         print(f"\n{name}: {json.dumps(figures)} errors: {errors}")
         self.figures = figures
+
+
+class PartitionTests(FaultCluster):
+    """
+    Links cut while writers put files.
+    """
 
     async def test_server_cut_from_postgresql(self) -> None:
         """
