@@ -84,6 +84,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     it, they default to nothing (SUPPRESS), so as not to undo one given
     before it.
     """
+    from koboldfs.connection import CONNECT_TIMEOUT, REPLY_TIMEOUT
+
     default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     parser.add_argument(
         "-s",
@@ -106,6 +108,22 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--quiet",
         action="store_true",
         help="no progress bar (there is none unless stderr is a terminal)",
+        **default,
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a server has to take a connection (TCP, TLS and handshake) before "
+        f"the next is tried [default {CONNECT_TIMEOUT:g}]",
+        **default,
+    )
+    parser.add_argument(
+        "--reply-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a server has to begin its reply before the next is tried "
+        f"[default {REPLY_TIMEOUT:g}]",
         **default,
     )
 
@@ -390,6 +408,20 @@ def _namespace(args: argparse.Namespace) -> str:
         raise CommandError(f"{e} (--namespace or KOBOLDFS_NAMESPACE)", EXIT_USAGE) from None
 
 
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    """
+    The client's deadlines the options set (docs/clients.md).
+    """
+    options = {}
+    for name in ("connect_timeout", "reply_timeout"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value <= 0:
+                raise CommandError(f"--{name.replace('_', '-')} must be positive", EXIT_USAGE)
+            options[name] = value
+    return options
+
+
 def _key(key: str) -> str:
     try:
         return check_key(key)
@@ -410,7 +442,7 @@ class _Session:
         self.servers = _servers(args)
         self.namespace = _namespace(args)
         try:
-            self.client = Client(self.namespace, self.servers, **options)
+            self.client = Client(self.namespace, self.servers, **_timeouts(args), **options)
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
 
@@ -703,7 +735,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     answered = 0
     for address in servers:
         try:
-            client = Client(namespace, [address], retries=0)
+            client = Client(namespace, [address], retries=0, **_timeouts(args))
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
         try:

@@ -47,6 +47,12 @@ class ServerConfig:
     down_after: float = 30.0
     idle_timeout: float = 300.0
     peer_timeout: float = 30.0
+    #: Seconds a connection to a peer has for its connect, TLS and
+    #: handshake; and for a peer's reply to begin.  Shorter than a
+    #: client's (5 s by default), so that a put whose peer hangs is
+    #: answered before its client gives up on this server.
+    peer_connect_timeout: float = 3.0
+    peer_reply_timeout: float = 3.0
     max_file_size: int | None = None
     replicate_interval: float = 10.0
     scrub_rate: float = 10 * 1024 * 1024
@@ -122,6 +128,8 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         down_after=_number(values, "down_after"),
         idle_timeout=_number(values, "idle_timeout"),
         peer_timeout=_number(values, "peer_timeout"),
+        peer_connect_timeout=_number(values, "peer_connect_timeout"),
+        peer_reply_timeout=_number(values, "peer_reply_timeout"),
         max_file_size=_number(values, "max_file_size", int)
         if values.get("max_file_size")
         else None,

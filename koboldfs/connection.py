@@ -59,23 +59,52 @@ class _State(Enum):
     CLOSED = "closed"
 
 
+#: Defaults of the deadlines (seconds): a connection's TCP connect, TLS
+#: and handshake together; a reply's first frame; the silence allowed
+#: once a reply (or a put's body) is under way.
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 5.0
+STALL_TIMEOUT = 30.0
+#: A put is answered once the server has fsynced the body (and its peers
+#: theirs): the deadline of that answer grows by a second for every this
+#: many bytes sent, so that a large file on a slow disk is not cut.
+SYNC_RATE = 32 * 1024 * 1024
+
+
 class ClientProtocol(FrameProtocol, TimeoutMixin):
     """
     The client end of one connection: handshake, then one request at a time.
 
-    A request that sees no frame for C{timeout} seconds fails with
-    L{ConnectionFailed} and closes the connection, so a hung server (say,
-    stopped with SIGSTOP) costs a bounded wait, not a stuck client.
+    Two deadlines bound what a hung server (say, stopped with SIGSTOP: its
+    kernel still takes the bytes) can cost: a request's reply must begin
+    within C{reply_timeout} seconds of the request being sent (for a put,
+    of its END, plus a second per L{SYNC_RATE} bytes of body); once it has
+    begun, and while a put's body is sent, C{timeout} seconds may pass
+    between frames, so that a large file moving slowly is not cut.  Either
+    fails the request with L{ConnectionFailed}, which the clients take as
+    a reason to try the next server, and closes the connection.  The
+    handshake's deadline is its L{ConnectionCache}'s.
     """
 
-    def __init__(self, clock: Any, timeout: float = 30.0, agent: str = "") -> None:
+    def __init__(
+        self,
+        clock: Any,
+        timeout: float = STALL_TIMEOUT,
+        agent: str = "",
+        reply_timeout: float = REPLY_TIMEOUT,
+    ) -> None:
         self.callLater = clock.callLater
         self._timeout = timeout
+        self._reply_timeout = reply_timeout
         self._agent = agent or f"koboldfs/{__version__}"
+        #: Bytes of the current put's body sent so far.
+        self._sent = 0
         self._state = _State.CONNECTING
         self._reply: defer.Deferred[Message] | None = None
         self._sink: Callable[[bytes], defer.Deferred[None] | None] | None = None
         self._file: Message | None = None
+        #: Whether the current request waits for its reply to begin.
+        self._waiting = False
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.server = ""
         #: The C{host:port} this connection was made to, as the caller gave it.
@@ -91,7 +120,7 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
             Op.HELLO,
             {"versions": [VERSION], "agent": self._agent, "max_payload": self.max_payload},
         )
-        return self._expect(_State.REQUEST)
+        return self._expect(_State.REQUEST, None)
 
     @property
     def reusable(self) -> bool:
@@ -109,7 +138,11 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         self.lost.callback(None)
 
     def timeoutConnection(self) -> None:
-        self._fail(ConnectionFailed(f"{self.server or 'server'} did not answer in time"))
+        waited = self.timeOut
+        what = "began no reply" if self._waiting else "went silent"
+        self._fail(
+            ConnectionFailed(f"{self.server or 'server'} {what} for {waited:g} s: given up")
+        )
         self.transport.abortConnection()
 
     # -- requests
@@ -118,7 +151,7 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         """
         Send a request that is answered by one OK frame; fire with it.
         """
-        d = self._expect(_State.REQUEST)
+        d = self._expect(_State.REQUEST, self._reply_timeout)
         self.sendMessage(op, fields)
         return d
 
@@ -130,7 +163,7 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         FILE frame when the END frame arrives.  While a Deferred returned by
         C{sink} is pending, reading from the server pauses.
         """
-        d = self._expect(_State.GET)
+        d = self._expect(_State.GET, self._reply_timeout)
         self._sink = sink
         self._file = None
         self.sendMessage(Op.GET, fields)
@@ -142,7 +175,7 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         returned Deferred fires with the server's reply, which may come
         early (an error) while the body is still being sent.
         """
-        d = self._expect(_State.REQUEST)
+        d = self._expect(_State.REQUEST, self._timeout, body=True)
         self.sendMessage(Op.PUT, fields)
         return d
 
@@ -151,12 +184,13 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         Send REPLICA_PUT (server to server: koboldfs.forwarding); then as
         L{begin_put}.
         """
-        d = self._expect(_State.REQUEST)
+        d = self._expect(_State.REQUEST, self._timeout, body=True)
         self.sendMessage(Op.REPLICA_PUT, fields)
         return d
 
     def send_chunk(self, chunk: bytes) -> None:
         self.resetTimeout()
+        self._sent += len(chunk)
         self.sendData(chunk)
 
     def send_frame(self, frame: bytes) -> None:
@@ -164,16 +198,26 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
         Send a DATA frame built by L{encode_data}.
         """
         self.resetTimeout()
+        self._sent += len(frame)
         self.sendFrame(frame)
 
     def end_put(self, sha256: str | None, abort: bool = False) -> None:
+        """
+        End a put's body; its answer is now due (unless it came early).
+        """
         fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
         self.sendMessage(Op.END, fields)
+        if self._reply is not None:
+            self._waiting = True
+            self.setTimeout(self._reply_timeout + self._sent / SYNC_RATE)
 
     # -- frames in
 
     def frameReceived(self, frame: Frame) -> None:
-        self.resetTimeout()
+        if self._reply is not None:
+            # The reply has begun: from now on only silence is limited.
+            self._waiting = False
+            self.setTimeout(self._timeout)
         state = self._state
         if state is _State.GET:
             self._getFrame(frame)
@@ -226,12 +270,21 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
 
     # -- request bookkeeping
 
-    def _expect(self, state: _State) -> defer.Deferred[Message]:
+    def _expect(
+        self, state: _State, timeout: float | None, body: bool = False
+    ) -> defer.Deferred[Message]:
+        """
+        Wait for the answer to a request, under C{timeout}: the reply's
+        deadline, or (C{body}: a put, whose body goes first) the limit of
+        silence while it is sent.
+        """
         if self._state not in (_State.IDLE, _State.CONNECTING) or self.closing:
             return defer.fail(ConnectionFailed("connection is not idle"))
         self._state = state
         self._reply = defer.Deferred()
-        self.setTimeout(self._timeout)
+        self._waiting = not body
+        self._sent = 0
+        self.setTimeout(timeout)
         return self._reply
 
     def _finish(self, result: Message | Exception) -> None:
@@ -283,15 +336,22 @@ class ConnectionCache:
     def __init__(
         self,
         reactor: Any,
-        timeout: float = 30.0,
-        connect_timeout: float = 5.0,
+        timeout: float = STALL_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
         max_idle: int = 8,
         endpoint_factory: Callable[[str], Any] | None = None,
         credentials: Credentials | None = None,
         tls: bool = False,
         ca: str | None = None,
+        reply_timeout: float = REPLY_TIMEOUT,
     ) -> None:
         """
+        @param timeout: seconds a reply under way, or a put's body, may go
+            without a frame (L{ClientProtocol}).
+        @param connect_timeout: seconds a new connection has for its TCP
+            connect, TLS handshake, HELLO and AUTH together; then the
+            server is taken for unreachable (L{ConnectionFailed}).
+        @param reply_timeout: seconds a request's reply has to begin.
         @param credentials: what to prove to servers that require
             authentication (a namespace key, or a server's cluster secret).
         @param tls: connect with TLS, verifying that the server's
@@ -307,6 +367,7 @@ class ConnectionCache:
         self._endpoint = endpoint_factory or self._tcp
         self._timeout = timeout
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._max_idle = max_idle
         self._idle: dict[str, list[ClientProtocol]] = {}
         self._all: set[ClientProtocol] = set()
@@ -322,10 +383,39 @@ class ConnectionCache:
             conn = idle.pop()
             if conn.reusable:
                 return conn
-        proto = ClientProtocol(self._reactor, self._timeout)
+        proto = ClientProtocol(self._reactor, self._timeout, reply_timeout=self._reply_timeout)
         proto.address = address
+        connecting = defer.maybeDeferred(lambda: connectProtocol(self._endpoint(address), proto))
+        expired = False
+
+        def expire() -> None:
+            # A hung server's kernel still completes the TCP handshake:
+            # the deadline covers TLS, HELLO and AUTH too.
+            nonlocal expired
+            expired = True
+            if not connecting.called:
+                connecting.cancel()
+            elif proto.transport is not None:
+                proto.transport.abortConnection()  # type: ignore[attr-defined]
+
+        deadline = self._reactor.callLater(self._connect_timeout, expire)
         try:
-            await connectProtocol(self._endpoint(address), proto)
+            return await self._handshake(address, proto, connecting)
+        except ConnectionFailed:
+            if expired:
+                raise ConnectionFailed(
+                    f"{address} did not complete its handshake in {self._connect_timeout:g} s"
+                ) from None
+            raise
+        finally:
+            if deadline.active():
+                deadline.cancel()
+
+    async def _handshake(
+        self, address: str, proto: ClientProtocol, connecting: defer.Deferred[Any]
+    ) -> ClientProtocol:
+        try:
+            await connecting
         except Exception as e:
             raise ConnectionFailed(f"cannot connect to {address}: {e}") from None
         self._all.add(proto)
@@ -344,6 +434,9 @@ class ConnectionCache:
         except ServerError as e:
             proto.close()
             raise ConnectionFailed(f"{address} refused the handshake: {e}") from None
+        except ConnectionFailed:
+            proto.close()
+            raise
         return proto
 
     async def _authenticate(self, proto: ClientProtocol, welcome: Message) -> None:

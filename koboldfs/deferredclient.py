@@ -28,7 +28,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from koboldfs.auth import Credentials
-from koboldfs.connection import ClientProtocol, ConnectionCache, parse_address
+from koboldfs.connection import (
+    CONNECT_TIMEOUT,
+    REPLY_TIMEOUT,
+    STALL_TIMEOUT,
+    ClientProtocol,
+    ConnectionCache,
+    parse_address,
+)
 from koboldfs.errors import (
     AuthRequired,
     ChecksumMismatch,
@@ -338,6 +345,16 @@ class DeferredClient:
     @param tls: speak TLS, and check that each server's certificate names
         the host of its address; C{ca} is a PEM file of the certificates
         to trust (the system's when None).
+    @param connect_timeout: seconds a server has to take a new
+        connection: TCP connect, TLS and handshake (and AUTH) together.
+    @param reply_timeout: seconds a server has to begin its reply to a
+        request (for a put, once its body is sent; a large one gets a
+        second more per 32 MiB, the time for the server to fsync it).
+    @param timeout: seconds a reply under way, or a put's body being
+        sent, may go without a frame.  A server past any of these is
+        skipped for the next: a hung one costs C{connect_timeout} or
+        C{reply_timeout}, not C{timeout}, unless it hung in the middle of
+        a body.
     """
 
     def __init__(
@@ -346,8 +363,9 @@ class DeferredClient:
         servers: list[str] | tuple[str, ...],
         reactor: Any = None,
         *,
-        timeout: float = 30.0,
-        connect_timeout: float = 5.0,
+        timeout: float = STALL_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        reply_timeout: float = REPLY_TIMEOUT,
         retries: int = 3,
         backoff: float = 0.2,
         threadpool: Any = None,
@@ -374,6 +392,7 @@ class DeferredClient:
             credentials=None if key is None else Credentials(self.namespace, key),
             tls=tls,
             ca=ca,
+            reply_timeout=reply_timeout,
         )
         #: Rounds of requests to every server after the first, and the
         #: seconds before the first of them (doubled for each next one).

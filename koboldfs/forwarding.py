@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: Seconds a peer has to accept a forwarded put (connect and handshake)
-#: before the next is tried: a hung peer must not hold every put for its
-#: connection's whole timeout until it is taken for down.
-SETUP_TIMEOUT = 10.0
 #: Seconds a peer that a put could not reach is passed by: it may still
 #: heartbeat to the metadata (cut off from us alone), so it is not down.
 UNREACHABLE_FOR = 15.0
@@ -244,15 +240,12 @@ class Forward:
                         f"{server.name}: unreachable lately, passed by for {passed_by:.0f}s"
                     )
                     continue
-                connecting = defer.ensureDeferred(node.peers.acquire(server.address))
+                # A hung peer costs its connection's deadline
+                # (--peer-connect-timeout), then the next is tried.
                 try:
-                    conn = await connecting.addTimeout(SETUP_TIMEOUT, node.clock)
-                except KoboldError as e:  # unreachable, or it refused our cluster secret
+                    conn = await node.peers.acquire(server.address)
+                except KoboldError as e:  # unreachable, hung, or it refused our cluster secret
                     errors.append(f"{server.name}: {e}")
-                    node.unreachable[server.name] = node.clock.seconds() + UNREACHABLE_FOR
-                    continue
-                except defer.TimeoutError:
-                    errors.append(f"{server.name}: no answer in {SETUP_TIMEOUT:g}s")
                     node.unreachable[server.name] = node.clock.seconds() + UNREACHABLE_FOR
                     continue
                 node.unreachable.pop(server.name, None)

@@ -803,10 +803,12 @@ class _Relayed(Body):
                 return None
             return sink.write(frame(chunk) if frame is not None else chunk)
 
+        # A hung peer costs its connection's deadline (--peer-connect-timeout)
+        # or its reply's (--peer-reply-timeout), then the next is tried.
         for peer in node.peers_holding(info):
             try:
                 conn = await node.peers.acquire(peer.address)
-            except KoboldError as e:  # unreachable, or refused our cluster secret
+            except KoboldError as e:  # unreachable, hung, or refused our cluster secret
                 errors.append(str(e))
                 continue
             if not started:
@@ -819,11 +821,18 @@ class _Relayed(Body):
                 await conn.get(fields, forward)
             except (ServerError, ConnectionFailed) as e:
                 node.peers.release(peer.address, conn)
+                if position == 0:
+                    # Nothing of the body has gone out: another holder can
+                    # send it all.
+                    errors.append(f"{peer.name}: {e}")
+                    continue
                 sink.abort()
-                # Bytes may have gone out: the client must start over.
+                # Bytes have gone out: the client must start over.
                 raise ServerError(ErrorCode.UNAVAILABLE, f"peer {peer.name} failed: {e}") from e
             node.peers.release(peer.address, conn)
             return
+        if started:
+            sink.abort()
         raise ServerError(
             ErrorCode.UNAVAILABLE,
             f"no live server holds {info.key!r}" + (f": {'; '.join(errors)}" if errors else ""),

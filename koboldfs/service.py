@@ -208,6 +208,8 @@ class KoboldService(MultiService):
         self.peers = ConnectionCache(
             reactor,
             timeout=config.peer_timeout,
+            connect_timeout=config.peer_connect_timeout,
+            reply_timeout=config.peer_reply_timeout,
             credentials=Credentials(cluster_secret=config.cluster_secrets[0], name=config.name)
             if config.cluster_secrets
             else None,

@@ -56,6 +56,20 @@ class Options(usage.Options):
             "seconds a request to another server may go without a frame before it is"
             f" dropped and another server is tried [default: {DEFAULTS['peer_timeout']}]",
         ],
+        [
+            "peer-connect-timeout",
+            None,
+            None,
+            "seconds a connection to another server has for its connect, TLS and handshake"
+            f" [default: {DEFAULTS['peer_connect_timeout']}]",
+        ],
+        [
+            "peer-reply-timeout",
+            None,
+            None,
+            "seconds another server has to begin its reply to a request"
+            f" [default: {DEFAULTS['peer_reply_timeout']}]",
+        ],
         ["max-file-size", None, None, "largest file accepted, in bytes [default: no limit]"],
         [
             "replicate-interval",

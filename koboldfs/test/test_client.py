@@ -7,23 +7,39 @@ sockets, no sleeps); and the layout of the client side's modules.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import os
 import random
 from typing import Any, Iterator
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import koboldfs
 from koboldfs import client as facade
+from koboldfs import connection
+from koboldfs.connection import ClientProtocol, ConnectionCache
 from koboldfs.deferredclient import DeferredClient, Stat
 from koboldfs.errors import ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.pool import ClientPool
-from koboldfs.protocol import MAX_PAYLOAD, VERSION, Frame, FrameProtocol, Message, Op
+from koboldfs.protocol import (
+    MAX_PAYLOAD,
+    VERSION,
+    Frame,
+    FrameProtocol,
+    Message,
+    Op,
+    encode_data,
+    encode_message,
+)
 from koboldfs.testing import InlineThreadPool, SyncReactor
 from koboldfs.txnclient import DeferredTransaction, TransactionalClientPool
 
@@ -31,6 +47,9 @@ from koboldfs.txnclient import DeferredTransaction, TransactionalClientPool
 STAT = {"key": "k", "size": 1, "sha256": "00" * 32, "created": 0.0, "servers": ["a"]}
 #: A scripted reply that drops the connection instead of answering.
 DROP = "drop"
+#: A scripted reply that never comes: the server hangs (SIGSTOP), its
+#: kernel still taking the bytes.
+HANG = "hang"
 
 
 class _ScriptedServer(FrameProtocol):
@@ -47,6 +66,10 @@ class _ScriptedServer(FrameProtocol):
         self._put_reply: dict[str, Any] | None = None
 
     def frameReceived(self, frame: Frame) -> None:
+        if self._address in self._fake.hung:
+            now = self._fake.clock.seconds()
+            self._fake.log.append((self._address, f"{frame.op.name} unheard", now))
+            return
         if frame.op is Op.HELLO:
             self.sendMessage(
                 Op.WELCOME,
@@ -67,6 +90,14 @@ class _ScriptedServer(FrameProtocol):
         reply = self._fake.scripts[self._address].pop(0)
         if reply == DROP:
             self.transport.loseConnection()
+        elif reply == HANG:
+            self._fake.hung.add(self._address)
+        elif op is Op.GET:
+            body = reply["body"]
+            digest = hashlib.sha256(body).hexdigest()
+            self.sendMessage(Op.FILE, {"size": len(body), "sha256": digest})
+            self.sendData(body)
+            self.sendMessage(Op.END, {"sha256": digest})
         elif isinstance(reply, ErrorCode):
             self.sendError(reply, f"{reply.name} from {self._address}")
         elif op is Op.PUT:
@@ -115,6 +146,8 @@ class _Servers:
         self.clock = SyncReactor()
         self.scripts = {f"{name}:1": list(replies) for name, replies in scripts.items()}
         self.log: list[tuple[str, str, float]] = []
+        #: The servers that answer nothing any more.
+        self.hung: set[str] = set()
         self.pumps: list[iosim.IOPump] = []
 
     def client(self, *names: str, **options: Any) -> DeferredClient:
@@ -315,6 +348,276 @@ class FailoverTests(SynchronousTestCase):
         self.assertIsInstance(failure.value, ConnectionFailed)
         self.assertIn("cannot be re-read", str(failure.value))
         self.assertEqual(servers.asked(), [("a:1", "PUT", 0)])
+
+
+#: Each operation of the client, with what a server that succeeds answers.
+OPERATIONS: dict[str, tuple[Any, Any]] = {
+    "stat": (lambda c: c.stat("k"), STAT),
+    "delete": (lambda c: c.delete("k"), {}),
+    "list": (lambda c: c.list(), {"keys": ["k"], "truncated": False}),
+    "get_url": (lambda c: c.get_url("k"), {"url": "http://b/k"}),
+    "get": (lambda c: c.get("k", io.BytesIO()), {"body": b"abc"}),
+    "put": (lambda c: c.put("k", b"body"), {}),
+    "begin": (lambda c: DeferredTransaction.begin(c), {"txn": "ab" * 16, "timeout": 60}),
+}
+
+
+class HungServerTests(SynchronousTestCase):
+    """
+    A hung server (its kernel takes the bytes, nothing answers) costs a
+    request the connection's deadline or the reply's, 5 s by default,
+    before the next server is asked: for every operation, whether the
+    server hung before the connection or after it was made.
+    """
+
+    def setUp(self) -> None:
+        self.patch(random, "randrange", lambda n: 0)
+
+    def check(
+        self, servers: _Servers, client: DeferredClient, name: str, operation: Any
+    ) -> list[Any]:
+        outcome = servers.start(operation(client))
+        servers.advance(4.9)
+        self.assertEqual(outcome, [])
+        self.assertNotIn("b:1", [address for address, *_ in servers.log])
+        # A put's deadline is a hair longer: its body takes time to fsync.
+        servers.advance(0.1 if name != "put" else 0.2)
+        self.assertEqual(len(outcome), 1)
+        self.assertNotIsInstance(outcome[0], Failure)
+        return outcome
+
+    def test_hung_before_connecting(self) -> None:
+        """
+        A server hung from the start: TCP completes, the handshake never
+        does; after 5 s the next server answers.
+        """
+        for name, (operation, reply) in OPERATIONS.items():
+            with self.subTest(name):
+                servers = _Servers(a=[], b=[reply])
+                servers.hung.add("a:1")
+                client = servers.client("a", "b", retries=0)
+                self.check(servers, client, name, operation)
+                self.assertEqual(servers.asked()[0], ("a:1", "HELLO unheard", 0))
+                address, _, when = servers.asked()[-1]
+                self.assertEqual((address, round(when)), ("b:1", 5))
+                servers.advance(60)
+                self.assertEqual(servers.clock.getDelayedCalls(), [])
+
+    def test_hung_connected(self) -> None:
+        """
+        A server that hangs once connected (its connection is reused):
+        the reply's first frame is 5 s late, and the next server answers.
+        """
+        for name, (operation, reply) in OPERATIONS.items():
+            with self.subTest(name):
+                servers = _Servers(a=[{}, HANG], b=[reply])
+                client = servers.client("a", "b", retries=0)
+                self.assertEqual(len(servers.start(client.request(Op.PING, {}))), 1)
+                client._next = 0
+                self.check(servers, client, name, operation)
+                address, _, when = servers.asked()[-1]
+                self.assertEqual((address, round(when)), ("b:1", 5))
+
+    def test_handshake_deadline_is_configurable(self) -> None:
+        """
+        C{connect_timeout} and C{reply_timeout} set the two deadlines.
+        """
+        servers = _Servers(a=[], b=[STAT])
+        servers.hung.add("a:1")
+        client = servers.client("a", "b", retries=0, connect_timeout=1.5)
+        outcome = servers.start(client.stat("k"))
+        servers.advance(1.5)
+        self.assertEqual([s.size for s in outcome], [1])
+        servers = _Servers(a=[{}, HANG], b=[STAT])
+        client = servers.client("a", "b", retries=0, reply_timeout=2)
+        servers.start(client.request(Op.PING, {}))
+        client._next = 0
+        outcome = servers.start(client.stat("k"))
+        servers.advance(1.9)
+        self.assertEqual(outcome, [])
+        servers.advance(0.1)
+        self.assertEqual([s.size for s in outcome], [1])
+
+    def test_said_why(self) -> None:
+        """
+        With no other server, the request fails after the deadline, and
+        the error says which server did what.
+        """
+        servers = _Servers(a=[], b=[{}, HANG])
+        servers.hung.add("a:1")
+        client = servers.client("a", retries=0)
+        outcome = servers.start(client.stat("k"))
+        servers.advance(5)
+        [failure] = outcome
+        self.assertIsInstance(failure.value, Unavailable)
+        self.assertIn("a:1 did not complete its handshake in 5 s", str(failure.value))
+        client = servers.client("b", retries=0)
+        servers.start(client.request(Op.PING, {}))
+        outcome = servers.start(client.stat("k"))
+        servers.advance(5)
+        [failure] = outcome
+        self.assertIn("b:1 began no reply for 5 s", str(failure.value))
+
+
+class ReplyDeadlineTests(SynchronousTestCase):
+    """
+    L{ClientProtocol}'s deadlines, on a fake clock: a reply must begin in
+    C{reply_timeout}; once it has (and while a put's body goes out), only
+    C{timeout} seconds of silence are allowed, however long it all takes.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.conn = ClientProtocol(self.clock, timeout=30, reply_timeout=5)
+        self.transport = StringTransport()
+        self.conn.makeConnection(self.transport)
+        welcome = self.conn.handshake()
+        fields = {"version": VERSION, "server": "s", "max_payload": MAX_PAYLOAD}
+        self.conn.dataReceived(encode_message(Op.WELCOME, fields))
+        self.successResultOf(welcome)
+
+    def outcome(self, d: defer.Deferred[Any]) -> list[Any]:
+        result: list[Any] = []
+        d.addBoth(result.append)
+        return result
+
+    def test_reply_late(self) -> None:
+        """
+        A reply not begun in 5 s fails the request, retryably, and the
+        connection is dropped.
+        """
+        outcome = self.outcome(self.conn.request(Op.STAT, {"ns": "n", "key": "k"}))
+        self.clock.advance(4.9)
+        self.assertEqual(outcome, [])
+        self.clock.advance(0.1)
+        [failure] = outcome
+        self.assertIsInstance(failure.value, ConnectionFailed)
+        self.assertTrue(failure.value.retryable)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_slow_body_not_cut(self) -> None:
+        """
+        A get whose FILE comes in time and whose body then trickles, a
+        frame every 20 s for minutes, completes.
+        """
+        body = b"x" * 10
+        outcome = self.outcome(self.conn.get({"ns": "n", "key": "k"}, lambda chunk: None))
+        self.clock.advance(4)
+        sha = hashlib.sha256(body).hexdigest()
+        self.conn.dataReceived(encode_message(Op.FILE, {"size": len(body), "sha256": sha}))
+        for byte in body:
+            self.clock.advance(20)
+            self.conn.dataReceived(encode_data(bytes([byte])))
+        self.conn.dataReceived(encode_message(Op.END, {"sha256": sha}))
+        self.assertEqual([m["size"] for m in outcome], [10])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_body_silence(self) -> None:
+        """
+        Once a body has begun, 30 s without a frame end it.
+        """
+        outcome = self.outcome(self.conn.get({"ns": "n", "key": "k"}, lambda chunk: None))
+        self.conn.dataReceived(encode_message(Op.FILE, {"size": 1, "sha256": "00" * 32}))
+        self.clock.advance(29.9)
+        self.assertEqual(outcome, [])
+        self.clock.advance(0.1)
+        [failure] = outcome
+        self.assertIn("went silent for 30 s", str(failure.value))
+
+    def test_slow_put_body_not_cut(self) -> None:
+        """
+        A put's body sent slowly (a frame every 20 s) is not cut; its
+        answer is then due within 5 s of END, plus a second per
+        L{SYNC_RATE} bytes sent (the time to fsync them).
+        """
+        self.patch(connection, "SYNC_RATE", 1000)
+        outcome = self.outcome(self.conn.begin_put({"ns": "n", "key": "k", "size": 3000}))
+        for _ in range(3):
+            self.clock.advance(20)
+            self.conn.send_frame(encode_data(b"y" * 995))
+        self.assertEqual(outcome, [])
+        self.conn.end_put("00" * 32)
+        self.clock.advance(5 + 3 - 0.1)
+        self.assertEqual(outcome, [])
+        self.clock.advance(0.1)
+        [failure] = outcome
+        self.assertIn("began no reply for 8 s", str(failure.value))
+
+    def test_put_answered_early(self) -> None:
+        """
+        A put refused before its END (the body is discarded by the
+        server, no more answer comes) leaves no deadline behind.
+        """
+        outcome = self.outcome(self.conn.begin_put({"ns": "n", "key": "k", "size": 3}))
+        self.conn.dataReceived(encode_message(Op.ERROR, {"code": 10, "message": "too large"}))
+        self.conn.end_put(None, abort=True)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(outcome), 1)
+        self.assertTrue(self.conn.reusable)
+
+
+@implementer(IStreamClientEndpoint)
+class _SilentEndpoint:
+    """
+    Connects to a peer that never says a word (or, with C{tcp=False},
+    whose TCP connect never completes).
+    """
+
+    def __init__(self, clock: Any, tcp: bool = True) -> None:
+        self.clock = clock
+        self.tcp = tcp
+        self.transports: list[StringTransport] = []
+        self.cancelled = 0
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        if not self.tcp:
+
+            def cancel(d: defer.Deferred[Any]) -> None:
+                self.cancelled += 1
+
+            return defer.Deferred(cancel)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.abortConnection = lambda: proto.connectionLost(Failure(ConnectionDone()))  # type: ignore[method-assign]
+        proto.makeConnection(transport)
+        self.transports.append(transport)
+        return defer.succeed(proto)
+
+
+class ConnectDeadlineTests(SynchronousTestCase):
+    """
+    L{ConnectionCache}'s connect deadline covers the TCP connect, TLS and
+    the handshake together.
+    """
+
+    def acquire(self, endpoint: _SilentEndpoint, clock: Clock) -> list[Any]:
+        cache = ConnectionCache(clock, endpoint_factory=lambda address: endpoint)
+        outcome: list[Any] = []
+        defer.ensureDeferred(cache.acquire("a:1")).addBoth(outcome.append)
+        return outcome
+
+    def test_handshake_never_answered(self) -> None:
+        clock = Clock()
+        endpoint = _SilentEndpoint(clock)
+        outcome = self.acquire(endpoint, clock)
+        self.assertIn(b"agent", endpoint.transports[0].value())  # HELLO went out
+        clock.advance(4.9)
+        self.assertEqual(outcome, [])
+        clock.advance(0.1)
+        [failure] = outcome
+        self.assertIsInstance(failure.value, ConnectionFailed)
+        self.assertEqual(str(failure.value), "a:1 did not complete its handshake in 5 s")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_tcp_never_completes(self) -> None:
+        clock = Clock()
+        endpoint = _SilentEndpoint(clock, tcp=False)
+        outcome = self.acquire(endpoint, clock)
+        clock.advance(5)
+        [failure] = outcome
+        self.assertEqual(str(failure.value), "a:1 did not complete its handshake in 5 s")
+        self.assertEqual(endpoint.cancelled, 1)
 
 
 class _Unseekable(io.RawIOBase):

@@ -291,6 +291,33 @@ class ClusterTests(SynchronousTestCase):
             self.assertEqual(sink.data, body[first:end])
             self.assertEqual(sink.events.count("begin"), 1)
 
+    def test_relay_peer_fails_before_body(self) -> None:
+        """
+        A peer that fails before sending any of the body (its copy is
+        gone; or it hung, and its reply's deadline passed) is passed over
+        for the next holder: nothing had gone out yet.
+        """
+        servers = self.cluster.servers
+        body = os.urandom(CHUNK_SIZE + 5)
+        b, c = servers["b"], servers["c"]
+        self.cluster.flush(b.store.set_namespace("ns", min_copies=1))
+        client = b.client("ns", retries=0)
+        self.assertTrue(self.cluster.flush(client.put("k", body)))
+        self.cluster.flush(client.close())
+        info = self.cluster.flush(b.node.lookup("ns", "k"))
+        os.makedirs(os.path.dirname(c.storage.abspath(info.path)))
+        shutil.move(b.storage.abspath(info.path), c.storage.abspath(info.path))
+        self.cluster.flush(c.store.add_replica(info.id, "c", 0.0))
+        a: Node = servers["a"].node
+        info = self.cluster.flush(a.lookup("ns", "k"))
+        self.patch(random, "shuffle", lambda peers: peers.sort(key=lambda s: s.name))
+        sink = Sink()
+        source = self.cluster.flush(a.get(info))
+        self.cluster.flush(source.send(sink))
+        self.assertEqual(sink.data, body)
+        self.assertEqual(sink.events.count("begin"), 1)
+        self.assertNotIn("abort", sink.events)
+
 
 class ListenersTests(SynchronousTestCase):
     def test_each_told(self) -> None:
