@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.forwarding import UNREACHABLE_FOR, Forward, Gate
+from koboldfs.forwarding import SETUP_SPARE, UNREACHABLE_FOR, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
@@ -601,6 +601,26 @@ class ForwardFlowTests(SynchronousTestCase):
         self.forward.write(b"more")
         self.assertEqual(conn.sent, [])
         self.assertIsNone(self.forward.error)
+
+    def test_setup_bounded(self) -> None:
+        """
+        Peers that hang one after another share one deadline, the peer
+        connect timeout and SETUP_SPARE: a default put then goes on alone
+        before its client's reply deadline, the hung peers passed by.
+        """
+        self.node.store.min_copies = None
+        self.node.servers["c"] = server("c", "h3")
+        self.forward.start()
+        # b takes its whole connect deadline, and c hangs too.
+        self.node.clock.advance(self.node.config.peer_connect_timeout)
+        self.node.peers.connecting["b:1"].errback(ConnectionFailed("b:1: no answer within 3 s"))
+        self.assertIn("c:1", self.node.peers.connecting)
+        self.assertEqual(self.client.calls, ["pause"])
+        self.node.clock.advance(SETUP_SPARE)
+        self.assertEqual(self.failures, [])
+        self.assertEqual(self.forward.peers, [])
+        self.assertEqual(self.client.calls, ["pause", "resume"])
+        self.assertEqual(set(self.node.unreachable), {"b", "c"})
 
     def another_put(self, fid: str) -> None:
         """

@@ -277,19 +277,21 @@ class PartitionTests(FaultCluster):
         await sleep(CALM)
         net.cut("s1", "db")
         cut_at = time.monotonic()
-        # Once s1 has noticed (its connections' tcp_user_timeout, 10 s, or
-        # a keepalive), a put to it is refused, saying why.
+        # Until s1 notices (its connections' tcp_user_timeout, 10 s, or a
+        # keepalive), a put to it waits, and the client gives up on its
+        # reply deadline (5 s); then s1 refuses puts at once, saying why.
         refused: dict[str, Any] = {}
 
         async def refuses() -> bool:
             nonlocal refused
             refused = await self.script("c1", PROBE, "put", s1.address, "faults", "p", "10")
-            return not refused["ok"]
+            self.assertFalse(refused["ok"], refused)
+            return "metadata database" in refused["error"]
 
-        await eventually(refuses, timeout=60, what="s1 to refuse puts")
+        await eventually(refuses, timeout=60, what="s1 to refuse puts, saying why")
         noticed = time.monotonic() - cut_at
         self.assertEqual(refused["code"], "UNAVAILABLE", refused)
-        self.assertIn("metadata database", refused["error"])
+        self.assertLess(refused["seconds"], 2.0, refused)
         read = await self.script("c1", PROBE, "get", s1.address, "faults", "before", str(SIZE))
         self.assertTrue(read.get("same") or read.get("code") == "UNAVAILABLE", read)
         await sleep(max(0.0, FAULT - (time.monotonic() - cut_at)))
