@@ -69,6 +69,10 @@ class ServerConfig:
     max_connections: int = 1024
     max_connections_per_ip: int = 128
     max_uploads: int = 64
+    #: The listen queue of each port: connections the kernel holds until
+    #: accepted (a flood of them must not overflow it: a dropped SYN costs
+    #: its client a second).  The kernel caps it at net.core.somaxconn.
+    backlog: int = 1024
     #: Free space never filled (bytes, K/M/G/T, or a percentage of the
     #: disk): puts and copies that would pass it are refused (NO_SPACE).
     reserve: str = DEFAULT_RESERVE
@@ -140,6 +144,7 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         max_connections=_number(values, "max_connections", int),
         max_connections_per_ip=_number(values, "max_connections_per_ip", int),
         max_uploads=_number(values, "max_uploads", int),
+        backlog=_number(values, "backlog", int),
         reserve=_reserve(values["reserve"]),
         handshake_timeout=_number(values, "handshake_timeout"),
         frame_timeout=_number(values, "frame_timeout"),

@@ -134,6 +134,17 @@ class _Listening:
         return d.addCallbacks(listened, failed)
 
 
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    An endpoint description with a listen queue of C{backlog}, unless it
+    sets one (Twisted's default is 50, which a burst of connections fills).
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def _listener(name: str, reactor: Any, description: str, factory: Any) -> _Listener:
     endpoint = _Listening(reactor, serverFromString(reactor, description))
     service = _Listener(endpoint, factory)
@@ -240,12 +251,15 @@ class KoboldService(MultiService):
             now=False,
         )
         self.binary = _listener(
-            "binary", reactor, config.listen, ServerFactory(self.node, self.metrics)
+            "binary",
+            reactor,
+            with_backlog(config.listen, config.backlog),
+            ServerFactory(self.node, self.metrics),
         )
         self.http = _listener(
             "http",
             reactor,
-            config.http,
+            with_backlog(config.http, config.backlog),
             guarded(self.node, make_site(self.node, self.status, self.metrics)),
         )
         self._data = _DataService(self.storage, self.store)

@@ -127,6 +127,13 @@ class Options(usage.Options):
             f"PUTs received at once at most [default: {DEFAULTS['max_uploads']}]",
         ],
         [
+            "backlog",
+            None,
+            None,
+            "listen queue of each port, capped by net.core.somaxconn"
+            f" [default: {DEFAULTS['backlog']}]",
+        ],
+        [
             "reserve",
             None,
             None,
