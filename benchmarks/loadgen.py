@@ -141,6 +141,53 @@ class CpuMeter:
         }
 
 
+class Profiler:
+    """
+    py-spy attached to processes for one phase: collapsed stacks (all
+    threads, idle ones left out, L{RATE} samples a second of each thread
+    on a CPU; with C{gil}, only the thread holding the GIL) in
+    C{DIR/LABEL.NAME.txt}, for C{benchmarks/profile.py} to sum up.  Given
+    no directory, does nothing.
+    """
+
+    RATE = 250
+
+    def __init__(
+        self,
+        directory: str | None,
+        processes: list[tuple[str, int]],
+        label: str,
+        gil: bool = False,
+    ) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        if directory is None:
+            return
+        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        os.makedirs(directory, exist_ok=True)
+        for name, pid in processes:
+            out = os.path.join(directory, f"{label}.{name}.txt")
+            # Not --native, which stops the process for every sample: time
+            # in C (hashing, a syscall) is its Python caller's line's.
+            argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--threads"]
+            argv += ["--rate", str(self.RATE), "--nonblocking", "-o", out]
+            if gil:
+                # Only the thread holding the GIL: the Python work.
+                argv.append("--gil")
+            self.processes.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 # -- the load generator ------------------------------------------------------------
 
 
@@ -367,10 +414,13 @@ class Server(ServerProcess):
         db: str | None,
         extra: tuple[str, ...] = (),
         host: str | None = None,
+        checkout: str = CHECKOUT,
     ) -> None:
         # A longer --down-after than the tests': a busy 2-core host may
         # delay a heartbeat, and a peer thought down would skew the figures.
-        super().__init__(base, name, db, host=host, extra=("--down-after=10", *extra))
+        super().__init__(
+            base, name, db, host=host, extra=("--down-after=10", *extra), checkout=checkout
+        )
         self.start_blocking()
 
     def cpu(self) -> float:
@@ -426,9 +476,16 @@ class Databases:
             conn.close()
 
 
-def create_namespace(url: str, name: str, min_copies: int, replicas: int | None = None) -> None:
+def create_namespace(
+    url: str,
+    name: str,
+    min_copies: int,
+    replicas: int | None = None,
+    checkout: str = CHECKOUT,
+) -> None:
     """
-    C{koboldfs admin namespace create}, as an operator makes one.
+    C{koboldfs admin namespace create}, as an operator makes one, with
+    C{checkout}'s code.
     """
     argv = [sys.executable, "-m", "koboldfs.cli", "admin", "namespace", "create", name]
     argv += ["--min-copies", str(min_copies), "--db", url]
@@ -436,7 +493,7 @@ def create_namespace(url: str, name: str, min_copies: int, replicas: int | None 
         argv += ["--replicas", str(replicas)]
     subprocess.run(
         argv,
-        env={**os.environ, "PYTHONPATH": CHECKOUT},
+        env={**os.environ, "PYTHONPATH": checkout},
         stdout=subprocess.DEVNULL,
         check=True,
         timeout=60,

@@ -13,6 +13,9 @@ every byte that comes back.  See benchmarks/README.md.
     python benchmarks/peers.py                # 3 interleaved runs, medians
     python benchmarks/peers.py --runs 1
     python benchmarks/peers.py --smoke        # seconds: does it still measure? (CI)
+    python benchmarks/peers.py --compare /work/wt/main --only small --no-seaweed
+                                              # another checkout's servers beside these
+    python benchmarks/peers.py --profile DIR  # py-spy each KoboldFS process, each phase
     bash .ci/postgres.sh .venv/bin/python benchmarks/peers.py   # PostgreSQL given
 
 Output: the table of issue 16 (rates and ratios), 4 KiB latencies, CPU
@@ -38,6 +41,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from loadgen import (
+    CHECKOUT,
     GB,
     IN_MEMORY,
     MB,
@@ -46,6 +50,7 @@ from loadgen import (
     CpuMeter,
     Databases,
     HashingWriter,
+    Profiler,
     Server,
     Store,
     Workload,
@@ -68,6 +73,8 @@ NAMESPACE = "bench"
 #: Copies of each file, on distinct hosts, made before a put is acknowledged.
 COPIES = 2
 KOBOLDFS = "KoboldFS"
+#: The store of --compare: the servers of another checkout.
+BASE = "KoboldFS@base"
 SEAWEEDFS = "SeaweedFS"
 
 #: Issue 16's workloads: small in requests per second, the others in MB/s.
@@ -106,10 +113,9 @@ class KoboldStore:
     both servers (it starts at a random one and alternates).
     """
 
-    name = KOBOLDFS
-
-    def __init__(self, servers: list[str]) -> None:
+    def __init__(self, servers: list[str], name: str = KOBOLDFS) -> None:
         self.servers = servers
+        self.name = name
 
     def connect(self) -> Client:
         return Client(NAMESPACE, servers=self.servers, timeout=300)
@@ -176,24 +182,35 @@ class KoboldPair:
     """
     Two KoboldFS servers on distinct hosts, one new PostgreSQL database,
     the benchmark namespace with 2 replicas and C{min_copies=2}; ready
-    once a put through each server is on both.
+    once a put through each server is on both.  The servers run
+    C{checkout}'s code (C{--compare}), their processes named C{LABEL-sN}.
     """
 
-    def __init__(self, base: str, pg_url: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base: str,
+        pg_url: str,
+        name: str = KOBOLDFS,
+        checkout: str = CHECKOUT,
+        label: str = "kfs",
+        timeout: float = 60.0,
+    ) -> None:
         self.dbs = Databases(base, pg_url)
         self.servers: list[Server] = []
-        self.url = self.dbs.new("postgresql", "peers")
+        self.url = self.dbs.new("postgresql", label)
         try:
             for i in range(COPIES):
                 # Each on a --host of its own: a put is forwarded only to a
                 # peer on another host (docs/replication.md).
-                self.servers.append(Server(base, f"kfs-s{i}", self.url, host=f"kfs-h{i}"))
-            create_namespace(self.url, NAMESPACE, COPIES, replicas=COPIES)
+                self.servers.append(
+                    Server(base, f"{label}-s{i}", self.url, host=f"{label}-h{i}", checkout=checkout)
+                )
+            create_namespace(self.url, NAMESPACE, COPIES, replicas=COPIES, checkout=checkout)
             self._ready(timeout)
         except BaseException:
             self.stop()
             raise
-        self.store = KoboldStore([s.address for s in self.servers])
+        self.store = KoboldStore([s.address for s in self.servers], name)
 
     def _ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -219,11 +236,16 @@ class KoboldPair:
         live, per_server = replica_counts(self.url)
         return sum(max(0, live - per_server.get(s.name, 0)) for s in self.servers)
 
+    def pids(self) -> list[tuple[str, int]]:
+        """
+        The processes to profile: the client, and each server.
+        """
+        return [("client", os.getpid())] + [(s.name, s.pid) for s in self.servers]
+
     def meter(self) -> CpuMeter:
         meter = CpuMeter()
-        meter.add_pid("client", os.getpid())
-        for server in self.servers:
-            meter.add_pid(server.name, server.pid)
+        for name, pid in self.pids():
+            meter.add_pid(name, pid)
         meter.add("postgresql", postgres_cpu)
         return meter
 
@@ -269,10 +291,26 @@ class Figure:
     samples: list[float | None] | None = None
 
 
+@dataclass
+class Entry:
+    """
+    A store in the run: what drives it, what its processes spend, how
+    many second copies are missing after the puts of a prefix, and what
+    C{--profile} attaches py-spy to.
+    """
+
+    store: Store
+    meter: CpuMeter
+    missing: Callable[[Workload, str], int]
+    profiled: list[tuple[str, int]]
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.workloads = SMOKE if args.smoke else WORKLOADS
+        self.workloads = tuple(
+            w for w in (SMOKE if args.smoke else WORKLOADS) if w.name in args.only
+        )
         self.run_id = uuid.uuid4().hex[:8]
         # (store, process, workload, op, figure) -> samples
         self.samples: dict[tuple[str, str | None, str, str, str], list[float | None]] = {}
@@ -292,19 +330,28 @@ class Bench:
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    def phase(
-        self, store: Store, meter: CpuMeter, w: Workload, op: str, prefix: str, bodies: Bodies
-    ) -> None:
+    def phase(self, entry: Entry, w: Workload, op: str, prefix: str, bodies: Bodies) -> None:
         """
         One timed pass of C{w}'s puts or gets, with what each process of
         the store (and the client) spent meanwhile.
         """
+        store, meter = entry.store, entry.meter
         # Start from no dirty pages: what the last phase wrote is not
         # flushed on this one's time.
         os.sync()
+        tag = f"{store.name}.{w.name}.{op}.{prefix.rsplit('/', 2)[1]}"
+        profiler = Profiler(self.args.profile, entry.profiled, tag, self.args.profile_gil)
         before = meter.read()
-        result = run_ops(store, op, w, prefix, bodies)
-        used = CpuMeter.used(before, meter.read())
+        try:
+            result = run_ops(store, op, w, prefix, bodies)
+        finally:
+            used = CpuMeter.used(before, meter.read())
+            profiler.stop()
+        if self.args.profile:
+            with open(os.path.join(self.args.profile, f"{tag}.json"), "w") as f:
+                json.dump(
+                    {"requests": result["ops"], "bytes": result["ops"] * w.size, "cpu": used}, f
+                )
         seconds, ops = result["seconds"], result["ops"]
         rate = ops / seconds if w.name == "small" else ops * w.size / MB / seconds
         self.add(store.name, w, op, rate_unit(w), rate)
@@ -314,28 +361,39 @@ class Bench:
         for process, cpu in used.items():
             self.add(store.name, w, op, cpu_unit(w), None if cpu is None else cpu / amount, process)
 
-    def run(self, kobold: KoboldPair, weed: Seaweed | None) -> None:
-        # Each store, what its processes spend, and how many second
-        # copies are missing right after the puts of a prefix.
-        stores: list[tuple[Store, CpuMeter, Callable[[Workload, str], int]]] = [
-            (kobold.store, kobold.meter(), lambda w, prefix: kobold.missing())
+    def run(self, koboldfs: list[KoboldPair], weed: Seaweed | None) -> None:
+        entries = [
+            Entry(k.store, k.meter(), lambda w, prefix, k=k: k.missing(), k.pids())  # type: ignore[misc]
+            for k in koboldfs
         ]
         if weed is not None:
             filer = FilerStore(weed.filer[0])
-            stores.append(
-                (filer, seaweed_meter(weed), lambda w, p: sampled_missing(weed, filer, w, p))
+            entries.append(
+                Entry(
+                    filer,
+                    seaweed_meter(weed),
+                    lambda w, p: sampled_missing(weed, filer, w, p),
+                    [],
+                )
             )
         bodies = {w.name: Bodies(w.size) for w in self.workloads}
         for r in range(self.args.runs):
             for w in self.workloads:
-                for store, meter, missing in stores:
+                # With --compare, the two KoboldFS go first by turns.
+                order = (
+                    entries
+                    if r % 2 == 0 or len(koboldfs) < 2
+                    else [entries[1], entries[0], *entries[2:]]
+                )
+                for entry in order:
+                    store = entry.store
                     # A new prefix (a new directory for the filer) each
                     # run: see shared/STACK.md on ext4 here.
                     prefix = f"{self.run_id}/r{r}/{w.name}"
                     for op in ("put", "get"):
                         self.log(f"{w.name} {store.name} {op}, run {r + 1} of {self.args.runs}")
-                        self.phase(store, meter, w, op, prefix, bodies[w.name])
-                    lost = missing(w, prefix)
+                        self.phase(entry, w, op, prefix, bodies[w.name])
+                    lost = entry.missing(w, prefix)
                     self.add(store.name, w, "put", "copies missing", lost)
                     if lost:
                         self.notes.append(f"{store.name} {prefix}: {lost} copies missing after put")
@@ -353,14 +411,15 @@ class Bench:
             )
         for w in self.workloads:
             for op in ("put", "get"):
-                k = self.value(KOBOLDFS, w.name, op, rate_unit(w))
-                s = self.value(SEAWEEDFS, w.name, op, rate_unit(w))
-                if k is not None and s:
-                    ratio = Figure(
-                        f"{KOBOLDFS}/{SEAWEEDFS}", w.name, op, f"{rate_unit(w)} ratio", k / s
-                    )
-                    ratio.label = labels[w.name]
-                    out.append(ratio)
+                for other in (SEAWEEDFS, BASE):
+                    k = self.value(KOBOLDFS, w.name, op, rate_unit(w))
+                    s = self.value(other, w.name, op, rate_unit(w))
+                    if k is not None and s:
+                        ratio = Figure(
+                            f"{KOBOLDFS}/{other}", w.name, op, f"{rate_unit(w)} ratio", k / s
+                        )
+                        ratio.label = labels[w.name]
+                        out.append(ratio)
         return out
 
     def value(
@@ -381,18 +440,18 @@ def fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) >= 1 else f"{value:.2g}"
 
 
-def tables(bench: Bench) -> str:
+def rates(bench: Bench, other: str) -> list[str]:
     """
-    Issue 16's table, the 4 KiB latencies, and CPU per process, as
-    Markdown.
+    The table of issue 16: KoboldFS's rates beside C{other}'s, and their
+    ratios.
     """
     lines = [
-        f"| workload | {KOBOLDFS} PUT / GET | {SEAWEEDFS} PUT / GET | ratio PUT / GET |",
+        f"| workload | {KOBOLDFS} PUT / GET | {other} PUT / GET | ratio PUT / GET |",
         "| --- | --- | --- | --- |",
     ]
     for w in bench.workloads:
         cells = []
-        for store in (KOBOLDFS, SEAWEEDFS):
+        for store in (KOBOLDFS, other):
             cells.append(
                 " / ".join(
                     fmt(bench.value(store, w.name, op, rate_unit(w))) for op in ("put", "get")
@@ -401,14 +460,32 @@ def tables(bench: Bench) -> str:
         ratios = []
         for op in ("put", "get"):
             k = bench.value(KOBOLDFS, w.name, op, rate_unit(w))
-            s = bench.value(SEAWEEDFS, w.name, op, rate_unit(w))
+            s = bench.value(other, w.name, op, rate_unit(w))
             ratios.append("-" if k is None or not s else f"{k / s:.2f}")
         lines.append(
             f"| {label(w)} ({rate_unit(w)}) | {cells[0]} | {cells[1]} | {' / '.join(ratios)} |"
         )
-    where = {KOBOLDFS: "every file, from its metadata", SEAWEEDFS: "3 files a run, from the master"}
+    return lines
+
+
+def tables(bench: Bench) -> str:
+    """
+    Issue 16's table (and, with C{--compare}, this checkout's servers
+    beside the other's), the 4 KiB latencies, and CPU per process, as
+    Markdown.
+    """
+    lines = rates(bench, SEAWEEDFS)
+    if bench.processes(BASE):
+        lines += [""] + rates(bench, BASE)
+    where = {
+        KOBOLDFS: "every file, from its metadata",
+        BASE: "every file, from its metadata",
+        SEAWEEDFS: "3 files a run, from the master",
+    }
     counts = []
     for store, how in where.items():
+        if store == BASE and not bench.processes(BASE):
+            continue
         samples = [
             v
             for w in bench.workloads
@@ -419,23 +496,22 @@ def tables(bench: Bench) -> str:
         )
     lines += ["", f"Second copies missing after the puts: {', '.join(counts)}."]
     small = bench.workloads[0]
+    ran = [store for store in (KOBOLDFS, BASE, SEAWEEDFS) if bench.processes(store)]
     lines += [
         "",
-        f"| {label(small)}, latency ms | {KOBOLDFS} p50 / p99 | {SEAWEEDFS} p50 / p99 |",
-        "| --- | --- | --- |",
+        f"| {label(small)}, latency ms | {' | '.join(f'{s} p50 / p99' for s in ran)} |",
+        "|---" * (len(ran) + 1) + "|",
     ]
     for op in ("put", "get"):
         cells = [
             " / ".join(fmt(bench.value(store, small.name, op, f"{p} ms")) for p in ("p50", "p99"))
-            for store in (KOBOLDFS, SEAWEEDFS)
+            for store in ran
         ]
-        lines.append(f"| {op.upper()} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {op.upper()} | {' | '.join(cells)} |")
     columns = [(w, op) for w in bench.workloads for op in ("put", "get")]
     head = [f"{label(w).split(' x ')[0]} {op.upper()} {cpu_unit(w)[4:]}" for w, op in columns]
-    for store in (KOBOLDFS, SEAWEEDFS):
+    for store in ran:
         processes = bench.processes(store)
-        if not processes:
-            continue
         lines += ["", f"| {store} CPU | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"]
         totals: list[float | None] = [0.0] * len(columns)
         for process in processes:
@@ -531,9 +607,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
         " $KOBOLDFS_TEST_PGDATA) [default: $KOBOLDFS_TEST_POSTGRES_URL, else a throwaway one]",
     )
     parser.add_argument("--weed", default=None, help="the weed binary [default: found, or skipped]")
+    parser.add_argument("--no-seaweed", action="store_true", help="measure KoboldFS alone")
+    parser.add_argument(
+        "--only",
+        default="small,medium,large",
+        help="the workloads to run, comma-separated [default: all three]",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        default=None,
+        help=f"also run a KoboldFS pair on CHECKOUT's server code ({BASE}), interleaved",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="py-spy the client and the KoboldFS servers in each phase into DIR"
+        " (slows them; benchmarks/profile.py sums it up)",
+    )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (the Python work)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.smoke else 3)
+    args.only = args.only.split(",")
+    unknown = set(args.only) - {w.name for w in WORKLOADS}
+    if unknown:
+        parser.error(f"no workload {', '.join(sorted(unknown))}")
     return args
 
 
@@ -550,12 +654,14 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     bench = Bench(args)
     base = tempfile.mkdtemp(prefix="koboldfs-peers-", dir=args.tmp)
-    weed_binary = args.weed or find_weed()
+    weed_binary = None if args.no_seaweed else args.weed or find_weed()
     stores = [KOBOLDFS]
     try:
         with contextlib.ExitStack() as stack:
             weed = None
-            if weed_binary is None:
+            if args.no_seaweed:
+                bench.notes.append(f"{SEAWEEDFS} skipped: --no-seaweed")
+            elif weed_binary is None:
                 bench.notes.append(f"{SEAWEEDFS} skipped: {MISSING}")
                 print(f"peers.py: {SEAWEEDFS} skipped: {MISSING}", file=sys.stderr, flush=True)
             else:
@@ -565,9 +671,22 @@ def main(argv: list[str]) -> int:
                 weed.start()
                 stores.append(SEAWEEDFS)
             bench.log(f"starting {KOBOLDFS}: {COPIES} servers on PostgreSQL")
-            kobold = KoboldPair(base, args.postgres_url)
-            stack.callback(kobold.stop)
-            bench.run(kobold, weed)
+            pairs = [KoboldPair(base, args.postgres_url)]
+            stack.callback(pairs[0].stop)
+            if args.compare:
+                bench.log(f"starting {BASE}: {COPIES} servers running {args.compare}")
+                pairs.append(
+                    KoboldPair(
+                        base,
+                        args.postgres_url,
+                        BASE,
+                        os.path.abspath(args.compare),
+                        label="base",
+                    )
+                )
+                stack.callback(pairs[1].stop)
+                stores.append(BASE)
+            bench.run(pairs, weed)
         report(bench, args, started)
     except SeaweedError as e:
         print(f"peers.py: {SEAWEEDFS} failed (--keep keeps its logs): {e}", file=sys.stderr)

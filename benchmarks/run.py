@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import struct
@@ -45,6 +44,7 @@ from loadgen import (
     MB,
     MIB,
     Databases,
+    Profiler,
     Server,
     Workload,
     create_namespace,
@@ -89,52 +89,6 @@ ONLY_DEFAULT = "small,medium,large"
 
 
 # -- the servers (loadgen.Server) ------------------------------------------------
-
-
-class Profiler:
-    """
-    py-spy attached to the servers for one phase: collapsed stacks (all
-    threads, idle ones left out) in C{DIR/SETUP.PHASE.SERVER.txt}.
-    """
-
-    def __init__(self, directory: str | None, servers: list[Server], label: str) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
-        if directory is None:
-            return
-        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        os.makedirs(directory, exist_ok=True)
-        for server in servers:
-            out = os.path.join(directory, f"{label}.{server.name}.txt")
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        spy,
-                        "record",
-                        "--pid",
-                        str(server.pid),
-                        "--format",
-                        "raw",
-                        "--threads",
-                        "--rate",
-                        "250",
-                        "--nonblocking",
-                        "-o",
-                        out,
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.send_signal(signal.SIGINT)
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def wait_replicated(url: str, servers: list[Server], timeout: float) -> float | None:
@@ -746,7 +700,11 @@ class Bench:
         }
         db_cpu = postgres_cpu() if url.startswith("postgresql") else None
         cpu = sum(s.cpu() for s in servers)
-        profiler = Profiler(self.args.profile, servers, f"{setup}.{w.name}.{client}.{op}")
+        profiler = Profiler(
+            self.args.profile,
+            [(s.name, s.pid) for s in servers],
+            f"{setup}.{w.name}.{client}.{op}",
+        )
         try:
             result = run_worker(client, spec)
         finally:

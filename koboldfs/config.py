@@ -41,6 +41,14 @@ class ServerConfig:
     data: str
     listen: str = "tcp:9876:interface=127.0.0.1"
     http: str = "tcp:9877:interface=127.0.0.1"
+    #: The S3 endpoint (docs/s3.md), or "none" for no S3.
+    s3: str = "tcp:9878:interface=127.0.0.1"
+    s3_region: str = "us-east-1"
+    #: The domain of virtual-hosted style (C{bucket.DOMAIN}); path-style
+    #: requests are always taken.
+    s3_domain: str | None = None
+    #: A file of S3 credentials (C{ACCESS_KEY SECRET GRANT...} lines).
+    s3_credentials: str | None = None
     public_url: str | None = None
     db: str | None = None
     heartbeat: float = 5.0
@@ -126,6 +134,10 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         data=os.path.abspath(values["data"]),
         listen=values["listen"],
         http=values["http"],
+        s3=values["s3"],
+        s3_region=_region(values["s3_region"]),
+        s3_domain=values.get("s3_domain") or None,
+        s3_credentials=_readable(values.get("s3_credentials")),
         public_url=values.get("public_url"),
         db=values.get("db"),
         heartbeat=_number(values, "heartbeat"),
@@ -169,6 +181,12 @@ def _number(values: dict[str, str], name: str, kind: type = float) -> Any:
 
 def _reserve(value: str) -> str:
     parse_reserve(value)  # raises, naming the option
+    return value
+
+
+def _region(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", value):
+        raise ValueError("--s3-region must be a region name such as us-east-1")
     return value
 
 

@@ -247,11 +247,26 @@ class IMetadataStore(Interface):
         no-argument callable that unsubscribes.
         """
 
-    def missing_replicas(server, after, limit):
+    def missing_replicas(server, after, limit, upto=None):
         """
-        Fire with up to C{limit} live L{FileInfo}s with ids above C{after},
-        by id, of which C{server} holds no good copy; their C{replicas} are
-        the servers that do.  The replicator's cursor walks these.
+        Fire with up to C{limit} live L{FileInfo}s with ids above C{after}
+        (and at most C{upto} unless None), by id, of which C{server} holds
+        no good copy; their C{replicas} are the servers that do.  The
+        replicator's cursor walks these, in windows of ids.
+        """
+
+    def queued_files(server, after, limit):
+        """
+        Fire with up to C{limit} L{FileInfo}s of the replication queue (live
+        files a change left short of copies) with ids above C{after}, by
+        id, of which C{server} holds no good copy; their C{replicas} are
+        the servers that do.
+        """
+
+    def settle(file_id):
+        """
+        Take file C{file_id} off the replication queue unless it is still
+        a live file short of copies; fire with None.
         """
 
     def max_file_id():
@@ -259,6 +274,12 @@ class IMetadataStore(Interface):
         Fire with the highest id of a stored file, live or deleted (0 when
         there is none): how far a replicator that found nothing missing
         may move its cursor.
+        """
+
+    def max_held(server):
+        """
+        Fire with the highest id of a file C{server} has a good copy of
+        (0 when none): where its replicator's walk resumes after a restart.
         """
 
     def held_files(server, after, limit):
@@ -633,3 +654,39 @@ class INode(Interface):
 
 
 Listener = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class S3Grant:
+    """
+    What an S3 credential may do: on one namespace (a bucket), or on the
+    whole cluster (C{namespace} None: every bucket, and creating and
+    deleting buckets), read-write or read-only.
+    """
+
+    namespace: str | None
+    write: bool
+
+
+@dataclass(frozen=True)
+class S3Credential:
+    """
+    An S3 access key, its secret (in the clear: only in the server's
+    memory, never logged) and its grants.
+    """
+
+    access_key: str
+    secret: str = field(repr=False)
+    grants: tuple[S3Grant, ...]
+
+
+class IS3Credentials(Interface):
+    """
+    Where the S3 front end finds the secret and grants of an access key.
+    """
+
+    def lookup(access_key):
+        """
+        Fire with the L{S3Credential} of C{access_key}, or None when there
+        is no such key (or it was revoked).
+        """

@@ -12,13 +12,19 @@ proportion to the work waiting, not to the files stored:
     then replica row), and a deleted file no server holds any more is
     purged from the metadata.  Deleted files are found by the index on
     (state, id), so only those waiting are read.
-  - B{copy}: a cursor walks file ids (never reused) for live files this
-    server has no good copy of; each is streamed from a live peer holding
-    one, written durably and verified against its checksum, and only then
-    recorded.  A copy that fails waits in a retry queue with exponential
-    backoff.  A notification of a file below the cursor (PostgreSQL commits
-    ids out of order) moves the cursor back; a full pass from the first id
-    runs at start and every L{RESCAN} seconds, for whatever slipped by.
+  - B{copy}: the replication queue (files that a change left short of
+    copies, written in the same database transaction as the change) is
+    read by id, page after page; and a cursor walks file ids (never
+    reused) in windows of L{WINDOW} ids for the live files this server has
+    no good copy of: a new server's backfill, where every page is full,
+    and otherwise a check, a few windows a pass, for whatever slipped by
+    (at start from the last file this server holds, then from the first
+    id L{RESCAN} seconds after it last reached the end).  Each copy
+    is streamed from a live peer holding one, written durably and verified
+    against its checksum, and only then recorded.  A copy that fails waits
+    in a retry queue with exponential backoff.  A notification of a file
+    below the cursor (PostgreSQL commits ids out of order) moves the
+    cursor back.
 
 See docs/replication.md.
 """
@@ -40,7 +46,7 @@ from twisted.internet.defer import (
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from koboldfs.errors import CorruptReplica, KoboldError, NoSpace, NotFound
+from koboldfs.errors import CorruptReplica, ErrorCode, KoboldError, NoSpace, NotFound
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata.events import FILE_ADDED, SERVER_CHANGED
 from koboldfs.periodic import Periodic, logged
@@ -49,7 +55,7 @@ from koboldfs.protocol import CHUNK_SIZE
 
 if TYPE_CHECKING:
     from koboldfs.interfaces import INode
-    from koboldfs.storage import Upload
+    from koboldfs.storage import Reader, Upload
 
 log = Logger()
 
@@ -62,6 +68,12 @@ CONCURRENCY = 3
 MAX_BACKOFF = 3600.0
 #: Seconds between passes that walk every file id from the first.
 RESCAN = 3600.0
+#: File ids one query of the walk looks at, at most: a query with little to
+#: find costs the same at any number of files...
+WINDOW = 1_000
+#: ...and a pass that finds little looks at this many windows: the walk's
+#: rate where nothing is missing (a pass every interval).
+WINDOWS_PER_PASS = 10
 #: Intervals a server not chosen for a copy waits before it looks again
 #: (and copies anyway if the chosen ones have not).
 DEFER_INTERVALS = 3
@@ -130,6 +142,12 @@ class Replicator(Service):
         self._copies = DeferredSemaphore(concurrency)
         self._loop = Periodic(f"replication on {node.name}", self.sweep, interval, clock)
         self._cursor = 0
+        # Where the next page of the replication queue starts.
+        self._queued = 0
+        # Whether the walk reached the last file since it last started, and
+        # whether it is yet to resume where this server's copies end.
+        self._walked = False
+        self._resume = True
         # The lowest cursor a notification asked for during the pass under
         # way, which the pass's own move of the cursor must not undo.
         self._heardBelow: int | None = None
@@ -300,10 +318,11 @@ class Replicator(Service):
         servers = node.servers
         now = self._clock.seconds()
         uncounted = {s.name for s in servers.values() if s.state in UNCOUNTED_STATES}
-        if now >= self._rescanAt or uncounted - self._uncounted:
-            # Time for the periodic look, or copies stopped counting (a
-            # server drains or died): their files may need copies here.
-            self._cursor, self._rescanAt = 0, now + RESCAN
+        if (now >= self._rescanAt and self._walked) or uncounted - self._uncounted:
+            # Time for the periodic look (once the last one is over), or
+            # copies stopped counting (a server drains or died): their
+            # files may need copies here.
+            self._cursor, self._rescanAt, self._walked = 0, now + RESCAN, False
         if uncounted - self._uncounted:
             for retry in self.retries.values():
                 retry.due = min(retry.due, now)
@@ -312,7 +331,7 @@ class Replicator(Service):
         work: list[FileInfo] = []
         due = sorted(i for i, retry in self.retries.items() if retry.due <= now)
         for file_id in due[: self._batch]:
-            found = await node.store.missing_replicas(me, file_id - 1, 1)
+            found = await node.store.missing_replicas(me, file_id - 1, 1, file_id)
             if found and found[0].id == file_id:
                 # A second look: copy if still short, whoever was picked.
                 decision = await self._decide(found[0], wanted)
@@ -323,16 +342,56 @@ class Replicator(Service):
             else:
                 # Copied, deleted or purged since.
                 del self.retries[file_id]
-        # The last file stored before the page is read: if the page is short,
-        # nothing up to it is missing and the next pass can start there, so
-        # that a pass with nothing to do costs the same at any number of
-        # files.  A file below it committed later (PostgreSQL) is notified,
-        # and its notification moves the cursor back (L{_heard}).
+        queued = await node.store.queued_files(me, self._queued, self._batch)
+        await self._consider(queued, wanted, work, now)
+        self._queued = queued[-1].id if len(queued) == self._batch else 0
+        # The last file stored before the walk's pages are read: if a page is
+        # short, nothing up to its window's end is missing.  A file below it
+        # committed later (PostgreSQL) is notified, and its notification
+        # moves the cursor back (L{_heard}).
         self._heardBelow = None
         high = await node.store.max_file_id()
-        page = await node.store.missing_replicas(me, self._cursor, self._batch)
+        if self._resume:
+            # After a restart, not from id 0: a backfill cut short goes on
+            # where its copies end, and a server holding everything does
+            # not walk it all again at once (the hourly walk will).
+            self._resume = False
+            self._cursor = max(self._cursor, await node.store.max_held(me))
+        cursor = self._cursor
+        full = False
+        for _ in range(WINDOWS_PER_PASS):
+            if cursor >= high:
+                self._walked = True
+                break
+            upto = min(cursor + WINDOW, high)
+            page = await node.store.missing_replicas(me, cursor, self._batch, upto)
+            await self._consider(page, wanted, work, now)
+            if len(page) == self._batch:
+                cursor, full = max(cursor, page[-1].id), True
+                break
+            cursor = upto
+        results = await gatherResults(
+            [self._copies.run(lambda info=info: ensureDeferred(self._copy(info))) for info in work]
+        )
+        if self._heardBelow is not None and self._heardBelow < cursor:
+            # Heard of during this pass: the page may not have had it.
+            cursor = self._heardBelow
+            self._again = True
+        self._cursor = cursor
+        if full or len(queued) == self._batch or len(due) > self._batch:
+            self._again = True
+        return sum(results)
+
+    async def _consider(
+        self, page: list[FileInfo], wanted: dict[str, int | None], work: list[FileInfo], now: float
+    ) -> None:
+        """
+        Decide about each file of C{page}, which this server lacks: into
+        C{work} if it is to copy it now, into the retries if others are to
+        copy it first, off the replication queue if it has its copies.
+        """
         for info in page:
-            if info.id in self.retries:
+            if info.id in self.retries or any(w.id == info.id for w in work):
                 continue
             decision = await self._decide(info, wanted)
             if decision is Decision.COPY:
@@ -340,20 +399,8 @@ class Replicator(Service):
             elif decision is Decision.DEFER:
                 delay = self._interval * DEFER_INTERVALS
                 self.retries[info.id] = Retry(now + delay, 0, deferred=True)
-        results = await gatherResults(
-            [self._copies.run(lambda info=info: ensureDeferred(self._copy(info))) for info in work]
-        )
-        cursor = max(self._cursor, page[-1].id) if page else self._cursor
-        if len(page) < self._batch:
-            cursor = max(cursor, high)
-        if self._heardBelow is not None and self._heardBelow < cursor:
-            # Heard of during this pass: the page may not have had it.
-            cursor = self._heardBelow
-            self._again = True
-        self._cursor = cursor
-        if len(page) == self._batch or len(due) > self._batch:
-            self._again = True
-        return sum(results)
+            else:
+                await self._node.store.settle(info.id)
 
     async def _decide(self, info: FileInfo, wanted: dict[str, int | None]) -> Decision:
         """
@@ -593,21 +640,14 @@ class Scrubber(Service):
         step = max(1, min(CHUNK_SIZE, int(self.rate)))
         reason = None
         try:
-            await reader.open()
-            while not self._stopping:
-                chunk = await reader.read(step)
-                if not chunk:
-                    break
-                self.bytes_checked += len(chunk)
-                await self._sleep(len(chunk) / self.rate)
-            else:
+            if info.size <= step:
+                await self._check_whole(reader, info, step)
+            elif not await self._check_chunks(reader, step):
                 return
         except NotFound:
             reason = "missing from disk"
         except CorruptReplica as e:
             reason = str(e)
-        finally:
-            await reader.close()
         self.files_checked += 1
         if reason is None:
             return
@@ -619,3 +659,35 @@ class Scrubber(Service):
         self.bad += 1
         self.last_bad = f"{info.fid} ({info.key!r}): {reason}"
         await node.replica_failed(info, f"scrub: {reason}")
+
+    async def _check_whole(self, reader: Reader, info: FileInfo, step: int) -> None:
+        """
+        A file of one step (most files, in a store of small ones): opened,
+        read, verified and closed in one thread job instead of four (open,
+        the read, the read that finds the end, close), each a hand-off the
+        server's requests wait behind.
+        """
+        size, data = await reader.read_whole(step)
+        if data is None:
+            raise CorruptReplica(
+                ErrorCode.CORRUPT, f"{info.path} has {size} bytes, not {info.size}"
+            )
+        self.bytes_checked += len(data)
+        await self._sleep(len(data) / self.rate)
+
+    async def _check_chunks(self, reader: Reader, step: int) -> bool:
+        """
+        A larger file, a step at a time at the rate: True once read
+        through, False if the scrub stopped first.
+        """
+        try:
+            await reader.open()
+            while not self._stopping:
+                chunk = await reader.read(step)
+                if not chunk:
+                    return True
+                self.bytes_checked += len(chunk)
+                await self._sleep(len(chunk) / self.rate)
+            return False
+        finally:
+            await reader.close()

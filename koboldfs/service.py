@@ -35,6 +35,8 @@ from koboldfs.replicator import Replicator, Scrubber
 from koboldfs.status import Status
 from koboldfs.storage import Storage
 from koboldfs.txnhandler import TransactionSweeper, sweep_interval
+from koboldfs.s3access import StaticCredentials, read_credentials_file
+from koboldfs.s3web import make_s3_site
 from koboldfs.web import guarded, make_site
 
 log = Logger()
@@ -262,6 +264,19 @@ class KoboldService(MultiService):
             with_backlog(config.http, config.backlog),
             guarded(self.node, make_site(self.node, self.status, self.metrics)),
         )
+        self._listeners: list[_Listener] = [self.binary, self.http]
+        self.s3: _Listener | None = None
+        if config.s3 != "none":
+            credentials = (
+                read_credentials_file(config.s3_credentials)
+                if config.s3_credentials
+                else StaticCredentials()
+            )
+            site = make_s3_site(
+                self.node, credentials, config.s3_region, config.s3_domain, self.metrics
+            )
+            self.s3 = _listener("s3", reactor, config.s3, guarded(self.node, site))
+            self._listeners.append(self.s3)
         self._data = _DataService(self.storage, self.store)
         #: The stages of start, in order; stop goes back through them.
         self._base: list[Service] = [
@@ -269,7 +284,6 @@ class KoboldService(MultiService):
             self._data,
             _PeersService(self.peers),
         ]
-        self._listeners: list[_Listener] = [self.binary, self.http]
         self._background: list[Service] = [
             self.heartbeat,
             self.space,
@@ -347,8 +361,8 @@ class KoboldService(MultiService):
             return  # stopped while starting
         # Only now: a server that answers is registered, so the others'
         # puts can find it, and knows its peers, so its own puts find them.
-        for listening in (port, http):
-            self.reactor.addReader(listening)
+        for listener in self._listeners:
+            self.reactor.addReader(await listener.listening)
         for service in self._background:
             service.startService()
         if not self.node.open and not config.cluster_secrets:

@@ -24,7 +24,7 @@ class Options(usage.Options):
     longdesc = (
         "Run a KoboldFS server.  With no options: one server on the embedded default, "
         "SQLite metadata and files under ./koboldfs-data, the binary protocol on "
-        "127.0.0.1:9876 and HTTP on 127.0.0.1:9877."
+        "127.0.0.1:9876 and HTTP on 127.0.0.1:9877, S3 on 127.0.0.1:9878."
     )
     optParameters = [
         ["config", "c", None, "ini file whose [koboldfs] section sets any option below"],
@@ -33,6 +33,31 @@ class Options(usage.Options):
         ["data", "d", None, f"storage root [default: {DEFAULTS['data']}]"],
         ["listen", "l", None, f"binary protocol endpoint [default: {DEFAULTS['listen']}]"],
         ["http", None, None, f"HTTP endpoint [default: {DEFAULTS['http']}]"],
+        [
+            "s3",
+            None,
+            None,
+            f"S3 endpoint, or none [default: {DEFAULTS['s3']}]",
+        ],
+        [
+            "s3-region",
+            None,
+            None,
+            f"the region S3 signatures are scoped to [default: {DEFAULTS['s3_region']}]",
+        ],
+        [
+            "s3-domain",
+            None,
+            None,
+            "domain for virtual-hosted style S3 (BUCKET.DOMAIN); path style is always taken",
+        ],
+        [
+            "s3-credentials",
+            None,
+            None,
+            "file of S3 credentials, one a line: ACCESS_KEY SECRET GRANT... (NAMESPACE:rw,"
+            " NAMESPACE:ro, *:rw for every bucket)",
+        ],
         ["public-url", None, None, "base URL get_url hands out [default: the HTTP endpoint]"],
         ["db", None, None, "metadata database URL [default: sqlite:///DATA/metadata.sqlite]"],
         ["heartbeat", None, None, f"seconds between heartbeats [default: {DEFAULTS['heartbeat']}]"],

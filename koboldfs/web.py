@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocolNegotiationFactory, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
@@ -96,7 +96,7 @@ def _etag_matches(header: bytes, etag: bytes) -> bool:
 
 
 @implementer(IPushProducer, IBodySink)
-class _ResponseSink:
+class ResponseSink:
     """
     A response body the core's body source writes into, paced by the
     client: the connection pauses and resumes it, and a write returns a
@@ -253,7 +253,7 @@ class FileResource(Resource):
             if not _gone(request):
                 request.finish()
             return
-        sink = _ResponseSink(request)
+        sink = ResponseSink(request)
         request.registerProducer(sink, True)
         try:
             await body.send(sink)
@@ -417,11 +417,23 @@ class _Guard(ProtocolWrapper):
         super().connectionLost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
+class _GuardedFactory(WrappingFactory):
+    """
+    Says over TLS (ALPN) that it speaks HTTP/1.1: a factory that says
+    nothing makes Twisted fail the handshake of every client that asks
+    (curl, browsers, boto3) with an internal error alert.
+    """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
 def guarded(node: INode, site: Site) -> WrappingFactory:
     """
     C{site} held to the server's connection limits and timeouts.
     """
-    factory = WrappingFactory(site)
+    factory = _GuardedFactory(site)
     factory.protocol = lambda wrapping, wrapped: _Guard(wrapping, wrapped, node)
     return factory
 

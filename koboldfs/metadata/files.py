@@ -19,7 +19,15 @@ from sqlalchemy import delete as sql_delete
 
 from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.metadata.namespaces import NAMESPACE_COLUMNS, ensure_namespace, get_namespace
-from koboldfs.metadata.schema import files, namespaces, replicas
+from koboldfs.metadata.schema import (
+    QUEUE_ALL_SERVER_FILES,
+    QUEUED,
+    SHORT,
+    copy_queue,
+    files,
+    namespaces,
+    replicas,
+)
 from koboldfs.metadata.servers import DEAD_SERVERS
 from koboldfs.metadata.units import Query, Unit, reader, record, writer
 from koboldfs.names import key_upper_bound
@@ -129,11 +137,27 @@ _QUARANTINE_SERVER = (
     .values(state="quarantined")
 )
 
+# The replication queue (schema.copy_queue), kept with the rows.
+_THIS_FILE = files.c.id == bindparam("b_file_id")
+_IN_NAMESPACE = files.join(namespaces, namespaces.c.id == files.c.namespace_id)
+_QUEUE_IF_SHORT = insert(copy_queue).from_select(
+    ["file_id"],
+    select(files.c.id).select_from(_IN_NAMESPACE).where(_THIS_FILE, LIVE, SHORT, ~QUEUED),
+)
+_SETTLE = sql_delete(copy_queue).where(
+    copy_queue.c.file_id == bindparam("b_file_id"),
+    ~select(files.c.id).select_from(_IN_NAMESPACE).where(_THIS_FILE, LIVE, SHORT).exists(),
+)
+_UNQUEUE = sql_delete(copy_queue).where(copy_queue.c.file_id == bindparam("b_file_id"))
+
 _HELD_AT_ALL = select(replicas.c.file_id).where(replicas.c.file_id == files.c.id).exists()
 _FORGET_DEAD_COPIES = sql_delete(replicas).where(
     replicas.c.file_id == bindparam("b_file_id"),
     replicas.c.server.in_(DEAD_SERVERS),
     replicas.c.file_id.in_(select(files.c.id).where(files.c.id == bindparam("b_file_id"), DELETED)),
+)
+_UNQUEUE_DELETED = sql_delete(copy_queue).where(
+    copy_queue.c.file_id.in_(select(files.c.id).where(_THIS_FILE, DELETED))
 )
 _PURGE_FILE = sql_delete(files).where(files.c.id == bindparam("b_file_id"), DELETED, ~_HELD_AT_ALL)
 
@@ -208,7 +232,18 @@ def new_file(
     file_id: int = out.rows[0][0]
     for server, since in holders:
         yield Query(_INSERT_REPLICA, {"b_file_id": file_id, "b_server": server, "b_now": since})
+    if state == "live":
+        yield from queue_if_short(file_id)
     return file_id
+
+
+def queue_if_short(file_id: int) -> Unit[None]:
+    """
+    A step: live file C{file_id} into the replication queue if it is short
+    of copies (and not queued yet).  A concurrent writer queueing it too
+    makes one of them fail on the key, and its driver retry.
+    """
+    yield Query(_QUEUE_IF_SHORT, {"b_file_id": file_id})
 
 
 def discard_pending(file_id: int, now: float) -> Unit[None]:
@@ -224,6 +259,7 @@ def forget_file(file_id: int) -> Unit[None]:
     A step: the rows of file C{file_id} and of its copies gone, as when a
     pending file is published again under a new id.
     """
+    yield Query(_UNQUEUE, {"b_file_id": file_id})
     yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
     yield Query(_FORGET_FILE, {"b_file_id": file_id})
 
@@ -371,7 +407,17 @@ def add_replica(file_id: int, server: str, now: float) -> Unit[bool]:
     out = yield Query(_MARK_REPLICA_OK, replica)
     if out.rowcount == 0:
         yield Query(_INSERT_REPLICA, {**replica, "b_now": now})
+    yield Query(_SETTLE, {"b_file_id": file_id})
     return True
+
+
+@writer
+def settle(file_id: int) -> Unit[None]:
+    """
+    Take file C{file_id} off the replication queue unless it is still a
+    live file short of copies: a replicator found it had enough.
+    """
+    yield Query(_SETTLE, {"b_file_id": file_id})
 
 
 @writer
@@ -380,6 +426,8 @@ def remove_replica(file_id: int, server: str) -> Unit[bool]:
     Forget C{server}'s copy of file C{file_id}; return whether it had one.
     """
     out = yield Query(_DELETE_REPLICA, {"b_file_id": file_id, "b_server": server})
+    if out.rowcount > 0:
+        yield from queue_if_short(file_id)
     return out.rowcount > 0
 
 
@@ -391,6 +439,8 @@ def quarantine_replica(file_id: int, server: str) -> Unit[bool]:
     it good).  Return whether there was such a copy.
     """
     out = yield Query(_QUARANTINE, {"b_file_id": file_id, "b_server": server})
+    if out.rowcount > 0:
+        yield from queue_if_short(file_id)
     return out.rowcount > 0
 
 
@@ -400,6 +450,8 @@ def quarantine_server(server: str) -> Unit[int]:
     Mark every good copy on C{server} bad, as after its disk was lost:
     its replicator makes them all again.  Return how many there were.
     """
+    # Queued while they are still its good copies (the index's).
+    yield Query(QUEUE_ALL_SERVER_FILES, {"b_server": server})
     out = yield Query(_QUARANTINE_SERVER, {"b_server": server})
     return out.rowcount
 
@@ -415,5 +467,6 @@ def purge_file(file_id: int) -> Unit[bool]:
     nobody will reclaim them.
     """
     yield Query(_FORGET_DEAD_COPIES, {"b_file_id": file_id})
+    yield Query(_UNQUEUE_DELETED, {"b_file_id": file_id})
     out = yield Query(_PURGE_FILE, {"b_file_id": file_id})
     return out.rowcount > 0

@@ -4,25 +4,31 @@ admin status} and C{fsck}, and the servers' status pages.  Written as
 units (L{koboldfs.metadata.units}), and run by every store the same
 way.
 
-These count over every live file: for an operator's look (or a status page
-that caches them), never for a request's path.
+The counts are kept by triggers with the rows (schema.file_counts) and the
+short files are found through the replication queue, so reading them costs
+the same at any number of files; C{live_files} walks every file, in pages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, case, func, literal_column, or_, select
+from sqlalchemy import bindparam, case, func, select
 
 from koboldfs.interfaces import FileInfo, ServerState
 from koboldfs.metadata.files import LIVE
-from koboldfs.metadata.schema import files, namespaces, replicas, servers
+from koboldfs.metadata.schema import (
+    ANY_GOOD,
+    GOOD_COUNTED,
+    WANTED,
+    copy_queue,
+    file_counts,
+    files,
+    namespaces,
+    servers,
+)
 from koboldfs.metadata.sweeps import files_page, grouped
 from koboldfs.metadata.units import Query, Unit, reader
-from koboldfs.placement import COUNTED_STATES
-
-#: Server states whose copies count towards a namespace's replica count.
-_COUNTED = COUNTED_STATES
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class Health:
     @ivar deleted: deleted files whose copies are still to be reclaimed.
     @ivar quarantined: copies found bad or missing and set aside, not yet
         made again.
+    @ivar queued: files in the replication queue (that may be short).
     """
 
     files: int = 0
@@ -50,37 +57,25 @@ class Health:
     deleted: int = 0
     quarantined: int = 0
     oldest_short: float | None = None
+    queued: int = 0
 
 
-_GOOD = (
-    select(func.count())
-    .select_from(replicas.join(servers, servers.c.name == replicas.c.server))
-    .where(
-        replicas.c.file_id == files.c.id,
-        replicas.c.state == literal_column("'ok'"),
-        # Literals: the PostgreSQL driver takes no expanding IN parameter.
-        or_(*(servers.c.state == literal_column(f"'{state}'") for state in _COUNTED)),
-    )
-    .scalar_subquery()
-)
-_ANY_GOOD = (
-    select(func.count())
-    .select_from(replicas)
-    .where(replicas.c.file_id == files.c.id, replicas.c.state == literal_column("'ok'"))
-    .scalar_subquery()
-)
-# Each live file's wanted and good copies, computed once per file; the
-# totals are taken over this (a correlated subquery named three times in
-# the aggregate would run three times per file).
+# Each queued live file's wanted and good copies (the queue holds every
+# file short for a reason other than a server joining: see health), so
+# these cost in proportion to the queue, not to the files.
 _PER_FILE = (
     select(
-        files.c.size.label("size"),
+        files.c.namespace_id.label("namespace_id"),
         files.c.created.label("created"),
-        func.coalesce(namespaces.c.replicas, bindparam("b_alive")).label("wanted"),
-        _GOOD.label("good"),
-        _ANY_GOOD.label("any_good"),
+        WANTED.label("wanted"),
+        GOOD_COUNTED.label("good"),
+        ANY_GOOD.label("any_good"),
     )
-    .select_from(files.join(namespaces, namespaces.c.id == files.c.namespace_id))
+    .select_from(
+        copy_queue.join(files, files.c.id == copy_queue.c.file_id).join(
+            namespaces, namespaces.c.id == files.c.namespace_id
+        )
+    )
     .where(LIVE)
     # Keeps SQLite from flattening the subquery back into the aggregate
     # (it renders as LIMIT -1 OFFSET 0 there; an optimisation fence on
@@ -89,54 +84,83 @@ _PER_FILE = (
     .subquery("per_file")
 )
 _SHORT = _PER_FILE.c.good < _PER_FILE.c.wanted
-_ALIVE_SERVERS = (
-    select(func.count()).select_from(servers).where(servers.c.state == ServerState.ALIVE.value)
-)
-_LIVE_TOTALS = select(
+_QUEUE_TOTALS = select(
+    _PER_FILE.c.namespace_id,
     func.count(),
-    func.coalesce(func.sum(_PER_FILE.c.size), 0),
     func.coalesce(func.sum(case((_SHORT, 1), else_=0)), 0),
     func.coalesce(func.sum(case((_SHORT, _PER_FILE.c.wanted - _PER_FILE.c.good), else_=0)), 0),
     func.coalesce(func.sum(case((_PER_FILE.c.any_good == 0, 1), else_=0)), 0),
     func.min(case((_SHORT, _PER_FILE.c.created), else_=None)),
-)
-_DELETED_COUNT = (
-    select(func.count()).select_from(files).where(files.c.state == literal_column("'deleted'"))
-)
-_QUARANTINED_COUNT = (
-    select(func.count())
-    .select_from(replicas)
-    .where(replicas.c.state == literal_column("'quarantined'"))
-)
+).group_by(_PER_FILE.c.namespace_id)
+# A few hundred rows: namespaces x (servers + 1) x stripes.
+_COUNTS = select(
+    file_counts.c.namespace_id,
+    file_counts.c.server,
+    func.sum(file_counts.c.files),
+    func.sum(file_counts.c.bytes),
+    func.sum(file_counts.c.deleted),
+    func.sum(file_counts.c.quarantined),
+).group_by(file_counts.c.namespace_id, file_counts.c.server)
+_NAMESPACE_COUNTS = select(namespaces.c.id, namespaces.c.replicas)
+_ALIVE_NAMES = select(servers.c.name).where(servers.c.state == ServerState.ALIVE.value)
 _NAMESPACE_IS = files.c.namespace_id == (
     select(namespaces.c.id).where(namespaces.c.name == bindparam("b_namespace")).scalar_subquery()
 )
 _LIVE_FILES = files_page(LIVE, good_only=True)
 _LIVE_FILES_IN = files_page(LIVE, _NAMESPACE_IS, good_only=True)
 _FILES_HELD = (
-    select(replicas.c.server, func.count())
-    .select_from(replicas.join(files, files.c.id == replicas.c.file_id))
-    .where(replicas.c.state == "ok", LIVE)
-    .group_by(replicas.c.server)
+    select(file_counts.c.server, func.sum(file_counts.c.files))
+    .where(file_counts.c.server != "")
+    .group_by(file_counts.c.server)
 )
 
 
 @reader
 def health() -> Unit[Health]:
     """
-    The counts of L{Health}, in one database transaction.
+    The counts of L{Health}, in one database transaction, without reading
+    the files: their counts are the triggers' (schema.file_counts), and
+    the files short of copies are found in the replication queue.
+
+    The queue holds every file that a change made short, but not those
+    that are short because a server joined (or came back) and lacks
+    them, in a namespace that wants a copy on every alive server: for
+    those, each alive server's shortfall, from the counts (its good
+    copies against the namespace's files), is a floor (exact while one
+    server at a time catches up).  Its backfill copies them.
     """
-    out = yield Query(_ALIVE_SERVERS)
-    alive = out.rows[0][0]
-    out = yield Query(_LIVE_TOTALS, {"b_alive": alive})
-    *counts, oldest = out.rows[0]
-    count, size, short, missing, lost = (int(v or 0) for v in counts)
-    out = yield Query(_DELETED_COUNT)
-    deleted = out.rows[0][0]
-    out = yield Query(_QUARANTINED_COUNT)
-    quarantined = out.rows[0][0]
-    oldest = None if oldest is None else float(oldest)
-    return Health(count, size, short, missing, lost, deleted, quarantined, oldest)
+    out = yield Query(_ALIVE_NAMES)
+    alive = {name for (name,) in out.rows}
+    out = yield Query(_NAMESPACE_COUNTS)
+    wanted = dict(out.rows)
+    out = yield Query(_COUNTS)
+    count = size = deleted = quarantined = 0
+    held: dict[int, dict[str, int]] = {}
+    in_namespace: dict[int, int] = {}
+    for namespace_id, server, n, b, d, q in out.rows:
+        if server == "":
+            count, size, deleted = count + int(n), size + int(b), deleted + int(d)
+            in_namespace[namespace_id] = int(n)
+        else:
+            held.setdefault(namespace_id, {})[server] = int(n)
+            quarantined += int(q)
+    out = yield Query(_QUEUE_TOTALS)
+    queued = short = missing = lost = 0
+    oldest: float | None = None
+    queue = {row[0]: row[1:] for row in out.rows}
+    for namespace_id in set(queue) | set(in_namespace):
+        n_queued, n_short, n_missing, n_lost, first = queue.get(namespace_id, (0, 0, 0, 0, None))
+        queued, lost = queued + int(n_queued), lost + int(n_lost)
+        if first is not None:
+            oldest = float(first) if oldest is None else min(oldest, float(first))
+        if wanted.get(namespace_id, 0) is None and alive:
+            lacking = [
+                max(0, in_namespace.get(namespace_id, 0) - held.get(namespace_id, {}).get(s, 0))
+                for s in alive
+            ]
+            n_short, n_missing = max(int(n_short), max(lacking)), max(int(n_missing), sum(lacking))
+        short, missing = short + int(n_short), missing + int(n_missing)
+    return Health(count, size, short, missing, lost, deleted, quarantined, oldest, queued)
 
 
 @reader
@@ -158,8 +182,8 @@ def live_files(namespace: str | None, after: int, limit: int) -> Unit[list[FileI
 def files_held() -> Unit[dict[str, int]]:
     """
     How many live files each server holds a good copy of, by server name;
-    servers holding none are left out.  One pass over the replicas: for an
-    operator's listing, not for a hot path.
+    servers holding none are left out.  From the counts (a few hundred
+    rows), not the replicas.
     """
     out = yield Query(_FILES_HELD)
-    return {server: count for server, count in out.rows}
+    return {server: int(count) for server, count in out.rows if count}

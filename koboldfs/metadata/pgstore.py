@@ -99,6 +99,36 @@ DEAD_PEER_DEFAULTS = {
 }
 
 
+#: The URL parameter (KoboldFS's, taken out before libpq sees the URL) that
+#: turns LISTEN off: C{?kobold_listen=off}, for databases that have no
+#: LISTEN/NOTIFY (CockroachDB) or poolers that break it (PgBouncer in
+#: transaction mode).  Other servers' changes are then found by polling:
+#: each replicator pass reads the replication queue and the walk's next
+#: window (docs/scale.md).
+LISTEN_PARAM = "kobold_listen"
+_OFF = ("off", "0", "false", "no")
+
+
+def listen_option(url: str) -> tuple[str, bool]:
+    """
+    C{url} without L{LISTEN_PARAM}, and whether it asks for LISTEN (the
+    default).
+
+    @raise ValueError: the parameter has a value other than on or off.
+    """
+    base, mark, query = url.partition("?")
+    listen, kept = True, []
+    for param in query.split("&") if mark else []:
+        name, _, value = param.partition("=")
+        if name != LISTEN_PARAM:
+            kept.append(param)
+        elif value.lower() in _OFF:
+            listen = False
+        elif value.lower() not in ("on", "1", "true", "yes"):
+            raise ValueError(f"{LISTEN_PARAM}={value!r}: use on or off")
+    return base + ("?" + "&".join(kept) if kept else ""), listen
+
+
 def libpq_dsn(url: str) -> str:
     """
     The libpq connection string for database URL C{url}, parsed by libpq
@@ -215,6 +245,7 @@ class PostgresStore(MetadataStore):
         """
         super().__init__(reactor)
         self.url = hide_password(url)
+        url, self.listening = listen_option(url)
         self._dsn = libpq_dsn(url)
         self._poolSize = poolSize
         # Tells this store's notifications from other stores' in LISTEN.
@@ -254,8 +285,11 @@ class PostgresStore(MetadataStore):
         while True:
             try:
                 return await pool.runInteraction(self._interaction, work, notice)  # type: ignore[no-any-return]
-            except psycopg2.IntegrityError:
-                # A race lost on a unique index: see units.
+            except (psycopg2.IntegrityError, psycopg2.extensions.TransactionRollbackError):
+                # A race lost on a unique index (see units), or a deadlock
+                # or serialization failure PostgreSQL rolled back: counters'
+                # rows (schema.file_counts) are locked in the order files
+                # change, which two multi-file units may differ on.
                 if attempt == units.ATTEMPTS:
                     raise
                 attempt += 1
@@ -308,14 +342,14 @@ class PostgresStore(MetadataStore):
         """
         cooperator = Cooperator(scheduler=lambda work: self._reactor.callLater(0, work))
         pool = PgPool(self._reactor, cooperator, self._dsn, self._poolSize)
-        listener = new_connection(self._reactor, cooperator)
-        connections = [*pool.connections, listener]
+        listener = new_connection(self._reactor, cooperator) if self.listening else None
+        connections = [*pool.connections, *([listener] if listener is not None else [])]
         results = await DeferredList(
             [connection.connect(self._dsn) for connection in connections],
             consumeErrors=True,
         )
         errors = [result for ok, result in results if not ok]
-        if not errors:
+        if not errors and listener is not None:
             listener.addNotifyObserver(self._heard)
 
             def listen() -> Deferred[None]:

@@ -9,6 +9,8 @@ default BINARY collation, and collation "C" on PostgreSQL.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -21,17 +23,28 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    case,
+    delete,
+    exists,
     false,
+    func,
     insert,
+    literal,
+    literal_column,
     select,
+    update,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
 
 from koboldfs.metadata.units import Query, Unit, writer
+from koboldfs.placement import UNCOUNTED_STATES
 
 #: Bumped with every change to the tables below; the store upgrades older
-#: schemas at start.
-SCHEMA_VERSION = 1
+#: schemas at start.  2: file_counts and its triggers, copy_queue, and
+#: replicas_server_good instead of replicas_server_file (docs/scale.md).
+SCHEMA_VERSION = 2
 
 #: A 64-bit id that still autoincrements on SQLite (only INTEGER does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -103,7 +116,53 @@ replicas = Table(
     Column("state", String(16), nullable=False),
     Column("created", Float, nullable=False),
 )
-Index("replicas_server_file", replicas.c.server, replicas.c.file_id)
+#: A good copy.  A literal, not a parameter, so that the planners see that
+#: a query's condition implies replicas_server_good's.
+GOOD = replicas.c.state == literal_column("'ok'")
+# A server's good copies, by file id: what its replicator and scrubber page
+# through and probe (index-only).  Version 1 had replicas_server_file, on
+# every copy; the copies that are not good are few, and are found by file.
+Index(
+    "replicas_server_good",
+    replicas.c.server,
+    replicas.c.file_id,
+    sqlite_where=GOOD,
+    postgresql_where=GOOD,
+)
+
+# The operators' counts, kept by triggers on files and replicas (below) in
+# the same database transaction as every change to their rows, whoever
+# writes them: health reads a few hundred rows, never the files.  One row
+# per namespace, server and stripe: server '' counts the namespace's files
+# (files, bytes: live; deleted: deleted, their copies to reclaim), a
+# server's row its copies (files, bytes: good copies of live files;
+# deleted: copies of deleted files still to reclaim; quarantined: copies
+# set aside).  Stripes (a file's id & STRIPE_MASK) spread concurrent puts
+# of one namespace over rows, so that they do not queue on one row lock.
+STRIPES = 16
+file_counts = Table(
+    "file_counts",
+    metadata,
+    Column("namespace_id", Integer, primary_key=True),
+    Column("server", String(64), primary_key=True),
+    Column("stripe", Integer, primary_key=True),
+    Column("files", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("deleted", BigInteger, nullable=False),
+    Column("quarantined", BigInteger, nullable=False),
+)
+
+# Live files that may be short of copies (docs/replication.md): a row is
+# added in the database transaction of every change that can make a file
+# short (a put or publish with too few copies, a copy removed or set aside,
+# a server draining or dead), and removed once a look finds the file has
+# its copies, or at its purge.  The replicators read it by id, so work is
+# found in time proportional to the work.
+copy_queue = Table(
+    "copy_queue",
+    metadata,
+    Column("file_id", BigId, ForeignKey("files.id"), primary_key=True),
+)
 
 # Client keys of a namespace (docs/security.md): only SHA-256 of the
 # client's derived key is kept, never the key.  Added after version 1
@@ -163,6 +222,274 @@ txn_keys = Table(
 )
 
 
+# -- file_counts, kept by triggers ------------------------------------------------
+#
+# Each trigger adds what a row changed to its counters: a file row counts
+# in its namespace's row (server ''), a replica row in its server's row,
+# both in the file's stripe.  Written once for both databases (upserts,
+# CASE, &); PostgreSQL runs them from PL/pgSQL functions, SQLite from one
+# trigger per event.
+
+STRIPE_MASK = STRIPES - 1
+_INTO_COUNTS = (
+    "INSERT INTO file_counts (namespace_id, server, stripe, files, bytes, deleted, quarantined) "
+)
+_ADD_TO_COUNTS = (
+    " ON CONFLICT (namespace_id, server, stripe) DO UPDATE SET"
+    " files = file_counts.files + excluded.files,"
+    " bytes = file_counts.bytes + excluded.bytes,"
+    " deleted = file_counts.deleted + excluded.deleted,"
+    " quarantined = file_counts.quarantined + excluded.quarantined"
+)
+
+
+def _is(row: str, column: str, value: str) -> str:
+    return f"(CASE WHEN {row}.{column} = '{value}' THEN 1 ELSE 0 END)"
+
+
+def _good_live(replica: str, file: str) -> str:
+    return f"(CASE WHEN {replica}.state = 'ok' AND {file}.state = 'live' THEN 1 ELSE 0 END)"
+
+
+def _file_change(new: str | None, old: str | None) -> list[str]:
+    """
+    The statements counting a file row's change from C{old} to C{new}
+    (OLD, NEW, or None when there is none: an insert or a delete).
+    """
+
+    def net(term: Any) -> str:
+        parts = [term(new) if new else "0", term(old) if old else "0"]
+        return f"({parts[0]} - {parts[1]})"
+
+    row = new or old
+    own = (
+        f"{_INTO_COUNTS}SELECT {row}.namespace_id, '', {row}.id & {STRIPE_MASK}, "
+        f"{net(lambda f: _is(f, 'state', 'live'))}, "
+        f"{net(lambda f: _is(f, 'state', 'live'))} * {row}.size, "
+        f"{net(lambda f: _is(f, 'state', 'deleted'))}, 0 WHERE true{_ADD_TO_COUNTS}"
+    )
+    if new is None or old is None:
+        # A file's replicas are inserted after it and deleted before it.
+        return [own]
+    copies = (
+        f"{_INTO_COUNTS}SELECT {row}.namespace_id, r.server, {row}.id & {STRIPE_MASK}, "
+        f"{net(lambda f: _good_live('r', f))}, {net(lambda f: _good_live('r', f))} * {row}.size, "
+        f"{net(lambda f: _is(f, 'state', 'deleted'))}, 0 "
+        f"FROM replicas r WHERE r.file_id = {row}.id{_ADD_TO_COUNTS}"
+    )
+    return [own, copies]
+
+
+def _replica_change(new: str | None, old: str | None) -> list[str]:
+    """
+    The statement counting a replica row's change from C{old} to C{new}.
+    """
+
+    def net(term: Any) -> str:
+        return f"({term(new) if new else '0'} - {term(old) if old else '0'})"
+
+    row = new or old
+    return [
+        f"{_INTO_COUNTS}SELECT f.namespace_id, {row}.server, f.id & {STRIPE_MASK}, "
+        f"{net(lambda r: _good_live(r, 'f'))}, {net(lambda r: _good_live(r, 'f'))} * f.size, "
+        f"{net(lambda r: _is('f', 'state', 'deleted'))}, "
+        f"{net(lambda r: _is(r, 'state', 'quarantined'))} "
+        f"FROM files f WHERE f.id = {row}.file_id{_ADD_TO_COUNTS}"
+    ]
+
+
+class Dialectal(ExecutableDDLElement):
+    """
+    A DDL statement written for each database, by dialect name; on a
+    database it names no text for, a statement that does nothing (units
+    know no dialect, so each database runs every one).
+    """
+
+    inherit_cache = False
+
+    def __init__(self, **by_dialect: str) -> None:
+        self.by_dialect = by_dialect
+
+
+@compiles(Dialectal)
+def _compile_dialectal(element: Dialectal, compiler: Any, **kw: Any) -> str:
+    return element.by_dialect.get(compiler.dialect.name, "SELECT 1")
+
+
+def _pg_function(name: str, change: Any, table: str) -> list[Dialectal]:
+    body = "; ".join(
+        [
+            f"IF TG_OP = 'INSERT' THEN {'; '.join(change('NEW', None))}",
+            f"ELSIF TG_OP = 'DELETE' THEN {'; '.join(change(None, 'OLD'))}",
+            "ELSIF NEW.state IS DISTINCT FROM OLD.state THEN " + "; ".join(change("NEW", "OLD")),
+        ]
+    )
+    return [
+        Dialectal(
+            postgresql=f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
+            f"AS $$ BEGIN {body}; END IF; RETURN NULL; END $$"
+        ),
+        Dialectal(
+            postgresql=f"CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR DELETE OR UPDATE OF "
+            f"state ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()"
+        ),
+    ]
+
+
+def _sqlite_triggers(name: str, change: Any, table: str) -> list[Dialectal]:
+    made = []
+    for event, new, old in (
+        ("INSERT", "NEW", None),
+        ("DELETE", None, "OLD"),
+        ("UPDATE OF state", "NEW", "OLD"),
+    ):
+        when = " WHEN OLD.state IS NOT NEW.state" if new and old else ""
+        statements = "".join(f"{sql}; " for sql in change(new, old))
+        made.append(
+            Dialectal(
+                sqlite=f"CREATE TRIGGER IF NOT EXISTS {name}_{event.split()[0].lower()} "
+                f"AFTER {event} ON {table} FOR EACH ROW{when} BEGIN {statements}END"
+            )
+        )
+    return made
+
+
+def count_triggers(dialect: str) -> list[Dialectal]:
+    """
+    The statements that make the triggers keeping file_counts, for
+    C{dialect} ("postgresql" or "sqlite").
+    """
+    make = _pg_function if dialect == "postgresql" else _sqlite_triggers
+    return [
+        *make("kobold_count_files", _file_change, "files"),
+        *make("kobold_count_replicas", _replica_change, "replicas"),
+    ]
+
+
+# The same counts, taken from every row at once: for a database made
+# before the triggers (the upgrade from version 1), and for bulk loads.
+_STRIPE = files.c.id.op("&")(literal_column(str(STRIPE_MASK)))
+
+
+def _flag(condition: Any) -> Any:
+    return case((condition, 1), else_=0)
+
+
+_LIVE_FLAG = _flag(files.c.state == "live")
+_DELETED_FLAG = _flag(files.c.state == "deleted")
+_GOOD_LIVE_FLAG = _flag((replicas.c.state == "ok") & (files.c.state == "live"))
+_COUNT_COLUMNS = ["namespace_id", "server", "stripe", "files", "bytes", "deleted", "quarantined"]
+RECOUNT = (
+    Query(delete(file_counts)),
+    Query(
+        insert(file_counts).from_select(
+            _COUNT_COLUMNS,
+            select(
+                files.c.namespace_id,
+                literal(""),
+                _STRIPE,
+                func.sum(_LIVE_FLAG),
+                func.sum(_LIVE_FLAG * files.c.size),
+                func.sum(_DELETED_FLAG),
+                literal(0),
+            ).group_by(files.c.namespace_id, _STRIPE),
+        )
+    ),
+    Query(
+        insert(file_counts).from_select(
+            _COUNT_COLUMNS,
+            select(
+                files.c.namespace_id,
+                replicas.c.server,
+                _STRIPE,
+                func.sum(_GOOD_LIVE_FLAG),
+                func.sum(_GOOD_LIVE_FLAG * files.c.size),
+                func.sum(_DELETED_FLAG),
+                func.sum(_flag(replicas.c.state == "quarantined")),
+            )
+            .select_from(replicas.join(files, files.c.id == replicas.c.file_id))
+            .group_by(files.c.namespace_id, replicas.c.server, _STRIPE),
+        )
+    ),
+)
+
+
+# -- what "short of copies" is, in SQL (koboldfs.placement says it in Python) ---
+
+#: Literals, not parameters: PostgreSQL's driver takes no expanding IN.
+_UNCOUNTED_SERVERS = select(servers.c.name).where(
+    servers.c.state.in_([literal_column(f"'{state}'") for state in UNCOUNTED_STATES])
+)
+#: A live file's good copies that count: on servers neither draining nor
+#: dead (one the metadata does not list counts, as in placement).
+GOOD_COUNTED = (
+    select(func.count())
+    .select_from(replicas)
+    .where(
+        replicas.c.file_id == files.c.id,
+        replicas.c.state == literal_column("'ok'"),
+        replicas.c.server.not_in(_UNCOUNTED_SERVERS),
+    )
+    # Its own replicas, even in a query that joins replicas itself.
+    .correlate_except(replicas)
+    .scalar_subquery()
+)
+ANY_GOOD = (
+    select(func.count())
+    .select_from(replicas)
+    .where(replicas.c.file_id == files.c.id, replicas.c.state == literal_column("'ok'"))
+    .correlate_except(replicas)
+    .scalar_subquery()
+)
+ALIVE_COUNT = (
+    select(func.count())
+    .select_from(servers)
+    .where(servers.c.state == literal_column("'alive'"))
+    .scalar_subquery()
+)
+#: The copies a file of the joined namespace wants: its count, or one on
+#: every alive server.
+WANTED = func.coalesce(namespaces.c.replicas, ALIVE_COUNT)
+#: A live file of the joined namespace is short of copies.
+SHORT = GOOD_COUNTED < WANTED
+# Not correlated with the copy_queue an INSERT writes into.
+QUEUED = exists().where(copy_queue.c.file_id == files.c.id).correlate_except(copy_queue)
+_FILES_IN_NAMESPACES = files.join(namespaces, namespaces.c.id == files.c.namespace_id)
+
+
+def _queue_server_files(*conditions: Any) -> Any:
+    return insert(copy_queue).from_select(
+        ["file_id"],
+        select(files.c.id)
+        .select_from(_FILES_IN_NAMESPACES.join(replicas, replicas.c.file_id == files.c.id))
+        .where(
+            replicas.c.server == bindparam("b_server"),
+            GOOD,
+            files.c.state == literal_column("'live'"),
+            ~QUEUED,
+            *conditions,
+        ),
+    )
+
+
+#: Every live file short of copies with a good copy on server C{b_server},
+#: not yet queued, into the queue: when the server's copies stopped
+#: counting (drain, dead).  In time proportional to its files.
+QUEUE_SERVER_FILES = _queue_server_files(SHORT)
+#: Every live file with a good copy on server C{b_server}, not yet queued,
+#: into the queue: before they are all set aside (quarantine_server).
+QUEUE_ALL_SERVER_FILES = _queue_server_files()
+#: Every live file short of copies, not yet queued, into the queue.
+QUEUE_SHORT = Query(
+    insert(copy_queue).from_select(
+        ["file_id"],
+        select(files.c.id)
+        .select_from(_FILES_IN_NAMESPACES)
+        .where(files.c.state == literal_column("'live'"), SHORT, ~QUEUED),
+    )
+)
+
+
 class NewerSchema(RuntimeError):
     """
     The database was created or upgraded by a newer KoboldFS: this code
@@ -187,6 +514,19 @@ _VERSION_TABLE = CreateTable(schema_version, if_not_exists=True)
 _SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
 _STORED_VERSION = select(schema_version.c.version)
 _INSERT_VERSION = insert(schema_version).values(version=SCHEMA_VERSION)
+_SET_VERSION = update(schema_version).values(version=SCHEMA_VERSION)
+_DROP_V1_INDEX = Query(
+    Dialectal(
+        postgresql="DROP INDEX IF EXISTS replicas_server_file",
+        sqlite="DROP INDEX IF EXISTS replicas_server_file",
+    )
+)
+# Both databases' triggers: each runs its own (and the other's as no-ops).
+_TRIGGERS = tuple(
+    Query(statement)
+    for dialect in ("postgresql", "sqlite")
+    for statement in count_triggers(dialect)
+)
 
 
 @writer
@@ -209,9 +549,19 @@ def create_schema() -> Unit[int]:
             f"the metadata database has schema version {stored}, but this "
             f"KoboldFS knows only up to {SCHEMA_VERSION}: upgrade KoboldFS"
         )
-    # Upgrades from older versions go here when SCHEMA_VERSION is bumped.
     for query in _SCHEMA_DDL:
         yield query
+    yield _DROP_V1_INDEX
+    for trigger in _TRIGGERS:
+        yield trigger
+    if stored is not None and stored < 2:
+        # Counters and queue from every row, once (O(files), under the
+        # store's schema lock): the triggers keep them from now on.
+        for query in RECOUNT:
+            yield query
+        yield QUEUE_SHORT
+        yield Query(_SET_VERSION)
+        stored = SCHEMA_VERSION
     if stored is None:
         yield Query(_INSERT_VERSION)
         stored = SCHEMA_VERSION

@@ -10,8 +10,9 @@ from dataclasses import fields, replace
 from sqlalchemy import bindparam, insert, literal_column, select, update
 
 from koboldfs.interfaces import ServerInfo, ServerState
-from koboldfs.metadata.schema import servers
+from koboldfs.metadata.schema import QUEUE_SERVER_FILES, servers
 from koboldfs.metadata.units import Query, Unit, reader, record, writer
+from koboldfs.placement import UNCOUNTED_STATES
 
 _SERVER_COLUMNS = tuple(servers.c[f.name] for f in fields(ServerInfo))
 # The server columns that a registration sets, from parameters b_<column>.
@@ -95,6 +96,9 @@ def set_server_state(name: str, state: str) -> Unit[bool]:
     """
     _check_state(state)
     out = yield Query(_SET_SERVER_STATE, {"b_name": name, "b_state": state})
+    if out.rowcount > 0 and state in UNCOUNTED_STATES:
+        # Its copies no longer count: the files they leave short are work.
+        yield Query(QUEUE_SERVER_FILES, {"b_server": name})
     return out.rowcount > 0
 
 

@@ -253,11 +253,22 @@ class MetadataStore:
 
     # -- the sweeps' work lists
 
-    def missing_replicas(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
-        return self._run(sweeps.missing_replicas, server, after, limit)
+    def missing_replicas(
+        self, server: str, after: int, limit: int, upto: int | None = None
+    ) -> Deferred[list[FileInfo]]:
+        return self._run(sweeps.missing_replicas, server, after, limit, upto)
+
+    def queued_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
+        return self._run(sweeps.queued_files, server, after, limit)
+
+    def settle(self, file_id: int) -> Deferred[None]:
+        return self._run(files.settle, file_id)
 
     def max_file_id(self) -> Deferred[int]:
         return self._run(sweeps.max_file_id)
+
+    def max_held(self, server: str) -> Deferred[int]:
+        return self._run(sweeps.max_held, server)
 
     def held_files(self, server: str, after: int, limit: int) -> Deferred[list[FileInfo]]:
         return self._run(sweeps.held_files, server, after, limit)

@@ -42,6 +42,8 @@ class ServerProcess:
         machine's loopback.
     @ivar interface: the address it listens on: C{127.0.0.1}, or its
         host's.  Its C{--host} is the host's label unless given.
+    @ivar checkout: the code it runs (this checkout's unless given: a
+        benchmark compares another's beside it).
     """
 
     def __init__(
@@ -52,17 +54,21 @@ class ServerProcess:
         host: str | None = None,
         extra: tuple[str, ...] = (),
         netns: Host | None = None,
+        checkout: str = CHECKOUT,
     ) -> None:
         self.name = name
+        self.checkout = checkout
         self.dir = os.path.join(base, name)
         os.makedirs(self.dir, exist_ok=True)
         self.data = os.path.join(self.dir, "data")
         self.port = free_port()
         self.http_port = free_port()
+        self.s3_port = free_port()
         self.netns = netns
         self.interface = "127.0.0.1" if netns is None else netns.address
         self.address = f"{self.interface}:{self.port}"
         self.http = f"http://{self.interface}:{self.http_port}"
+        self.s3 = f"http://{self.interface}:{self.s3_port}"
         self.db = db
         self.host = host or (name if netns is None else netns.label)
         self.extra = extra
@@ -83,6 +89,7 @@ class ServerProcess:
             f"--data={self.data}",
             f"--listen=tcp:{self.port}:interface={self.interface}",
             f"--http=tcp:{self.http_port}:interface={self.interface}",
+            f"--s3=tcp:{self.s3_port}:interface={self.interface}",
             "--heartbeat=1",
             "--down-after=5",
             *self.extra,
@@ -100,7 +107,7 @@ class ServerProcess:
         """
         Start the process, without waiting for it to serve.
         """
-        env = {**os.environ, "PYTHONPATH": CHECKOUT}
+        env = {**os.environ, "PYTHONPATH": self.checkout}
         prefix = [] if self.netns is None else self.netns.prefix
         self.process = subprocess.Popen([*prefix, *self.argv()], cwd=self.dir, env=env)
 
@@ -143,12 +150,12 @@ class ServerProcess:
 
     def listening(self) -> bool:
         """
-        Whether both ports accept connections.  The HTTP port opens after
+        Whether every port accepts connections.  The HTTP port opens after
         the database is ready, so this means the server is serving.
         """
         connect = socket.create_connection if self.netns is None else self.netns.connect
         try:
-            for port in (self.port, self.http_port):
+            for port in (self.port, self.http_port, self.s3_port):
                 connect((self.interface, port), timeout=0.5).close()
         except OSError:
             return False

@@ -61,7 +61,11 @@ class ExampleIniTests(TestCase):
         self.assertEqual(config.listen, "tcp:9876:interface=0.0.0.0")
         self.assertTrue(config.db.startswith("postgresql://"))
         # The files the example names, made here so that they can be read.
-        files = {"/etc/koboldfs/cluster-secret": b"s" * 32 + b"\n", "/etc/koboldfs/ca.pem": b""}
+        files = {
+            "/etc/koboldfs/cluster-secret": b"s" * 32 + b"\n",
+            "/etc/koboldfs/ca.pem": b"",
+            "/etc/koboldfs/s3-credentials": b"AKIDEXAMPLE secret-of-the-example *:rw\n",
+        }
         made = {}
         for path, content in files.items():
             made[path] = self.mktemp()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from importlib.metadata import version
-from typing import Any, Callable, Generator, cast
+from typing import TYPE_CHECKING, Any, Callable, Generator, cast
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
-from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy import Engine, create_engine, delete, func, select, update
 from sqlalchemy.engine import make_url
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, inlineCallbacks
@@ -26,6 +26,7 @@ from koboldfs.metadata import store_from_url
 from koboldfs.metadata.events import StoreListeners
 from koboldfs.metadata.pgstore import (
     DEAD_PEER_DEFAULTS,
+    POOL_SIZE,
     SCHEMA_LOCK,
     PostgresStore,
     libpq_dsn,
@@ -34,6 +35,9 @@ from koboldfs.metadata.health import Health
 from koboldfs.metadata.schema import (
     SCHEMA_VERSION,
     NewerSchema,
+    copy_queue,
+    file_counts,
+    files,
     metadata,
     replicas,
     schema_version,
@@ -875,7 +879,208 @@ class MetadataStoreTestsMixin:
             yield store.create_key("no/such")
 
 
-class SQLiteMetadataStoreTests(MetadataStoreTestsMixin, unittest.TestCase):
+if TYPE_CHECKING:
+    _Checked = unittest.TestCase
+else:
+    _Checked = object
+
+
+class CountsTestsMixin(MetadataStoreTestsMixin, _Checked):
+    """
+    What the counters (schema.file_counts) and the replication queue hold,
+    after every kind of change, whatever the database.
+    """
+
+    def rows(self, statement: Any) -> list[tuple]:
+        engine = adminEngine(self.url)
+        try:
+            with engine.begin() as connection:
+                return [tuple(row) for row in connection.execute(statement)]
+        finally:
+            engine.dispose()
+
+    def counts(self) -> dict[tuple[int, str], tuple[int, ...]]:
+        """
+        file_counts summed over stripes, by namespace and server, zeros left out.
+        """
+        c = file_counts.c
+        found = self.rows(
+            select(
+                c.namespace_id,
+                c.server,
+                func.sum(c.files),
+                func.sum(c.bytes),
+                func.sum(c.deleted),
+                func.sum(c.quarantined),
+            ).group_by(c.namespace_id, c.server)
+        )
+        return {(ns, server): tuple(map(int, v)) for ns, server, *v in found if any(v)}
+
+    def countedFromRows(self) -> dict[tuple[int, str], tuple[int, ...]]:
+        """
+        What file_counts must hold, computed here from every row.
+        """
+        found: dict[tuple[int, str], list[int]] = {}
+        by_id = {}
+        for file_id, ns, state, size in self.rows(
+            select(files.c.id, files.c.namespace_id, files.c.state, files.c.size)
+        ):
+            by_id[file_id] = (ns, state, size)
+            live, deleted = int(state == "live"), int(state == "deleted")
+            row = found.setdefault((ns, ""), [0, 0, 0, 0])
+            row[0], row[1], row[2] = row[0] + live, row[1] + live * size, row[2] + deleted
+        for file_id, server, state in self.rows(
+            select(replicas.c.file_id, replicas.c.server, replicas.c.state)
+        ):
+            ns, file_state, size = by_id[file_id]
+            good = int(state == "ok" and file_state == "live")
+            row = found.setdefault((ns, server), [0, 0, 0, 0])
+            row[0] += good
+            row[1] += good * size
+            row[2] += int(file_state == "deleted")
+            row[3] += int(state == "quarantined")
+        return {key: tuple(v) for key, v in found.items() if any(v)}
+
+    async def _churn(self, store: Any) -> None:
+        """
+        Every kind of change to files and replicas, client transactions
+        included.
+        """
+        for name in ("s1", "s2", "s3"):
+            await store.register_server(ServerInfo(name, name, f"{name}:1", f"http://{name}/"))
+        await store.set_namespace("two", replicas=2)
+        one = await self.addFile(store, "one")
+        await self.addFile(store, "one")  # overwritten
+        two = await self.addFile(store, "two", namespace="two")
+        await store.add_replica(two.id, "s2", T0)
+        await store.add_replica(two.id, "s3", T0)
+        await store.remove_replica(two.id, "s3")
+        await store.quarantine_replica(two.id, "s2")
+        await store.add_replica(two.id, "s2", T0)
+        await store.quarantine_replica(two.id, "s1")
+        gone = await self.addFile(store, "gone", server="s2")
+        await store.delete("ns", "gone", T0)
+        await store.remove_replica(gone.id, "s2")
+        self.assertTrue(await store.purge_file(gone.id))
+        await store.add_replica(one.id, "s3", T0)
+        await self.addFile(store, "three", server="s3")
+        self.assertGreater(await store.quarantine_server("s3"), 0)
+        await store.set_server_state("s2", "drain")
+        await store.begin_txn("t1", "ns", T0, T0 + 100)
+        await store.txn_put("t1", "ns", "t", "f" * 32, "p/t", 7, SHA, T0, "s1", T0 + 100)
+        await store.txn_delete("t1", "ns", "one", T0, T0 + 100)
+        await store.txn_commit("t1", T0, T0 + 100, False)
+        await store.begin_txn("t2", "ns", T0, T0 + 100)
+        await store.txn_put("t2", "ns", "u", "e" * 32, "p/u", 9, SHA, T0, "s1", T0 + 100)
+        await store.txn_abort("t2", T0)
+
+    def test_countsKeptWithRows(self) -> Deferred[None]:
+        """
+        The counters that health reads are, after every kind of change,
+        what the rows themselves add up to.
+        """
+
+        async def check() -> None:
+            store = await ensureDeferred(self.startedStore())
+            await self._churn(store)
+            self.assertEqual(self.counts(), self.countedFromRows())
+            health = await store.health()
+            self.assertEqual(
+                health.files, sum(v[0] for (_, s), v in self.counts().items() if not s)
+            )
+            # s1: the published "t" ("two"'s copy there is quarantined); s2:
+            # "two" (draining, still held).
+            self.assertEqual(await store.files_held(), {"s1": 1, "s2": 1})
+
+        return ensureDeferred(check())
+
+    def test_upgradeCounts(self) -> Deferred[None]:
+        """
+        A database of schema version 1 (no counters, no queue) gets both at
+        start, counted from its rows.
+        """
+
+        async def check() -> None:
+            store = await ensureDeferred(self.startedStore())
+            await self._churn(store)
+            await store.stop()
+            counted = self.counts()
+            # Deleted files' rows wait for their purge; live ones are work.
+            live_queued = (
+                select(copy_queue.c.file_id)
+                .join(files, files.c.id == copy_queue.c.file_id)
+                .where(files.c.state == "live")
+                .order_by(copy_queue.c.file_id)
+            )
+            queued = self.rows(live_queued)
+            self.assertTrue(queued)
+            engine = adminEngine(self.url)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(delete(file_counts))
+                    connection.execute(delete(copy_queue))
+                    connection.execute(update(schema_version).values(version=1))
+            finally:
+                engine.dispose()
+            self.assertEqual(self.counts(), {})
+            self.assertEqual(await self.makeStore().start(), SCHEMA_VERSION)
+            self.assertEqual(self.counts(), counted)
+            self.assertEqual(
+                self.rows(select(copy_queue.c.file_id).order_by(copy_queue.c.file_id)), queued
+            )
+
+        return ensureDeferred(check())
+
+    @inlineCallbacks
+    def test_maxHeld(self) -> InlineTest:
+        """
+        The highest file id a server has a replica row of, 0 when none.
+        """
+        store = yield self.startedStore()
+        self.assertEqual((yield store.max_held("s1")), 0)
+        one = yield self.addFile(store, "one")
+        yield self.addFile(store, "two", server="s2")
+        self.assertEqual((yield store.max_held("s1")), one.id)
+
+    @inlineCallbacks
+    def test_replicationQueue(self) -> InlineTest:
+        """
+        A file a change leaves short of copies is queued in the same
+        database transaction, and leaves the queue once it has them.
+        """
+        store = yield self.startedStore()
+        for name in ("s1", "s2"):
+            yield store.register_server(ServerInfo(name, name, f"{name}:1", f"http://{name}/"))
+        yield store.set_namespace("ns", replicas=2)
+        short = yield self.addFile(store, "short")  # one copy of two
+        full = yield store.add_file("ns", "full", "f" * 32, "p/f", 1, SHA, T0, "s1", ("s2",))
+        self.assertEqual([f.id for f in (yield store.queued_files("s2", 0, 10))], [short.id])
+        self.assertEqual((yield store.queued_files("s1", 0, 10)), [])  # s1 has it
+        self.assertEqual((yield store.health()).queued, 1)
+        yield store.add_replica(short.id, "s2", T0)
+        self.assertEqual((yield store.health()).queued, 0)
+        yield store.quarantine_replica(full.id, "s2")
+        page = yield store.queued_files("s2", 0, 10)
+        self.assertEqual([(f.id, f.replicas) for f in page], [(full.id, ("s1",))])
+        yield store.add_replica(full.id, "s2", T0)
+        # A draining server's copies stop counting: its files are work.
+        yield store.set_server_state("s2", "drain")
+        self.assertEqual((yield store.health()).queued, 2)
+        yield store.set_server_state("s2", "alive")
+        yield store.settle(short.id)
+        self.assertEqual([f.id for f in (yield store.queued_files("s1", 0, 10))], [])
+        self.assertEqual((yield store.health()).queued, 1)
+        # A deleted file leaves the queue at its purge at the latest.
+        yield store.quarantine_replica(full.id, "s2")
+        yield store.delete("ns", "full", T0)
+        self.assertEqual((yield store.queued_files("s2", 0, 10)), [])
+        yield store.remove_replica(full.id, "s1")
+        yield store.remove_replica(full.id, "s2")
+        self.assertTrue((yield store.purge_file(full.id)))
+        self.assertEqual(self.rows(select(copy_queue.c.file_id)), [])
+
+
+class SQLiteMetadataStoreTests(CountsTestsMixin, unittest.TestCase):
     """
     The metadata suite on SQLite, each test in a new file in a directory
     that the store has to create.
@@ -1042,7 +1247,7 @@ def blocked(connection: Any) -> int:
     return cursor.fetchone()[0]  # type: ignore[no-any-return]
 
 
-class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittest.TestCase):
+class PostgresMetadataStoreTests(PostgresMixin, CountsTestsMixin, unittest.TestCase):
     """
     The metadata suite on PostgreSQL, each test in a new database on the
     cluster of C{KOBOLDFS_TEST_POSTGRES_URL} (so that trial's workers do
@@ -1200,6 +1405,33 @@ class PostgresMetadataStoreTests(PostgresMixin, MetadataStoreTestsMixin, unittes
         yield waitFor(lambda: byOne in heardByTwo)
         self.assertEqual(heardByTwo, byTwo + [byOne])
         self.assertEqual(heardByOne, byTwo + [byOne])
+
+    @inlineCallbacks
+    def test_withoutListen(self) -> InlineTest:
+        """
+        With C{?kobold_listen=off} (a database without LISTEN/NOTIFY) a
+        store opens no listening connection and hears only its own
+        changes; another store's are found by polling its pages.
+        """
+        sep = "&" if "?" in self.url else "?"
+        polled = store_from_url(f"{self.url}{sep}kobold_listen=off", reactor)
+        self.addCleanup(polled.stop)
+        yield polled.start()
+        self.assertFalse(polled.listening)  # type: ignore[attr-defined]
+        self.assertEqual(len(polled._connections), POOL_SIZE)  # type: ignore[attr-defined]
+        other = yield self.startedStore()
+        heard: list[str] = []
+        polled.subscribe(lambda event, payload: heard.append(event))
+        for name in ("s1", "s2"):
+            yield other.register_server(ServerInfo(name, name, f"{name}:1", f"http://{name}/"))
+        info = yield self.addFile(other, "k")
+        yield self.addFile(polled, "mine")
+        self.assertEqual(heard, ["file_added"])
+        self.assertEqual([f.id for f in (yield polled.queued_files("s2", 0, 10))][:1], [info.id])
+        yield sleep(0.5)
+        self.assertEqual(heard, ["file_added"])
+        maybe = f"{self.url}{sep}kobold_listen=maybe"
+        self.assertRaises(ValueError, store_from_url, maybe, reactor)
 
     @inlineCallbacks
     def test_postgresRestart(self) -> InlineTest:

@@ -25,7 +25,7 @@ from koboldfs.node import Node
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.test.test_forwarding import FakeProducer as Producer
 from koboldfs.testing import MemoryCluster, MemoryServer
-from koboldfs.web import _ResponseSink
+from koboldfs.web import ResponseSink
 
 
 @implementer(IBodySink)
@@ -79,7 +79,7 @@ class InterfaceTests(SynchronousTestCase):
             def notifyFinish(self) -> Deferred[None]:
                 return Deferred()
 
-        self.assertTrue(verifyObject(IBodySink, _ResponseSink(Request())))  # type: ignore[arg-type]
+        self.assertTrue(verifyObject(IBodySink, ResponseSink(Request())))  # type: ignore[arg-type]
         self.assertTrue(verifyObject(IBodySink, Sink()))
 
 

@@ -10,12 +10,14 @@ import os
 import sqlite3
 from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata.events import FILE_ADDED
 from koboldfs.protocol import CHUNK_SIZE
+from koboldfs import replicator as replicator_module
 from koboldfs.replicator import (
     DEFER_INTERVALS,
     RESCAN,
@@ -84,6 +86,14 @@ class ReplicatorTests(SynchronousTestCase):
         self.cluster.reactor.advance(seconds)
         self.cluster.pump()
 
+    def walk_only(self, name: str) -> None:
+        """
+        Hide the replication queue from server C{name}'s replicator: what
+        it copies, the walk of file ids finds alone.
+        """
+        store = self.cluster.servers[name].store
+        store.queued_files = lambda server, after, limit: succeed([])  # type: ignore[method-assign]
+
     def file_rows(self) -> int:
         with sqlite3.connect(os.path.join(self.root, "metadata.sqlite")) as db:
             return db.execute("SELECT count(*) FROM files").fetchone()[0]
@@ -97,12 +107,13 @@ class ReplicatorTests(SynchronousTestCase):
         """
         first = self.put("first", b"1")
         second = self.put("second", b"2")
+        self.walk_only("b")
         node = self.cluster.servers["b"].node
         replicator = Replicator(node, self.cluster.reactor, INTERVAL)
         read = node.store.missing_replicas
         late = [True]
 
-        def missing_replicas(server: str, after: int, limit: int) -> Any:
+        def missing_replicas(server: str, after: int, limit: int, upto: int | None = None) -> Any:
             def commit_late(page: list[FileInfo]) -> list[FileInfo]:
                 if late[0] and any(info.id == first.id for info in page):
                     late[0] = False
@@ -111,7 +122,7 @@ class ReplicatorTests(SynchronousTestCase):
                     return [info for info in page if info.id != first.id]
                 return page
 
-            return read(server, after, limit).addCallback(commit_late)
+            return read(server, after, limit, upto).addCallback(commit_late)
 
         node.store.missing_replicas = missing_replicas  # type: ignore[method-assign]
         replicator.startService()
@@ -286,26 +297,28 @@ class ReplicatorTests(SynchronousTestCase):
     def test_cursorPastHeldFiles(self) -> None:
         """
         A pass that finds nothing missing moves the cursor to the last file
-        stored, so that the next pass asks only for files after it: a pass
-        with nothing to do costs the same at any number of files.  Files
-        stored later are still found.
+        stored, so that the next pass asks only for files after it (and
+        nothing when there are none): a pass with nothing to do costs the
+        same at any number of files.  After a restart the walk starts where
+        this server's copies end.  Files stored later are still found.
         """
         infos = [self.put(f"k{n}", b"mine", on="b") for n in range(3)]
         store = self.cluster.servers["b"].store
         asked: list[int] = []
         missing = store.missing_replicas
 
-        def spy(server: str, after: int, limit: int) -> object:
+        def spy(server: str, after: int, limit: int, upto: int | None = None) -> Any:
             asked.append(after)
-            return missing(server, after, limit)
+            return missing(server, after, limit, upto)
 
         store.missing_replicas = spy  # type: ignore[method-assign]
         self.replicator("b")
         self.advance(INTERVAL)
-        self.assertEqual(asked, [0, infos[-1].id])
+        self.assertEqual(asked, [])
         later = self.put("later", b"theirs")
         self.advance(INTERVAL)
         self.assertEqual(self.on_disk("b", later), b"theirs")
+        self.assertEqual(asked[:1], [infos[-1].id])
 
     def test_notifiedBelowCursorDuringPass(self) -> None:
         """
@@ -314,15 +327,16 @@ class ReplicatorTests(SynchronousTestCase):
         the pass's own move of the cursor does not skip it.
         """
         info = self.put("late", b"committed late")
-        newer = self.put("newer", b"x", on="b")
+        newer = self.put("newer", b"x", on="c")
+        self.walk_only("b")
         store = self.cluster.servers["b"].store
         missing = store.missing_replicas
 
-        def late_commit(server: str, after: int, limit: int) -> object:
+        def late_commit(server: str, after: int, limit: int, upto: int | None = None) -> Any:
             # The first page does not see the file yet; its notification
             # arrives while the pass is under way.
             store.missing_replicas = missing  # type: ignore[method-assign]
-            d = missing(server, after, limit)
+            d = missing(server, after, limit, upto)
             d.addCallback(lambda page: [f for f in page if f.id != info.id])
             self.replicators["b"]._heard(FILE_ADDED, {"id": info.id})
             return d
@@ -335,8 +349,8 @@ class ReplicatorTests(SynchronousTestCase):
     def test_rescan(self) -> None:
         """
         A copy lost behind the cursor with nobody told (its row removed
-        by hand, say) is made again by the periodic pass from the first id,
-        not by every pass.
+        by hand, so not queued) is made again by the periodic walk from the
+        first id, not by every pass.
         """
         for server in self.cluster.servers.values():
             server.config.down_after = 2 * RESCAN
@@ -344,7 +358,10 @@ class ReplicatorTests(SynchronousTestCase):
         self.replicator("b")
         server = self.cluster.servers["b"]
         self.cluster.flush(server.storage.remove(info.path))
-        self.cluster.flush(server.store.remove_replica(info.id, "b"))
+        with sqlite3.connect(os.path.join(self.root, "metadata.sqlite")) as db:
+            db.execute("DELETE FROM replicas WHERE file_id = ? AND server = 'b'", (info.id,))
+            db.execute("DELETE FROM copy_queue WHERE file_id = ?", (info.id,))
+        self.assertEqual(self.lookup("k").replicas, ("a",))
         self.advance(INTERVAL)
         self.assertIsNone(self.on_disk("b", info))
         # In two steps, so that connections the peer closed as idle are
@@ -353,6 +370,53 @@ class ReplicatorTests(SynchronousTestCase):
         self.assertIsNone(self.on_disk("b", info))
         self.advance(INTERVAL)
         self.assertEqual(self.on_disk("b", info), b"again")
+
+    def test_queueAlone(self) -> None:
+        """
+        A file a change left short of copies is copied from the replication
+        queue, without the walk of file ids, and leaves the queue once it
+        has its copies.
+        """
+        info = self.put("k", b"queued")
+        store = self.cluster.servers["b"].store
+        store.missing_replicas = lambda *args: succeed([])  # type: ignore[method-assign]
+        self.assertEqual(self.cluster.flush(store.health()).queued, 1)
+        self.replicator("b")
+        self.assertEqual(self.on_disk("b", info), b"queued")
+        self.assertEqual(self.cluster.flush(store.health()).queued, 1)  # c lacks it still
+        self.replicator("c")
+        self.assertEqual(self.on_disk("c", info), b"queued")
+        self.assertEqual(self.cluster.flush(store.health()).queued, 0)
+
+    def test_walkInWindows(self) -> None:
+        """
+        The walk of file ids asks for one window of ids at a time, a few
+        windows a pass, and still finds every file it lacks.
+        """
+        self.patch(replicator_module, "WINDOW", 2)
+        self.patch(replicator_module, "WINDOWS_PER_PASS", 2)
+        infos = [self.put(f"k{n}", b"w", on="a") for n in range(7)]
+        self.walk_only("b")
+        store = self.cluster.servers["b"].store
+        asked: list[tuple[int, int | None]] = []
+        missing = store.missing_replicas
+
+        def spy(server: str, after: int, limit: int, upto: int | None = None) -> Any:
+            asked.append((after, upto))
+            return missing(server, after, limit, upto)
+
+        store.missing_replicas = spy  # type: ignore[method-assign]
+        self.replicator("b", batch=1)
+        for _ in range(10):
+            self.advance(INTERVAL)
+        for info in infos:
+            self.assertEqual(self.on_disk("b", info), b"w")
+        walk = [(after, upto) for after, upto in asked if upto != after + 1]
+        self.assertTrue(walk)
+        for after, upto in walk:
+            self.assertIsNotNone(upto)
+            assert upto is not None
+            self.assertLessEqual(upto - after, 2)
 
     def test_readonlyTakesNoCopies(self) -> None:
         """
@@ -562,7 +626,7 @@ class ScrubberTests(SynchronousTestCase):
         self.cluster.reactor.advance(1)
         self.assertEqual(scrubber.bytes_checked, 3 * CHUNK_SIZE + 1)
         self.cluster.reactor.advance(1)
-        self.assertEqual((scrubber.files_checked, scrubber.rounds, scrubber.bad), (1, 1, 0))
+        self.assertEqual((scrubber.files_checked, scrubber.bad), (1, 0))
         self.cluster.reactor.advance(INTERVAL)
         self.assertEqual(scrubber.bytes_checked, 4 * CHUNK_SIZE + 1)
 
@@ -641,6 +705,42 @@ class ScrubberTests(SynchronousTestCase):
         os.unlink(self.path("b", info))
         scrubber = self.scrubber("b", CHUNK_SIZE)
         self.assertEqual((scrubber.bad, scrubber.last_bad.endswith("missing from disk")), (1, True))
+        with open(self.path("b", info), "rb") as f:
+            self.assertEqual(f.read(), b"precious bytes")
+
+    def test_smallFileOneJob(self) -> None:
+        """
+        A file of one step is checked in one thread job (open, read,
+        verify, close), not one for each.
+        """
+        self.put("k", b"small and good")
+        storage = self.cluster.servers["a"].node.storage
+        jobs = []
+        defer_job = storage._defer
+
+        def counting(f: Any, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(f.__name__)
+            return defer_job(f, *args, **kwargs)
+
+        storage._defer = counting  # type: ignore[method-assign]
+        scrubber = self.scrubber("a", CHUNK_SIZE)
+        self.cluster.reactor.advance(0.5)
+        self.assertEqual((scrubber.files_checked, scrubber.bad), (1, 0))
+        self.assertEqual(jobs, ["_thdReadWhole"])
+
+    def test_wrongSizeRepaired(self) -> None:
+        """
+        A small copy of the wrong size is set aside as bad, saying so, and
+        made again.
+        """
+        info = self.put("k", b"precious bytes")
+        self.replicate("b")
+        with open(self.path("b", info), "ab") as f:
+            f.write(b"!")
+        scrubber = self.scrubber("b", CHUNK_SIZE)
+        self.cluster.reactor.advance(0.5)
+        self.assertEqual(scrubber.bad, 1)
+        self.assertIn(f"{info.path} has 15 bytes, not 14", scrubber.last_bad)
         with open(self.path("b", info), "rb") as f:
             self.assertEqual(f.read(), b"precious bytes")
 

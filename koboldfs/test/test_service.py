@@ -24,6 +24,7 @@ CHILDREN = {
     "peers",
     "binary",
     "http",
+    "s3",
     "heartbeat",
     "space",
     "replicator",
@@ -85,14 +86,15 @@ class KoboldServiceTests(SynchronousTestCase):
             ports.append(port)
             return port
 
-        for listener in (self.service.binary, self.service.http):
+        for listener in (self.service.binary, self.service.http, self.service.s3):
+            assert listener is not None
             listener.listening.addCallback(listened)
         self.service.startService()
         self.successResultOf(self.service.ready)
-        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877])
+        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [9876, 9877, 9878])
         # No connection is taken before the server is registered and knows
-        # its peers; then both ports take them.
-        self.assertEqual(accepting, [False, False])
+        # its peers; then every port takes them.
+        self.assertEqual(accepting, [False, False, False])
         self.assertTrue(all(port in self.reactor.readers for port in ports))
         [me] = self.successResultOf(self.store.servers())
         self.assertEqual((me.name, me.host), ("s1", "h1"))

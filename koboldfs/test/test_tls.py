@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import random
+import signal
 import ssl
+import time
 import urllib.request
 
 from twisted.internet import defer, reactor, threads
@@ -151,5 +154,50 @@ class TLSTests(TestCase):
             with self.assertRaises(Exception) as caught:
                 await nokey.stat("k.bin")
             self.assertEqual(caught.exception.code, ErrorCode.AUTH_REQUIRED)
+
+        return defer.ensureDeferred(run())
+
+    def test_hung_server(self) -> defer.Deferred[None]:
+        """
+        With TLS and keys, the first listed server hung (SIGSTOP: TCP
+        completes, TLS and the handshake never do): a get and a put of a
+        client with default deadlines complete through the next server in
+        under 6 s, and a put whose forward target is the hung server is
+        acknowledged before the client's deadline.
+        """
+
+        async def run() -> None:
+            pem = self.ca.server_pem("127.0.0.1")
+            common = ("--auth=keys", f"--tls-ca={self.ca.ca}", f"--secret-file={self.secret}")
+            key = await self.key()
+            a = await self.start("a", pem, *common, "--down-after=120")
+            b = await self.start("b", pem, *common, "--down-after=120")
+            setup = self.client(b, tls=True, ca=self.ca.ca, key=key)
+            body = os.urandom(1024 * 1024)
+            self.assertTrue(await setup.put("k.bin", body))
+            stat = await setup.stat("k.bin")
+            self.assertEqual(stat and stat.servers, ("a", "b"))
+            a.signal(signal.SIGSTOP)
+            self.addCleanup(a.signal, signal.SIGCONT)
+            self.patch(random, "randrange", lambda n: 0)
+            client = self.client(a, b, tls=True, ca=self.ca.ca, key=key)
+            out = io.BytesIO()
+            start = time.monotonic()
+            self.assertTrue(await client.get("k.bin", out))
+            got = time.monotonic() - start
+            self.assertEqual(out.getvalue(), body)
+            client._next = 0
+            start = time.monotonic()
+            self.assertTrue(await client.put("again.bin", body))
+            put = time.monotonic() - start
+            print(
+                f"\nTLS and keys, first listed server hung: get {got:.2f} s; put {put:.2f} s"
+                " (through B, whose copy to hung A it gave up)"
+            )
+            self.assertLess(got, 6.0)
+            # The client's 5 s for A, then B's 3 s for its copy to A.
+            self.assertLess(put, 5.0 + 3.0 + 1.0)
+            stat = await setup.stat("again.bin")
+            self.assertEqual(stat and stat.servers, ("b",))
 
         return defer.ensureDeferred(run())
