@@ -194,6 +194,7 @@ class KoboldPair:
         checkout: str = CHECKOUT,
         label: str = "kfs",
         timeout: float = 60.0,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.dbs = Databases(base, pg_url)
         self.servers: list[Server] = []
@@ -203,7 +204,14 @@ class KoboldPair:
                 # Each on a --host of its own: a put is forwarded only to a
                 # peer on another host (docs/replication.md).
                 self.servers.append(
-                    Server(base, f"{label}-s{i}", self.url, host=f"{label}-h{i}", checkout=checkout)
+                    Server(
+                        base,
+                        f"{label}-s{i}",
+                        self.url,
+                        extra=extra,
+                        host=f"{label}-h{i}",
+                        checkout=checkout,
+                    )
                 )
             create_namespace(self.url, NAMESPACE, COPIES, replicas=COPIES, checkout=checkout)
             self._ready(timeout)

@@ -80,11 +80,14 @@ class Grant:
         and every client of an open server).
     @ivar write: whether it may put and delete.
     @ivar peer: whether it is another server of the cluster.
+    @ivar key_id: the namespace key it was earned with, or None: while it
+        lasts, its server checks now and then that the key is not revoked.
     """
 
     namespace: str | None
     write: bool
     peer: bool = False
+    key_id: str | None = None
 
     def allows(self, namespace: str, write: bool) -> bool:
         return (self.namespace is None or self.namespace == namespace) and (self.write or not write)

@@ -92,9 +92,16 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     #: one thing request handlers check, through L{authorize}.
     grant: Grant | None = None
 
-    def __init__(self, node: INode, metrics: Metrics) -> None:
+    def __init__(
+        self, node: INode, metrics: Metrics, connections: set[ServerProtocol] | None = None
+    ) -> None:
+        """
+        @param connections: where this connection is kept while it is
+            open (its factory's), if anywhere.
+        """
         self.node = node
         self.metrics = metrics
+        self._connections = connections if connections is not None else set()
         self.callLater = node.clock.callLater
         self._state = _State.HANDSHAKE
         self._put: PutStream | CopyStream | None = None
@@ -121,6 +128,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._connections.add(self)
         self._track = self.metrics.connection()
         self._decoder.max_payload = PREAUTH_PAYLOAD
         address = getattr(self.transport.getPeer(), "host", None) or "local"
@@ -135,6 +143,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
+        self._connections.discard(self)
         self.setTimeout(None)
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
@@ -167,9 +176,29 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             "handshake": f"no handshake within {config.handshake_timeout:g} s",
             "frame": f"a frame took over {config.frame_timeout:g} s to arrive",
         }.get(self._timer, f"idle for over {config.idle_timeout:g} s")
-        self.sendError(ErrorCode.TIMEOUT, message)
-        # Close after the error is sent; a client that does not read it
-        # either is cut off soon after.
+        self._end(ErrorCode.TIMEOUT, message)
+
+    def revoke(self) -> None:
+        """
+        The key this connection authenticated with was revoked: whatever
+        it is doing (an upload too) ends now.
+        """
+        grant = self.grant
+        assert grant is not None and grant.key_id is not None
+        if self.closing:
+            return
+        self._abort_put()
+        self._end(
+            ErrorCode.FORBIDDEN,
+            f"key {grant.key_id} of namespace {grant.namespace!r} was revoked",
+        )
+
+    def _end(self, code: ErrorCode, message: str) -> None:
+        """
+        Send an error and close; a client that does not read it either is
+        cut off soon after.
+        """
+        self.sendError(code, message)
         self.close()
         self._abort = self.callLater(ABORT_AFTER, self.transport.abortConnection)
 
@@ -288,9 +317,16 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 else:
                     self.sendError(e.code, str(e.args[0]))
                 return
-        if msg.op is Op.REPLICA_PUT and not (self.node.open or self.grant.peer):
+        peer = self.node.open or (self.grant is not None and self.grant.peer)
+        if msg.op is Op.REPLICA_PUT and not peer:
             self._refuse_put(
                 Forbidden(ErrorCode.FORBIDDEN, "REPLICA_PUT is for the cluster's servers only")
+            )
+            return
+        if msg.op is Op.CLUSTER_STATUS and not peer:
+            self.sendError(
+                ErrorCode.FORBIDDEN,
+                "CLUSTER_STATUS is for holders of the cluster secret (--secret-file)",
             )
             return
         if msg.op is Op.PUT or msg.op is Op.REPLICA_PUT:
@@ -304,6 +340,7 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
             Op.DELETE: self._delete,
             Op.STAT: self._stat,
             Op.LIST: self._list,
+            Op.CLUSTER_STATUS: self._cluster_status,
             Op.BEGIN: self._txn,
             Op.PREPARE: self._txn,
             Op.COMMIT: self._txn,
@@ -361,6 +398,9 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
 
     async def _get_url(self, msg: Message) -> None:
         self._reply({"url": await self.node.get_url(msg["ns"], msg["key"], msg.get("expires"))})
+
+    async def _cluster_status(self, msg: Message) -> None:
+        self._reply(await self.node.cluster_status(bool(msg.get("held"))))
 
     async def _list(self, msg: Message) -> None:
         keys = await self.node.list_keys(
@@ -506,12 +546,38 @@ class _FrameSink:
 
 class ServerFactory(Factory):
     """
-    Makes the server end of each binary protocol connection.
+    Makes the server end of each binary protocol connection, and keeps
+    the open ones, so that a revoked key's connections can be ended
+    (L{check_keys}).
     """
 
     def __init__(self, node: INode, metrics: Metrics) -> None:
         self.node = node
         self.metrics = metrics
+        self.connections: set[ServerProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
-        return ServerProtocol(self.node, self.metrics)
+        return ServerProtocol(self.node, self.metrics, self.connections)
+
+    async def check_keys(self) -> int:
+        """
+        End every open connection whose key was revoked since it
+        authenticated; return how many.  The server runs this every
+        C{--key-check-interval} seconds: the bound on how long a revoked
+        key keeps an open connection (new ones are refused at once).
+        """
+        keyed = [c for c in self.connections if c.grant is not None and c.grant.key_id]
+        if not keyed:
+            return 0
+        revoked = await self.node.revoked({c.grant for c in keyed})
+        ended = [c for c in keyed if c.grant in revoked and c in self.connections]
+        for connection in ended:
+            connection.revoke()
+        if ended:
+            keys = {f"{grant.namespace}/{grant.key_id}" for grant in revoked}
+            log.info(
+                "ended {n} connections of revoked keys: {keys}",
+                n=len(ended),
+                keys=", ".join(sorted(keys)),
+            )
+        return len(ended)

@@ -21,6 +21,7 @@ from twisted.python import threadable
 
 from koboldfs.deferredclient import DeferredClient, Stat
 from koboldfs.pool import ClientPool as DeferredClientPool
+from koboldfs.protocol import Message, Op
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -103,6 +104,13 @@ class Client:
     def list(self, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
         """Up to C{limit} keys starting with C{prefix}, after C{after}."""
         return self._call(self._client.list, prefix, after, limit)
+
+    def request(self, op: Op, fields: dict[str, Any], retries: int | None = None) -> Message:
+        """
+        L{DeferredClient.request}: a request answered by one OK frame, to
+        any server; the reply.
+        """
+        return self._call(self._client.request, op, fields, retries=retries)
 
     def close(self) -> None:
         """Close this client's connections."""

@@ -126,6 +126,38 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         f"[default {REPLY_TIMEOUT:g}]",
         **default,
     )
+    credentials = parser.add_mutually_exclusive_group()
+    credentials.add_argument(
+        "-k",
+        "--key",
+        dest="client_key",  # not KEY, the file commands' argument
+        metavar="KEY",
+        help="the namespace's key, for servers that require one [env KOBOLDFS_KEY]",
+        **default,
+    )
+    credentials.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="a file holding the key [env KOBOLDFS_KEY_FILE]",
+        **default,
+    )
+    _tls_options(parser, default)
+
+
+def _tls_options(parser: argparse.ArgumentParser, default: dict[str, Any]) -> None:
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS to the servers, checking their certificates",
+        **default,
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="the certificates to trust for TLS (implies --tls) [env KOBOLDFS_CA, "
+        "default: the system's]",
+        **default,
+    )
 
 
 def _admin_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -136,6 +168,22 @@ def _admin_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help=f"metadata database [env KOBOLDFS_DB, default {DEFAULT_DB}]",
         **default,
     )
+    parser.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="the servers' cluster secret, to talk to them as a peer (fsck; status and "
+        "servers without --db) [env KOBOLDFS_SECRET_FILE]",
+        **default,
+    )
+    parser.add_argument(
+        "-s",
+        "--servers",
+        action="append",
+        metavar="HOST:PORT[,...]",
+        help="servers to ask, for status and servers without --db [env KOBOLDFS_SERVERS]",
+        **default,
+    )
+    _tls_options(parser, default)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -291,6 +339,37 @@ def make_parser() -> argparse.ArgumentParser:
             const="",
             help="back to the servers' --public-url",
         )
+    p = sub.add_parser(
+        "key",
+        help="make, list and revoke namespace keys",
+        description="Make, list and revoke the keys clients prove to servers that "
+        "require them (docs/security.md).",
+    )
+    key = p.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
+    p = admin_command(
+        key,
+        "create",
+        "make a key of namespace NS (created if missing) and print it: it is shown "
+        "this once, and only a hash of it is stored",
+        admin_key_create,
+    )
+    p.add_argument("namespace", metavar="NS")
+    p.add_argument(
+        "--readonly",
+        action="store_true",
+        help="a key that may get, stat, list and get URLs, but not put or delete",
+    )
+    p = admin_command(key, "list", "the keys of NS (of every namespace if none)", admin_key_list)
+    p.add_argument("namespace", metavar="NS", nargs="?")
+    p = admin_command(
+        key,
+        "revoke",
+        "revoke key KEY_ID of NS: refused on new connections at once, and open "
+        "connections with it are ended within the servers' --key-check-interval",
+        admin_key_revoke,
+    )
+    p.add_argument("namespace", metavar="NS")
+    p.add_argument("key_id", metavar="KEY_ID", help="the id `key list` shows, or the whole key")
     p = admin_command(
         sub,
         "status",
@@ -387,25 +466,163 @@ def _silence_stdout() -> None:
         pass
 
 
-# -- talking to servers
+# -- settings: options, then the environment, then the client config file
+
+#: What the client config file may set, in its [koboldfs] section.
+CONFIG_SETTINGS = ("servers", "namespace", "key", "key_file", "tls", "ca", "db", "secret_file")
+#: Settings that name files: relative to the config file's directory.
+_PATHS = ("key_file", "ca", "secret_file")
+
+
+def config_path() -> str:
+    """
+    The client config file: C{KOBOLDFS_CONFIG}, or C{client.ini} in the
+    user's config directory (C{$XDG_CONFIG_HOME/koboldfs}, by default
+    C{~/.config/koboldfs}).
+    """
+    given = os.environ.get("KOBOLDFS_CONFIG")
+    if given:
+        return given
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "koboldfs", "client.ini")
+
+
+def _config(args: argparse.Namespace) -> dict[str, str]:
+    """
+    The client config file's settings (read once per command).  A missing
+    file is no error unless C{KOBOLDFS_CONFIG} names it.
+    """
+    cached: dict[str, str] | None = getattr(args, "_config", None)
+    if cached is not None:
+        return cached
+    import configparser
+
+    path = config_path()
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if os.environ.get("KOBOLDFS_CONFIG"):
+            raise CommandError(f"no config file {path} (KOBOLDFS_CONFIG)", EXIT_USAGE) from None
+    except (OSError, configparser.Error) as e:
+        raise CommandError(f"cannot read config file {path}: {e}", EXIT_USAGE) from None
+    values: dict[str, str] = {}
+    if parser.sections() or parser.defaults():
+        if not parser.has_section("koboldfs") or len(parser.sections()) > 1:
+            raise CommandError(f"{path}: settings go in one [koboldfs] section", EXIT_USAGE)
+        values = dict(parser.items("koboldfs"))
+        unknown = set(values) - set(CONFIG_SETTINGS)
+        if unknown:
+            raise CommandError(
+                f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(CONFIG_SETTINGS)}",
+                EXIT_USAGE,
+            )
+        directory = os.path.dirname(os.path.abspath(path))
+        for name in _PATHS:
+            if values.get(name):
+                values[name] = os.path.join(directory, os.path.expanduser(values[name]))
+    args._config = values
+    return values
+
+
+def _setting(args: argparse.Namespace, name: str, env: str) -> str | None:
+    """
+    A setting from its option, else its environment variable, else the
+    client config file.
+    """
+    given = getattr(args, name, None)
+    if given:
+        return given if isinstance(given, str) else ",".join(given)
+    return os.environ.get(env) or _config(args).get(name) or None
 
 
 def _servers(args: argparse.Namespace) -> list[str]:
-    given = getattr(args, "servers", None) or [os.environ.get("KOBOLDFS_SERVERS", "")]
-    servers = [s for item in given for s in item.replace(",", " ").split()]
+    given = _setting(args, "servers", "KOBOLDFS_SERVERS") or ""
+    servers = given.replace(",", " ").split()
     return servers or [DEFAULT_SERVERS]
 
 
 def _namespace(args: argparse.Namespace) -> str:
-    name = (
-        getattr(args, "namespace", None)
-        or os.environ.get("KOBOLDFS_NAMESPACE")
-        or DEFAULT_NAMESPACE
-    )
+    name = _setting(args, "namespace", "KOBOLDFS_NAMESPACE") or DEFAULT_NAMESPACE
     try:
         return check_namespace(name)
     except InvalidName as e:
-        raise CommandError(f"{e} (--namespace or KOBOLDFS_NAMESPACE)", EXIT_USAGE) from None
+        raise CommandError(
+            f"{e} (--namespace, KOBOLDFS_NAMESPACE or namespace in {config_path()})", EXIT_USAGE
+        ) from None
+
+
+def _client_key(args: argparse.Namespace) -> str | None:
+    """
+    The namespace key to prove, if any: C{--key} or C{--key-file}, else
+    C{KOBOLDFS_KEY} or C{KOBOLDFS_KEY_FILE}, else C{key} or C{key_file} in
+    the config file.
+    """
+    from koboldfs.auth import parse_key
+
+    config = _config(args)
+    for what, value, is_file in (
+        ("--key", getattr(args, "client_key", None), False),
+        ("--key-file", getattr(args, "key_file", None), True),
+        ("KOBOLDFS_KEY", os.environ.get("KOBOLDFS_KEY"), False),
+        ("KOBOLDFS_KEY_FILE", os.environ.get("KOBOLDFS_KEY_FILE"), True),
+        (f"key in {config_path()}", config.get("key"), False),
+        (f"key_file in {config_path()}", config.get("key_file"), True),
+    ):
+        if not value:
+            continue
+        key = value.strip()
+        if is_file:
+            what = f"{what} {value}"
+            key = _read_key_file(value, what)
+        try:
+            parse_key(key)
+        except InvalidName as e:
+            raise CommandError(f"{what}: {e}", EXIT_USAGE) from None
+        return key
+    return None
+
+
+def _read_key_file(path: str, what: str) -> str:
+    """
+    The key in a key file: its first line that is not blank or a comment.
+    """
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except OSError as e:
+        raise CommandError(f"cannot read {what}: {e.strerror}", EXIT_USAGE) from None
+    for line in lines:
+        if line and not line.startswith("#"):
+            return line
+    raise CommandError(f"{what} holds no key", EXIT_USAGE)
+
+
+def _tls(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The TLS options of a client: C{--ca} (or C{KOBOLDFS_CA}, or C{ca} in
+    the config file) implies TLS; C{--tls} (or C{tls = yes}) alone trusts
+    the system's certificates.
+    """
+    ca = _setting(args, "ca", "KOBOLDFS_CA")
+    tls = bool(getattr(args, "tls", False))
+    if not tls and ca is None:
+        value = _config(args).get("tls", "no").strip().lower()
+        if value not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+            raise CommandError(f"{config_path()}: tls is yes or no, not {value!r}", EXIT_USAGE)
+        tls = value in ("yes", "true", "on", "1")
+    if ca is not None and not os.access(ca, os.R_OK):
+        raise CommandError(f"cannot read the CA file {ca} (--ca, KOBOLDFS_CA or ca)", EXIT_USAGE)
+    return {"tls": tls or ca is not None, "ca": ca}
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The credentials and TLS settings of the file commands' clients.
+    """
+    return {"key": _client_key(args), **_tls(args)}
 
 
 def _timeouts(args: argparse.Namespace) -> dict[str, float]:
@@ -431,9 +648,10 @@ def _key(key: str) -> str:
 
 class _Session:
     """
-    A blocking client of the namespace and servers the options name, that
-    checks first that some server answers, so that an unreachable cluster
-    is reported at once, and as such.
+    A blocking client of the namespace and servers the settings name, with
+    their key and TLS, that checks first that some server answers, so that
+    an unreachable cluster or refused credentials are reported at once,
+    and as such.
     """
 
     def __init__(self, args: argparse.Namespace, **options: Any) -> None:
@@ -441,18 +659,23 @@ class _Session:
 
         self.servers = _servers(args)
         self.namespace = _namespace(args)
+        settings = _client_options(args)
+        self.tls = settings["tls"]
         try:
-            self.client = Client(self.namespace, self.servers, **_timeouts(args), **options)
+            self.client = Client(
+                self.namespace, self.servers, **settings, **_timeouts(args), **options
+            )
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
 
     def __enter__(self) -> Any:
-        if not self.client.ping():
+        from koboldfs.protocol import Op
+
+        try:
+            self.client.request(Op.PING, {}, retries=0)
+        except KoboldError as e:
             self.client.close()
-            raise CommandError(
-                f"no server answered at {', '.join(self.servers)}: {SERVERS_HINT}",
-                EXIT_UNAVAILABLE,
-            )
+            raise CommandError(self.explain(e), EXIT_UNAVAILABLE) from None
         return self.client
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> None:
@@ -461,17 +684,37 @@ class _Session:
         except Exception:
             pass
         if isinstance(error, KoboldError) and not isinstance(error, InvalidName):
-            raise CommandError(_explain(error), EXIT_UNAVAILABLE) from error
+            raise CommandError(self.explain(error), EXIT_UNAVAILABLE) from error
+
+    def explain(self, error: KoboldError) -> str:
+        """
+        What to tell the user of an error from the cluster.
+        """
+        return _explain(error, self.namespace, ", ".join(self.servers), self.tls)
 
     def missing(self, key: str) -> CommandError:
         return CommandError(f"no key {key!r} in namespace {self.namespace!r}", EXIT_NOT_FOUND)
 
 
-def _explain(error: KoboldError) -> str:
+def _explain(error: KoboldError, namespace: str, servers: str, tls: bool) -> str:
     """
-    What to tell the user of an error from the cluster.
+    What to tell the user of an error from the cluster at C{servers}.
     """
+    from koboldfs.errors import AuthRequired, Forbidden
+
     message = str(error)
+    where = f"--key, --key-file, KOBOLDFS_KEY or key_file in {config_path()}"
+    if isinstance(error, AuthRequired):
+        return (
+            f"the servers at {servers} require a key of namespace {namespace!r}: give {where} "
+            f"(`koboldfs admin key create {namespace}` makes one)"
+        )
+    if isinstance(error, Forbidden) and "read-only" not in message:
+        return (
+            f"the servers at {servers} refused the key ({message}): it is wrong, revoked, or not "
+            "a key of "
+            f"namespace {namespace!r}; check {where} and `koboldfs admin key list {namespace}`"
+        )
     if isinstance(error, ConnectionFailed) and "cannot be re-read" in message:
         return (
             f"{message}: standard input cannot be sent twice; put from a file "
@@ -482,7 +725,27 @@ def _explain(error: KoboldError) -> str:
             f"{message}: standard output cannot be taken back; get to a file "
             "to let the client retry on another server"
         )
+    if "ping failed on every server" in message:
+        hint = SERVERS_HINT
+        if tls and any(w in message for w in ("certificate", "SSL", "Verification", "Mismatch")):
+            hint = _tls_hint(message)
+        elif not tls and ("before its WELCOME" in message or "lost" in message):
+            hint = "if the servers listen with TLS (ssl:), give --tls and --ca; else " + hint
+        return f"no server answered at {servers} ({message}): {hint}"
     return f"{message} (the servers' twistd.log may say more)"
+
+
+def _tls_hint(message: str) -> str:
+    if "Mismatch" in message or "VerificationError" in message:
+        return (
+            "a server's certificate does not name the host given in --servers: give the "
+            "name or IP address its certificate was made for"
+        )
+    if "certificate verify failed" in message or "unable to get" in message:
+        return "a server's certificate is not signed by a CA you trust: give --ca CA.pem"
+    if "wrong version number" in message or "packet length" in message:
+        return "the servers do not speak TLS there: drop --tls and --ca"
+    return "TLS failed: check --ca, and that the servers listen with ssl:"
 
 
 def _progress(args: argparse.Namespace, total: int | None, what: str) -> Any:
@@ -732,23 +995,25 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
     servers = _servers(args)
     namespace = _namespace(args)
+    options = _client_options(args)
     answered = 0
     for address in servers:
         try:
-            client = Client(namespace, [address], retries=0, **_timeouts(args))
+            client = Client(namespace, [address], retries=0, **options, **_timeouts(args))
         except ValueError as e:
             raise CommandError(f"{e} (--servers or KOBOLDFS_SERVERS)", EXIT_USAGE) from None
+        from koboldfs.protocol import Op
+
         try:
             start = time.monotonic()
-            ok = client.ping()
+            client.request(Op.PING, {}, retries=0)
             took = (time.monotonic() - start) * 1000
-        finally:
-            client.close()
-        if ok:
             answered += 1
             print(f"{address}: answered in {took:.1f} ms")
-        else:
-            print(f"{address}: no answer")
+        except KoboldError as e:
+            print(f"{address}: no answer: {_explain(e, namespace, address, options['tls'])}")
+        finally:
+            client.close()
     if not answered:
         raise CommandError(f"no server answered: {SERVERS_HINT}", EXIT_UNAVAILABLE)
     return EXIT_OK
@@ -758,7 +1023,35 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> str:
-    return getattr(args, "db", None) or os.environ.get("KOBOLDFS_DB") or DEFAULT_DB
+    return _setting(args, "db", "KOBOLDFS_DB") or DEFAULT_DB
+
+
+def _peer_options(args: argparse.Namespace, needed: bool = False) -> dict[str, Any]:
+    """
+    How an admin command talks to servers: as a peer, proving the cluster
+    secret of C{--secret-file} (or C{KOBOLDFS_SECRET_FILE}, or
+    C{secret_file} in the config file) if one is given, with the TLS
+    settings of the file commands.
+    """
+    import socket
+
+    from koboldfs.auth import Credentials, read_secret_file
+
+    path = _setting(args, "secret_file", "KOBOLDFS_SECRET_FILE")
+    credentials = None
+    if path is not None:
+        try:
+            secret = read_secret_file(path)[0]
+        except ValueError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        credentials = Credentials(cluster_secret=secret, name=f"admin@{socket.gethostname()}")
+    elif needed:
+        raise CommandError(
+            "give the servers' cluster secret: --secret-file, KOBOLDFS_SECRET_FILE or "
+            f"secret_file in {config_path()}",
+            EXIT_USAGE,
+        )
+    return {"credentials": credentials, **_tls(args)}
 
 
 def _run_admin(args: argparse.Namespace) -> int:
@@ -797,6 +1090,10 @@ async def admin(reactor: Any, argv: Sequence[str]) -> int:
 
 async def _admin(reactor: Any, args: argparse.Namespace) -> int:
     try:
+        if args.admin_func in (admin_status, admin_servers) and _through_servers(args):
+            view = await _ask_servers(reactor, args, held=args.admin_func is admin_servers)
+            result: int = await args.admin_func(view, args, reactor)
+            return result
         return await _with_store(reactor, args)
     except CommandError as e:
         _say(e.message)
@@ -849,6 +1146,97 @@ async def _with_store(reactor: Any, args: argparse.Namespace) -> int:
         raise CommandError(str(e), EXIT_USAGE) from None
     finally:
         await store.stop()
+
+
+def _through_servers(args: argparse.Namespace) -> bool:
+    """
+    Whether C{admin status} and C{servers} ask a server rather than the
+    database: when no database is named (C{--db}, C{KOBOLDFS_DB}, C{db} in
+    the config file) and a cluster secret or servers are.
+    """
+    return _setting(args, "db", "KOBOLDFS_DB") is None and (
+        _setting(args, "secret_file", "KOBOLDFS_SECRET_FILE") is not None
+        or _setting(args, "servers", "KOBOLDFS_SERVERS") is not None
+    )
+
+
+class _ServerView:
+    """
+    What C{admin status} and C{admin servers} read of the metadata, as a
+    server answered CLUSTER_STATUS: the same methods as the store's.
+    Heartbeats are moved onto our clock, so that a workstation whose
+    clock is off still sees who is down as the servers do.
+    """
+
+    def __init__(self, reply: Any, address: str, now: float) -> None:
+        from koboldfs.interfaces import ServerInfo
+        from koboldfs.metadata.health import Health
+
+        skew = now - reply["now"]
+        self.url = f"server {reply.get('server', address)} at {address}"
+        self._servers = [
+            _known(ServerInfo, {**s, "heartbeat": s["heartbeat"] + skew if s["heartbeat"] else 0.0})
+            for s in reply["servers"]
+        ]
+        self._health = _known(Health, reply["health"])
+        self._held = reply["held"] or {}
+
+    async def servers(self) -> list[Any]:
+        return self._servers
+
+    async def health(self) -> Any:
+        return self._health
+
+    async def files_held(self) -> dict[str, int]:
+        return dict(self._held)
+
+
+def _known(cls: Any, fields: dict[str, Any]) -> Any:
+    """
+    A C{cls} dataclass of the C{fields} it has: a newer server may send more.
+    """
+    import dataclasses
+
+    return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+
+
+async def _ask_servers(reactor: Any, args: argparse.Namespace, held: bool) -> _ServerView:
+    """
+    Ask the listed servers, in turn, for CLUSTER_STATUS, as a peer.
+    """
+    from koboldfs.connection import ConnectionCache
+    from koboldfs.errors import AuthRequired, Forbidden
+    from koboldfs.protocol import Op
+
+    servers = _servers(args)
+    pool = ConnectionCache(reactor, 30.0, 5.0, **_peer_options(args, needed=True))
+    errors = []
+    try:
+        for address in servers:
+            try:
+                conn = await pool.acquire(address)
+                try:
+                    reply = await conn.request(Op.CLUSTER_STATUS, {"held": held})
+                finally:
+                    pool.release(address, conn)
+            except (AuthRequired, Forbidden) as e:
+                raise CommandError(
+                    f"{address} refused the cluster secret: {e}; give the servers' own "
+                    "--secret-file",
+                    EXIT_UNAVAILABLE,
+                ) from None
+            except KoboldError as e:
+                errors.append(f"{address}: {e}")
+                continue
+            fields = {**reply.fields, "server": conn.server}
+            return _ServerView(fields, address, reactor.seconds())
+    finally:
+        await pool.close()
+    raise CommandError(
+        f"no server answered CLUSTER_STATUS ({'; '.join(errors)}): {SERVERS_HINT} "
+        "(or give --db to read the metadata database directly)",
+        EXIT_UNAVAILABLE,
+    )
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: str = "") -> str:
@@ -1009,6 +1397,68 @@ def _admin_namespace(name: str) -> str:
         raise CommandError(str(e), EXIT_USAGE) from None
 
 
+async def admin_key_create(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    name = _admin_namespace(args.namespace)
+    created = await store.namespace(name) is None
+    key = await store.create_key(name, readonly=args.readonly)
+    if created:
+        _say(f"namespace {name!r} did not exist: created with the default settings")
+    _say(
+        f"a {'read-only' if args.readonly else 'read-write'} key of namespace {name!r}; "
+        "store it now, it is not shown again:"
+    )
+    print(key)
+    return EXIT_OK
+
+
+async def admin_key_list(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if args.namespace is None:
+        names = [ns.name for ns in await store.namespaces()]
+    else:
+        names = [_admin_namespace(args.namespace)]
+        if await store.namespace(names[0]) is None:
+            raise CommandError(
+                f"no namespace {names[0]!r}: see `koboldfs admin namespaces`", EXIT_NOT_FOUND
+            )
+    rows = [
+        (
+            key.key_id,
+            key.namespace,
+            "read-only" if key.readonly else "read-write",
+            _utc(key.created),
+        )
+        for name in names
+        for key in await store.keys(name)
+    ]
+    if not rows:
+        _say("no key yet: make one with `koboldfs admin key create NS`")
+        return EXIT_OK
+    print(_table(("KEY ID", "NAMESPACE", "ACCESS", "CREATED"), rows))
+    return EXIT_OK
+
+
+async def admin_key_revoke(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    from koboldfs.auth import parse_key
+
+    name = _admin_namespace(args.namespace)
+    key_id = args.key_id
+    if key_id.startswith("kfs1."):
+        try:
+            key_id = parse_key(key_id)[0]
+        except InvalidName as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+    if not await store.revoke_key(name, key_id):
+        raise CommandError(
+            f"no key {key_id!r} in namespace {name!r}: see `koboldfs admin key list {name}`",
+            EXIT_NOT_FOUND,
+        )
+    print(
+        f"{name}/{key_id}: revoked; new connections with it are refused, open ones end "
+        "within the servers' --key-check-interval (10 s by default)"
+    )
+    return EXIT_OK
+
+
 async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     """
     The cluster's health as the metadata tells it: exit 1 (degraded) when a
@@ -1038,8 +1488,9 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
         from twisted.internet import defer
 
         up = [s for s in servers if not _down(s, now, args.down_after)]
+        ca = _tls(args)["ca"]
         pages = await defer.gatherResults(
-            [defer.ensureDeferred(_status_page(reactor, s)) for s in up]
+            [defer.ensureDeferred(_status_page(reactor, s, ca)) for s in up]
         )
         for s, page in zip(up, pages, strict=True):
             print(f"  {s.name}: {page}")
@@ -1061,12 +1512,15 @@ async def admin_status(store: Any, args: argparse.Namespace, reactor: Any) -> in
     return EXIT_OK
 
 
-async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
+async def _status_page(
+    reactor: Any, server: Any, ca: str | None = None, timeout: float = 5.0
+) -> str:
     """
     A server's own figures from its status page (C{/status.json} under its
-    public URL), in a line: its scrub's progress and its copies waiting
-    for a retry.  Never fails: a server whose public URL is another web
-    server (nginx, a CDN) has no status page there.
+    public URL; over HTTPS trusting C{ca}, or the system's certificates),
+    in a line: its scrub's progress and its copies waiting for a retry.
+    Never fails: a server whose public URL is another web server (nginx,
+    a CDN) has no status page there.
     """
     import json
 
@@ -1092,7 +1546,14 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
 
     url = server.public_url.rstrip("/") + "/status.json"
     pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
+    options: dict[str, Any] = {}
+    if ca is not None:
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        from koboldfs.connection import trust_root
+
+        options["contextFactory"] = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca))
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool, **options)
     try:
         d = agent.request(b"GET", url.encode())
         d.addTimeout(timeout, reactor)
@@ -1120,6 +1581,27 @@ async def _status_page(reactor: Any, server: Any, timeout: float = 5.0) -> str:
     return f"{state}; {retries} copies to retry"
 
 
+async def _can_check(pool: Any, servers: list[Any]) -> None:
+    """
+    Connect once to each server: one that refuses fsck's credentials
+    would refuse every copy, so say it once, and how to fix it.
+    """
+    from koboldfs.errors import AuthRequired, Forbidden
+
+    for server in servers:
+        try:
+            conn = await pool.acquire(server.address)
+        except (AuthRequired, Forbidden) as e:
+            raise CommandError(
+                f"server {server.name} ({server.address}) refused fsck: {e}; fsck connects "
+                "as a peer: give the servers' cluster secret with --secret-file",
+                EXIT_UNAVAILABLE,
+            ) from None
+        except KoboldError:
+            continue  # its copies are reported unchecked
+        pool.release(server.address, conn)
+
+
 async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     """
     Ask each server holding a copy of each live file for it (a GET of its
@@ -1142,7 +1624,12 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
     if namespace is not None and namespace not in namespaces:
         raise CommandError(f"no namespace {namespace!r}: see `koboldfs admin namespaces`", 1)
     now = reactor.seconds()
-    pool = ConnectionCache(reactor, 60.0, 5.0)
+    pool = ConnectionCache(reactor, 60.0, 5.0, **_peer_options(args))
+    try:
+        await _can_check(pool, [s for s in servers.values() if s.is_up(now, args.down_after)])
+    except BaseException:
+        await pool.close()
+        raise
     limit = defer.DeferredSemaphore(args.concurrency)
     problems: list[str] = []
     counts = dict.fromkeys(

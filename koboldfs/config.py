@@ -70,6 +70,9 @@ class ServerConfig:
     auth: str = "auto"
     #: Cluster secrets: the first is proved to peers, all are accepted.
     cluster_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    #: Seconds between checks that the keys of open connections still
+    #: exist: how long a revoked key's open connection may live on.
+    key_check_interval: float = 10.0
     #: Peers speak TLS, trusting the certificates in this PEM file.
     tls_ca: str | None = None
     # Limits (docs/security.md); each refusal is an ERROR frame saying which.
@@ -160,6 +163,7 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         reserve=_reserve(values["reserve"]),
         handshake_timeout=_number(values, "handshake_timeout"),
         frame_timeout=_number(values, "frame_timeout"),
+        key_check_interval=_number(values, "key_check_interval"),
         tls_ca=_readable(values.get("tls_ca")),
         cluster_secrets=read_secret_file(values["secret_file"])
         if values.get("secret_file")

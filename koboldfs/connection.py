@@ -448,7 +448,7 @@ class ConnectionCache:
             raise AuthRequired(
                 ErrorCode.AUTH_REQUIRED,
                 f"server {proto.server} requires authentication: pass key= "
-                "(made by `koboldfs admin namespace create`)",
+                "(made by `koboldfs admin key create NAMESPACE`)",
             )
         nonce = welcome.get("nonce")
         if not isinstance(nonce, str) or len(nonce) < 32:

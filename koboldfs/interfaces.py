@@ -519,6 +519,19 @@ class INode(Interface):
         server gave; fire with the L{koboldfs.auth.Grant} it earns.
         """
 
+    def revoked(grants):
+        """
+        Fire with the set of those L{koboldfs.auth.Grant}s whose key has
+        been revoked since they were earned (docs/security.md).
+        """
+
+    def cluster_status(held=False):
+        """
+        Fire with the fields of the OK reply to CLUSTER_STATUS
+        (docs/protocol.md): the servers and health as the metadata has
+        them, this server's clock, and each server's files if C{held}.
+        """
+
     # -- requests
 
     def lookup(ns, key, txn=None):

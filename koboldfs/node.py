@@ -25,9 +25,10 @@ error form.  See docs/architecture.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -188,8 +189,38 @@ class Node:
             message = auth_message("key", server_nonce, client_nonce, self.name, f"{ns}/{key_id}")
             if found is None or not check_key_proof(found.stored_key, message, proof):
                 raise Forbidden(ErrorCode.FORBIDDEN, f"wrong key for namespace {ns!r}")
-            return Grant(ns, not found.readonly)
+            return Grant(ns, not found.readonly, key_id=key_id)
         raise ProtocolError(f"unknown AUTH method {method!r}", ErrorCode.BAD_REQUEST)
+
+    async def revoked(self, grants: Iterable[Grant]) -> set[Grant]:
+        """
+        Those of C{grants} earned with a key that is no longer in the
+        metadata: one read of the keys of each namespace they name.
+        """
+        by_namespace: dict[str, list[Grant]] = {}
+        for grant in grants:
+            if grant.key_id is not None and grant.namespace is not None:
+                by_namespace.setdefault(grant.namespace, []).append(grant)
+        gone: set[Grant] = set()
+        for ns, held in by_namespace.items():
+            current = {key.key_id for key in await self.store.keys(ns)}
+            gone.update(grant for grant in held if grant.key_id not in current)
+        return gone
+
+    async def cluster_status(self, held: bool = False) -> dict[str, Any]:
+        """
+        The registered servers and the cluster's health, as the metadata
+        has them now, with this server's clock (C{now}) to read the
+        heartbeats against; and, if C{held}, how many live files each
+        server holds (a count over every copy).
+        """
+        store = self.store
+        return {
+            "now": self.clock.seconds(),
+            "servers": [dataclasses.asdict(s) for s in await store.servers()],
+            "health": dataclasses.asdict(await store.health()),
+            "held": await store.files_held() if held else None,
+        }
 
     # -- requests
 

@@ -73,6 +73,10 @@ class Op(IntEnum):
     #: Server to server: a copy of a put's body, streamed while the put
     #: arrives, for write durability (koboldfs.forwarding).
     REPLICA_PUT = 0x30
+    #: To a server, from an operator proving the cluster secret: the
+    #: registered servers and the cluster's health, as the metadata has
+    #: them (C{koboldfs admin status} without the database).
+    CLUSTER_STATUS = 0x31
     DATA = 0x40
     END = 0x41
     OK = 0x50
@@ -84,7 +88,19 @@ class Op(IntEnum):
 TXN_REQUESTS = frozenset({Op.BEGIN, Op.PREPARE, Op.COMMIT, Op.ABORT})
 #: Requests a client may send once the handshake is done.
 REQUESTS = (
-    frozenset({Op.PING, Op.PUT, Op.GET, Op.GET_URL, Op.DELETE, Op.STAT, Op.LIST, Op.REPLICA_PUT})
+    frozenset(
+        {
+            Op.PING,
+            Op.PUT,
+            Op.GET,
+            Op.GET_URL,
+            Op.DELETE,
+            Op.STAT,
+            Op.LIST,
+            Op.REPLICA_PUT,
+            Op.CLUSTER_STATUS,
+        }
+    )
     | TXN_REQUESTS
 )
 
@@ -157,6 +173,7 @@ SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     Op.COMMIT: {"txn": ("str", True), "prepared": ("bool", False)},
     Op.ABORT: {"txn": ("str", True)},
     Op.REPLICA_PUT: {"fid": ("str", True), "path": ("str", True), "size": ("int_or_null", False)},
+    Op.CLUSTER_STATUS: {"held": ("bool", False)},
     Op.END: {"sha256": ("sha256", False), "abort": ("bool", False)},
     Op.OK: {},
     Op.FILE: {"size": ("int", True), "sha256": ("sha256", True)},

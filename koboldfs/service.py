@@ -252,11 +252,16 @@ class KoboldService(MultiService):
             reactor,
             now=False,
         )
+        self.connections = ServerFactory(self.node, self.metrics)
         self.binary = _listener(
-            "binary",
+            "binary", reactor, with_backlog(config.listen, config.backlog), self.connections
+        )
+        self.key_check = Periodic(
+            f"key check of {config.name}",
+            self.connections.check_keys,
+            config.key_check_interval,
             reactor,
-            with_backlog(config.listen, config.backlog),
-            ServerFactory(self.node, self.metrics),
+            now=False,
         )
         self.http = _listener(
             "http",
@@ -292,6 +297,7 @@ class KoboldService(MultiService):
             self.orphans,
             self.status,
             self.txn_sweeper,
+            self.key_check,
         ]
         names = (
             "heartbeat",
@@ -301,6 +307,7 @@ class KoboldService(MultiService):
             "orphans",
             "status",
             "transactions",
+            "key check",
         )
         for service, name in zip(self._background, names, strict=True):
             service.setName(name)

@@ -119,6 +119,14 @@ class Options(usage.Options):
             " else keys [default: auto]",
         ],
         [
+            "key-check-interval",
+            None,
+            None,
+            "seconds between checks that the keys of open connections are not revoked:"
+            " a revoked key's connections end within this [default:"
+            f" {DEFAULTS['key_check_interval']}]",
+        ],
+        [
             "secret-file",
             None,
             None,

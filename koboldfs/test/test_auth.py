@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from koboldfs import auth
 from koboldfs.errors import AuthRequired, ErrorCode, Forbidden, Unavailable
 from koboldfs.protocol import VERSION, FrameDecoder, Op, encode_data, encode_message
-from koboldfs.binaryserver import ServerProtocol
+from koboldfs.binaryserver import ServerFactory, ServerProtocol
 from koboldfs.storage import relpath_for
 from koboldfs.tap import Options
 from koboldfs.testing import MemoryCluster, MemoryServer
@@ -250,6 +250,36 @@ class HandshakeTests(_KeysServer, SynchronousTestCase):
         data = os.path.join(self.server.config.data, "files")
         self.assertEqual([f for _, _, fs in os.walk(data) for f in fs], [])
 
+    def test_clusterStatusForPeersOnly(self) -> None:
+        """
+        CLUSTER_STATUS tells the cluster's layout to holders of the cluster
+        secret, not to a client with a namespace key, whose connection
+        goes on.
+        """
+        proto, transport, welcome = self.connect()
+        creds = auth.Credentials("ns", self.rw)
+        proto.dataReceived(
+            encode_message(Op.AUTH, creds.fields(welcome["nonce"], welcome["server"]))
+        )
+        self.assertEqual(self.frames(transport)[0].op, Op.OK)
+        proto.dataReceived(encode_message(Op.CLUSTER_STATUS, {}))
+        [error] = self.frames(transport)
+        self.assertEqual(error["code"], ErrorCode.FORBIDDEN)
+        self.assertIn("cluster secret", error["message"])
+        self.server.config.cluster_secrets = (b"s" * 20,)
+        proto, transport, welcome = self.connect()
+        creds = auth.Credentials(cluster_secret=b"s" * 20, name="admin")
+        proto.dataReceived(
+            encode_message(Op.AUTH, creds.fields(welcome["nonce"], welcome["server"]))
+        )
+        self.assertEqual(self.frames(transport)[0].op, Op.OK)
+        proto.dataReceived(encode_message(Op.CLUSTER_STATUS, {"held": True}))
+        self.server.pump()
+        [ok] = self.frames(transport)
+        self.assertEqual(ok.op, Op.OK)
+        self.assertEqual(set(ok.fields), {"now", "servers", "health", "held"})
+        self.assertEqual(ok["health"]["files"], 0)
+
     def test_badAuthFrames(self) -> None:
         """
         Malformed AUTH frames are refused and close the connection.
@@ -265,6 +295,51 @@ class HandshakeTests(_KeysServer, SynchronousTestCase):
             [error] = self.frames(transport)
             self.assertEqual(error.op, Op.ERROR, fields)
             self.assertTrue(transport.disconnecting, fields)
+
+    def test_revokedWhileOpen(self) -> None:
+        """
+        The factory's key check ends the open connections of a revoked key,
+        even one in the middle of an upload (which stores nothing), with a
+        FORBIDDEN error saying so; connections of other keys and of peers
+        go on.
+        """
+        s = self.server
+        factory = ServerFactory(s.node, s.metrics)
+        connections = {}
+        for name, key in (("uploading", self.rw), ("idle", self.rw), ("other", self.ro)):
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(encode_message(Op.HELLO, {"versions": [VERSION]}))
+            self.decoder = FrameDecoder()
+            [welcome] = self.frames(transport)
+            creds = auth.Credentials("ns", key)
+            proto.dataReceived(
+                encode_message(Op.AUTH, creds.fields(welcome["nonce"], welcome["server"]))
+            )
+            self.assertEqual(self.frames(transport)[0].op, Op.OK)
+            connections[name] = (proto, transport)
+        self.assertEqual(len(factory.connections), 3)
+        uploading, transport = connections["uploading"]
+        uploading.dataReceived(encode_message(Op.PUT, {"ns": "ns", "key": "big", "size": 8}))
+        uploading.dataReceived(encode_data(b"half"))
+        self.assertEqual(s.flush(factory.check_keys()), 0)  # nothing revoked yet
+        self.assertFalse(transport.disconnecting)
+
+        self.assertTrue(s.flush(s.store.revoke_key("ns", auth.parse_key(self.rw)[0])))
+        self.assertEqual(s.flush(factory.check_keys()), 2)
+        for name in ("uploading", "idle"):
+            proto, transport = connections[name]
+            [error] = self.frames(transport)
+            self.assertEqual(error["code"], ErrorCode.FORBIDDEN, name)
+            self.assertIn("was revoked", error["message"])
+            self.assertTrue(transport.disconnecting, name)
+        self.assertEqual(s.node.uploads, 0)
+        self.assertIsNone(s.flush(s.store.lookup("ns", "big")))
+        other, transport = connections["other"]
+        self.assertFalse(transport.disconnecting)
+        other.dataReceived(encode_message(Op.PING))
+        self.assertEqual(self.frames(transport)[0].op, Op.OK)
 
     def test_openServer(self) -> None:
         """

@@ -42,6 +42,7 @@ EXAMPLES = [
     Message(Op.STAT, {"ns": "demo", "key": "k"}),
     Message(Op.LIST, {"ns": "demo", "prefix": "a", "after": None, "limit": 10}),
     Message(Op.REPLICA_PUT, {"fid": "ab" * 16, "path": "files/ab/ab/" + "ab" * 16, "size": 3}),
+    Message(Op.CLUSTER_STATUS, {"held": True}),
     Message(Op.BEGIN, {"ns": "demo"}),
     Message(Op.PUT, {"ns": "demo", "key": "k", "size": 1, "txn": "0" * 32}),
     Message(Op.PREPARE, {"txn": "0" * 32, "record": True}),
