@@ -28,6 +28,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from koboldfs.errors import InvalidName
 
 #: Prefix and version of the key format.
@@ -266,3 +271,78 @@ def is_local_endpoint(description: str) -> bool:
         return False
     interface = match.group(1).replace("\x00", ":")
     return interface in ("localhost", "::1") or interface.startswith("127.")
+
+
+# -- S3 credentials (docs/security.md, "S3 credentials")
+
+#: What the key that seals S3 secrets is derived for, and the sealed form's
+#: version.
+_S3_SEAL_INFO = b"koboldfs s3 credential sealing key v1"
+_S3_SEALED = "s3seal1"
+_S3_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+#: An access key id: "KFS" and 17 base-32 characters, 20 as AWS's are.
+S3_ACCESS_KEY = re.compile(r"KFS[A-Z2-7]{17}\Z")
+
+
+def new_s3_credential() -> tuple[str, str]:
+    """
+    A fresh C{(access key id, secret)}: 85 random bits name it, 240 are
+    the secret (40 URL-safe characters, as long as AWS's).
+    """
+    access_key = "KFS" + "".join(secrets.choice(_S3_KEY_ALPHABET) for _ in range(17))
+    return access_key, secrets.token_urlsafe(30)
+
+
+def _s3_sealing_key(cluster_secret: bytes) -> bytes:
+    """
+    HKDF-SHA256 of a cluster secret, for sealing S3 secrets only.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_S3_SEAL_INFO).derive(
+        cluster_secret
+    )
+
+
+def _key_tag(key: bytes) -> str:
+    """
+    Which sealing key sealed a secret (so that opening tries the right
+    one first), revealing nothing of it.
+    """
+    return hmac.new(key, b"key tag", hashlib.sha256).hexdigest()[:8]
+
+
+def seal_s3_secret(cluster_secret: bytes, access_key: str, secret: str) -> str:
+    """
+    The stored form of an S3 secret: AES-256-GCM under a key derived from
+    C{cluster_secret}, bound to C{access_key} (the additional data, so a
+    sealed secret copied to another credential's row does not open).
+    SigV4 needs the secret itself, so it cannot be kept as a hash.
+    """
+    key = _s3_sealing_key(cluster_secret)
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(key).encrypt(nonce, secret.encode("utf-8"), access_key.encode("ascii"))
+    return f"{_S3_SEALED}.{_key_tag(key)}.{_b64(nonce + sealed)}"
+
+
+def open_s3_secret(cluster_secrets: tuple[bytes, ...], access_key: str, sealed: str) -> str | None:
+    """
+    The secret L{seal_s3_secret} sealed, opened with whichever of
+    C{cluster_secrets} sealed it (several during a rotation); None if
+    none did, or the sealed form was changed.
+    """
+    try:
+        version, tag, body = sealed.split(".")
+        data = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:
+        return None
+    if version != _S3_SEALED or len(data) < 12 + 16:
+        return None
+    for cluster_secret in cluster_secrets:
+        key = _s3_sealing_key(cluster_secret)
+        if _key_tag(key) != tag:
+            continue
+        try:
+            secret = AESGCM(key).decrypt(data[:12], data[12:], access_key.encode("ascii"))
+        except InvalidTag:
+            return None
+        return secret.decode("utf-8")
+    return None

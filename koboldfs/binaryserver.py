@@ -25,6 +25,7 @@ from koboldfs.errors import (
     ErrorCode,
     Forbidden,
     KoboldError,
+    NotFound,
     ProtocolError,
     ServerError,
 )
@@ -60,15 +61,20 @@ ABORT_AFTER = 5.0
 
 def stat_fields(info: FileInfo) -> dict[str, Any]:
     """
-    A file's metadata as the fields of an OK reply to STAT and PUT.
+    A file's metadata as the fields of an OK reply to STAT and PUT, with
+    its content type if it was stored with one (through S3).
     """
-    return {
+    fields: dict[str, Any] = {
         "key": info.key,
         "size": info.size,
         "sha256": info.sha256,
         "created": info.created,
         "servers": list(info.replicas),
     }
+    content_type = (info.attributes or {}).get("content-type")
+    if content_type is not None:
+        fields["content_type"] = content_type
+    return fields
 
 
 class _State(Enum):
@@ -384,6 +390,19 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
         info: FileInfo = await self.node.lookup(msg["ns"], msg["key"], msg.get("txn"))
         return info
 
+    async def _stored(self, msg: Message) -> FileInfo:
+        """
+        The stored file a peer's GET names by its fid (a part of a
+        multipart upload, which is no key's live version).
+        """
+        grant = self.grant
+        if not (self.node.open or (grant is not None and grant.peer)):
+            raise Forbidden(ErrorCode.FORBIDDEN, "only peers GET by fid")
+        info = await self.node.store.stored_file(msg["fid"])
+        if info is None or (info.namespace, info.key) != (msg["ns"], msg["key"]):
+            raise NotFound(ErrorCode.NOT_FOUND, f"no stored file {msg['fid']} of {msg['key']!r}")
+        return info
+
     async def _txn(self, msg: Message) -> None:
         node = self.node
         if msg.op is Op.BEGIN:
@@ -418,7 +437,10 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
     # -- GET: the core's body source, written as FILE, DATA..., END
 
     async def _get(self, msg: Message) -> None:
-        info = await self._lookup(msg)
+        if "fid" in msg.fields:
+            info = await self._stored(msg)
+        else:
+            info = await self._lookup(msg)
         body = await self.node.get(info, local=bool(msg.get("local")), txn=msg.get("txn"))
         await body.send(_FrameSink(self, info))
         if not self.closing:
@@ -475,17 +497,19 @@ class ServerProtocol(FrameProtocol, TimeoutMixin):
                 self._abort_put()
                 self.sendError(ErrorCode.BAD_REQUEST, "upload aborted by the client")
                 self._idle()
-            elif "sha256" not in frame.fields:
+            elif "sha256" not in frame.fields and not isinstance(stream, CopyStream):
+                # A peer's copy may come without one (its client gave none,
+                # as S3 clients may not): the peer checks our digest.
                 raise ProtocolError("END of a PUT needs sha256", ErrorCode.BAD_REQUEST)
             else:
                 self._state = _State.BUSY
-                defer.ensureDeferred(self._finish_put(stream, frame["sha256"])).addErrback(
+                defer.ensureDeferred(self._finish_put(stream, frame.get("sha256"))).addErrback(
                     self._requestFailed, Op.PUT
                 )
         else:
             raise ProtocolError(f"{frame.op.name} inside a PUT body", ErrorCode.BAD_REQUEST)
 
-    async def _finish_put(self, stream: PutStream | CopyStream, sha256: str) -> None:
+    async def _finish_put(self, stream: PutStream | CopyStream, sha256: str | None) -> None:
         try:
             if isinstance(stream, CopyStream):
                 size, digest = await stream.finish(sha256)

@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from koboldfs import __version__
 from koboldfs.errors import ConnectionFailed, InvalidName, KoboldError
-from koboldfs.interfaces import ServerState
+from koboldfs.interfaces import S3Grant, ServerState
 from koboldfs import humanize
-from koboldfs.names import check_key, check_namespace
+from koboldfs.names import check_key, check_namespace, is_bucket_name
 from koboldfs.placement import missing_copies, wanted_copies
 
 #: Exit statuses.  C{EXIT_NOT_FOUND} is also C{admin status}'s "degraded".
@@ -328,6 +328,21 @@ def make_parser() -> argparse.ArgumentParser:
         privacy.add_argument(
             "--public", dest="private", action="store_const", const=False, help="the opposite"
         )
+        public_read = p.add_mutually_exclusive_group()
+        public_read.add_argument(
+            "--public-read",
+            dest="public_read",
+            action="store_const",
+            const=True,
+            help="S3 serves its objects to anonymous GET and HEAD (docs/s3-store.md)",
+        )
+        public_read.add_argument(
+            "--no-public-read",
+            dest="public_read",
+            action="store_const",
+            const=False,
+            help="S3 serves nothing anonymously (the default)",
+        )
         template = p.add_mutually_exclusive_group()
         template.add_argument(
             "--url-template", metavar="T", help="how URLs are built (docs/http.md)"
@@ -339,6 +354,38 @@ def make_parser() -> argparse.ArgumentParser:
             const="",
             help="back to the servers' --public-url",
         )
+    p = sub.add_parser("s3", help="the S3 front end", description="The S3 front end.")
+    s3 = p.add_subparsers(dest="s3_command", metavar="COMMAND", required=True)
+    p = s3.add_parser(
+        "credential",
+        help="make, list and revoke S3 credentials",
+        description="Make, list and revoke S3 credentials (docs/security.md).",
+    )
+    credential = p.add_subparsers(dest="credential_command", metavar="COMMAND", required=True)
+    p = admin_command(
+        credential,
+        "create",
+        "make a credential; prints its access key id and secret, shown this once",
+        admin_s3_create,
+    )
+    p.add_argument(
+        "--ns",
+        dest="grants",
+        action="append",
+        default=[],
+        metavar="NS[:ro]",
+        help="a namespace (bucket) it may use, read-write or with :ro read-only; repeat",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="every namespace, and bucket administration (create, delete, list all)",
+    )
+    admin_command(credential, "list", "the credentials, their grants and use", admin_s3_list)
+    p = admin_command(
+        credential, "revoke", "revoke a credential: refused from now on", admin_s3_revoke
+    )
+    p.add_argument("access_key", metavar="ACCESS_KEY_ID")
     p = sub.add_parser(
         "key",
         help="make, list and revoke namespace keys",
@@ -972,6 +1019,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
     print(f"namespace: {session.namespace}")
     print(f"size:      {stat.size}")
     print(f"sha256:    {stat.sha256}")
+    if stat.content_type is not None:
+        print(f"type:      {stat.content_type}")
     print(f"created:   {_utc(stat.created)}")
     print(f"copies:    {len(stat.servers)} ({', '.join(stat.servers) or 'none'})")
     return EXIT_OK
@@ -1317,6 +1366,7 @@ async def admin_namespaces(store: Any, args: argparse.Namespace, reactor: Any) -
             "all" if ns.replicas is None else str(ns.replicas),
             str(ns.min_copies or 1),
             "private" if ns.private else "public",
+            _s3_access(ns),
             _utc(ns.created),
             ns.url_template or "-",
         )
@@ -1325,8 +1375,18 @@ async def admin_namespaces(store: Any, args: argparse.Namespace, reactor: Any) -
     if not rows:
         _say("no namespace yet: the first put to one creates it")
         return EXIT_OK
-    print(_table(("NAME", "REPLICAS", "MIN", "ACCESS", "CREATED", "URL TEMPLATE"), rows))
+    print(_table(("NAME", "REPLICAS", "MIN", "ACCESS", "S3", "CREATED", "URL TEMPLATE"), rows))
     return EXIT_OK
+
+
+def _s3_access(ns: Any) -> str:
+    """
+    How S3 shows namespace C{ns}: not at all (its name is no bucket name),
+    to anonymous readers too, or to credentials only.
+    """
+    if not is_bucket_name(ns.name):
+        return "-"
+    return "public-read" if ns.public_read else "bucket"
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -1345,6 +1405,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["private"] = args.private
     if args.url_template is not None:
         settings["url_template"] = args.url_template or None
+    if args.public_read is not None:
+        settings["public_read"] = args.public_read
     return settings
 
 
@@ -1353,7 +1415,8 @@ def _show_namespace(ns: Any) -> None:
     print(
         f"{ns.name}: replicas {replicas}, min copies {ns.min_copies or 1}, "
         f"{'private' if ns.private else 'public'}, "
-        f"url template {ns.url_template or '(the servers --public-url)'}"
+        f"url template {ns.url_template or '(the servers --public-url)'}, "
+        f"S3 {_s3_access(ns)}"
     )
 
 
@@ -1377,8 +1440,8 @@ async def admin_namespace_set(store: Any, args: argparse.Namespace, reactor: Any
     settings = _settings(args)
     if not settings:
         raise CommandError(
-            "nothing to change: give --replicas, --min-copies, --private/--public "
-            "or --url-template",
+            "nothing to change: give --replicas, --min-copies, --private/--public, "
+            "--public-read/--no-public-read or --url-template",
             EXIT_USAGE,
         )
     if await store.namespace(name) is None:
@@ -1387,6 +1450,76 @@ async def admin_namespace_set(store: Any, args: argparse.Namespace, reactor: Any
             EXIT_NOT_FOUND,
         )
     _show_namespace(await store.set_namespace(name, **settings))
+    return EXIT_OK
+
+
+def _s3_grants(args: argparse.Namespace) -> list[S3Grant]:
+    grants = [S3Grant(None, True)] if args.cluster else []
+    for given in args.grants:
+        name, _, mode = given.partition(":")
+        if mode not in ("", "ro", "rw"):
+            raise CommandError(f"--ns {given!r}: NS, NS:ro or NS:rw", EXIT_USAGE)
+        grants.append(S3Grant(_admin_namespace(name), mode != "ro"))
+    if not grants:
+        raise CommandError("give --ns NS[:ro] (repeatable) or --cluster", EXIT_USAGE)
+    return grants
+
+
+async def admin_s3_create(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    # Imported here: it brings the cryptography package, which the file
+    # commands do not need.
+    from koboldfs.auth import read_secret_file
+
+    grants = _s3_grants(args)
+    # The admin commands' --secret-file: its first secret seals the
+    # credential's.
+    path = _setting(args, "secret_file", "KOBOLDFS_SECRET_FILE")
+    if not path:
+        raise CommandError(
+            "give --secret-file (or KOBOLDFS_SECRET_FILE): the servers' secret file, "
+            "whose first secret seals the credential's",
+            EXIT_USAGE,
+        )
+    secret_file = read_secret_file(path)
+    access_key, secret = await store.create_s3_credential(grants, secret_file[0])
+    print(f"access key id:     {access_key}")
+    print(f"secret access key: {secret}")
+    print(f"grants:            {_grants_text(grants)}")
+    _say("the secret is shown this once: keep it now")
+    return EXIT_OK
+
+
+def _grants_text(grants: Sequence[S3Grant]) -> str:
+    return ", ".join(
+        "cluster" if g.namespace is None else f"{g.namespace}{'' if g.write else ':ro'}"
+        for g in grants
+    )
+
+
+async def admin_s3_list(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    rows = [
+        (
+            info.access_key,
+            _utc(info.created),
+            "never" if info.last_used is None else _utc(info.last_used),
+            _grants_text(info.grants),
+        )
+        for info in await store.s3_credentials()
+    ]
+    if not rows:
+        _say("no S3 credential yet: make one with `koboldfs admin s3 credential create`")
+        return EXIT_OK
+    print(_table(("ACCESS KEY ID", "CREATED", "LAST USED", "GRANTS"), rows))
+    return EXIT_OK
+
+
+async def admin_s3_revoke(store: Any, args: argparse.Namespace, reactor: Any) -> int:
+    if not await store.revoke_s3_credential(args.access_key):
+        raise CommandError(
+            f"no S3 credential {args.access_key!r}: see `koboldfs admin s3 credential list`",
+            EXIT_NOT_FOUND,
+        )
+    print(f"revoked {args.access_key}")
     return EXIT_OK
 
 

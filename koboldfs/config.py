@@ -96,6 +96,9 @@ class ServerConfig:
     pending_timeout: float = 3600.0
     #: Seconds a prepared transaction waits for its commit before abort.
     prepared_timeout: float = 7 * 86400.0
+    #: Seconds after its start that an S3 multipart upload not completed
+    #: is aborted and its parts collected.
+    s3_upload_timeout: float = 7 * 86400.0
 
 
 def _option_value(value: Any) -> str:
@@ -170,6 +173,7 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         else (),
         pending_timeout=_number(values, "pending_timeout"),
         prepared_timeout=_number(values, "prepared_timeout"),
+        s3_upload_timeout=_number(values, "s3_upload_timeout"),
     )
 
 

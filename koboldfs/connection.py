@@ -204,8 +204,12 @@ class ClientProtocol(FrameProtocol, TimeoutMixin):
     def end_put(self, sha256: str | None, abort: bool = False) -> None:
         """
         End a put's body; its answer is now due (unless it came early).
+        Without C{sha256} (its client gave none), the peer answers with the
+        digest of what it stored, for the origin to compare.
         """
-        fields: dict[str, Any] = {"abort": True} if abort else {"sha256": sha256}
+        fields: dict[str, Any] = {"abort": True} if abort else {}
+        if sha256 is not None:
+            fields["sha256"] = sha256
         self.sendMessage(Op.END, fields)
         if self._reply is not None:
             self._waiting = True

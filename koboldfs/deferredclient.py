@@ -65,6 +65,8 @@ SINK_LOW = CHUNK_SIZE
 class Stat:
     """
     What the cluster knows of a stored file.
+
+    @ivar content_type: as stored with it through S3, or None.
     """
 
     key: str
@@ -72,6 +74,7 @@ class Stat:
     sha256: str
     created: float
     servers: tuple[str, ...]
+    content_type: str | None = None
 
     @classmethod
     def from_reply(cls, reply: Message) -> Stat:
@@ -84,6 +87,7 @@ class Stat:
             sha256=reply["sha256"],
             created=reply["created"],
             servers=tuple(reply["servers"]),
+            content_type=reply.get("content_type"),
         )
 
 

@@ -38,7 +38,8 @@ class ErrorCode(IntEnum):
     INTERNAL = 19  # a bug: the server logged a traceback
     TXN_UNKNOWN = 20  # no such transaction: never begun, aborted, or expired
     TXN_STATE = 21  # the transaction cannot do that now (e.g. a put after prepare)
-    DATA_LOST = 22  # no good copy of the file is left anywhere: not retryable
+    PRECONDITION = 22  # a conditional write's condition did not hold: nothing was written
+    DATA_LOST = 23  # no good copy of the file is left anywhere: not retryable
 
 
 #: Codes after which the same request may succeed on another server or later.
@@ -244,3 +245,28 @@ class TransactionError(ServerError):
 
 
 _BY_CODE.update({ErrorCode.TXN_UNKNOWN: TransactionError, ErrorCode.TXN_STATE: TransactionError})
+
+
+class PreconditionFailed(ServerError):
+    """
+    A conditional write (only if absent, only if the live version is a
+    given one) found its condition false when it was to be recorded:
+    nothing was published.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.PRECONDITION, message)
+
+
+class MultipartError(ServerError):
+    """
+    A multipart upload request was refused.
+
+    @ivar s3_code: S3's name for why: C{NoSuchUpload}, C{InvalidPart},
+        C{InvalidPartOrder}, C{EntityTooSmall} or C{InvalidArgument}.
+    """
+
+    def __init__(self, s3_code: str, message: str) -> None:
+        code = ErrorCode.NOT_FOUND if s3_code == "NoSuchUpload" else ErrorCode.BAD_REQUEST
+        super().__init__(code, message)
+        self.s3_code = s3_code

@@ -408,7 +408,7 @@ class Forward:
             if not peer.dropped:
                 peer.conn.end_put(sha256)
         try:
-            size, digest = await put.upload.finish(sha256, put.size, put.path)
+            size, digest = await put.finish(sha256)
         except BaseException:
             # The peers' copies, if durable, are orphans: see koboldfs.orphans.
             self.abort()
@@ -436,18 +436,4 @@ class Forward:
     async def _commit(self, size: int, digest: str) -> FileInfo:
         # The peers' copies of a put that did not commit are orphans.
         node, put = self._node, self._put
-        return await node.publish(
-            put,
-            lambda: node.store.add_file(
-                put.ns,
-                put.key,
-                put.fid,
-                put.path,
-                size,
-                digest,
-                node.clock.seconds(),
-                node.name,
-                also=tuple(self.peers),
-            ),
-            lambda: node.store.lookup(put.ns, put.key),
-        )
+        return await node.record_put(put, size, digest, also=tuple(self.peers))

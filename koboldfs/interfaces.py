@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import Callable, Mapping
 
 from zope.interface import Attribute, Interface
 
@@ -81,6 +81,8 @@ class NamespaceInfo:
     @ivar url_template: how C{get_url} builds its files' URLs, or None for
         the serving server's C{public_url} (L{koboldfs.urls}).
     @ivar private: whether its files are served only by signed URLs.
+    @ivar public_read: whether the S3 front end serves its objects to
+        anonymous GET and HEAD (nothing else is ever anonymous).
     @ivar secret: the key those URLs are signed with; kept out of reprs,
         which end up in logs.
     """
@@ -93,6 +95,7 @@ class NamespaceInfo:
     url_template: str | None = None
     private: bool = False
     secret: str | None = field(default=None, repr=False)
+    public_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,16 @@ class FileInfo:
     @ivar fid: the name the bytes are stored under on every server.
     @ivar path: where the bytes live, relative to each server's data dir.
     @ivar replicas: names of the servers that hold a verified copy.
+    @ivar md5: hex MD5 of the bytes, computed as they arrived (S3 puts);
+        for a multipart object, the MD5 of its parts' binary MD5s; None
+        for a file put without one (the binary protocol).
+    @ivar parts: how many parts a multipart object was assembled from;
+        None for any other file.
+    @ivar part_size: the size of each of its parts but the last, if they
+        were all of one size (as clients make them); else None.
+    @ivar attributes: what a front end stored with the file (the S3
+        headers: content-type, x-amz-meta-*...; see
+        L{koboldfs.attributes}), or None.
     """
 
     id: int
@@ -115,6 +128,166 @@ class FileInfo:
     created: float
     path: str
     replicas: tuple[str, ...] = ()
+    md5: str | None = None
+    parts: int | None = None
+    part_size: int | None = None
+    attributes: Mapping[str, str] | None = field(default=None, hash=False)
+
+    @property
+    def etag(self) -> str:
+        """
+        The file's S3 entity tag, unquoted: see L{etag}.
+        """
+        return etag(self.sha256, self.md5, self.parts)
+
+    def part_range(self, number: int) -> tuple[int, int] | None:
+        """
+        C{(first byte, length)} of part C{number} of a multipart object
+        whose parts but the last were of one size (S3's GetObject
+        C{partNumber}); part 1 of any other file is all of it; None for a
+        part it does not have, or whose bounds were not kept.
+        """
+        if self.parts is None:
+            return (0, self.size) if number == 1 else None
+        if self.part_size is None or not 1 <= number <= self.parts:
+            return None
+        first = (number - 1) * self.part_size
+        return first, (self.size - first if number == self.parts else self.part_size)
+
+
+def etag(sha256: str, md5: str | None, parts: int | None) -> str:
+    """
+    The S3 entity tag of a file, unquoted: its MD5 for a single-part
+    object, S3's C{<md5 of part md5s>-<parts>} for a multipart one, and
+    for a file put without an MD5 its SHA-256 and C{-0}: no client takes
+    that for an MD5 (it is not 32 hex digits, and it has a dash, as
+    multipart tags do) nor for a real multipart tag (no object has zero
+    parts).
+    """
+    if md5 is None:
+        return f"{sha256}-0"
+    if parts is not None:
+        return f"{md5}-{parts}"
+    return md5
+
+
+@dataclass(frozen=True)
+class Extras:
+    """
+    What a put may record with a file beyond its bytes (the S3 front end's
+    MD5 and attributes; a multipart object's number of parts), and its
+    condition: C{if_absent}, only if the key has no live version;
+    C{if_match}, only if the live version's entity tag is this one.
+    """
+
+    md5: str | None = None
+    parts: int | None = None
+    part_size: int | None = None
+    attributes: Mapping[str, str] | None = field(default=None, hash=False)
+    if_absent: bool = False
+    if_match: str | None = None
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """
+    A multipart upload under way (docs/s3-store.md): to be published as
+    C{key} of C{namespace} with C{attributes}.
+    """
+
+    upload_id: str
+    namespace: str
+    key: str
+    attributes: Mapping[str, str] | None = field(hash=False)
+    created: float
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """
+    Part C{number} of a multipart upload: C{file}, a file row of its own in
+    state C{part} (invisible to readers), with its size, SHA-256, MD5 and
+    the servers holding it.
+    """
+
+    number: int
+    file: FileInfo
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def etag(self) -> str:
+        """
+        The part's S3 entity tag: its MD5.
+        """
+        return self.file.etag
+
+
+@dataclass(frozen=True)
+class S3Grant:
+    """
+    What an S3 credential may use: namespace C{namespace} (None: every
+    namespace, and bucket administration: create, delete, list all),
+    read-write if C{write}, else read-only.
+    """
+
+    namespace: str | None
+    write: bool
+
+
+@dataclass(frozen=True)
+class S3CredentialInfo:
+    """
+    An S3 credential as the metadata stores it: its secret sealed under a
+    key derived from the cluster secret (L{koboldfs.auth.seal_s3_secret}).
+    """
+
+    access_key: str
+    sealed: str = field(repr=False)
+    grants: tuple[S3Grant, ...]
+    created: float
+    last_used: float | None = None
+
+
+@dataclass(frozen=True)
+class S3Credential:
+    """
+    An S3 credential opened, for checking signatures: what
+    L{IS3Credentials.lookup} gives the S3 front end.
+    """
+
+    access_key: str
+    secret: str = field(repr=False)
+    grants: tuple[S3Grant, ...] = ()
+
+    def allows(self, namespace: str | None, write: bool) -> bool:
+        """
+        Whether a grant covers C{namespace} (None: bucket administration,
+        which only a cluster-wide grant allows), for writing if C{write}.
+        """
+        return any(
+            (grant.namespace is None or grant.namespace == namespace)
+            and (grant.write or not write)
+            for grant in self.grants
+        )
+
+
+class IS3Credentials(Interface):
+    """
+    The S3 credentials as a server sees them (L{koboldfs.s3creds}).
+    """
+
+    def lookup(access_key):
+        """
+        Fire with the L{S3Credential} of C{access_key}, or None if there is
+        none (never made, revoked, or sealed with no secret this server
+        holds).
+        """
 
 
 class IMetadataStore(Interface):
@@ -190,13 +363,26 @@ class IMetadataStore(Interface):
         disk depend on it).
         """
 
-    def add_file(namespace, key, fid, path, size, sha256, created, server, also=()):
+    def delete_namespace(name):
+        """
+        Remove namespace C{name} if it is empty (no live, pending or part
+        file, no multipart upload, no transaction under way), with its
+        client keys; fire with C{"deleted"}, C{"not-empty"} or
+        C{"missing"}.  Its deleted files' bytes are still reclaimed.
+        """
+
+    def add_file(
+        namespace, key, fid, path, size, sha256, created, server, also=(), extras=NO_EXTRAS
+    ):
         """
         Publish a new version of C{key}, held by C{server} and by the
         servers named in C{also} (copies made durable while it was put),
         creating the namespace on first use.  The previous version, if any, is marked
         deleted in the same transaction, for the replicator to reclaim.
-        Fire with the new L{FileInfo}.
+        C{extras} (an L{Extras}) are recorded with it, and its condition
+        checked in the same transaction (failing with
+        L{koboldfs.errors.PreconditionFailed}).  Fire with the new
+        L{FileInfo}.
         """
 
     def known_fids(fids):
@@ -216,6 +402,12 @@ class IMetadataStore(Interface):
         and its L{NamespaceInfo}, or None: how HTTP finds a file by its URL.
         """
 
+    def stored_file(fid):
+        """
+        Fire with the L{FileInfo} stored as C{fid} if it is live or a part
+        of a multipart upload (what a peer relays by fid), else None.
+        """
+
     def delete(namespace, key, now):
         """
         Mark the live version of C{key} deleted; fire with whether there
@@ -226,6 +418,12 @@ class IMetadataStore(Interface):
         """
         Fire with up to C{limit} live keys that start with C{prefix} and sort
         after C{after} (None: from the start), in code-point order.
+        """
+
+    def list_files(namespace, prefix, after, limit):
+        """
+        As L{list_keys}, with the live L{FileInfo}s (their C{replicas}
+        left empty): what an S3 listing shows.
         """
 
     def add_replica(file_id, server, now):
@@ -357,6 +555,100 @@ class IMetadataStore(Interface):
         """
 
 
+    def create_s3_credential(grants, cluster_secret):
+        """
+        Make an S3 credential with C{grants} (L{S3Grant}s), its secret
+        sealed under C{cluster_secret} (the first of the servers'
+        C{--secret-file}), and fire with C{(access key id, secret)}: the
+        secret is shown this once.
+        """
+
+    def s3_credential(access_key):
+        """
+        Fire with the L{S3CredentialInfo} of C{access_key}, or None.
+        """
+
+    def s3_credentials():
+        """
+        Fire with every L{S3CredentialInfo}, oldest first.
+        """
+
+    def touch_s3_credential(access_key, now):
+        """
+        Record that C{access_key} was used at C{now}.
+        """
+
+    def revoke_s3_credential(access_key):
+        """
+        Forget credential C{access_key}; fire with whether it existed.
+        Announced (C{s3_credential_revoked}), so that servers caching it
+        drop it at once.
+        """
+
+
+    def create_upload(upload_id, namespace, key, attributes):
+        """
+        Open multipart upload C{upload_id} of C{key} (the namespace created
+        if missing), to be published with C{attributes}; fire with its
+        L{UploadInfo}.
+        """
+
+    def find_upload(upload_id):
+        """
+        Fire with the L{UploadInfo} of C{upload_id}, or None.
+        """
+
+    def uploads(namespace, prefix, after, limit):
+        """
+        Fire with up to C{limit} L{UploadInfo}s of C{namespace} whose keys
+        start with C{prefix}, by key then id, after C{after} (a C{(key,
+        upload_id)} pair, or None).
+        """
+
+    def upload_parts(upload_id, after, limit):
+        """
+        Fire with up to C{limit} L{PartInfo}s of C{upload_id} numbered above
+        C{after}, by number, with the servers holding each;
+        L{koboldfs.errors.MultipartError} C{NoSuchUpload} if there is no
+        such upload.
+        """
+
+    def find_part(upload_id, number):
+        """
+        Fire with part C{number} of C{upload_id} (a L{PartInfo}), or None.
+        """
+
+    def add_part(upload_id, number, fid, path, size, sha256, md5, now, server, also=()):
+        """
+        Record part C{number}, stored as C{fid} on C{server} and C{also},
+        replacing (and discarding) a part of that number; fire with its
+        L{PartInfo}.  C{NoSuchUpload} if the upload is gone.
+        """
+
+    def complete_upload(
+        upload_id, chosen, fid, path, size, sha256, now, server, also=(), extras=NO_EXTRAS
+    ):
+        """
+        Publish the object assembled from the parts C{chosen} (C{(number,
+        file id)} pairs) as a new live version of the upload's key, with
+        C{extras} and the upload's attributes, discard every part and close
+        the upload, in one transaction; fire with the L{FileInfo}.
+        C{NoSuchUpload}, or C{InvalidPart} if a chosen part was replaced.
+        """
+
+    def abort_upload(upload_id, now):
+        """
+        Discard the upload and its parts; fire with how many parts.
+        C{NoSuchUpload} if there is none.
+        """
+
+    def expire_uploads(before, now, limit):
+        """
+        Abort up to C{limit} uploads begun before C{before}; fire with
+        their ids.
+        """
+
+
 class ITransactionStore(Interface):
     """
     The metadata of client transactions (docs/transactions.md), kept by
@@ -478,6 +770,11 @@ class INode(Interface):
     open = Attribute("Whether clients may do anything without a key.")
     readonly = Attribute("Whether this server takes no new files (its state is not alive).")
     uploads = Attribute("Puts being received now.")
+    multipart = Attribute("Its L{koboldfs.multipart.Multipart}.")
+    s3_credentials = Attribute(
+        "The L{IS3Credentials} the S3 front end checks signatures with (cached briefly, "
+        "revocations heard at once: L{koboldfs.s3creds})."
+    )
     replica_lost = Attribute(
         "L{koboldfs.events.Listeners} told of each L{FileInfo} whose copy here was "
         "found bad or missing and set aside."
@@ -558,6 +855,11 @@ class INode(Interface):
         first), in code-point order.
         """
 
+    def list_files(ns, prefix, after, limit):
+        """
+        As L{list_keys}, the live L{FileInfo}s (without their replicas).
+        """
+
     def get_url(ns, key, expires=None):
         """
         Fire with the URL of a copy on a live server (signed for
@@ -577,7 +879,7 @@ class INode(Interface):
         one (C{expires}, C{signature}: the URL's, or None).
         """
 
-    def put(ns, key, size, producer, txn=None, failed=None):
+    def put(ns, key, size, producer, txn=None, failed=None, md5=False):
         """
         Begin a put of C{key} (C{size} bytes, or None if not known) and
         return its L{koboldfs.node.PutStream}: the front end writes the
@@ -588,6 +890,10 @@ class INode(Interface):
         if the put fails while the body is still arriving (a peer's copy
         failed), the stream then given up.  Plain, forwarded (copies made
         at the put on other hosts) and transactional puts are one call.
+        With C{md5} (not in a transaction), the MD5 of the body is computed
+        as it arrives and recorded (L{FileInfo.md5}); the stream's
+        C{finish} then takes the client's MD5 to check, the attributes to
+        record and a condition (L{Extras}).
 
         @raise KoboldError: refused at once (busy, read-only, too large,
             bad name).
@@ -599,13 +905,15 @@ class INode(Interface):
         stored at C{path}, not recorded; a L{koboldfs.node.CopyStream}.
         """
 
-    def get(info, local=False, txn=None, first=0, length=None):
+    def get(info, local=False, txn=None, first=0, length=None, exact=False):
         """
         Fire with the body source (L{koboldfs.node.Body}) of C{info}'s bytes
         C{first} to C{first + length} (None: to the end): our copy, verified
         as it is read, or, if we hold no good one and not C{local}, relayed
         from a live peer that does, the next tried if one fails before
         sending.  A copy found bad here is set aside and made again.
+        C{exact}: relay this very file (by its fid), not the key's live
+        version: a part of a multipart upload.
         """
 
     def open_local(info, first=0, length=None, small_whole=True):
@@ -618,6 +926,47 @@ class INode(Interface):
         """
         Our copy of C{info} is missing or bad: set it aside, stop offering
         it, and tell L{replica_lost}.
+        """
+
+    # -- S3: copies and multipart uploads (L{koboldfs.multipart})
+
+    def copy(source, ns, key, attributes=None, if_absent=False, if_match=None):
+        """
+        Fire with a new version of C{key} holding the bytes of C{source} (a
+        L{FileInfo}: a new file, its bytes streamed from a copy, checked
+        against the source's MD5 if it has one) with C{attributes} (None:
+        the source's).  S3's CopyObject, onto the same key too.
+        """
+
+    def create_upload(ns, key, attributes=None):
+        """
+        Open a multipart upload of C{key}; fire with its L{UploadInfo}.
+        """
+
+    def upload_part(upload, number, size, producer, failed=None):
+        """
+        Begin part C{number} (1 to 10,000) of C{upload} (a L{UploadInfo}):
+        a L{koboldfs.node.PutStream} as L{put}'s, its MD5 computed, whose
+        C{finish} fires with the part's file (its C{md5} the part's ETag).
+        """
+
+    def copy_part(upload, number, source, first=0, length=None):
+        """
+        Make part C{number} of C{upload} from bytes C{first} to C{first +
+        length} of C{source}; fire with its L{PartInfo}.
+        """
+
+    def complete_upload(upload_id, parts):
+        """
+        Assemble the object from C{parts} (C{(number, ETag)} pairs, in
+        ascending order) into a new file, publish it and close the upload;
+        fire with its L{FileInfo} (ETag C{<md5 of md5s>-N}).  Fails with
+        L{koboldfs.errors.MultipartError}.
+        """
+
+    def abort_upload(upload_id):
+        """
+        Discard the upload and its parts; fire with how many parts.
         """
 
     # -- client transactions
@@ -659,6 +1008,12 @@ class INode(Interface):
         one left).
         """
 
+    def record_put(put, size, digest, also=()):
+        """
+        Publish a put durable here and on the servers C{also}, with its
+        extras: the one record every put out of a transaction ends with.
+        """
+
     def publish(put, record, lookup, not_recorded=()):
         """
         Record a durable upload with C{record}, removing its bytes if that
@@ -667,39 +1022,3 @@ class INode(Interface):
 
 
 Listener = Callable[[str, dict], None]
-
-
-@dataclass(frozen=True)
-class S3Grant:
-    """
-    What an S3 credential may do: on one namespace (a bucket), or on the
-    whole cluster (C{namespace} None: every bucket, and creating and
-    deleting buckets), read-write or read-only.
-    """
-
-    namespace: str | None
-    write: bool
-
-
-@dataclass(frozen=True)
-class S3Credential:
-    """
-    An S3 access key, its secret (in the clear: only in the server's
-    memory, never logged) and its grants.
-    """
-
-    access_key: str
-    secret: str = field(repr=False)
-    grants: tuple[S3Grant, ...]
-
-
-class IS3Credentials(Interface):
-    """
-    Where the S3 front end finds the secret and grants of an access key.
-    """
-
-    def lookup(access_key):
-        """
-        Fire with the L{S3Credential} of C{access_key}, or None when there
-        is no such key (or it was revoked).
-        """

@@ -74,3 +74,26 @@ def key_upper_bound(prefix: str) -> str | None:
                 nxt = 0xE000
             return "".join(chars) + chr(nxt)
     return None
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+_IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+\Z")
+_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3")
+
+
+def is_bucket_name(name: str) -> bool:
+    """
+    Whether namespace C{name} is also a valid S3 bucket name (S3's general
+    purpose bucket naming rules): 3 to 63 lower-case letters, digits, dots
+    and hyphens, starting and ending with a letter or digit, no two dots
+    in a row, not shaped like an IP address, none of S3's reserved
+    prefixes and suffixes.  Namespaces that are not are kept out of S3.
+    """
+    return (
+        _BUCKET.match(name) is not None
+        and ".." not in name
+        and _IP_LIKE.match(name) is None
+        and not name.startswith(_BUCKET_RESERVED_PREFIXES)
+        and not name.endswith(_BUCKET_RESERVED_SUFFIXES)
+    )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from koboldfs import forwarding
+from koboldfs.attributes import check_attributes
 from koboldfs.auth import (
     Grant,
     auth_message,
@@ -53,22 +54,30 @@ from koboldfs.errors import (
     ErrorCode,
     Forbidden,
     KoboldError,
+    MultipartError,
     NotFound,
+    PreconditionFailed,
     ProtocolError,
     ServerError,
 )
 from koboldfs.events import Listeners
 from koboldfs.interfaces import (
+    NO_EXTRAS,
+    Extras,
     FileInfo,
     IBodySink,
     IMetadataStore,
     INode,
     NamespaceInfo,
+    PartInfo,
     ServerInfo,
     ServerState,
+    UploadInfo,
 )
 from koboldfs.names import check_key, check_namespace
+from koboldfs.multipart import Multipart
 from koboldfs.protocol import CHUNK_SIZE
+from koboldfs.s3creds import S3Credentials
 from koboldfs.storage import PendingPut, Reader, Storage, new_fid, relpath_for, relpath_names
 from koboldfs.txnhandler import TransactionHandler, check_txn_id
 from koboldfs.urls import DEFAULT_EXPIRES, MAX_EXPIRES, check_signature, fill_template, signed_url
@@ -116,6 +125,9 @@ class Node:
         self.unreachable: dict[str, float] = {}
         #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
+        self.s3_credentials = S3Credentials(store, config.cluster_secrets, clock)
+        #: S3's multipart uploads and copies (koboldfs/multipart.py).
+        self.multipart = Multipart(self)
 
     # -- limits
 
@@ -236,7 +248,7 @@ class Node:
         found = await self.store.lookup_fid(fid)
         if found is None or found[0].path != path:
             return None
-        return found  # type: ignore[no-any-return]
+        return found
 
     async def delete(self, ns: str, key: str, txn: str | None = None) -> None:
         """
@@ -255,6 +267,11 @@ class Node:
 
     async def list_keys(self, ns: str, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.store.list_keys(check_namespace(ns), prefix, after, min(limit, MAX_LIST))
+
+    async def list_files(
+        self, ns: str, prefix: str, after: str | None, limit: int
+    ) -> list[FileInfo]:
+        return await self.store.list_files(check_namespace(ns), prefix, after, min(limit, MAX_LIST))
 
     async def get_url(self, ns: str, key: str, expires: int | None = None) -> str:
         """
@@ -315,10 +332,13 @@ class Node:
         producer: IPushProducer,
         txn: str | None = None,
         failed: Callable[[KoboldError], None] | None = None,
+        md5: bool = False,
     ) -> PutStream:
+        if md5 and txn is not None:
+            raise ServerError(ErrorCode.BAD_REQUEST, "a put in a transaction records no MD5")
         self._take_upload()
         try:
-            pending = self._begin_upload(ns, key, size)
+            pending = self._begin_upload(ns, key, size, md5)
         except BaseException:
             self.uploads -= 1
             raise
@@ -356,7 +376,7 @@ class Node:
                     ErrorCode.BAD_REQUEST, f"{path!r} is not a stored path of {fid!r}"
                 )
             self._check_size(size)
-            upload = self.storage.open_upload(path, self.config.max_file_size, size)
+            upload = self.storage.open_upload(path, self.config.max_file_size, size=size)
         except BaseException:
             self.uploads -= 1
             raise
@@ -378,7 +398,7 @@ class Node:
                 ErrorCode.TOO_LARGE, f"{size} bytes is over this server's limit of {limit}"
             )
 
-    def _begin_upload(self, ns: str, key: str, size: int | None) -> PendingPut:
+    def _begin_upload(self, ns: str, key: str, size: int | None, md5: bool) -> PendingPut:
         check_namespace(ns)
         check_key(key)
         if self.readonly:
@@ -386,7 +406,7 @@ class Node:
         self._check_size(size)
         fid = new_fid()
         path = relpath_for(fid, key)
-        upload = self.storage.open_upload(path, self.config.max_file_size, size)
+        upload = self.storage.open_upload(path, self.config.max_file_size, md5, size=size)
         return PendingPut(ns, key, fid, path, size, upload)
 
     async def finish_upload(self, put: PendingPut, sha256: str | None) -> FileInfo:
@@ -395,13 +415,76 @@ class Node:
         alone: only then is it visible.
         """
         await self.place(put)
-        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        size, digest = await put.finish(sha256)
+        return await self.record_put(put, size, digest)
+
+    async def record_put(
+        self, put: PendingPut, size: int, digest: str, also: tuple[str, ...] = ()
+    ) -> FileInfo:
+        """
+        Publish C{put}, durable here and on the servers C{also}, with its
+        extras (L{publish}): how every put that is not in a client
+        transaction is recorded; a part of a multipart upload, or the
+        object that completes one, as such.
+        """
+        now = self.clock.seconds()
+        if put.part is not None:
+            upload_id, number = put.part
+            part = await self.publish(
+                put,
+                lambda: self.store.add_part(
+                    upload_id,
+                    number,
+                    put.fid,
+                    put.path,
+                    size,
+                    digest,
+                    put.upload.md5,
+                    now,
+                    self.name,
+                    also,
+                ).addCallback(lambda part: part.file),
+                lambda: self.store.find_part(upload_id, number).addCallback(
+                    lambda part: None if part is None else part.file
+                ),
+                not_recorded=(MultipartError,),
+            )
+            return part
+        if put.completes is not None:
+            upload_id, chosen = put.completes
+            return await self.publish(
+                put,
+                lambda: self.store.complete_upload(
+                    upload_id,
+                    chosen,
+                    put.fid,
+                    put.path,
+                    size,
+                    digest,
+                    now,
+                    self.name,
+                    also,
+                    put.recorded(),
+                ),
+                lambda: self.store.lookup(put.ns, put.key),
+                not_recorded=(MultipartError, PreconditionFailed),
+            )
         return await self.publish(
             put,
             lambda: self.store.add_file(
-                put.ns, put.key, put.fid, put.path, size, digest, self.clock.seconds(), self.name
+                put.ns,
+                put.key,
+                put.fid,
+                put.path,
+                size,
+                digest,
+                now,
+                self.name,
+                also=also,
+                extras=put.recorded(),
             ),
             lambda: self.store.lookup(put.ns, put.key),
+            not_recorded=(PreconditionFailed,),
         )
 
     async def place(self, put: PendingPut) -> NamespaceInfo | None:
@@ -465,6 +548,7 @@ class Node:
         txn: str | None = None,
         first: int = 0,
         length: int | None = None,
+        exact: bool = False,
     ) -> Body:
         # With no other copy, ours going bad is the file's loss.
         last = list(info.replicas) == [self.name] and not local
@@ -483,7 +567,7 @@ class Node:
                 raise data_lost(info)
         if local:
             raise NotFound(ErrorCode.NOT_FOUND, f"{self.name} holds no copy of {info.key!r}")
-        return _Relayed(self, info, first, _length(info, first, length), txn)
+        return _Relayed(self, info, first, _length(info, first, length), txn, exact)
 
     async def open_local(
         self,
@@ -539,6 +623,50 @@ class Node:
         await self.storage.quarantine(info.path)
         await self.store.quarantine_replica(info.id, self.name)
         self.replica_lost(info)
+
+    # -- S3: copies and multipart uploads (koboldfs/multipart.py)
+
+    async def copy(
+        self,
+        source: FileInfo,
+        ns: str,
+        key: str,
+        attributes: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> FileInfo:
+        return await self.multipart.copy(source, ns, key, attributes, if_absent, if_match)
+
+    async def create_upload(
+        self, ns: str, key: str, attributes: Mapping[str, str] | None = None
+    ) -> UploadInfo:
+        return await self.multipart.create(ns, key, attributes)
+
+    def upload_part(
+        self,
+        upload: UploadInfo,
+        number: int,
+        size: int | None,
+        producer: IPushProducer,
+        failed: Callable[[KoboldError], None] | None = None,
+    ) -> PutStream:
+        return self.multipart.upload_part(upload, number, size, producer, failed)
+
+    async def copy_part(
+        self,
+        upload: UploadInfo,
+        number: int,
+        source: FileInfo,
+        first: int = 0,
+        length: int | None = None,
+    ) -> PartInfo:
+        return await self.multipart.copy_part(upload, number, source, first, length)
+
+    async def complete_upload(self, upload_id: str, parts: list[tuple[int, str]]) -> FileInfo:
+        return await self.multipart.complete(upload_id, parts)
+
+    async def abort_upload(self, upload_id: str) -> int:
+        return await self.multipart.abort(upload_id)
 
     # -- client transactions
 
@@ -664,14 +792,49 @@ class PutStream(_Incoming):
         if self._forward is not None:
             self._forward.abort()
 
-    async def finish(self, sha256: str | None) -> FileInfo:
+    async def finish(
+        self,
+        sha256: str | None,
+        md5: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> FileInfo:
         """
         The end of the body: fire with the published L{FileInfo} once the
         file is durable (on every host its namespace wants) and recorded,
         or fail, having published nothing.
+
+        @param md5: the client's MD5 of the body (hex), checked before
+            anything is published; only for a put begun with C{md5}.
+        @param attributes: recorded with the file (L{koboldfs.attributes}).
+        @param if_absent: publish only if the key has no live version, and
+        @param if_match: only if the live version's entity tag is this;
+            checked as the file is recorded (else
+            L{PreconditionFailed}).
+        @raise AttributesTooLarge: too many C{attributes} (nothing kept).
         """
-        self._finishing = True
+        try:
+            extras = Extras(
+                attributes=check_attributes(attributes), if_absent=if_absent, if_match=if_match
+            )
+            if extras != NO_EXTRAS and self._txn is not None:
+                raise ServerError(
+                    ErrorCode.BAD_REQUEST, "a put in a transaction records no attributes"
+                )
+        except BaseException:
+            self.abort()
+            raise
+        return await self.finish_with(sha256, md5, extras)
+
+    async def finish_with(self, sha256: str | None, md5: str | None, extras: Extras) -> FileInfo:
+        """
+        L{finish} with C{extras} as given, unchecked: those of an object
+        the core assembles (L{koboldfs.multipart}).
+        """
         node, put = self._node, self.put
+        put.md5, put.extras = md5, extras
+        self._finishing = True
         try:
             if self._txn is not None:
                 return await node.txns.finish_upload(put, self._txn, sha256)
@@ -688,9 +851,11 @@ class CopyStream(_Incoming):
     recorded (the peer records it).
     """
 
-    async def finish(self, sha256: str) -> tuple[int, str]:
+    async def finish(self, sha256: str | None) -> tuple[int, str]:
         """
-        Fire with the copy's size and SHA-256 once it is durable here.
+        Fire with the copy's size and SHA-256 once it is durable here:
+        checked against C{sha256} if the peer sent one, and by the peer
+        against its own.
         """
         self._finishing = True
         try:
@@ -811,10 +976,11 @@ class _Relayed(Body):
     """
 
     def __init__(
-        self, node: Node, info: FileInfo, first: int, length: int, txn: str | None
+        self, node: Node, info: FileInfo, first: int, length: int, txn: str | None, exact: bool
     ) -> None:
         super().__init__(node, info, first, length)
         self._txn = txn
+        self._exact = exact
 
     async def send(self, sink: IBodySink) -> None:
         node, info = self._node, self.info
@@ -849,6 +1015,8 @@ class _Relayed(Body):
                 fields: dict[str, Any] = {"ns": info.namespace, "key": info.key, "local": True}
                 if self._txn is not None:
                     fields["txn"] = self._txn
+                if self._exact:
+                    fields["fid"] = info.fid
                 await conn.get(fields, forward)
             except (ServerError, ConnectionFailed) as e:
                 node.peers.release(peer.address, conn)

@@ -158,7 +158,9 @@ SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     },
     Op.PING: {},
     Op.PUT: {**_NAME, "size": ("int_or_null", False), **_TXN},
-    Op.GET: {**_NAME, "local": ("bool", False), **_TXN},
+    # fid: peers only, for a stored file that is not the key's live version
+    # (a part of a multipart upload).
+    Op.GET: {**_NAME, "local": ("bool", False), "fid": ("str", False), **_TXN},
     Op.GET_URL: {**_NAME, "expires": ("int_or_null", False)},
     Op.DELETE: {**_NAME, **_TXN},
     Op.STAT: {**_NAME, **_TXN},

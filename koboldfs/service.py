@@ -28,6 +28,7 @@ from koboldfs.events import Listeners
 from koboldfs.interfaces import FileInfo, IMetadataStore, ServerInfo
 from koboldfs.metadata import store_from_url
 from koboldfs.metrics import Metrics
+from koboldfs.multipart import UploadSweeper, upload_sweep_interval
 from koboldfs.node import Node
 from koboldfs.orphans import OrphanSweeper
 from koboldfs.periodic import Periodic
@@ -241,6 +242,9 @@ class KoboldService(MultiService):
         self.txn_sweeper = TransactionSweeper(
             self.node.txns, reactor, sweep_interval(config.pending_timeout)
         )
+        self.upload_sweeper = UploadSweeper(
+            self.node.multipart, reactor, upload_sweep_interval(config.s3_upload_timeout)
+        )
         self.heartbeat = Periodic(
             f"heartbeat of {config.name}", self._heartbeat, config.heartbeat, reactor, now=False
         )
@@ -297,6 +301,7 @@ class KoboldService(MultiService):
             self.orphans,
             self.status,
             self.txn_sweeper,
+            self.upload_sweeper,
             self.key_check,
         ]
         names = (
@@ -307,6 +312,7 @@ class KoboldService(MultiService):
             "orphans",
             "status",
             "transactions",
+            "uploads",
             "key check",
         )
         for service, name in zip(self._background, names, strict=True):

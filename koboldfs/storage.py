@@ -38,7 +38,7 @@ import re
 import shutil
 import stat
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Callable
 
@@ -60,7 +60,7 @@ from koboldfs.errors import (
     SizeMismatch,
     TooLarge,
 )
-from koboldfs.interfaces import FULL_ROOM
+from koboldfs.interfaces import FULL_ROOM, NO_EXTRAS, Extras
 from koboldfs.protocol import CHUNK_SIZE
 
 FILES = "files"
@@ -338,18 +338,23 @@ class Storage:
         return os.path.join(self.root, *relpath.split("/"))
 
     def open_upload(
-        self, relpath: str, max_size: int | None = None, size: int | None = None
+        self,
+        relpath: str,
+        max_size: int | None = None,
+        md5: bool = False,
+        size: int | None = None,
     ) -> Upload:
         """
         Start writing the file that will appear at C{relpath}, of C{size}
-        bytes if known.
+        bytes if known; with C{md5}, its MD5 is computed too
+        (L{Upload.md5}).
 
         @raise NoSpace: it would not fit above the reserve (or, C{size}
             unknown, the disk is full already).
         """
         self.claim(size or 0)
         try:
-            return Upload(self, relpath, max_size, claimed=size or 0)
+            return Upload(self, relpath, max_size, md5, claimed=size or 0)
         except BaseException:
             self.claimed -= size or 0
             raise
@@ -532,8 +537,9 @@ class UploadState(Enum):
 @implementer(IConsumer)
 class Upload:
     """
-    One file being written: temp file in C{tmp/}, SHA-256 while streaming,
-    then fsync, rename into place, fsync the directory.
+    One file being written: temp file in C{tmp/}, SHA-256 (and MD5 if
+    asked) while streaming, in the thread jobs that write, then fsync,
+    rename into place, fsync the directory.
 
     Bytes are buffered on the reactor and appended by one thread job at a
     time; a registered push producer is paused while too much waits.  The
@@ -541,10 +547,16 @@ class Upload:
 
     @ivar size: bytes accepted so far.
     @ivar state: an L{UploadState}.
+    @ivar md5: the hex MD5 of the file once finished, if it was asked for.
     """
 
     def __init__(
-        self, storage: Storage, relpath: str, max_size: int | None = None, claimed: int = 0
+        self,
+        storage: Storage,
+        relpath: str,
+        max_size: int | None = None,
+        md5: bool = False,
+        claimed: int = 0,
     ) -> None:
         self._storage = storage
         self.relpath = relpath
@@ -569,6 +581,8 @@ class Upload:
         # Thread-job state:
         self._fd: int | None = None
         self._hasher = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+        self.md5: str | None = None
         self._written = 0
 
     # -- IConsumer
@@ -713,6 +727,8 @@ class Upload:
         while view:
             view = view[self._storage._write(self._fd, view) :]
         self._hasher.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
         self._written += len(data)
 
     def _thdAppend(self, chunks: list[bytes]) -> None:
@@ -751,11 +767,16 @@ class Upload:
     # -- the end
 
     def finish(
-        self, sha256: str | None, size: int | None = None, relpath: str | None = None
+        self,
+        sha256: str | None,
+        size: int | None = None,
+        relpath: str | None = None,
+        md5: str | None = None,
     ) -> Deferred[tuple[int, str]]:
         """
         Check and publish the file: fires with (size, sha256 hex) once it is
-        durable at its final path.  Fails with L{ChecksumMismatch},
+        durable at its final path (and sets L{md5}).  Fails with
+        L{ChecksumMismatch} (C{sha256} or C{md5}, hex, not the bytes'),
         L{SizeMismatch}, L{NoSpace} or the underlying error, having deleted
         the temp file and published nothing.
 
@@ -765,26 +786,30 @@ class Upload:
         """
         if self.state is not UploadState.OPEN:
             return defer.fail(RuntimeError(f"finish() on an upload that is {self.state.value}"))
+        if md5 is not None and self._md5 is None:
+            return defer.fail(ValueError("an MD5 to check, but the upload computes none"))
         if relpath is not None:
             self.relpath, self.path = relpath, self._storage.abspath(relpath)
         self.state = UploadState.FINISHING
         d = self._whenIdle()
-        d.addCallback(lambda _: self._startFinish(sha256, size))
+        d.addCallback(lambda _: self._startFinish(sha256, size, md5))
         d.addBoth(self._finished)
         return d
 
-    def _startFinish(self, sha256: str | None, size: int | None) -> Deferred[tuple[int, str]]:
+    def _startFinish(
+        self, sha256: str | None, size: int | None, md5: str | None
+    ) -> Deferred[tuple[int, str]]:
         if self._error is not None:
             error = self._error
             return self._storage._defer(self._thdDiscard).addBoth(lambda _: error)
         # Files smaller than FLUSH_SIZE reach here with nothing on disk:
         # create, write, hash, fsync, rename and fsync the directory in one
         # thread job.
-        self._job = self._storage._defer(self._thdFinish, self._takeBuffer(), sha256, size)
+        self._job = self._storage._defer(self._thdFinish, self._takeBuffer(), sha256, size, md5)
         return self._job
 
     def _thdFinish(
-        self, chunks: list[bytes], sha256: str | None, size: int | None
+        self, chunks: list[bytes], sha256: str | None, size: int | None, md5: str | None
     ) -> tuple[int, str]:
         directory = os.path.dirname(self.path)
         renamed = False
@@ -802,6 +827,12 @@ class Upload:
                 raise ChecksumMismatch(
                     ErrorCode.CHECKSUM_MISMATCH, f"received data has sha256 {digest}, not {sha256}"
                 )
+            if self._md5 is not None:
+                self.md5 = self._md5.hexdigest()
+                if md5 is not None and self.md5 != md5.lower():
+                    raise ChecksumMismatch(
+                        ErrorCode.CHECKSUM_MISMATCH, f"received data has MD5 {self.md5}, not {md5}"
+                    )
             fd, self._fd = self._fd, None
             try:
                 os.fsync(fd)
@@ -1053,6 +1084,14 @@ class PendingPut:
     @ivar path: where the bytes go, under the data directory; set again
         once the namespace is known (a private one's are kept apart).
     @ivar size: as the client declared it, or None.
+    @ivar md5: the MD5 the client declared (hex), or None.
+    @ivar extras: what to record with the file (L{Extras}); its MD5 is
+        the upload's own (L{Upload.md5}), once finished.
+    @ivar part: C{(upload id, number)} if the bytes are a part of a
+        multipart upload, recorded as such (L{koboldfs.multipart}).
+    @ivar completes: C{(upload id, ((number, file id), ...))} if the bytes
+        are the object assembled from those parts of that upload, whose
+        recording completes it.
     """
 
     ns: str
@@ -1061,3 +1100,22 @@ class PendingPut:
     path: str
     size: int | None
     upload: Upload
+    md5: str | None = None
+    extras: Extras = NO_EXTRAS
+    part: tuple[str, int] | None = None
+    completes: tuple[str, tuple[tuple[int, int], ...]] | None = None
+
+    def finish(self, sha256: str | None) -> Deferred[tuple[int, str]]:
+        """
+        Make the bytes durable at C{path}, checked against the declared
+        size, MD5 and C{sha256}: L{Upload.finish}.
+        """
+        return self.upload.finish(sha256, self.size, self.path, self.md5)
+
+    def recorded(self) -> Extras:
+        """
+        The extras to record with the file, its MD5 computed as its bytes
+        arrived (once finished).
+        """
+        md5 = self.upload.md5
+        return self.extras if md5 is None else replace(self.extras, md5=md5)

@@ -208,6 +208,13 @@ class Options(usage.Options):
             "seconds a prepared client transaction waits for its commit before it is aborted"
             f" [default: {DEFAULTS['prepared_timeout']}]",
         ],
+        [
+            "s3-upload-timeout",
+            None,
+            None,
+            "seconds after its start that an S3 multipart upload not completed is aborted and"
+            f" its parts collected [default: {DEFAULTS['s3_upload_timeout']}]",
+        ],
     ]
     optFlags = [["open", None, "run with no authentication: the same as --auth=open"]]
 

@@ -86,7 +86,7 @@ class TransactionHandler:
         """
         node = self.node
         await node.place(put)
-        size, digest = await put.upload.finish(sha256, put.size, put.path)
+        size, digest = await put.finish(sha256)
         now = self._now()
         discarded: list[FileInfo] = []
 

@@ -15,6 +15,8 @@ from koboldfs.interfaces import Listener
 FILE_ADDED = "file_added"
 FILE_DELETED = "file_deleted"
 SERVER_CHANGED = "server_changed"
+#: Payload C{{"access_key": ...}}: caches of S3 credentials drop it.
+S3_CREDENTIAL_REVOKED = "s3_credential_revoked"
 
 
 class StoreListeners:

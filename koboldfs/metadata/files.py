@@ -12,12 +12,13 @@ counter) is written in one place.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
-from sqlalchemy import Select, and_, bindparam, insert, literal_column, select, update
+from sqlalchemy import Select, and_, bindparam, insert, literal_column, or_, select, update
 from sqlalchemy import delete as sql_delete
 
-from koboldfs.interfaces import FileInfo, NamespaceInfo
+from koboldfs.errors import PreconditionFailed
+from koboldfs.interfaces import NO_EXTRAS, Extras, FileInfo, NamespaceInfo, etag
 from koboldfs.metadata.namespaces import NAMESPACE_COLUMNS, ensure_namespace, get_namespace
 from koboldfs.metadata.schema import (
     QUEUE_ALL_SERVER_FILES,
@@ -46,6 +47,10 @@ FILE_COLUMNS = (
     files.c.sha256,
     files.c.created,
     files.c.path,
+    files.c.md5,
+    files.c.parts,
+    files.c.part_size,
+    files.c.attributes,
 )
 
 _LIVE_KEY = (
@@ -60,6 +65,11 @@ _RETIRE = (
     .returning(files.c.id)
 )
 FIND_LIVE = select(files.c.id).where(*_LIVE_KEY)
+# Locked until commit on PostgreSQL (SQLite runs one writer at a time): a
+# conditional write checks the version it then retires.
+_LOCK_LIVE = (
+    select(files.c.sha256, files.c.md5, files.c.parts).where(*_LIVE_KEY).with_for_update()
+)
 
 
 def _insert_file(state: str) -> Any:
@@ -78,12 +88,16 @@ def _insert_file(state: str) -> Any:
             created=bindparam("b_now"),
             path=bindparam("b_path"),
             state=state,
+            md5=bindparam("b_md5"),
+            parts=bindparam("b_parts"),
+            part_size=bindparam("b_part_size"),
+            attributes=bindparam("b_attributes", type_=files.c.attributes.type),
         )
         .returning(files.c.id)
     )
 
 
-_INSERT_FILE = {state: _insert_file(state) for state in ("live", "pending")}
+_INSERT_FILE = {state: _insert_file(state) for state in ("live", "pending", "part")}
 _INSERT_REPLICA = insert(replicas).values(
     file_id=bindparam("b_file_id"),
     server=bindparam("b_server"),
@@ -105,6 +119,14 @@ _FILE_BY_FID = (
     .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
     .where(files.c.fid == bindparam("b_fid"), LIVE)
 )
+_STORED_FILE = (
+    select(*FILE_COLUMNS, namespaces.c.name)
+    .join_from(files, namespaces, files.c.namespace_id == namespaces.c.id)
+    .where(
+        files.c.fid == bindparam("b_fid"),
+        or_(LIVE, files.c.state == literal_column("'part'")),
+    )
+)
 _FILE_EXISTS = select(files.c.id).where(files.c.id == bindparam("b_file_id"))
 _REPLICA = (
     replicas.c.file_id == bindparam("b_file_id"),
@@ -116,6 +138,11 @@ _DELETE_REPLICA = sql_delete(replicas).where(*_REPLICA)
 _DISCARD_PENDING = (
     update(files)
     .where(files.c.id == bindparam("b_file_id"), files.c.state == "pending")
+    .values(state="deleted", deleted=bindparam("b_now"))
+)
+_DISCARD_PART = (
+    update(files)
+    .where(files.c.id == bindparam("b_file_id"), files.c.state == "part")
     .values(state="deleted", deleted=bindparam("b_now"))
 )
 _FORGET_REPLICAS = sql_delete(replicas).where(replicas.c.file_id == bindparam("b_file_id"))
@@ -179,6 +206,15 @@ def _list_keys_query(prefix: bool, bound: bool, after: bool) -> Select[str]:
     return select(files.c.key).where(*conditions).order_by(files.c.key).limit(bindparam("b_limit"))
 
 
+@cache
+def _list_files_query(prefix: bool, bound: bool, after: bool) -> Select[Any]:
+    """
+    As L{_list_keys_query}, the files' columns instead of their keys.
+    """
+    keys = _list_keys_query(prefix, bound, after)
+    return keys.with_only_columns(*FILE_COLUMNS)
+
+
 def retire(namespace_id: int, key: str, now: float) -> Unit[int | None]:
     """
     Mark the live version of C{key} deleted at C{now}; return its id, or
@@ -211,11 +247,15 @@ def new_file(
     sha256: str,
     created: float,
     holders: Iterable[tuple[str, float]],
+    md5: str | None = None,
+    parts: int | None = None,
+    part_size: int | None = None,
+    attributes: Mapping[str, str] | None = None,
 ) -> Unit[int]:
     """
-    A step: a new row for a file in C{state} (live, or pending in a client
-    transaction), with a good copy on each of C{holders}, C{(server,
-    since)} pairs; return its id.
+    A step: a new row for a file in C{state} (live, pending in a client
+    transaction, or a part of a multipart upload), with a good copy on
+    each of C{holders}, C{(server, since)} pairs; return its id.
     """
     out = yield Query(
         _INSERT_FILE[state],
@@ -227,6 +267,10 @@ def new_file(
             "b_sha256": sha256,
             "b_now": created,
             "b_path": path,
+            "b_md5": md5,
+            "b_parts": parts,
+            "b_part_size": part_size,
+            "b_attributes": attributes,
         },
     )
     file_id: int = out.rows[0][0]
@@ -254,6 +298,15 @@ def discard_pending(file_id: int, now: float) -> Unit[None]:
     yield Query(_DISCARD_PENDING, {"b_file_id": file_id, "b_now": now})
 
 
+def discard_part(file_id: int, now: float) -> Unit[None]:
+    """
+    A step: file C{file_id}, a part of a multipart upload that completed,
+    was aborted or replaced, deleted at C{now}, for its bytes to be
+    reclaimed by every holder's replicator like any deleted file's.
+    """
+    yield Query(_DISCARD_PART, {"b_file_id": file_id, "b_now": now})
+
+
 def forget_file(file_id: int) -> Unit[None]:
     """
     A step: the rows of file C{file_id} and of its copies gone, as when a
@@ -262,6 +315,82 @@ def forget_file(file_id: int) -> Unit[None]:
     yield Query(_UNQUEUE, {"b_file_id": file_id})
     yield Query(_FORGET_REPLICAS, {"b_file_id": file_id})
     yield Query(_FORGET_FILE, {"b_file_id": file_id})
+
+
+
+def check_condition(namespace_id: int, key: str, extras: Extras) -> Unit[None]:
+    """
+    A step: raise L{PreconditionFailed} unless C{extras}' condition holds
+    for the live version of C{key}, which stays locked (PostgreSQL) until
+    the unit ends, so that it is the one retired.  Two puts "if absent"
+    at once collide on files_live_key, and the driver's retry of the
+    loser fails here.
+    """
+    if not extras.if_absent and extras.if_match is None:
+        return
+    out = yield Query(_LOCK_LIVE, {"b_namespace_id": namespace_id, "b_key": key})
+    live = etag(*out.rows[0]) if out.rows else None
+    if extras.if_absent and live is not None:
+        raise PreconditionFailed(f"{key!r} exists")
+    if extras.if_match is not None and live != extras.if_match:
+        raise PreconditionFailed(f"{key!r} is not version {extras.if_match}")
+
+
+def publish(
+    ns_id: int,
+    namespace: str,
+    key: str,
+    fid: str,
+    path: str,
+    size: int,
+    sha256: str,
+    created: float,
+    holders: tuple[str, ...],
+    extras: Extras,
+) -> Unit[FileInfo]:
+    """
+    A step: the new live version of C{key}, held by C{holders}, its
+    condition checked and the previous version retired.
+    """
+    yield from check_condition(ns_id, key, extras)
+    yield from retire(ns_id, key, created)
+    file_id = yield from new_file(
+        "live",
+        ns_id,
+        key,
+        fid,
+        path,
+        size,
+        sha256,
+        created,
+        ((name, created) for name in holders),
+        md5=extras.md5,
+        parts=extras.parts,
+        part_size=extras.part_size,
+        attributes=extras.attributes,
+    )
+    return FileInfo(
+        id=file_id,
+        fid=fid,
+        namespace=namespace,
+        key=key,
+        size=size,
+        sha256=sha256,
+        created=created,
+        path=path,
+        replicas=tuple(sorted(holders)),
+        md5=extras.md5,
+        parts=extras.parts,
+        part_size=extras.part_size,
+        attributes=extras.attributes,
+    )
+
+
+def holders_of(server: str, also: Iterable[str]) -> tuple[str, ...]:
+    """
+    C{server} and the other servers in C{also}, once each.
+    """
+    return (server, *(name for name in dict.fromkeys(also) if name != server))
 
 
 @writer
@@ -275,31 +404,23 @@ def add_file(
     created: float,
     server: str,
     also: tuple[str, ...] = (),
+    extras: Extras = NO_EXTRAS,
 ) -> Unit[FileInfo]:
     """
     Publish a new live version of C{key} held by C{server}, and by the
     servers C{also} (copies made while it was put: koboldfs.forwarding),
-    retiring the previous one.  Concurrent writers of one key queue on the live version's
-    row lock (see L{retire}); the rare two that still collide on
-    files_live_key are retried by the driver, so the last writer wins and
-    all succeed.
+    with C{extras}, retiring the previous one.  Concurrent writers of one
+    key queue on the live version's row lock (see L{retire}); the rare two
+    that still collide on files_live_key are retried by the driver, so the
+    last writer wins and all succeed (unless conditional:
+    L{check_condition}).
+
+    @raise PreconditionFailed: C{extras}' condition does not hold.
     """
     ns = yield from ensure_namespace(namespace, created)
-    yield from retire(ns.id, key, created)
-    holders = (server, *(name for name in dict.fromkeys(also) if name != server))
-    file_id = yield from new_file(
-        "live", ns.id, key, fid, path, size, sha256, created, ((name, created) for name in holders)
-    )
-    return FileInfo(
-        id=file_id,
-        fid=fid,
-        namespace=namespace,
-        key=key,
-        size=size,
-        sha256=sha256,
-        created=created,
-        path=path,
-        replicas=tuple(sorted(holders)),
+    holders = holders_of(server, also)
+    return (
+        yield from publish(ns.id, namespace, key, fid, path, size, sha256, created, holders, extras)
     )
 
 
@@ -359,6 +480,22 @@ def lookup_fid(fid: str) -> Unit[tuple[FileInfo, NamespaceInfo] | None]:
     return info, ns
 
 
+@reader
+def stored_file(fid: str) -> Unit[FileInfo | None]:
+    """
+    The file stored as C{fid} if it is live or a part of a multipart
+    upload, with the servers holding a good copy; else None.
+    """
+    out = yield Query(_STORED_FILE, {"b_fid": fid})
+    if not out.rows:
+        return None
+    *row, namespace = out.rows[0]
+    found = dict(zip((column.key for column in FILE_COLUMNS), row, strict=True))
+    held = yield Query(GOOD_REPLICAS, {"b_file_id": found["id"]})
+    servers = tuple(sorted(server for (server,) in held.rows))
+    return FileInfo(namespace=namespace, replicas=servers, **found)
+
+
 @writer
 def delete(namespace: str, key: str, now: float) -> Unit[int | None]:
     """
@@ -371,17 +508,21 @@ def delete(namespace: str, key: str, now: float) -> Unit[int | None]:
     return (yield from retire(ns.id, key, now))
 
 
-@reader
-def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Unit[list[str]]:
+def _listed(
+    shape: Callable[[bool, bool, bool], Select[Any]],
+    namespace: str,
+    prefix: str,
+    after: str | None,
+    limit: int,
+) -> Unit[list[tuple]]:
     """
-    Up to C{limit} live keys starting with C{prefix}, after C{after}, in
-    code-point order: a range scan of files_live_key.
+    A step: the rows of the listing query C{shape} makes (L{_list_keys_query},
+    L{_list_files_query}) for these bounds.
     """
     ns = yield from get_namespace(namespace)
     if ns is None or limit <= 0:
         return []
     bound = key_upper_bound(prefix) if prefix else None
-    query = _list_keys_query(bool(prefix), bound is not None, after is not None)
     params = {
         "b_namespace_id": ns.id,
         "b_prefix": prefix,
@@ -389,8 +530,28 @@ def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Uni
         "b_after": after,
         "b_limit": limit,
     }
-    out = yield Query(query, params)
-    return [key for (key,) in out.rows]
+    out = yield Query(shape(bool(prefix), bound is not None, after is not None), params)
+    return out.rows
+
+
+@reader
+def list_keys(namespace: str, prefix: str, after: str | None, limit: int) -> Unit[list[str]]:
+    """
+    Up to C{limit} live keys starting with C{prefix}, after C{after}, in
+    code-point order: a range scan of files_live_key.
+    """
+    rows = yield from _listed(_list_keys_query, namespace, prefix, after, limit)
+    return [key for (key,) in rows]
+
+
+@reader
+def list_files(namespace: str, prefix: str, after: str | None, limit: int) -> Unit[list[FileInfo]]:
+    """
+    As L{list_keys}, the live files (their replicas not asked for: empty).
+    """
+    rows = yield from _listed(_list_files_query, namespace, prefix, after, limit)
+    names = [column.key for column in FILE_COLUMNS]
+    return [FileInfo(namespace=namespace, **dict(zip(names, row, strict=True))) for row in rows]
 
 
 @writer

@@ -15,6 +15,11 @@ from koboldfs.metadata.schema import files, namespaces
 from koboldfs.metadata.units import Query, Unit, reader, record, writer
 from koboldfs.urls import check_template, new_secret
 
+#: Where the rows of deleted files of removed namespaces wait
+#: (L{koboldfs.metadata.buckets}): "~" is in no namespace name
+#: (L{koboldfs.names.check_namespace}), and it is never listed.
+GRAVEYARD = "~removed"
+
 NAMESPACE_COLUMNS = tuple(namespaces.c[f.name] for f in fields(NamespaceInfo))
 _GET_NAMESPACE = select(*NAMESPACE_COLUMNS).where(namespaces.c.name == bindparam("b_name"))
 _INSERT_NAMESPACE = (
@@ -57,11 +62,21 @@ def list_namespaces() -> Unit[list[NamespaceInfo]]:
     """
     out = yield Query(_LIST_NAMESPACES)
     found = [record(NamespaceInfo, NAMESPACE_COLUMNS, row) for row in out.rows]
-    return sorted(found, key=lambda namespace: namespace.name)
+    return sorted(
+        (namespace for namespace in found if namespace.name != GRAVEYARD),
+        key=lambda namespace: namespace.name,
+    )
 
 
 #: The settings L{set_namespace} changes: the columns after C{created}.
-_NAMESPACE_SETTINGS = ("replicas", "min_copies", "url_template", "private", "secret")
+_NAMESPACE_SETTINGS = (
+    "replicas",
+    "min_copies",
+    "url_template",
+    "private",
+    "secret",
+    "public_read",
+)
 _NAMESPACE_ID = bindparam("b_namespace_id")
 _UPDATE_NAMESPACE = (
     update(namespaces)
@@ -86,8 +101,9 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
         value = settings.get(name)
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
-    if "private" in settings and not isinstance(settings["private"], bool):
-        raise ValueError(f"private must be True or False, not {settings['private']!r}")
+    for name in ("private", "public_read"):
+        if name in settings and not isinstance(settings[name], bool):
+            raise ValueError(f"{name} must be True or False, not {settings[name]!r}")
     secret = settings.get("secret")
     if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
         raise ValueError("a namespace secret is a string of at least 16 characters")

@@ -9,7 +9,7 @@ default BINARY collation, and collation "C" on PostgreSQL.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     bindparam,
     case,
     delete,
@@ -35,20 +36,42 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
+from sqlalchemy.sql.compiler import DDLCompiler
 
+from koboldfs import attributes as attrs
 from koboldfs.metadata.units import Query, Unit, writer
 from koboldfs.placement import UNCOUNTED_STATES
 
 #: Bumped with every change to the tables below; the store upgrades older
-#: schemas at start.  2: file_counts and its triggers, copy_queue, and
-#: replicas_server_good instead of replicas_server_file (docs/scale.md).
-SCHEMA_VERSION = 2
+#: schemas at start (L{create_schema}).  2: file_counts and its triggers,
+#: copy_queue, and replicas_server_good instead of replicas_server_file
+#: (docs/scale.md).  3: for S3, files.md5, parts, part_size, attributes and
+#: namespaces.public_read (docs/s3-store.md).
+SCHEMA_VERSION = 3
 
 #: A 64-bit id that still autoincrements on SQLite (only INTEGER does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 KeyText = Text().with_variant(Text(collation="C"), "postgresql")
+
+
+
+class AttributesText(TypeDecorator[Mapping[str, str]]):
+    """
+    A file's attributes (L{koboldfs.attributes}), stored as JSON text.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else attrs.encode(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Mapping[str, str] | None:
+        return attrs.decode(value)
+
 
 metadata = MetaData()
 
@@ -74,6 +97,8 @@ namespaces = Table(
     # its secret (docs/http.md).
     Column("private", Boolean, nullable=False, default=False, server_default=false()),
     Column("secret", Text),
+    # Served to anonymous S3 GET and HEAD (version 2).
+    Column("public_read", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 files = Table(
@@ -88,9 +113,17 @@ files = Table(
     Column("created", Float, nullable=False),
     Column("path", Text, nullable=False),
     # live | deleted | pending (uploaded inside a transaction not yet
-    # committed: invisible to readers, see the transactions table)
+    # committed: invisible to readers, see the transactions table) | part
+    # (a part of a multipart upload, invisible too: s3_parts)
     Column("state", String(16), nullable=False),
     Column("deleted", Float),
+    # Version 2, for S3: the MD5 (of a multipart object, of its parts'
+    # MD5s), the number of parts, the size of each but the last when they
+    # are all alike (GetObject's partNumber), and the front end's attributes.
+    Column("md5", String(32)),
+    Column("parts", Integer),
+    Column("part_size", BigInteger),
+    Column("attributes", AttributesText),
     # Ids are never reused, even after the newest file is purged: the
     # replicator's cursor walks them in order.
     sqlite_autoincrement=True,
@@ -178,6 +211,54 @@ client_keys = Table(
     Column("created", Float, nullable=False),
 )
 Index("client_keys_namespace", client_keys.c.namespace_id)
+
+# S3 credentials (docs/security.md): the secret is kept sealed under a key
+# derived from the cluster secret (koboldfs.auth.seal_s3_secret), since
+# SigV4 needs it in the clear to check a signature.  C{cluster}: may
+# administer buckets (create, delete, list all) and use every namespace.
+s3_credentials = Table(
+    "s3_credentials",
+    metadata,
+    Column("access_key", String(32), primary_key=True),
+    Column("sealed", Text, nullable=False),
+    Column("cluster", Boolean, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("last_used", Float),
+)
+
+# What a credential may use: by namespace name, so that a grant may name a
+# bucket before it is created.
+s3_grants = Table(
+    "s3_grants",
+    metadata,
+    Column(
+        "access_key", String(32), ForeignKey("s3_credentials.access_key"), primary_key=True
+    ),
+    Column("namespace", String(64), primary_key=True),
+    Column("readonly", Boolean, nullable=False),
+)
+
+# Multipart uploads under way (docs/s3-store.md): their parts are file rows in
+# state "part", kept until the upload completes, is aborted or expires.
+s3_uploads = Table(
+    "s3_uploads",
+    metadata,
+    Column("upload_id", String(32), primary_key=True),
+    Column("namespace_id", Integer, ForeignKey("namespaces.id"), nullable=False),
+    Column("key", KeyText, nullable=False),
+    Column("attributes", AttributesText),
+    Column("created", Float, nullable=False),
+)
+Index("s3_uploads_key", s3_uploads.c.namespace_id, s3_uploads.c.key, s3_uploads.c.upload_id)
+Index("s3_uploads_created", s3_uploads.c.created)
+
+s3_parts = Table(
+    "s3_parts",
+    metadata,
+    Column("upload_id", String(32), ForeignKey("s3_uploads.upload_id"), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("file_id", BigId, ForeignKey("files.id"), nullable=False),
+)
 
 servers = Table(
     "servers",
@@ -510,6 +591,61 @@ def schema_ddl() -> list[ExecutableDDLElement]:
     return ddl
 
 
+class AddColumn(ExecutableDDLElement):
+    """
+    C{ALTER TABLE ... ADD COLUMN}, which SQLAlchemy Core does not have:
+    how an upgrade gives an existing table a column of L{metadata}'s.
+    """
+
+    def __init__(self, column: Column[Any]) -> None:
+        self.column = column
+
+
+@compiles(AddColumn)
+def _add_column(element: AddColumn, compiler: DDLCompiler, **kw: Any) -> str:
+    column = element.column
+    table = compiler.preparer.format_table(column.table)
+    return f"ALTER TABLE {table} ADD COLUMN {compiler.get_column_specification(column)}"
+
+
+#: The columns schema version 3 added to tables that existed before.
+ADDED_IN_3 = (
+    namespaces.c.public_read,
+    files.c.md5,
+    files.c.parts,
+    files.c.part_size,
+    files.c.attributes,
+)
+_ADD_COLUMN = {column: Query(AddColumn(column)) for column in ADDED_IN_3}
+_COLUMNS_OF = {
+    table.name: Query(
+        Dialectal(
+            postgresql="SELECT column_name FROM information_schema.columns WHERE "
+            f"table_schema = current_schema() AND table_name = '{table.name}'",
+            sqlite=f"SELECT name FROM pragma_table_info('{table.name}')",
+        )
+    )
+    for table in {column.table for column in ADDED_IN_3}
+}
+
+
+def add_missing_columns(columns: tuple[Column[Any], ...]) -> Unit[None]:
+    """
+    A step: give existing tables those of C{columns} they lack (an older
+    schema's), asking each database which it has, so that running it
+    again (a version set back, a rerun upgrade) adds nothing twice.
+    """
+    by_table: dict[str, list[Column[Any]]] = {}
+    for column in columns:
+        by_table.setdefault(column.table.name, []).append(column)
+    for table, wanted in by_table.items():
+        out = yield _COLUMNS_OF[table]
+        have = {row[0] for row in out.rows}
+        for column in wanted:
+            if column.name not in have:
+                yield _ADD_COLUMN[column]
+
+
 _VERSION_TABLE = CreateTable(schema_version, if_not_exists=True)
 _SCHEMA_DDL = tuple(Query(statement) for statement in schema_ddl())
 _STORED_VERSION = select(schema_version.c.version)
@@ -549,6 +685,8 @@ def create_schema() -> Unit[int]:
             f"the metadata database has schema version {stored}, but this "
             f"KoboldFS knows only up to {SCHEMA_VERSION}: upgrade KoboldFS"
         )
+    if stored is not None and stored < 3:
+        yield from add_missing_columns(ADDED_IN_3)
     for query in _SCHEMA_DDL:
         yield query
     yield _DROP_V1_INDEX
@@ -560,9 +698,8 @@ def create_schema() -> Unit[int]:
         for query in RECOUNT:
             yield query
         yield QUEUE_SHORT
-        yield Query(_SET_VERSION)
-        stored = SCHEMA_VERSION
     if stored is None:
         yield Query(_INSERT_VERSION)
-        stored = SCHEMA_VERSION
-    return stored
+    elif stored < SCHEMA_VERSION:
+        yield Query(_SET_VERSION)
+    return SCHEMA_VERSION

@@ -14,23 +14,43 @@ methods here, once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 
-from koboldfs.auth import KeyInfo, new_key
+from koboldfs.auth import KeyInfo, new_key, new_s3_credential, seal_s3_secret
 from koboldfs.errors import ErrorCode, Unavailable
-from koboldfs.interfaces import FileInfo, Listener, NamespaceInfo, ServerInfo
+from koboldfs.interfaces import (
+    NO_EXTRAS,
+    Extras,
+    FileInfo,
+    Listener,
+    NamespaceInfo,
+    PartInfo,
+    S3CredentialInfo,
+    S3Grant,
+    ServerInfo,
+    UploadInfo,
+)
 from koboldfs.metadata import (
+    buckets,
     files,
     health,
     keys,
+    multipart,
     namespaces,
+    s3creds,
     servers,
     sweeps,
     txnstore,
 )
-from koboldfs.metadata.events import FILE_ADDED, FILE_DELETED, SERVER_CHANGED, StoreListeners
+from koboldfs.metadata.events import (
+    FILE_ADDED,
+    FILE_DELETED,
+    S3_CREDENTIAL_REVOKED,
+    SERVER_CHANGED,
+    StoreListeners,
+)
 from koboldfs.metadata.health import Health
 from koboldfs.metadata.txnstore import Commit, Vote
 from koboldfs.metadata.units import Unit, Work
@@ -61,6 +81,14 @@ def _discarded(infos: list[FileInfo]) -> Event | None:
         return None
     first = min(infos, key=lambda info: info.id)
     return FILE_DELETED, {"id": first.id, "namespace": first.namespace, "key": first.key}
+
+
+def _parts_discarded(file_ids: list[int]) -> Event | None:
+    """
+    The notice of parts discarded (an upload aborted or expired): the
+    lowest, for the replicators to reclaim them now.
+    """
+    return (FILE_DELETED, {"id": min(file_ids)}) if file_ids else None
 
 
 class MetadataStore:
@@ -164,6 +192,9 @@ class MetadataStore:
     def set_namespace(self, name: str, **settings: Any) -> Deferred[NamespaceInfo]:
         return self._run(namespaces.set_namespace, name, self._reactor.seconds(), settings)
 
+    def delete_namespace(self, name: str) -> Deferred[str]:
+        return self._run(buckets.delete_namespace, name, self._reactor.seconds())
+
     # -- files and their replicas
 
     def add_file(
@@ -177,6 +208,7 @@ class MetadataStore:
         created: float,
         server: str,
         also: Iterable[str] = (),
+        extras: Extras = NO_EXTRAS,
     ) -> Deferred[FileInfo]:
         return self._run(
             files.add_file,
@@ -190,6 +222,7 @@ class MetadataStore:
             server,
             # A tuple: a retried unit reads its arguments again.
             tuple(also),
+            extras,
             notice=lambda info: (FILE_ADDED, {"id": info.id, "namespace": namespace, "key": key}),
         )
 
@@ -201,6 +234,9 @@ class MetadataStore:
 
     def lookup_fid(self, fid: str) -> Deferred[tuple[FileInfo, NamespaceInfo] | None]:
         return self._run(files.lookup_fid, fid)
+
+    def stored_file(self, fid: str) -> Deferred[FileInfo | None]:
+        return self._run(files.stored_file, fid)
 
     def delete(self, namespace: str, key: str, now: float) -> Deferred[bool]:
         d = self._run(
@@ -220,6 +256,11 @@ class MetadataStore:
         self, namespace: str, prefix: str, after: str | None, limit: int
     ) -> Deferred[list[str]]:
         return self._run(files.list_keys, namespace, prefix, after, limit)
+
+    def list_files(
+        self, namespace: str, prefix: str, after: str | None, limit: int
+    ) -> Deferred[list[FileInfo]]:
+        return self._run(files.list_files, namespace, prefix, after, limit)
 
     def add_replica(self, file_id: int, server: str, now: float) -> Deferred[bool]:
         """
@@ -313,6 +354,159 @@ class MetadataStore:
 
     def revoke_key(self, namespace: str, key_id: str) -> Deferred[bool]:
         return self._run(keys.revoke_key, namespace, key_id)
+
+    # -- S3 credentials
+
+    def create_s3_credential(
+        self, grants: Iterable[S3Grant], cluster_secret: bytes
+    ) -> Deferred[tuple[str, str]]:
+        """
+        @raise ValueError: no grant, or a grant of a bad namespace name.
+        """
+        grants = tuple(grants)
+        try:
+            if not grants:
+                raise ValueError("an S3 credential needs a grant: a namespace or the cluster")
+            for grant in grants:
+                if grant.namespace is not None:
+                    check_namespace(grant.namespace)
+        except ValueError as e:
+            return fail(e)
+        access_key, secret = new_s3_credential()
+        sealed = seal_s3_secret(cluster_secret, access_key, secret)
+        d = self._run(
+            s3creds.add_s3_credential, access_key, sealed, grants, self._reactor.seconds()
+        )
+        return d.addCallback(lambda _: (access_key, secret))
+
+    def s3_credential(self, access_key: str) -> Deferred[S3CredentialInfo | None]:
+        return self._run(s3creds.find_s3_credential, access_key)
+
+    def s3_credentials(self) -> Deferred[list[S3CredentialInfo]]:
+        return self._run(s3creds.list_s3_credentials)
+
+    def touch_s3_credential(self, access_key: str, now: float) -> Deferred[None]:
+        return self._run(s3creds.touch_s3_credential, access_key, now)
+
+    def revoke_s3_credential(self, access_key: str) -> Deferred[bool]:
+        return self._run(
+            s3creds.revoke_s3_credential,
+            access_key,
+            notice=lambda found: (
+                (S3_CREDENTIAL_REVOKED, {"access_key": access_key}) if found else None
+            ),
+        )
+
+    # -- multipart uploads (their parts' files are announced at completion
+    # or abort, as deleted, for the replicators to reclaim)
+
+    def create_upload(
+        self, upload_id: str, namespace: str, key: str, attributes: Mapping[str, str] | None
+    ) -> Deferred[UploadInfo]:
+        return self._run(
+            multipart.create_upload,
+            upload_id,
+            namespace,
+            key,
+            attributes,
+            self._reactor.seconds(),
+        )
+
+    def find_upload(self, upload_id: str) -> Deferred[UploadInfo | None]:
+        return self._run(multipart.find_upload, upload_id)
+
+    def uploads(
+        self, namespace: str, prefix: str, after: tuple[str, str] | None, limit: int
+    ) -> Deferred[list[UploadInfo]]:
+        return self._run(multipart.list_uploads, namespace, prefix, after, limit)
+
+    def upload_parts(self, upload_id: str, after: int, limit: int) -> Deferred[list[PartInfo]]:
+        return self._run(multipart.upload_parts, upload_id, after, limit)
+
+    def find_part(self, upload_id: str, number: int) -> Deferred[PartInfo | None]:
+        return self._run(multipart.find_part, upload_id, number)
+
+    def add_part(
+        self,
+        upload_id: str,
+        number: int,
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        md5: str,
+        now: float,
+        server: str,
+        also: Iterable[str] = (),
+    ) -> Deferred[PartInfo]:
+        return self._run(
+            multipart.add_part,
+            upload_id,
+            number,
+            fid,
+            path,
+            size,
+            sha256,
+            md5,
+            now,
+            server,
+            tuple(also),
+        )
+
+    def complete_upload(
+        self,
+        upload_id: str,
+        chosen: Iterable[tuple[int, int]],
+        fid: str,
+        path: str,
+        size: int,
+        sha256: str,
+        now: float,
+        server: str,
+        also: Iterable[str] = (),
+        extras: Extras = NO_EXTRAS,
+    ) -> Deferred[FileInfo]:
+        """
+        Announced as the object added (its parts, deleted meanwhile, have
+        lower ids: the replicators' cursors move back over them too).
+        """
+        return self._run(
+            multipart.complete_upload,
+            upload_id,
+            tuple(chosen),
+            fid,
+            path,
+            size,
+            sha256,
+            now,
+            server,
+            tuple(also),
+            extras,
+            notice=lambda info: (
+                FILE_ADDED,
+                {"id": info.id, "namespace": info.namespace, "key": info.key},
+            ),
+        )
+
+    def abort_upload(self, upload_id: str, now: float) -> Deferred[int]:
+        """
+        Fire with how many parts were discarded.
+        """
+        d = self._run(multipart.abort_upload, upload_id, now, notice=_parts_discarded)
+        return d.addCallback(len)
+
+    def expire_uploads(self, before: float, now: float, limit: int) -> Deferred[list[str]]:
+        """
+        Fire with the ids of the uploads aborted.
+        """
+        d = self._run(
+            multipart.expire_uploads,
+            before,
+            now,
+            limit,
+            notice=lambda ended: _parts_discarded(ended[1]),
+        )
+        return d.addCallback(lambda ended: ended[0])
 
     # -- client transactions (ITransactionStore)
 

@@ -308,7 +308,7 @@ class ForwardTests(_ClusterMixin, SynchronousTestCase):
 
             return fail(Unavailable(ErrorCode.UNAVAILABLE, "database gone"))
 
-        store.add_file = broken
+        store.add_file = broken  # type: ignore[assignment]
         with self.assertRaises(Unavailable):
             self.put("k", b"orphaned")
         self.assertEqual(self.rows("files"), 0)

@@ -32,6 +32,7 @@ CHILDREN = {
     "orphans",
     "status",
     "transactions",
+    "uploads",
     "key check",
 }
 
