@@ -1765,7 +1765,12 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
         raise
     limit = defer.DeferredSemaphore(args.concurrency)
     problems: list[str] = []
-    counts = dict.fromkeys(("files", "copies", "good", "bad", "unchecked", "short", "gone"), 0)
+    counts = dict.fromkeys(
+        ("files", "copies", "good", "bad", "unchecked", "short", "lost", "gone"), 0
+    )
+    #: Per file id: copies found bad in this run, and files deleted meanwhile.
+    found_bad: dict[int, int] = {}
+    gone: set[int] = set()
 
     def problem(text: str) -> None:
         problems.append(text)
@@ -1801,16 +1806,19 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
         bad = error is None and (size != info.size or hasher.hexdigest() != info.sha256)
         if (error is not None or bad) and not await still_live(info):
             counts["gone"] += 1  # deleted or overwritten meanwhile
+            gone.add(info.id)
             return
         if isinstance(error, NotFound) or getattr(error, "code", None) is ErrorCode.CORRUPT:
             # The server has set its copy aside already, and makes it again.
             counts["bad"] += 1
+            found_bad[info.id] = found_bad.get(info.id, 0) + 1
             problem(f"{where}: bad copy ({error}); set aside, to be copied again")
         elif error is not None:
             counts["unchecked"] += 1
             problem(f"{where}: not checked: {error}")
         elif bad:
             counts["bad"] += 1
+            found_bad[info.id] = found_bad.get(info.id, 0) + 1
             problem(
                 f"{where}: sent {size} bytes with SHA-256 {hasher.hexdigest()}, not the "
                 "file's; marked quarantined, to be copied again"
@@ -1830,6 +1838,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
             if not page:
                 break
             checks = []
+            missing_before: dict[int, int] = {}
             for info in page:
                 counts["files"] += 1
                 ns = namespaces.get(info.namespace)
@@ -1839,7 +1848,9 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
                     # Short, as the status page and the replicators count it:
                     # a file with no good copy left is short too.
                     counts["short"] += 1
+                missing_before[info.id] = missing
                 if not info.replicas:
+                    counts["lost"] += 1
                     problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
                 elif missing:
                     problem(
@@ -1852,6 +1863,14 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
                     run = partial(check, info, name)
                     checks.append(limit.run(lambda run=run: defer.ensureDeferred(run())))
             await defer.gatherResults(checks, consumeErrors=True)
+            for info in page:
+                if not info.replicas or info.id in gone:
+                    continue
+                if found_bad.get(info.id, 0) >= len(info.replicas):
+                    # Every copy it had was found bad just now.
+                    counts["lost"] += 1
+                    counts["short"] += 1 if not missing_before[info.id] else 0
+                    problem(f"{info.namespace}/{info.key} (file {info.id}): no good copy left")
             after = page[-1].id
     finally:
         await pool.close()
@@ -1859,7 +1878,7 @@ async def admin_fsck(store: Any, args: argparse.Namespace, reactor: Any) -> int:
         f"{counts['files']} files, {counts['copies']} copies: {counts['good']} good, "
         f"{counts['bad']} bad, {counts['unchecked']} not checked, "
         f"{counts['gone']} deleted meanwhile; "
-        f"{counts['short']} files short of copies"
+        f"{counts['short']} files short of copies, {counts['lost']} with no good copy"
     )
     if problems:
         print(f"DEGRADED: {len(problems)} problems")

@@ -20,6 +20,7 @@ from typing import Any
 
 from koboldfs.auth import read_secret_file
 from koboldfs.protocol import CHUNK_SIZE, MAX_PAYLOAD
+from koboldfs.storage import DEFAULT_RESERVE, parse_reserve
 
 #: The storage root when C{--data} is not given, relative to the directory
 #: the server starts in.
@@ -79,6 +80,13 @@ class ServerConfig:
     max_connections: int = 1024
     max_connections_per_ip: int = 128
     max_uploads: int = 64
+    #: The listen queue of each port: connections the kernel holds until
+    #: accepted (a flood of them must not overflow it: a dropped SYN costs
+    #: its client a second).  The kernel caps it at net.core.somaxconn.
+    backlog: int = 1024
+    #: Free space never filled (bytes, K/M/G/T, or a percentage of the
+    #: disk): puts and copies that would pass it are refused (NO_SPACE).
+    reserve: str = DEFAULT_RESERVE
     #: Seconds from connecting to the end of HELLO (and AUTH).
     handshake_timeout: float = 10.0
     #: Seconds a frame may take to arrive once begun, and between the
@@ -154,6 +162,8 @@ def server_config(values: dict[str, str]) -> ServerConfig:
         max_connections=_number(values, "max_connections", int),
         max_connections_per_ip=_number(values, "max_connections_per_ip", int),
         max_uploads=_number(values, "max_uploads", int),
+        backlog=_number(values, "backlog", int),
+        reserve=_reserve(values["reserve"]),
         handshake_timeout=_number(values, "handshake_timeout"),
         frame_timeout=_number(values, "frame_timeout"),
         key_check_interval=_number(values, "key_check_interval"),
@@ -174,6 +184,11 @@ def _number(values: dict[str, str], name: str, kind: type = float) -> Any:
         raise ValueError(f"--{name.replace('_', '-')} must be a number") from None
     if value <= 0:
         raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    return value
+
+
+def _reserve(value: str) -> str:
+    parse_reserve(value)  # raises, naming the option
     return value
 
 

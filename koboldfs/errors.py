@@ -39,6 +39,7 @@ class ErrorCode(IntEnum):
     TXN_UNKNOWN = 20  # no such transaction: never begun, aborted, or expired
     TXN_STATE = 21  # the transaction cannot do that now (e.g. a put after prepare)
     PRECONDITION = 22  # a conditional write's condition did not hold: nothing was written
+    DATA_LOST = 23  # no good copy of the file is left anywhere: not retryable
 
 
 #: Codes after which the same request may succeed on another server or later.
@@ -122,6 +123,16 @@ class ChecksumMismatch(ServerError):
     pass
 
 
+class DataLost(ChecksumMismatch):
+    """
+    Every copy of the file failed its checksum or is missing from its disk:
+    no server has its bytes (the bad copies are kept in the servers'
+    C{quarantine/}).  Unlike L{Unavailable}, trying again will not help.
+    """
+
+    code = ErrorCode.DATA_LOST
+
+
 class Unavailable(ServerError):
     """
     No server could complete the request: all were down or failing.
@@ -140,6 +151,7 @@ _BY_CODE: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.NOT_FOUND: NotFound,
     ErrorCode.CHECKSUM_MISMATCH: ChecksumMismatch,
     ErrorCode.UNAVAILABLE: Unavailable,
+    ErrorCode.DATA_LOST: DataLost,
 }
 
 

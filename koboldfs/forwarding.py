@@ -46,6 +46,15 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: Seconds a peer that a put could not reach is passed by: it may still
+#: heartbeat to the metadata (cut off from us alone), so it is not down.
+UNREACHABLE_FOR = 15.0
+#: Seconds, beyond one peer's connect deadline, that finding a put's peers
+#: may take in all: two hung peers in a row must not make the put outlast
+#: its client's reply deadline (5 s by default).
+SETUP_SPARE = 1.0
+
+
 def too_few_hosts(namespace: str, required: int, hosts: int) -> Unavailable:
     """
     The error of a put that cannot reach its copies: retryable, since a
@@ -221,6 +230,7 @@ class Forward:
                 put.path = relpath_for(put.fid, put.key, private=namespace.name)
             need = required - 1
             used, errors = {my_host}, []
+            deadline = node.clock.seconds() + node.config.peer_connect_timeout + SETUP_SPARE
             targets = forward_targets(
                 put.fid, node.name, my_host, node.servers, now, node.config.down_after
             )
@@ -229,13 +239,29 @@ class Forward:
                     break
                 if server.host in used:
                     continue
-                # A hung peer costs its connection's deadline
-                # (--peer-connect-timeout), then the next is tried.
-                try:
-                    conn = await node.peers.acquire(server.address)
-                except KoboldError as e:  # unreachable, hung, or it refused our cluster secret
-                    errors.append(f"{server.name}: {e}")
+                passed_by = node.unreachable.get(server.name, 0.0) - node.clock.seconds()
+                if passed_by > 0:
+                    errors.append(
+                        f"{server.name}: unreachable lately, passed by for {passed_by:.0f}s"
+                    )
                     continue
+                # A hung peer costs its connection's deadline
+                # (--peer-connect-timeout), then the next is tried, in what
+                # is left of the setup's.
+                left = deadline - node.clock.seconds()
+                if left <= 0:
+                    errors.append(f"{server.name}: not tried, no time left to find peers")
+                    break
+                connecting = defer.ensureDeferred(node.peers.acquire(server.address))
+                try:
+                    conn = await connecting.addTimeout(left, node.clock)
+                except (KoboldError, defer.TimeoutError) as e:
+                    # Unreachable, hung, or it refused our cluster secret.
+                    why = e if isinstance(e, KoboldError) else f"no answer in {left:.1f}s"
+                    errors.append(f"{server.name}: {why}")
+                    node.unreachable[server.name] = node.clock.seconds() + UNREACHABLE_FOR
+                    continue
+                node.unreachable.pop(server.name, None)
                 if self._done:
                     node.peers.release(server.address, conn)
                     break

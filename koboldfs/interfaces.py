@@ -31,6 +31,11 @@ class ServerState(StrEnum):
     DEAD = "dead"
 
 
+#: A disk with less room than this above its reserve is full: it takes no
+#: new copies (placement passes it by) and the status page says so.
+FULL_ROOM = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """
@@ -39,6 +44,8 @@ class ServerInfo:
     @ivar address: C{host:port} of its binary protocol, for peers.
     @ivar public_url: base URL under which its files are served over HTTP.
     @ivar heartbeat: when it last reported, in seconds since the epoch.
+    @ivar disk_free: bytes it still takes: its disk's free space above its
+        C{--reserve}, as last reported.
     """
 
     name: str
@@ -49,6 +56,14 @@ class ServerInfo:
     heartbeat: float = 0.0
     disk_free: int = 0
     disk_total: int = 0
+
+    @property
+    def full(self) -> bool:
+        """
+        Whether its disk is full: C{disk_free} is the space it still takes
+        above its C{--reserve}, and it has reported less than L{FULL_ROOM}.
+        """
+        return self.disk_total > 0 and self.disk_free < FULL_ROOM
 
     def is_up(self, now: float, timeout: float) -> bool:
         """
@@ -748,6 +763,9 @@ class INode(Interface):
     storage = Attribute("Its L{koboldfs.storage.Storage}.")
     store = Attribute("The cluster's L{IMetadataStore} (and L{ITransactionStore}).")
     peers = Attribute("The L{koboldfs.connection.ConnectionCache} to other servers.")
+    unreachable = Attribute(
+        "Peers a forwarded put could not reach lately, by name: until when puts pass them by."
+    )
     servers = Attribute("Every registered server by name, as last refreshed: L{ServerInfo}s.")
     open = Attribute("Whether clients may do anything without a key.")
     readonly = Attribute("Whether this server takes no new files (its state is not alive).")

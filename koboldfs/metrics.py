@@ -251,10 +251,19 @@ class _StateCollector:
             return
         me = snap["me"]
         gauge = GaugeMetricFamily
+        disk = snap["disk"]
+        yield gauge("koboldfs_disk_free_bytes", "Free space on the data disk", value=disk["free"])
+        yield gauge("koboldfs_disk_total_bytes", "Size of the data disk", value=disk["total"])
         yield gauge(
-            "koboldfs_disk_free_bytes", "Free space on the data disk", value=me["disk_free"]
+            "koboldfs_disk_reserve_bytes",
+            "Free space kept on the data disk (--reserve)",
+            value=disk["reserve"],
         )
-        yield gauge("koboldfs_disk_total_bytes", "Size of the data disk", value=me["disk_total"])
+        yield gauge(
+            "koboldfs_disk_full",
+            "1 while the data disk has no room above the reserve: puts and copies refused",
+            value=int(disk["full"]),
+        )
         repl = snap["replication"]
         yield gauge(
             "koboldfs_replication_retries",

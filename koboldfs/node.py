@@ -50,6 +50,7 @@ from koboldfs.errors import (
     Busy,
     ConnectionFailed,
     CorruptReplica,
+    DataLost,
     ErrorCode,
     Forbidden,
     KoboldError,
@@ -118,6 +119,10 @@ class Node:
         #: Open client connections by peer address, and puts under way.
         self.connections: dict[str, int] = {}
         self.uploads = 0
+        #: Peers a forwarded put could not reach: until when puts pass
+        #: them by (koboldfs.forwarding), so that a peer cut off from us
+        #: but still heartbeating costs one put a setup timeout, not all.
+        self.unreachable: dict[str, float] = {}
         #: Client transactions (koboldfs/txnhandler.py).
         self.txns = TransactionHandler(self)
         self.s3_credentials = S3Credentials(store, config.cluster_secrets, clock)
@@ -279,6 +284,8 @@ class Node:
                 ErrorCode.BAD_REQUEST, f"expires must be 1 to {MAX_EXPIRES} seconds, not {expires}"
             )
         info = await self.lookup(ns, key)
+        if not info.replicas:
+            raise data_lost(info)
         live = [s for s in map(self.up, info.replicas) if s is not None]
         namespace = await self.store.namespace(info.namespace)
         if not live or namespace is None:
@@ -369,7 +376,7 @@ class Node:
                     ErrorCode.BAD_REQUEST, f"{path!r} is not a stored path of {fid!r}"
                 )
             self._check_size(size)
-            upload = self.storage.open_upload(path, self.config.max_file_size)
+            upload = self.storage.open_upload(path, self.config.max_file_size, size=size)
         except BaseException:
             self.uploads -= 1
             raise
@@ -399,7 +406,7 @@ class Node:
         self._check_size(size)
         fid = new_fid()
         path = relpath_for(fid, key)
-        upload = self.storage.open_upload(path, self.config.max_file_size, md5)
+        upload = self.storage.open_upload(path, self.config.max_file_size, md5, size=size)
         return PendingPut(ns, key, fid, path, size, upload)
 
     async def finish_upload(self, put: PendingPut, sha256: str | None) -> FileInfo:
@@ -543,10 +550,21 @@ class Node:
         length: int | None = None,
         exact: bool = False,
     ) -> Body:
+        # With no other copy, ours going bad is the file's loss.
+        last = list(info.replicas) == [self.name] and not local
+        if not info.replicas and not local:
+            raise data_lost(info)
         if self.name in info.replicas:
-            body = await self.open_local(info, first, length)
+            try:
+                body = await self.open_local(info, first, length)
+            except CorruptReplica:
+                if last:
+                    raise data_lost(info) from None
+                raise
             if body is not None:
                 return body
+            if last:
+                raise data_lost(info)
         if local:
             raise NotFound(ErrorCode.NOT_FOUND, f"{self.name} holds no copy of {info.key!r}")
         return _Relayed(self, info, first, _length(info, first, length), txn, exact)
@@ -663,6 +681,17 @@ class Node:
 
     async def abort_txn(self, txn: str) -> dict[str, Any]:
         return await self.txns.abort(check_txn_id(txn))
+
+
+def data_lost(info: FileInfo) -> DataLost:
+    """
+    The error for a file none of whose copies is good any more.
+    """
+    return DataLost(
+        ErrorCode.DATA_LOST,
+        f"no good copy of {info.key!r} is left: every copy failed its checksum or is "
+        "missing (bad copies are kept in the servers' quarantine/)",
+    )
 
 
 def _length(info: FileInfo, first: int, length: int | None) -> int:

@@ -107,7 +107,8 @@ def choose(
 
     While fewer than C{wanted} copies count, the servers that are to make
     the rest are picked, without any coordination, in an order every
-    server computes alike: servers that are alive and up and lack a copy,
+    server computes alike: servers that are alive and up, lack a copy and
+    have room on their disks (a full one's copies wait for space),
     those on a C{--host} holding no copy yet (counting the ones already
     picked) first, then by a hash of the file's and the server's names
     (rendezvous hashing: spreads files evenly, and moves few when servers
@@ -125,6 +126,7 @@ def choose(
         for s in servers.values()
         if s.name not in info.replicas
         and s.state == ServerState.ALIVE
+        and not s.full
         and (s.name == me or s.is_up(now, down_after))
     ]
 
@@ -186,7 +188,7 @@ def forward_targets(
 ) -> list[ServerInfo]:
     """
     The peers a put of C{fid} may be forwarded to, best first: alive and
-    up, on a host other than ours, in the order L{choose} would pick them,
+    up, with room on its disk, on a host other than ours, in the order L{choose} would pick them,
     so that the copy made at the put is the one the namespace's count
     wanted anyway.
     """
@@ -196,6 +198,7 @@ def forward_targets(
         if s.name != me
         and s.host != my_host
         and s.state == ServerState.ALIVE
+        and not s.full
         and s.is_up(now, down_after)
     ]
     candidates.sort(key=lambda s: placement_weight(fid, s.name))

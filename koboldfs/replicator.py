@@ -46,7 +46,7 @@ from twisted.internet.defer import (
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from koboldfs.errors import CorruptReplica, ErrorCode, KoboldError, NotFound
+from koboldfs.errors import CorruptReplica, ErrorCode, KoboldError, NoSpace, NotFound
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.metadata.events import FILE_ADDED, SERVER_CHANGED
 from koboldfs.periodic import Periodic, logged
@@ -161,6 +161,8 @@ class Replicator(Service):
         self._unlisten: Callable[[], None] | None = None
         # Servers whose copies did not count at the last pass.
         self._uncounted: set[str] = set()
+        # Whether our disk was full at the last pass (said once a change).
+        self._full = False
 
     def startService(self) -> None:
         """
@@ -258,7 +260,14 @@ class Replicator(Service):
         name = self._node.name
         reclaimed = await logged(f"reclaiming on {name}", self._reclaim, 0)
         copied = 0
-        if not self._node.readonly:
+        full = self._node.storage.full
+        if full != self._full:
+            self._full = full
+            if full:
+                log.warn("{name}'s disk is full: copies to it wait for space", name=name)
+            else:
+                log.info("{name} has space again: copies to it resume", name=name)
+        if not self._node.readonly and not full:
             copied = await logged(f"copying on {name}", self._replicate, 0)
         if reclaimed or copied:
             log.info(
@@ -423,6 +432,9 @@ class Replicator(Service):
             retry = self.retries.get(info.id)
             failures = retry.failures + 1 if retry is not None else 1
             delay = min(self._interval * 2 ** (failures - 1), MAX_BACKOFF)
+            if isinstance(e, NoSpace):
+                # Our disk, not the file: try again as soon as there is room.
+                delay = self._interval
             self.retries[info.id] = Retry(self._clock.seconds() + delay, failures)
             if isinstance(e, KoboldError):
                 log.warn(
@@ -455,6 +467,8 @@ class Replicator(Service):
                 break
             try:
                 await self._fetchFrom(peer, info)
+            except NoSpace:
+                raise  # no peer can help: our disk is full
             except KoboldError as e:
                 # Killed (connection lost), hung (no frame for
                 # --peer-timeout), or a bad copy there: try the next.
@@ -480,8 +494,13 @@ class Replicator(Service):
         published only if its size and SHA-256 match the metadata's.
         """
         node = self._node
-        conn = await node.peers.acquire(peer.address)
-        upload = node.storage.open_upload(info.path)
+        # Refused before a connection is made when it would not fit.
+        upload = node.storage.open_upload(info.path, size=info.size)
+        try:
+            conn = await node.peers.acquire(peer.address)
+        except BaseException:
+            await upload.abort()
+            raise
         try:
             upload.registerProducer(conn.transport, True)
             try:

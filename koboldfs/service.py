@@ -42,6 +42,10 @@ from koboldfs.web import guarded, make_site
 
 log = Logger()
 
+#: Seconds between looks at the data disk's free space (statvfs, in the
+#: thread pool): a filling disk is refused from within about this long.
+SPACE_INTERVAL = 1.0
+
 
 class _ThreadPoolService(Service):
     """
@@ -131,6 +135,17 @@ class _Listening:
             return failure
 
         return d.addCallbacks(listened, failed)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    An endpoint description with a listen queue of C{backlog}, unless it
+    sets one (Twisted's default is 50, which a burst of connections fills).
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _listener(name: str, reactor: Any, description: str, factory: Any) -> _Listener:
@@ -233,8 +248,18 @@ class KoboldService(MultiService):
         self.heartbeat = Periodic(
             f"heartbeat of {config.name}", self._heartbeat, config.heartbeat, reactor, now=False
         )
+        #: Looks at the disk's free space more often than heartbeats.
+        self.space = Periodic(
+            f"disk space of {config.name}",
+            self.storage.refresh_space,
+            SPACE_INTERVAL,
+            reactor,
+            now=False,
+        )
         self.connections = ServerFactory(self.node, self.metrics)
-        self.binary = _listener("binary", reactor, config.listen, self.connections)
+        self.binary = _listener(
+            "binary", reactor, with_backlog(config.listen, config.backlog), self.connections
+        )
         self.key_check = Periodic(
             f"key check of {config.name}",
             self.connections.check_keys,
@@ -245,7 +270,7 @@ class KoboldService(MultiService):
         self.http = _listener(
             "http",
             reactor,
-            config.http,
+            with_backlog(config.http, config.backlog),
             guarded(self.node, make_site(self.node, self.status, self.metrics)),
         )
         self._listeners: list[_Listener] = [self.binary, self.http]
@@ -271,6 +296,7 @@ class KoboldService(MultiService):
         ]
         self._background: list[Service] = [
             self.heartbeat,
+            self.space,
             self.replicator,
             self.scrubber,
             self.orphans,
@@ -281,6 +307,7 @@ class KoboldService(MultiService):
         ]
         names = (
             "heartbeat",
+            "space",
             "replicator",
             "scrubber",
             "orphans",
@@ -329,7 +356,9 @@ class KoboldService(MultiService):
         http = await self.http.listening
         scheme = "https" if config.http.startswith("ssl:") else "http"
         public_url = config.public_url or f"{scheme}://{advertised_address(http)}"
-        free, total = await self.storage.disk_usage()
+        self.storage.set_reserve(config.reserve)
+        await self.storage.refresh_space()
+        free, total = self._space()
         await self.store.register_server(
             ServerInfo(
                 name=config.name,
@@ -369,9 +398,17 @@ class KoboldService(MultiService):
         """
         Tell the cluster we are alive, and learn who else is.
         """
-        free, total = await self.storage.disk_usage()
+        await self.storage.refresh_space()
+        free, total = self._space()
         await self.store.heartbeat(self.config.name, self.reactor.seconds(), free, total)
         await self.node.refresh_servers()
+
+    def _space(self) -> tuple[int, int]:
+        """
+        What the heartbeat reports: the bytes we still take above our
+        reserve (0: full, which placement reads), and the disk's size.
+        """
+        return max(0, self.storage.room or 0), self.storage.total
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

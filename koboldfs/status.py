@@ -130,6 +130,7 @@ class Status(Service):
                     "disk_free": s.disk_free,
                     "disk_total": s.disk_total,
                     "disk_used": max(0, s.disk_total - s.disk_free),
+                    "full": s.full,
                     "files": self.held.get(s.name, 0),
                 }
             )
@@ -142,7 +143,22 @@ class Status(Service):
         }
         scrub = self.scrubber
         lag = 0.0 if health.oldest_short is None else max(0.0, now - health.oldest_short)
+        storage = node.storage
+        disk = {
+            "free": storage.free or 0,
+            "total": storage.total,
+            "reserve": storage.reserve,
+            "full": storage.full,
+        }
         problems = []
+        if storage.full:
+            problems.append(
+                f"disk full: {humanize.size(disk['free'])} free, reserve "
+                f"{humanize.size(storage.reserve)}; this server takes no new files or copies"
+            )
+        others_full = [s["name"] for s in servers if s["name"] != node.name and s["full"]]
+        if others_full:
+            problems.append(f"disk full on {', '.join(others_full)}")
         if down:
             problems.append(f"{len(down)} of {len(servers)} servers down: {', '.join(down)}")
         if health.lost:
@@ -159,6 +175,7 @@ class Status(Service):
             "healthy": not problems,
             "problems": problems,
             "me": me,
+            "disk": disk,
             "servers": servers,
             "down": down,
             "cluster": asdict(health),
@@ -208,7 +225,9 @@ def render_html(snap: dict[str, Any]) -> bytes:
     for s in snap["servers"]:
         dead = s["state"] == ServerState.DEAD
         state = s["state"] if s["up"] or dead else f"{s['state']}, down"
-        cls = "bad" if "down" in state or dead else "ok"
+        if s["full"]:
+            state += ", disk full"
+        cls = "bad" if "down" in state or dead or s["full"] else "ok"
         rows.append(
             "<tr>"
             f"<td>{e(s['name'])}</td><td>{e(s['host'])}</td>"
@@ -241,8 +260,8 @@ also <a href="status.json">status.json</a>, <a href="metrics">metrics</a></small
 {verdict}
 <h2>Servers</h2>
 <div class="scroll"><table id="servers">
-<tr><th>Name</th><th>Host</th><th>State</th><th>Heartbeat</th><th>Used</th><th>Free</th>
-<th>Files</th><th>Address</th></tr>
+<tr><th>Name</th><th>Host</th><th>State</th><th>Heartbeat</th><th>Used</th>
+<th>Free above reserve</th><th>Files</th><th>Address</th></tr>
 {"".join(rows)}
 </table></div>
 <h2>Files</h2>

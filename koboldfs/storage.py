@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -59,7 +60,7 @@ from koboldfs.errors import (
     SizeMismatch,
     TooLarge,
 )
-from koboldfs.interfaces import NO_EXTRAS, Extras
+from koboldfs.interfaces import FULL_ROOM, NO_EXTRAS, Extras
 from koboldfs.protocol import CHUNK_SIZE
 
 FILES = "files"
@@ -173,9 +174,49 @@ def _no_space(e: OSError, root: str) -> NoSpace | None:
     return None
 
 
+#: The free space a server keeps by default (C{--reserve}): it takes no
+#: file that would leave less free on its disk.
+DEFAULT_RESERVE = "2%"
+
+
+def parse_reserve(text: str) -> tuple[int, float]:
+    """
+    A C{--reserve}: bytes (C{1073741824}, C{512M}, C{1G}) or a percentage
+    of the disk (C{2%}), as (bytes, fraction), one of them 0.
+
+    @raise ValueError: anything else.
+    """
+    spec = text.strip()
+    try:
+        if spec.endswith("%"):
+            fraction = float(spec[:-1]) / 100
+            if not 0 <= fraction < 1:
+                raise ValueError(spec)
+            return 0, fraction
+        unit = _UNITS.get(spec[-1:].upper(), 1)
+        number = float(spec[:-1] if spec[-1:].upper() in _UNITS else spec)
+        if not 0 <= number < float("inf"):
+            raise ValueError(spec)
+        return int(number * unit), 0.0
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"--reserve must be bytes (with K, M, G or T) or a percentage of the disk, not {text!r}"
+        ) from None
+
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
 class Storage:
     """
     The files one server stores, under C{root}.
+
+    Space: the server never fills its disk past its reserve.  L{free} is
+    what the disk had free at the last look (L{refresh_space}, each second
+    and at each heartbeat), less what uploads finished since have written;
+    each open upload claims its announced size (or, size unknown, what it
+    has received), and one that would leave less than L{reserve} free is
+    refused with L{NoSpace}: before its body when the size is known.
 
     Two attributes exist so tests can simulate failures without a full disk
     or a crash: C{_write} (like L{os.write}) writes upload bytes, C{_rename}
@@ -191,6 +232,66 @@ class Storage:
         #: The temp files of uploads not settled yet, which the orphan
         #: sweep must leave alone however old they are.
         self.open_uploads: set[str] = set()
+        self._reserve = parse_reserve(DEFAULT_RESERVE)
+        #: Bytes kept free; free bytes as last seen (None: not yet looked,
+        #: nothing refused); bytes the disk holds; bytes open uploads claim.
+        self.reserve = 0
+        self.free: int | None = None
+        self.total = 0
+        self.claimed = 0
+
+    def set_reserve(self, spec: str) -> None:
+        """
+        Keep C{spec} free (see L{parse_reserve}), from the next look.
+        """
+        self._reserve = parse_reserve(spec)
+
+    def refresh_space(self) -> Deferred[tuple[int, int]]:
+        """
+        Look at the disk again: fires with (free, total) bytes, as
+        L{disk_usage}, and updates L{free}, L{total} and L{reserve}.
+        """
+
+        def looked(usage: tuple[int, int]) -> tuple[int, int]:
+            self.free, self.total = usage
+            fixed, fraction = self._reserve
+            self.reserve = fixed or int(self.total * fraction)
+            return usage
+
+        return self.disk_usage().addCallback(looked)
+
+    @property
+    def room(self) -> int | None:
+        """
+        Bytes a new upload may still take before the reserve; None before
+        the disk was first looked at.
+        """
+        if self.free is None:
+            return None
+        return self.free - self.reserve - self.claimed
+
+    @property
+    def full(self) -> bool:
+        """
+        Whether less than L{FULL_ROOM} fits above the reserve.
+        """
+        room = self.room
+        return room is not None and room < FULL_ROOM
+
+    def claim(self, size: int) -> None:
+        """
+        Claim C{size} bytes for an upload.
+
+        @raise NoSpace: they would leave less than the reserve free.
+        """
+        room = self.room
+        if room is not None and (size > room or room <= 0):
+            raise NoSpace(
+                ErrorCode.NO_SPACE,
+                f"disk full: {max(room, 0)} bytes free above the reserve of {self.reserve} "
+                f"under {self.root}, {size} more asked",
+            )
+        self.claimed += size
 
     def _defer(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
@@ -236,12 +337,27 @@ class Storage:
             raise ValueError(f"not a stored file's path: {relpath!r}")
         return os.path.join(self.root, *relpath.split("/"))
 
-    def open_upload(self, relpath: str, max_size: int | None = None, md5: bool = False) -> Upload:
+    def open_upload(
+        self,
+        relpath: str,
+        max_size: int | None = None,
+        md5: bool = False,
+        size: int | None = None,
+    ) -> Upload:
         """
-        Start writing the file that will appear at C{relpath}; with C{md5},
-        its MD5 is computed too (L{Upload.md5}).
+        Start writing the file that will appear at C{relpath}, of C{size}
+        bytes if known; with C{md5}, its MD5 is computed too
+        (L{Upload.md5}).
+
+        @raise NoSpace: it would not fit above the reserve (or, C{size}
+            unknown, the disk is full already).
         """
-        return Upload(self, relpath, max_size, md5)
+        self.claim(size or 0)
+        try:
+            return Upload(self, relpath, max_size, md5, claimed=size or 0)
+        except BaseException:
+            self.claimed -= size or 0
+            raise
 
     def open_read(
         self,
@@ -280,7 +396,9 @@ class Storage:
     def quarantine(self, relpath: str) -> Deferred[None]:
         """
         Move a bad replica out of the served tree, keeping it for a post
-        mortem under C{quarantine/<fid><ext>}.  No error if it is absent.
+        mortem under C{quarantine/<fid><ext>}; a copy of the same file set
+        aside before is kept too (the later ones are C{<fid><ext>.1},
+        C{.2}...).  No error if it is absent.
         """
         path = self.abspath(relpath)
         target = os.path.join(self.root, QUARANTINE, os.path.basename(path))
@@ -288,11 +406,21 @@ class Storage:
 
     @staticmethod
     def _thdQuarantine(path: str, target: str) -> None:
+        # A hard link never replaces what is there: each earlier copy stays.
+        for n in itertools.count():
+            try:
+                os.link(path, f"{target}.{n}" if n else target)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return
+            break
         try:
-            os.replace(path, target)
+            os.unlink(path)
         except FileNotFoundError:
-            return
+            pass  # set aside at the same moment by another request
         fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(target))
 
     # -- the orphan sweep (koboldfs.orphans)
 
@@ -423,11 +551,18 @@ class Upload:
     """
 
     def __init__(
-        self, storage: Storage, relpath: str, max_size: int | None = None, md5: bool = False
+        self,
+        storage: Storage,
+        relpath: str,
+        max_size: int | None = None,
+        md5: bool = False,
+        claimed: int = 0,
     ) -> None:
         self._storage = storage
         self.relpath = relpath
         self.path = storage.abspath(relpath)
+        #: Bytes of the storage's space this upload holds (L{Storage.claim}).
+        self._claimed = claimed
         self.max_size = max_size
         self.tmppath = os.path.join(storage.root, TMP, uuid.uuid4().hex + ".part")
         storage.open_uploads.add(self.tmppath)
@@ -496,6 +631,14 @@ class Upload:
             )
             self._refuse(Failure(too_large))
             raise too_large
+        if self.size + len(data) > self._claimed:
+            more = self.size + len(data) - self._claimed
+            try:
+                self._storage.claim(more)
+            except NoSpace as e:
+                self._refuse(Failure(e))
+                raise
+            self._claimed += more
         if not isinstance(data, bytes):
             data = bytes(data)
         self._buffer.append(data)
@@ -743,7 +886,13 @@ class Upload:
 
     def _settle(self) -> None:
         self._settled = True
-        self._storage.open_uploads.discard(self.tmppath)
+        storage = self._storage
+        storage.open_uploads.discard(self.tmppath)
+        storage.claimed -= self._claimed
+        self._claimed = 0
+        if self.state is UploadState.DONE and storage.free is not None:
+            # On disk now, and not yet in what the last look saw.
+            storage.free -= self._written
         self._buffer = []
         self._buffered = 0
         self._resume(force=True)

@@ -160,6 +160,20 @@ class Options(usage.Options):
             f"PUTs received at once at most [default: {DEFAULTS['max_uploads']}]",
         ],
         [
+            "backlog",
+            None,
+            None,
+            "listen queue of each port, capped by net.core.somaxconn"
+            f" [default: {DEFAULTS['backlog']}]",
+        ],
+        [
+            "reserve",
+            None,
+            None,
+            "free space never filled: bytes (K, M, G, T) or a percentage of the disk"
+            f" [default: {DEFAULTS['reserve']}]",
+        ],
+        [
             "handshake-timeout",
             None,
             None,
@@ -219,7 +233,8 @@ class Options(usage.Options):
 
 
 def _read_ini(path: str) -> dict[str, str]:
-    parser = configparser.ConfigParser()
+    # No interpolation: a value may hold a % (reserve = 2%).
+    parser = configparser.ConfigParser(interpolation=None)
     if not parser.read(path):
         raise usage.UsageError(f"cannot read config file {path}")
     if not parser.has_section("koboldfs"):

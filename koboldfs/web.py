@@ -271,6 +271,12 @@ class FileResource(Resource):
         with a URL as valid as the one it came with.
         """
         peers = self.node.peers_holding(info)
+        if not set(info.replicas) - {self.node.name}:
+            # Ours was the last copy, or there is none: not an outage.
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"x-koboldfs-error", b"DATA_LOST")
+            _end(request, http.GONE)
+            return
         if not peers:
             _end(request, http.SERVICE_UNAVAILABLE)
             return

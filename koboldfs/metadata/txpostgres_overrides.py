@@ -208,7 +208,17 @@ class PgConnection(Connection):  # type: ignore[misc]
 
         def rollback(reason: Failure) -> Deferred[Failure]:
             def failed(error: Failure) -> Failure:
-                _log.failure("metadata database rollback failed", error)
+                raw = self.pollable()
+                if raw is None or raw.closed or error.check(psycopg2.InterfaceError):
+                    # The connection died under the transaction (PostgreSQL
+                    # restarted, or the link to it broke): there is nothing
+                    # to roll back; PostgreSQL ended the transaction itself.
+                    _log.info(
+                        "metadata database transaction ended by a lost connection ({cause})",
+                        cause=cause(reason.value),
+                    )
+                else:
+                    _log.failure("metadata database rollback failed", error)
                 return Failure(RollbackFailed(self, reason))
 
             return cursor.execute("ROLLBACK").addCallbacks(lambda _: reason, failed)

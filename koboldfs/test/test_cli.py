@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import termios
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from koboldfs import cli
 from koboldfs.client import DeferredClient
+from koboldfs.errors import ChecksumMismatch, DataLost
 from koboldfs.test.cluster import CHECKOUT, ClusterMixin, ServerProcess
 from koboldfs.test.support import eventually, free_port
 
@@ -391,6 +393,13 @@ class AdminTests(CLITestsMixin, TestCase):
         """
         a, b = await self.cluster(2)
         db = self.db
+
+        async def both_registered() -> bool:
+            # A server listens a moment before it registers.
+            r = await self.admin("--db", db, "servers")
+            return len(r.out.decode().splitlines()) == 3
+
+        await eventually(both_registered, what="both servers registered")
         r = await self.admin("--db", db, "servers")
         self.assertEqual(r.code, 0, r.err)
         lines = r.out.decode().splitlines()
@@ -487,6 +496,67 @@ class AdminTests(CLITestsMixin, TestCase):
         r = await self.admin("--db", self.db, "fsck", "--namespace", "nonesuch")
         self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
 
+    async def test_no_good_copy(self) -> None:
+        """
+        A copy found bad twice leaves both bad versions in C{quarantine/};
+        once every copy is bad, fsck counts the file as having no good copy,
+        C{get} raises the non-retryable L{DataLost} (a L{ChecksumMismatch})
+        and its URL answers 410, not the 503 of an outage.
+        """
+        a, b = await self.cluster(2, extra=("--scrub-rate=0",))
+        client = DeferredClient("default", [a.address], retries=3, backoff=0.2)
+        self.addCleanup(client.close)
+        body = os.urandom(3000)
+        await client.put("k", body)
+        await client.put("fine", b"another file")
+        url = await client.get_url("k")
+        assert url is not None
+        await eventually(lambda: self.healthy(self.db), what="every file on both servers")
+        quarantine = os.path.join(a.data, "quarantine")
+        damaged = []
+        for damage in (b"first", b"second"):
+            path = stored(a)[body]
+            with open(path, "r+b") as f:
+                f.write(damage)
+            damaged.append(damage + body[len(damage) :])
+            out = io.BytesIO()
+            # A's copy fails its checksum; the retry is relayed from B's.
+            self.assertTrue(await client.get("k", out))
+            self.assertEqual(out.getvalue(), body)
+            await eventually(lambda: self.healthy(self.db), what="A's copy made again")
+        kept = sorted(os.listdir(quarantine))
+        self.assertEqual(len(kept), 2, kept)
+        self.assertEqual(kept[1], kept[0] + ".1")
+        self.assertEqual(
+            [open(os.path.join(quarantine, name), "rb").read() for name in kept], damaged
+        )
+        for server in (a, b):
+            with open(stored(server)[body], "r+b") as f:
+                f.write(b"third")
+        r = await self.admin("--db", self.db, "fsck")
+        self.assertEqual(r.code, cli.EXIT_NOT_FOUND, r.out)
+        out_text = r.out.decode()
+        self.assertIn("2 files, 4 copies: 2 good, 2 bad", out_text)
+        self.assertIn("1 files short of copies, 1 with no good copy", out_text)
+        self.assertIn("PROBLEM: default/k (file 1): no good copy left", out_text)
+        with self.assertRaises(DataLost) as caught:
+            await client.get("k", io.BytesIO())
+        self.assertIsInstance(caught.exception, ChecksumMismatch)
+        self.assertFalse(caught.exception.retryable)
+        self.assertIn("no good copy of 'k' is left", str(caught.exception))
+        with self.assertRaises(DataLost):
+            await client.get_url("k")
+        # Over HTTP, from either server.
+        for server in (a, b):
+            there = f"{server.http}/{url.split('/', 3)[3]}"
+            status, headers = await deferToThread(http_status, there)
+            self.assertEqual(status, 410, there)
+            self.assertEqual(headers.get("x-koboldfs-error"), "DATA_LOST")
+        # The next fsck finds it so from the metadata alone.
+        r = await self.admin("--db", self.db, "fsck")
+        self.assertIn("1 files short of copies, 1 with no good copy", r.out.decode())
+        self.assertEqual(await client.get("fine", io.BytesIO()), True)
+
     async def test_replaced_disk(self) -> None:
         """
         A server back on an empty disk, after C{server forget-copies},
@@ -512,6 +582,17 @@ class AdminTests(CLITestsMixin, TestCase):
         self.assertEqual(sorted(stored(b)), sorted(bodies))
         r = await self.admin("--db", self.db, "server", "forget-copies", "nonesuch")
         self.assertEqual(r.code, cli.EXIT_NOT_FOUND)
+
+
+def http_status(url: str) -> tuple[int, dict[str, str]]:
+    """
+    The status and headers of a GET of C{url}, whatever the status.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
 
 
 def stored(server: ServerProcess) -> dict[bytes, str]:

@@ -83,13 +83,14 @@ class ExampleIniTests(TestCase):
                 for path in files:
                     line = line.replace(path, made[path])
                 out.write(line)
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(interpolation=None)
         parser.read(uncommented)
         self.assertEqual(len(parser.items("koboldfs")), len(documented_keys(INI)))
         options = tap.Options()
         options.parseOptions(["--config", uncommented])
         self.assertEqual(options.server_config.max_file_size, 10737418240)
         self.assertEqual(options.server_config.scrub_rate, 10485760)
+        self.assertEqual(options.server_config.reserve, "2%")
         self.assertEqual(options.server_config.cluster_secrets, (b"s" * 32,))
 
 

@@ -10,13 +10,14 @@ import errno
 import hashlib
 import os
 import sqlite3
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.forwarding import Forward, Gate
+from koboldfs.forwarding import SETUP_SPARE, UNREACHABLE_FOR, Forward, Gate
 from koboldfs.errors import ChecksumMismatch, ConnectionFailed, ErrorCode, ServerError, Unavailable
 from koboldfs.interfaces import FileInfo, NamespaceInfo
 from koboldfs.protocol import CHUNK_SIZE, FrameDecoder, Message, Op, WriteFlow, encode_message
@@ -512,6 +513,7 @@ class FakeNode:
         self.store = FakeStore()
         self.peers = FakePool()
         self.servers = {"a": server("a", "h1"), "b": server("b", "h2")}
+        self.unreachable: dict[str, float] = {}
 
 
 class ForwardFlowTests(SynchronousTestCase):
@@ -599,6 +601,54 @@ class ForwardFlowTests(SynchronousTestCase):
         self.forward.write(b"more")
         self.assertEqual(conn.sent, [])
         self.assertIsNone(self.forward.error)
+
+    def test_setup_bounded(self) -> None:
+        """
+        Peers that hang one after another share one deadline, the peer
+        connect timeout and SETUP_SPARE: a default put then goes on alone
+        before its client's reply deadline, the hung peers passed by.
+        """
+        self.node.store.min_copies = None
+        self.node.servers["c"] = server("c", "h3")
+        self.forward.start()
+        # b takes its whole connect deadline, and c hangs too.
+        self.node.clock.advance(self.node.config.peer_connect_timeout)
+        self.node.peers.connecting["b:1"].errback(ConnectionFailed("b:1: no answer within 3 s"))
+        self.assertIn("c:1", self.node.peers.connecting)
+        self.assertEqual(self.client.calls, ["pause"])
+        self.node.clock.advance(SETUP_SPARE)
+        self.assertEqual(self.failures, [])
+        self.assertEqual(self.forward.peers, [])
+        self.assertEqual(self.client.calls, ["pause", "resume"])
+        self.assertEqual(set(self.node.unreachable), {"b", "c"})
+
+    def another_put(self, fid: str) -> None:
+        """
+        Start forwarding a second put through the same node.
+        """
+        put = PendingPut("test", fid, fid, relpath_for(fid, "k"), 10, cast(Any, None))
+        node: Any = self.node
+        Forward(node, put, Gate(cast(Any, FakeProducer())), self.failures.append).start()
+
+    def test_unreachable_passed_by(self) -> None:
+        """
+        A peer that did not answer is passed by for UNREACHABLE_FOR
+        seconds (it may still heartbeat: cut off from us alone), so the
+        next put fails at once; after that it is tried again.
+        """
+        self.forward.start()
+        first = self.node.peers.connecting["b:1"]
+        first.errback(ConnectionFailed("b:1: no answer within 3 s"))
+        self.assertEqual(len(self.failures), 1)
+        self.another_put("cd" * 16)
+        self.assertEqual(len(self.failures), 2)
+        self.assertIn("b: unreachable lately, passed by for 15s", str(self.failures[1]))
+        self.assertIs(self.node.peers.connecting["b:1"], first)  # not tried
+        self.node.clock.advance(UNREACHABLE_FOR)
+        self.another_put("ef" * 16)
+        self.assertIsNot(self.node.peers.connecting["b:1"], first)
+        self.node.peers.connecting["b:1"].callback(FakeConn())
+        self.assertNotIn("b", self.node.unreachable)
 
     def test_aborted_while_connecting(self) -> None:
         """

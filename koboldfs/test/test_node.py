@@ -207,7 +207,8 @@ class NodeTests(SynchronousTestCase):
     def test_missing_copy(self) -> None:
         """
         With our copy gone from disk and no peer, the get finds out before
-        a byte is sent: set aside, and no live server holds it.
+        a byte is sent: set aside, and, ours being the only copy, the file
+        is lost (DATA_LOST, not the retryable UNAVAILABLE of an outage).
         """
         info = self.put("k", os.urandom(CHUNK_SIZE + 1))
         os.remove(self.server.storage.abspath(info.path))
@@ -217,7 +218,8 @@ class NodeTests(SynchronousTestCase):
         sink = Sink()
         with self.assertRaises(ServerError) as caught:
             self.wait(self.wait(self.node.get(info)).send(sink))
-        self.assertIs(caught.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIs(caught.exception.code, ErrorCode.DATA_LOST)
+        self.assertFalse(caught.exception.retryable)
         self.assertEqual(sink.events, [])
 
     def test_transaction(self) -> None:

@@ -212,4 +212,4 @@ class UnderReplicatedTests(SynchronousTestCase):
         args = argparse.Namespace(namespace=None, concurrency=2, down_after=DOWN_AFTER)
         with contextlib.redirect_stdout(out):
             self.wait(admin_fsck(self.store, args, self.reactor))
-        self.assertIn(f"{len(short)} files short of copies", out.getvalue())
+        self.assertIn(f"{len(short)} files short of copies, 1 with no good copy", out.getvalue())

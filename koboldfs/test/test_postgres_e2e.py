@@ -65,8 +65,9 @@ class PutLoop:
     the loop, and L{waitFor} and L{stop} raise it.
     """
 
-    def __init__(self, client: DeferredClient) -> None:
+    def __init__(self, client: DeferredClient, prefix: str = "file/") -> None:
         self.client = client
+        self.prefix = prefix
         self.attempts: list[Attempt] = []
         self.acknowledged: dict[str, bytes] = {}
         self.unacknowledged: dict[str, bytes] = {}
@@ -77,7 +78,7 @@ class PutLoop:
     async def _run(self) -> None:
         n = 0
         while not self._stopping:
-            key = f"file/{n:06d}"
+            key = f"{self.prefix}{n:06d}"
             n += 1
             # Mostly small files; one in ten streams, over several DATA frames.
             if n % 10 == 0:

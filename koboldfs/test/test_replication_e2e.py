@@ -578,9 +578,14 @@ class SQLiteScenarios(Scenarios, TestCase):
             await eventually(lambda: self.held_everywhere({"k": body}, [a, b]), what="B's copy")
             info = await self.lookup("k")
             path = os.path.join(b.data, info.path)
-            quarantined = os.path.join(b.data, "quarantine", os.path.basename(info.path))
+            # Each bad copy is kept: the first under the fid's name, then .1, .2...
+            quarantine = os.path.join(b.data, "quarantine")
+            versions = iter([""] + [f".{n}" for n in range(1, 10)])
+            quarantined = ""
 
             def corrupt(offset: int) -> bytes:
+                nonlocal quarantined
+                quarantined = os.path.join(quarantine, os.path.basename(info.path) + next(versions))
                 flip(path, offset)
                 return read(path)
 
@@ -618,6 +623,7 @@ class SQLiteScenarios(Scenarios, TestCase):
             b.extra = (*FAST, "--scrub-rate=100000000")
             await b.start()
             await eventually(lambda: repaired(bad), what="B's copy repaired after the scrub")
+            self.assertEqual(len(os.listdir(quarantine)), 4)
 
         return defer.ensureDeferred(run())
 

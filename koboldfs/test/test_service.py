@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from koboldfs.config import ServerConfig
 from koboldfs.interfaces import ServerInfo
 from koboldfs.metadata.sqlstore import SQLAlchemyStore
-from koboldfs.service import KoboldService, advertised_address
+from koboldfs.service import KoboldService, advertised_address, with_backlog
 from koboldfs.testing import InlineThreadPool, SyncReactor
 
 CHILDREN = {
@@ -26,6 +26,7 @@ CHILDREN = {
     "http",
     "s3",
     "heartbeat",
+    "space",
     "replicator",
     "scrubber",
     "orphans",
@@ -130,3 +131,19 @@ class KoboldServiceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpServers, [])
         self.successResultOf(self.service.stopService())
         self.assertEqual({s.name for s in self.service if s.running}, set())
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_with_backlog(self) -> None:
+        """
+        Stream endpoints get the configured listen queue unless they set
+        their own; other kinds are left alone.
+        """
+        self.assertEqual(
+            with_backlog("tcp:9876:interface=127.0.0.1", 1024),
+            "tcp:9876:interface=127.0.0.1:backlog=1024",
+        )
+        self.assertEqual(with_backlog("unix:/run/k.sock", 64), "unix:/run/k.sock:backlog=64")
+        self.assertEqual(with_backlog("tcp:9876:backlog=10", 1024), "tcp:9876:backlog=10")
+        systemd = "systemd:domain=INET:index=0"
+        self.assertEqual(with_backlog(systemd, 1024), systemd)

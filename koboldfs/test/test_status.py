@@ -377,7 +377,11 @@ class StatusPollTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.store = _Store()
         node = SimpleNamespace(
-            name="me", store=self.store, servers={}, config=SimpleNamespace(down_after=30)
+            name="me",
+            store=self.store,
+            servers={},
+            config=SimpleNamespace(down_after=30),
+            storage=SimpleNamespace(free=None, total=0, reserve=0, full=False),
         )
         self.status = Status(node, None, None, self.clock)  # type: ignore[arg-type]
 

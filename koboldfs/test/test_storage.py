@@ -30,6 +30,7 @@ from koboldfs.storage import (
     Storage,
     UploadState,
     new_fid,
+    parse_reserve,
     relpath_for,
 )
 
@@ -748,6 +749,63 @@ class StorageTests(_StorageMixin, TestCase):
         self.assertGreater(total, 0)
         self.assertTrue(0 <= free <= total)
 
+    def test_parseReserve(self) -> None:
+        """
+        A reserve is bytes, with a binary unit or none, or a percentage.
+        """
+        self.assertEqual(parse_reserve("2%"), (0, 0.02))
+        self.assertEqual(parse_reserve("512M"), (512 << 20, 0.0))
+        self.assertEqual(parse_reserve("1g"), (1 << 30, 0.0))
+        self.assertEqual(parse_reserve("4096"), (4096, 0.0))
+        self.assertEqual(parse_reserve("0"), (0, 0.0))
+        for bad in ("", "%", "-1", "100%", "lots", "1X", "nan"):
+            with self.assertRaises(ValueError) as caught:
+                parse_reserve(bad)
+            self.assertIn("--reserve", str(caught.exception))
+
+    async def test_reserve(self) -> None:
+        """
+        An upload whose announced size would pass the reserve is refused at
+        open; one of unknown size is stopped when it reaches it, and leaves
+        no temp file; what uploads claim is given back when they end.
+        """
+        free, total = await self.storage.disk_usage()
+        # Keep all but 3 MiB of what is free now.
+        self.storage.set_reserve(str(free - 3 * MiB))
+        await self.storage.refresh_space()
+        room = self.storage.room
+        assert room is not None
+        self.assertLessEqual(abs(room - 3 * MiB), 1 * MiB)
+        self.assertFalse(self.storage.full)
+        with self.assertRaises(NoSpace) as caught:
+            self.storage.open_upload(relpath_for(new_fid(), "a"), size=room + 1)
+        self.assertIn("disk full", str(caught.exception))
+        self.assertEqual(self.storage.claimed, 0)
+        held = self.storage.open_upload(relpath_for(new_fid(), "b"), size=room - MiB)
+        self.assertEqual(self.storage.claimed, room - MiB)
+        growing = self.storage.open_upload(relpath_for(new_fid(), "c"))
+        growing.write(b"x" * (MiB // 2))
+        with self.assertRaises(NoSpace):
+            growing.write(b"x" * MiB)
+        with self.assertRaises(NoSpace):
+            await growing.finish(None)
+        self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
+        await held.abort()
+        self.assertEqual(self.storage.claimed, 0)
+        self.assertEqual(self.storage.room, room)
+
+    def test_full(self) -> None:
+        """
+        Less than FULL_ROOM above the reserve is full; before the first
+        look at the disk, nothing is refused.
+        """
+        self.assertIsNone(self.storage.room)
+        self.assertFalse(self.storage.full)
+        self.storage.free, self.storage.reserve = 10 * MiB, 9 * MiB + 1
+        self.assertTrue(self.storage.full)
+        self.storage.reserve = 9 * MiB
+        self.assertFalse(self.storage.full)
+
     async def test_existsAndRemove(self) -> None:
         """
         remove() deletes a file (True) and reports a missing one (False),
@@ -791,6 +849,25 @@ class StorageTests(_StorageMixin, TestCase):
             self.assertEqual(f.read(), b"bad bytes")
         await self.storage.quarantine(path)
         await self.storage.quarantine(relpath_for(new_fid(), "y"))
+
+    async def test_quarantineAgain(self) -> None:
+        """
+        A copy of the same file set aside again keeps the ones before it.
+        """
+        fid = new_fid()
+        path = relpath_for(fid, "x.txt")
+        for n, body in enumerate((b"first", b"second", b"third")):
+            upload = self.storage.open_upload(path)
+            upload.write(body)
+            await upload.finish(None)
+            await self.storage.quarantine(path)
+            self.assertEqual(len(self.listing("quarantine")), n + 1)
+        kept = {}
+        for name in ("", ".1", ".2"):
+            with open(os.path.join(self.root, "quarantine", fid + ".txt" + name), "rb") as f:
+                kept[name] = f.read()
+        self.assertEqual(kept, {"": b"first", ".1": b"second", ".2": b"third"})
+        self.assertEqual(self.listing("files"), [])
 
     def test_refusesForeignPaths(self) -> None:
         """

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from koboldfs.errors import ErrorCode, ServerError
+from koboldfs.errors import DataLost, ErrorCode, ServerError
 from koboldfs.interfaces import FileInfo, ServerInfo
 from koboldfs.protocol import CHUNK_SIZE
 from koboldfs.testing import HTTPResponse, MemoryServer, parse_response
@@ -392,8 +392,8 @@ class RefusalTests(_WebMixin, SynchronousTestCase):
             self.assertEqual(
                 self.server.flush(self.server.store.lookup("ns", "a.bin")).replicas, ()
             )
-            # No good copy left anywhere.
-            self.assertEqual(self.get(url).status, 503)
+            # No good copy left anywhere: lost, not an outage.
+            self.assertEqual(self.get(url).status, 410)
 
     def test_rangeOfCorruptCopy(self) -> None:
         """
@@ -404,17 +404,20 @@ class RefusalTests(_WebMixin, SynchronousTestCase):
         url = self.get_url("a.txt")
         with open(self.disk(info), "ab") as f:
             f.write(b"extra")
-        self.assertEqual(self.get(url, Range="bytes=0-1").status, 503)
+        self.assertEqual(self.get(url, Range="bytes=0-1").status, 410)
         self.assertFalse(os.path.exists(self.disk(info)))
 
     def test_missingCopy(self) -> None:
         """
-        A copy gone from disk is forgotten, and the client is told to go
-        elsewhere.
+        A copy gone from disk is forgotten; it was the only one, so the
+        client is told the file is lost (410, not an outage's 503).
         """
         info = self.put("a.txt", BODY)
         os.unlink(self.disk(info))
-        self.assertEqual(self.get(self.get_url("a.txt")).status, 503)
+        response = self.get(self.get_url("a.txt"))
+        self.assertEqual(response.status, 410)
+        self.assertEqual(response.headers["x-koboldfs-error"], "DATA_LOST")
+        self.assertEqual(response.headers["cache-control"], "no-store")
         self.assertEqual(self.server.flush(self.server.store.lookup("ns", "a.txt")).replicas, ())
 
     def test_symlink(self) -> None:
@@ -427,7 +430,7 @@ class RefusalTests(_WebMixin, SynchronousTestCase):
             f.write(BODY)
         os.unlink(self.disk(info))
         os.symlink(secret, self.disk(info))
-        self.assertEqual(self.get(self.get_url("a.txt")).status, 503)
+        self.assertEqual(self.get(self.get_url("a.txt")).status, 410)
 
     def test_redirectToHolder(self) -> None:
         """
@@ -586,10 +589,24 @@ class GetURLTests(_WebMixin, SynchronousTestCase):
         retry elsewhere or later.
         """
         info = self.put("a.txt", BODY)
+        self.addServer("down", info, age=self.server.config.down_after + 1)
         self.server.flush(self.server.store.remove_replica(info.id, "memory"))
+        self.server.flush(self.server.node.refresh_servers())
         with self.assertRaises(ServerError) as caught:
             self.get_url("a.txt")
         self.assertEqual(caught.exception.code, ErrorCode.UNAVAILABLE)
+
+    def test_noGoodCopy(self) -> None:
+        """
+        A file with no good copy left anywhere is DATA_LOST, which clients
+        do not retry: its bytes are gone, not out of reach.
+        """
+        info = self.put("a.txt", BODY)
+        self.server.flush(self.server.store.quarantine_replica(info.id, "memory"))
+        with self.assertRaises(DataLost) as caught:
+            self.get_url("a.txt")
+        self.assertEqual(caught.exception.code, ErrorCode.DATA_LOST)
+        self.assertFalse(caught.exception.retryable)
 
     def test_template(self) -> None:
         """
