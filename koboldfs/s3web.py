@@ -80,7 +80,6 @@ from koboldfs.s3.request import (
     check_conditions,
     content_range,
     int_param,
-    is_valid_bucket_name,
     list_params,
     metadata_directive,
     object_headers,
@@ -93,6 +92,7 @@ from koboldfs.s3.request import (
     response_overrides,
 )
 from koboldfs.s3.sigv4 import Authenticated, Verifier
+from koboldfs.names import is_bucket_name
 from koboldfs.s3access import access_key_of
 from koboldfs.web import ResponseSink
 
@@ -725,7 +725,7 @@ class S3Front:
         assert credential is not None
         namespaces = await self.node.store.namespaces()
         buckets = [s3xml.Bucket(n.name, n.created) for n in namespaces
-                   if is_valid_bucket_name(n.name) and credential.allows(n.name, False)]
+                   if is_bucket_name(n.name) and credential.allows(n.name, False)]
         request.send(200, {}, s3xml.list_buckets(OWNER, buckets))
 
     async def _CreateBucket(self, request: S3HTTPRequest, call: Call, _: Any) -> None:

@@ -12,12 +12,11 @@ raise L{NotImplementedS3}.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from dataclasses import dataclass
 
-from koboldfs.names import MAX_KEY_BYTES
+from koboldfs.names import MAX_KEY_BYTES, is_bucket_name
 from koboldfs.s3.errors import (
     InvalidArgument,
     InvalidBucketName,
@@ -76,36 +75,13 @@ class S3Request:
     virtual_hosted: bool = False
 
 
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
-_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
-
-
-def is_valid_bucket_name(name: str) -> bool:
-    """
-    AWS's rules for general purpose buckets: 3 to 63 characters of
-    lowercase letters, digits, dots and hyphens, beginning and ending
-    with a letter or digit, no two dots in a row, not an IPv4 address,
-    and none of the prefixes and suffixes AWS reserves.
-    """
-    if not _BUCKET.match(name) or ".." in name:
-        return False
-    if name.startswith(_RESERVED_PREFIXES) or name.endswith(_RESERVED_SUFFIXES):
-        return False
-    try:
-        ipaddress.IPv4Address(name)
-    except ValueError:
-        return True
-    return False
-
-
 def check_bucket_name(name: str) -> str:
     """
     C{name} if it is a valid bucket name.
 
     @raise InvalidBucketName: it is not.
     """
-    if not is_valid_bucket_name(name):
+    if not is_bucket_name(name):
         raise InvalidBucketName(BucketName=name[:255])
     return name
 
